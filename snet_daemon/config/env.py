@@ -1,0 +1,107 @@
+"""Configuration from ``SNET_*`` environment variables (and flag strings).
+
+Naming follows the Go daemon for top-level keys -- ``SNET_`` plus the key in
+upper case (``SNET_SERVICE_ENDPOINT``, ``SNET_MAX_MESSAGE_SIZE_IN_MB``) --
+and adds ``__`` to reach nested keys, which Go's Viper could only do with a
+dot in the variable name: ``SNET_LOG__LEVEL`` is ``log.level``,
+``SNET_LOG__OUTPUT__TYPE`` is ``log.output.type``.
+
+Other tools share the prefix (snet-cli and snet-sdk read ``SNET_PRIVATE_KEY``
+and friends), so a variable that names no configuration key is ignored
+without a word: the daemon must start in a shell set up for those tools.
+
+Environment variables and command-line overrides are strings; both are
+turned into configuration values by :func:`coerce`, according to the shape of
+the key they set.  Scalars are left to pydantic's lenient coercion (``"4"``,
+``"true"``, ``"yes"``, ``"0.5"``); lists and maps need parsing here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+
+from snet_daemon.config.keys import Shape, shape_at
+
+__all__ = ["ENV_PREFIX", "NESTING_SEPARATOR", "CoercionError", "coerce", "environment_keys"]
+
+#: Prefix of the daemon's environment variables (Go: ``SetEnvPrefix("SNET")``).
+ENV_PREFIX = "SNET_"
+
+#: Separator between nesting levels in a variable name.
+NESTING_SEPARATOR = "__"
+
+
+class CoercionError(ValueError):
+    """A string cannot become a value of the key's shape; the message reads after the value."""
+
+
+def environment_keys(environ: Mapping[str, str]) -> Iterator[tuple[str, tuple[str, ...], Shape]]:
+    """Find the variables that name configuration keys.
+
+    Variables are visited in sorted order, so a whole-section variable
+    (``SNET_LOG``) is applied before, and refined by, a nested one
+    (``SNET_LOG__LEVEL``).
+
+    Args:
+        environ: The process environment (or a test's stand-in).
+
+    Yields:
+        ``(variable name, key path, shape)`` for every ``SNET_*`` variable
+        whose name resolves to a known key, deprecated alias or stale key.
+        ``log.<hook>`` sections are out of reach: hook names are free-form,
+        so claiming ``SNET_LOG__<ANY>`` would break the "other tools' SNET_
+        variables are ignored" promise.
+    """
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = tuple(name[len(ENV_PREFIX) :].lower().split(NESTING_SEPARATOR))
+        if not all(path):
+            continue
+        shape = shape_at(path, hooks=False)
+        if shape is not None:
+            yield name, path, shape
+
+
+def coerce(text: str, shape: Shape) -> object:
+    """Turn a string into a value of the given shape.
+
+    Args:
+        text: The variable's (or flag's) value.
+        shape: What the key holds.
+
+    Returns:
+        ``text`` itself for scalars (pydantic converts it to the field type);
+        a list for lists -- from a JSON array (``'["a", "b"]'``) or, failing
+        a leading ``[``, from comma-separated items (``"a, b"``; ``""`` is the
+        empty list); a dict for maps and sections, from a JSON object
+        (``""`` is the empty map).
+
+    Raises:
+        CoercionError: A list or map value is not valid JSON of the right kind;
+            the message reads after the quoted value ("is not a JSON ...").
+    """
+    if shape is Shape.SCALAR:
+        return text
+    stripped = text.strip()
+    if shape is Shape.LIST:
+        if not stripped.startswith("["):
+            return [item.strip() for item in text.split(",") if item.strip()]
+        value = _json(stripped, "array")
+        if not isinstance(value, list):  # pragma: no cover - "[" always starts an array
+            raise CoercionError("is not a JSON array")
+        return value
+    if not stripped:
+        return {}
+    value = _json(stripped, "object")
+    if not isinstance(value, dict):
+        raise CoercionError('is not a JSON object (write e.g. {"key": "value"})')
+    return value
+
+
+def _json(text: str, kind: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CoercionError(f"is not a valid JSON {kind} ({exc.msg} at column {exc.colno})") from None

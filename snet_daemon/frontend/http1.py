@@ -1,0 +1,321 @@
+"""The HTTP/1.1 side of the daemon port: gRPC-Web, CORS and plain HTTP.
+
+Browsers reach the daemon over HTTP/1.1 with gRPC-Web; the heartbeat and
+encoding endpoints are plain GETs.  twisted.web parses HTTP/1.1 well
+(keep-alive, pipelining, header limits, malformed requests), so this module
+is a single leaf resource on a twisted.web ``Site``.  gRPC-Web requests are
+never client-streaming, so buffering the request body (bounded by the
+message size limit) costs nothing; replies stream with chunked encoding.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import IO, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from snet_daemon.frontend import grpcweb
+from snet_daemon.frontend.call import ServerCall
+from snet_daemon.frontend.gateway import Gateway, HttpResponse
+from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.frontend.wire import (
+    ACCEPT_ENCODING,
+    MessageDecoder,
+    Metadata,
+    frame,
+    is_grpc_content_type,
+    metadata_to_headers,
+    status_headers,
+)
+
+_log = Logger(namespace="snetd.frontend.http1")
+
+
+class _BoundedRequest(server.Request):
+    """A request whose body is kept only up to a size limit.
+
+    twisted.web would spool any body to a temporary file; a gRPC-Web body
+    holds one message, so anything beyond the limit is dropped and the call
+    is answered ``RESOURCE_EXHAUSTED`` once the request is complete.
+    """
+
+    body_limit = 1 << 20
+    too_large = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.body_limit:
+            self.too_large = True
+        self.content = io.BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > self.body_limit:
+            self.too_large = True
+        if not self.too_large and self.content is not None:
+            self.content.write(data)
+
+
+class _Site(server.Site):
+    """A ``Site`` that builds bounded requests and logs no access lines.
+
+    Per-request access lines would repeat what the call log says, at a cost
+    on every call.
+    """
+
+    noisy = False
+
+    def __init__(self, resource: Resource, body_limit: int) -> None:
+        super().__init__(resource, requestFactory=self._make_request)  # type: ignore[no-untyped-call]
+        self._body_limit = body_limit
+        self.displayTracebacks = False
+
+    def _make_request(self, *args: Any, **kwargs: Any) -> _BoundedRequest:
+        request = _BoundedRequest(*args, **kwargs)  # type: ignore[no-untyped-call]
+        request.body_limit = self._body_limit
+        return request
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
+@implementer(IPushProducer)
+class _WebSink:
+    """The :class:`CallSink` of a gRPC-Web call carried by HTTP/1.1.
+
+    It is also registered as the request's push producer, so a browser that
+    reads slowly pauses the handler (through ``can_write``).
+    """
+
+    def __init__(self, request: server.Request, text: bool, content_type: str, cors: list[tuple[str, str]]) -> None:
+        self._request = request
+        self._text = text
+        self._content_type = content_type
+        self._cors = cors
+        self._paused = False
+        self._done = False
+        self.call: ServerCall | None = None
+        request.registerProducer(self, True)
+
+    def _set_headers(self, pairs: list[tuple[str, str]]) -> None:
+        request = self._request
+        request.setResponseCode(200)
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"content-type", [self._content_type.encode()])
+        for name, value in self._cors:
+            headers.addRawHeader(name.encode(), value.encode())
+        for name, value in pairs:
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+
+    def send_headers(self, metadata: Metadata) -> None:
+        if self._done:
+            return
+        self._set_headers([("grpc-accept-encoding", ACCEPT_ENCODING), *metadata_to_headers(metadata)])
+        self._request.write(b"")
+
+    def send_message(self, message: bytes) -> None:
+        if self._done:
+            return
+        data = frame(message)
+        self._request.write(grpcweb.encode_text(data) if self._text else data)
+
+    def send_trailers(self, status: int, message: str, metadata: Metadata, trailers_only: bool) -> None:
+        if self._done:
+            return
+        fields = status_headers(status, message)
+        fields.extend(metadata_to_headers(metadata))
+        if trailers_only:
+            self._set_headers(fields)
+            self._request.setHeader(b"content-length", b"0")
+        else:
+            block = grpcweb.trailer_frame(fields)
+            self._request.write(grpcweb.encode_text(block) if self._text else block)
+        self._close()
+
+    def can_write(self) -> bool:
+        return not self._paused
+
+    def consumed(self, size: int) -> None:
+        pass
+
+    def _close(self) -> None:
+        self._done = True
+        request = self._request
+        request.unregisterProducer()
+        if not request.finished and not getattr(request, "_disconnected", False):
+            request.finish()
+
+    # IPushProducer
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self.call is not None:
+            self.call.writable()
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+
+class FrontResource(Resource):
+    """The one resource behind HTTP/1.1 on the daemon port.
+
+    Args:
+        gateway: routing, CORS and limits shared with the HTTP/2 side.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._gateway = gateway
+
+    def render(self, request: server.Request) -> bytes | int:
+        method = (request.method or b"GET").decode("latin-1")
+        path = (request.path or b"/").decode("latin-1")
+        origin = _header(request, b"origin")
+        cors = self._gateway.cors
+        if method == "OPTIONS":
+            status, headers = cors.preflight(
+                origin,
+                _header(request, b"access-control-request-headers"),
+                _header(request, b"access-control-request-private-network") == "true",
+            )
+            return _plain(request, HttpResponse(status, headers=tuple(headers)))
+        content_type = _header(request, b"content-type") or ""
+        if method == "POST":
+            parsed = grpcweb.parse_content_type(content_type)
+            if parsed is not None:
+                if not cors.allows(origin):
+                    return _plain(request, HttpResponse(403, b"origin not allowed\n"))
+                self._grpc_web(request, path, parsed, cors.response_headers(origin))
+                return server.NOT_DONE_YET
+            if is_grpc_content_type(content_type):
+                return _plain(
+                    request,
+                    HttpResponse(505, b"native gRPC needs HTTP/2; use gRPC-Web over HTTP/1.1\n"),
+                )
+            return _plain(
+                request,
+                HttpResponse(
+                    415,
+                    f"unsupported content-type {content_type!r}: expected application/grpc-web\n".encode(),
+                ),
+            )
+        self._plain_route(request, method, path, cors.response_headers(origin))
+        return server.NOT_DONE_YET
+
+    def _plain_route(self, request: server.Request, method: str, path: str, extra: list[tuple[str, str]]) -> None:
+        task = self._gateway.loop.create_task(self._gateway.routes.respond(method, path))
+        finished = Deferred.fromFuture(task)
+
+        def answer(response: HttpResponse) -> None:
+            if getattr(request, "_disconnected", False):
+                return
+            body = _plain(request, response, extra)
+            request.setHeader(b"content-length", str(len(body)).encode())
+            if method != "HEAD":
+                request.write(body)
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            _log.failure("error answering {method} {path}", failure, method=method, path=path)
+            if not getattr(request, "_disconnected", False):
+                body = _plain(request, HttpResponse(500, b"internal error\n"))
+                request.setHeader(b"content-length", str(len(body)).encode())
+                request.write(body)
+                request.finish()
+
+        finished.addCallbacks(answer, failed)
+
+    def _grpc_web(
+        self,
+        request: server.Request,
+        path: str,
+        parsed: tuple[bool, str],
+        cors: list[tuple[str, str]],
+    ) -> None:
+        text, content_type = parsed
+        gateway = self._gateway
+        sink = _WebSink(request, text, content_type, cors)
+        peer = request.getClientAddress()
+        call = ServerCall(
+            path,
+            (),
+            sink,
+            gateway.loop,
+            peer=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+            web=True,
+        )
+        sink.call = call
+        request.notifyFinish().addErrback(lambda _: call.cancel())
+        try:
+            headers = [
+                (name.decode("latin-1").lower(), value.decode("latin-1"))
+                for name, values in request.requestHeaders.getAllRawHeaders()
+                for value in values
+            ]
+            encoding = call.accept_headers(headers)
+            if getattr(request, "too_large", False):
+                limit = gateway.limits.max_message_size
+                raise GrpcError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"request body larger than the limit ({limit} bytes per message)",
+                )
+            body = _read_all(request.content)
+            if text:
+                decoder = grpcweb.TextDecoder()
+                body = decoder.feed(body)
+                decoder.finish()
+            messages = MessageDecoder(gateway.limits.max_message_size, encoding)
+            for message in messages.feed(body):
+                call.deliver(message)
+            if not messages.at_boundary():
+                raise GrpcError(Status.INTERNAL, "request ended in the middle of a message")
+            call.end_input()
+        except GrpcError as error:
+            call.fail_input(error)
+            return
+        gateway.start(call)
+
+
+def _read_all(content: IO[bytes] | None) -> bytes:
+    if content is None:
+        return b""
+    content.seek(0)
+    return content.read()
+
+
+def _header(request: server.Request, name: bytes) -> str | None:
+    value: bytes | None = request.getHeader(name)
+    return None if value is None else value.decode("latin-1")
+
+
+def _plain(request: server.Request, response: HttpResponse, extra: list[tuple[str, str]] | None = None) -> bytes:
+    """Set the status and headers of ``response`` on ``request``; return its body.
+
+    The caller writes the body (or returns it from ``render``, which makes
+    twisted.web add the content length).
+    """
+    request.setResponseCode(response.status)
+    if response.body or response.status not in (204, 304):
+        request.setHeader(b"content-type", response.content_type.encode())
+    for name, value in (*response.headers, *(extra or ())):
+        request.responseHeaders.addRawHeader(name.encode(), value.encode())
+    return response.body
+
+
+def build_site(gateway: Gateway) -> server.Site:
+    """The twisted.web ``Site`` serving HTTP/1.1 connections of the port."""
+    limit = gateway.limits.max_message_size
+    # One message, its 5-byte prefix, base64 growth for -text, some slack.
+    body_limit = (limit + 5) * 4 // 3 + 64
+    return _Site(FrontResource(gateway), body_limit)

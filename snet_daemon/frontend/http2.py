@@ -1,0 +1,702 @@
+"""The HTTP/2 side of the daemon port: native gRPC, gRPC-Web and plain HTTP.
+
+A Twisted protocol around the sans-I/O ``h2`` library.  twisted.web's own
+HTTP/2 cannot serve gRPC (it sends no trailers, does no cleartext HTTP/2 and
+buffers whole request bodies; DESIGN.md §2), hence this module.
+
+Per stream, the request's content type decides the flavour:
+
+* ``application/grpc*``: native gRPC.  Request DATA is split into messages
+  as it arrives and handed to a :class:`ServerCall`; replies go out as DATA
+  and the status as trailers (or a single trailers-only header block).
+* ``application/grpc-web*``: gRPC-Web over HTTP/2; the trailers travel as a
+  body frame, ``-text`` bodies are base64.
+* anything else: plain HTTP (heartbeat, encoding, CORS preflight, 404).
+
+Flow control is honoured both ways.  Request bytes are acknowledged once a
+handler takes the message they belong to (bytes of a message still being
+assembled are acknowledged at once, or a message larger than the window
+could never complete), so a handler that stops reading stops the client.
+Reply bytes beyond the client's window wait in a per-stream queue, and a
+handler writing more than :attr:`Limits.write_buffer` ahead of the client
+waits in :meth:`ServerCall.drain`.
+
+Handlers run as asyncio tasks.  New calls are started only after a whole
+read has been processed, so a unary request that arrived complete (HEADERS,
+DATA and END_STREAM in one read, as grpcio sends it) is seen complete by its
+handler, which can then use a cheaper upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Final
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from hyperframe.frame import GoAwayFrame
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from snet_daemon.frontend import grpcweb
+from snet_daemon.frontend.call import ServerCall
+from snet_daemon.frontend.gateway import Gateway, HttpResponse
+from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.frontend.wire import (
+    ACCEPT_ENCODING,
+    MessageDecoder,
+    Metadata,
+    frame,
+    is_grpc_content_type,
+    metadata_to_headers,
+    status_headers,
+)
+
+_log = Logger(namespace="snetd.frontend.http2")
+
+_GRPC: Final = 1
+_WEB: Final = 2
+_PLAIN: Final = 3
+
+_H2_CONFIG = h2.config.H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    # We build every reply header block ourselves; skip h2's re-checks.
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+    # Requests are checked (pseudo-headers, connection headers, case).
+    validate_inbound_headers=True,
+    normalize_inbound_headers=True,
+)
+
+_RequestReceived = h2.events.RequestReceived
+_DataReceived = h2.events.DataReceived
+_StreamEnded = h2.events.StreamEnded
+_StreamReset = h2.events.StreamReset
+_WindowUpdated = h2.events.WindowUpdated
+_RemoteSettingsChanged = h2.events.RemoteSettingsChanged
+_ConnectionTerminated = h2.events.ConnectionTerminated
+
+
+class _Stream:
+    """One HTTP/2 stream: the call on it plus what is queued for sending.
+
+    It is also the :class:`CallSink` of its call, so each call costs one
+    object here.
+    """
+
+    __slots__ = (
+        "call",
+        "decoder",
+        "final",
+        "id",
+        "kind",
+        "local_closed",
+        "origin",
+        "pending",
+        "pending_bytes",
+        "proto",
+        "remote_closed",
+        "text",
+        "text_decoder",
+        "unacked",
+        "web_content_type",
+    )
+
+    def __init__(self, stream_id: int, kind: int, proto: H2ServerProtocol) -> None:
+        self.id = stream_id
+        self.kind = kind
+        self.proto = proto
+        self.call: ServerCall | None = None
+        self.decoder: MessageDecoder | None = None
+        self.text = False
+        self.text_decoder: grpcweb.TextDecoder | None = None
+        self.web_content_type = ""
+        self.origin: str | None = None
+        #: Reply bytes not yet accepted by h2 (flow control).
+        self.pending: deque[bytes] = deque()
+        self.pending_bytes = 0
+        #: What ends the stream once ``pending`` is sent: trailers to send as
+        #: a header block, or an empty list to end with an empty DATA frame.
+        self.final: list[tuple[str, str]] | None = None
+        self.remote_closed = False
+        self.local_closed = False
+        #: Request bytes received but not yet acknowledged (flow control).
+        self.unacked = 0
+
+    # -- CallSink ---------------------------------------------------------
+
+    def send_headers(self, metadata: Metadata) -> None:
+        headers = [(":status", "200")]
+        if self.kind == _GRPC:
+            headers.append(("content-type", "application/grpc"))
+        else:
+            headers.append(("content-type", self.web_content_type))
+            headers.extend(self.proto.gateway.cors.response_headers(self.origin))
+        headers.append(("grpc-accept-encoding", ACCEPT_ENCODING))
+        headers.extend(metadata_to_headers(metadata))
+        self.proto.send_headers(self, headers, end_stream=False)
+
+    def send_message(self, message: bytes) -> None:
+        data = frame(message)
+        if self.text:
+            data = grpcweb.encode_text(data)
+        self.proto.send_data(self, data)
+
+    def send_trailers(self, status: int, message: str, metadata: Metadata, trailers_only: bool) -> None:
+        proto = self.proto
+        fields = status_headers(status, message)
+        fields.extend(metadata_to_headers(metadata))
+        if trailers_only:
+            if self.kind == _GRPC:
+                head = [(":status", "200"), ("content-type", "application/grpc")]
+            else:
+                head = [(":status", "200"), ("content-type", self.web_content_type)]
+                head.extend(proto.gateway.cors.response_headers(self.origin))
+            if status == Status.UNIMPLEMENTED:
+                head.append(("grpc-accept-encoding", ACCEPT_ENCODING))
+            head.extend(fields)
+            proto.send_headers(self, head, end_stream=True)
+        elif self.kind == _GRPC:
+            proto.finish_stream(self, fields)
+        else:
+            block = grpcweb.trailer_frame(fields)
+            proto.send_data(self, grpcweb.encode_text(block) if self.text else block)
+            proto.finish_stream(self, [])
+
+    def can_write(self) -> bool:
+        return self.pending_bytes < self.proto.write_buffer and not self.proto.paused
+
+    def consumed(self, size: int) -> None:
+        # Acknowledge in the same units h2 counted (frame payload bytes); a
+        # message is 5 bytes of prefix plus its body.
+        if self.unacked:
+            amount = min(self.unacked, size + 5)
+            self.unacked -= amount
+            self.proto.acknowledge(self, amount)
+
+
+@implementer(IPushProducer)
+class H2ServerProtocol(Protocol):
+    """One HTTP/2 connection to the daemon port (cleartext or TLS).
+
+    Args:
+        gateway: routing and limits shared by all connections.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        limits = gateway.limits
+        self.write_buffer = limits.write_buffer
+        self._max_message = limits.max_message_size
+        self._conn = h2.connection.H2Connection(config=_H2_CONFIG)
+        self._streams: dict[int, _Stream] = {}
+        self._blocked: set[_Stream] = set()
+        self._starting: list[_Stream] = []
+        self._flush_scheduled = False
+        self._receiving = False
+        self._closing = False
+        self._last_accepted = 2**31 - 1
+        self._lost = False
+        self.paused = False
+        self._peer = ""
+        self._reset_budget = limits.max_resets_per_second * 5
+        self._reset_time = gateway.loop.time()
+
+    # -- Twisted Protocol -------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self._peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        limits = self.gateway.limits
+        conn = self._conn
+        conn.initiate_connection()
+        conn.update_settings(
+            {
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: 1024 * 1024,
+            }
+        )
+        extra = limits.connection_window - 65535
+        if extra > 0:
+            conn.increment_flow_control_window(extra)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self.gateway.connections.add(self)
+        self._flush()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            events = self._conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._receiving = True
+        try:
+            self._dispatch(events)
+        finally:
+            self._receiving = False
+        self._flush()
+
+    def _dispatch(self, events: list[h2.events.Event]) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is _DataReceived:
+                self._on_data(event)  # type: ignore[arg-type]
+            elif kind is _RequestReceived:
+                self._on_request(event)  # type: ignore[arg-type]
+            elif kind is _StreamEnded:
+                self._on_end(event.stream_id)  # type: ignore[attr-defined]
+            elif kind is _WindowUpdated:
+                self._on_window(event.stream_id)  # type: ignore[attr-defined]
+            elif kind is _StreamReset:
+                self._on_reset(event.stream_id)  # type: ignore[attr-defined]
+            elif kind is _RemoteSettingsChanged:
+                self._on_window(0)
+            elif kind is _ConnectionTerminated:
+                self._on_goaway()
+        if self._starting:
+            self._start_calls()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self.gateway.connections.discard(self)
+        for stream in list(self._streams.values()):
+            if stream.call is not None:
+                stream.call.cancel()
+        self._streams.clear()
+        self._blocked.clear()
+
+    # -- IPushProducer: the transport's own write buffer ------------------
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        for stream in list(self._streams.values()):
+            if stream.call is not None:
+                stream.call.writable()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    # -- Connection (for the gateway) -------------------------------------
+
+    def active_calls(self) -> int:
+        return len(self._streams)
+
+    def shutdown(self) -> None:
+        """Send GOAWAY: no new streams; close once the running ones end.
+
+        h2's own ``close_connection`` would also stop replies on the running
+        streams, so the GOAWAY frame is written beside h2, after everything
+        h2 has queued.
+        """
+        if self._closing or self._lost:
+            return
+        self._closing = True
+        goaway = GoAwayFrame(0)
+        goaway.last_stream_id = self._last_accepted = self._conn.highest_inbound_stream_id
+        goaway.error_code = 0
+        self._flush()
+        self.transport.write(goaway.serialize())  # type: ignore[union-attr]
+        if not self._streams:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        if not self._lost:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    # -- events -----------------------------------------------------------
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        sid = event.stream_id
+        raw = event.headers
+        assert raw is not None
+        headers = [(k.decode("ascii"), v.decode("latin-1")) for k, v in raw]
+        pseudo = {k: v for k, v in headers if k[0] == ":"}
+        method = pseudo.get(":method", "")
+        path = pseudo.get(":path", "")
+        content_type = ""
+        for name, value in headers:
+            if name == "content-type":
+                content_type = value
+                break
+        ended = event.stream_ended is not None
+        if method == "POST" and is_grpc_content_type(content_type):
+            self._open_call(sid, _GRPC, path, headers, content_type, ended)
+            return
+        if method == "POST" and grpcweb.parse_content_type(content_type) is not None:
+            self._open_call(sid, _WEB, path, headers, content_type, ended)
+            return
+        stream = _Stream(sid, _PLAIN, self)
+        self._streams[sid] = stream
+        stream.remote_closed = ended
+        self._serve_plain(stream, method, path, headers, content_type)
+
+    def _open_call(
+        self,
+        sid: int,
+        kind: int,
+        path: str,
+        headers: list[tuple[str, str]],
+        content_type: str,
+        ended: bool,
+    ) -> None:
+        stream = _Stream(sid, kind, self)
+        stream.remote_closed = ended
+        self._streams[sid] = stream
+        if kind == _WEB:
+            parsed = grpcweb.parse_content_type(content_type)
+            assert parsed is not None
+            stream.text, stream.web_content_type = parsed
+            if stream.text:
+                stream.text_decoder = grpcweb.TextDecoder()
+            stream.origin = _header(headers, "origin")
+            if not self.gateway.cors.allows(stream.origin):
+                self._respond_plain(stream, HttpResponse(403, b"origin not allowed\n"))
+                return
+        loop = self.gateway.loop
+        call = ServerCall(path, (), stream, loop, peer=self._peer, web=kind == _WEB)
+        stream.call = call
+        try:
+            encoding = call.accept_headers(headers)
+        except GrpcError as error:
+            call.fail_input(error)
+            return
+        stream.decoder = MessageDecoder(self._max_message, encoding)
+        if self._closing and sid > self._last_accepted:
+            # Opened after our GOAWAY: refused streams are safe for the
+            # client to retry on another connection.
+            self._streams.pop(sid, None)
+            self._conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        self._starting.append(stream)
+
+    def _start_calls(self) -> None:
+        gateway = self.gateway
+        for stream in self._starting:
+            call = stream.call
+            if call is not None and not call.finished:
+                gateway.start(call)
+        self._starting.clear()
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        sid = event.stream_id
+        size = event.flow_controlled_length or 0
+        stream = self._streams.get(sid)
+        if stream is None or stream.call is None or stream.decoder is None or stream.call.finished:
+            # Body of a plain request, or of a call that is already over.
+            if size:
+                self._conn.acknowledge_received_data(size, sid)
+            return
+        data = event.data or b""
+        if stream.text_decoder is not None:
+            try:
+                data = stream.text_decoder.feed(data)
+            except GrpcError as error:
+                self._conn.acknowledge_received_data(size, sid)
+                stream.call.fail_input(error)
+                return
+        try:
+            messages = stream.decoder.feed(data)
+        except GrpcError as error:
+            self._conn.acknowledge_received_data(size, sid)
+            stream.call.fail_input(error)
+            return
+        call = stream.call
+        if not messages:
+            # Part of a message: acknowledge at once (see module docstring).
+            if size:
+                self._conn.acknowledge_received_data(size, sid)
+            return
+        # Bytes of complete messages are acknowledged as the handler takes
+        # them (ServerCall.read -> _Stream.consumed); the remainder now.
+        held = sum(len(m) + 5 for m in messages)
+        if stream.text_decoder is not None:
+            held = 0  # base64 sizes differ; text bodies are small
+        held = min(held, size)
+        if size - held:
+            self._conn.acknowledge_received_data(size - held, sid)
+        stream.unacked += held
+        for message in messages:
+            call.deliver(message)
+
+    def _on_end(self, sid: int) -> None:
+        stream = self._streams.get(sid)
+        if stream is None:
+            return
+        stream.remote_closed = True
+        call = stream.call
+        if call is not None:
+            if stream.text_decoder is not None:
+                try:
+                    stream.text_decoder.finish()
+                except GrpcError as error:
+                    call.fail_input(error)
+            if stream.decoder is not None and not stream.decoder.at_boundary():
+                call.fail_input(GrpcError(Status.INTERNAL, "request ended in the middle of a message"))
+            call.end_input()
+        self._maybe_close(stream)
+
+    def _on_reset(self, sid: int) -> None:
+        stream = self._streams.pop(sid, None)
+        if stream is not None:
+            self._blocked.discard(stream)
+            self._release_window(stream)
+            if stream.call is not None:
+                stream.call.cancel()
+        # Rapid-reset defence (CVE-2023-44487): a client that opens and
+        # cancels streams faster than the budget refills is dropped.
+        limits = self.gateway.limits
+        now = self.gateway.loop.time()
+        refill = (now - self._reset_time) * limits.max_resets_per_second
+        self._reset_time = now
+        cap = limits.max_resets_per_second * 5
+        self._reset_budget = min(cap, self._reset_budget + refill) - 1
+        if self._reset_budget < 0:
+            _log.warn("closing connection from {peer}: too many stream resets", peer=self._peer)
+            self._conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self._flush()
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _on_window(self, sid: int) -> None:
+        if sid == 0:
+            blocked = list(self._blocked)
+        else:
+            stream = self._streams.get(sid)
+            blocked = [stream] if stream is not None and stream in self._blocked else []
+        for stream in blocked:
+            self._blocked.discard(stream)
+            self._drain(stream)
+
+    def _on_goaway(self) -> None:
+        # The client will open no more streams; finish the running ones.
+        self._closing = True
+        if not self._streams:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
+        _log.info("HTTP/2 protocol error from {peer}: {error}", peer=self._peer, error=exc)
+        code = getattr(exc, "error_code", None) or h2.errors.ErrorCodes.PROTOCOL_ERROR
+        try:
+            self._conn.close_connection(error_code=code)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- plain HTTP -------------------------------------------------------
+
+    def _serve_plain(
+        self, stream: _Stream, method: str, path: str, headers: list[tuple[str, str]], content_type: str
+    ) -> None:
+        origin = _header(headers, "origin")
+        if method == "OPTIONS":
+            status, cors_headers = self.gateway.cors.preflight(
+                origin,
+                _header(headers, "access-control-request-headers"),
+                _header(headers, "access-control-request-private-network") == "true",
+            )
+            self._respond_plain(stream, HttpResponse(status, headers=tuple(cors_headers)))
+            return
+        if method == "POST":
+            self._respond_plain(
+                stream,
+                HttpResponse(415, _unsupported(content_type)),
+            )
+            return
+        loop = self.gateway.loop
+        task = loop.create_task(self.gateway.routes.respond(method, path))
+
+        def done(task: asyncio.Task[HttpResponse]) -> None:
+            if stream.id not in self._streams or self._lost:
+                return
+            try:
+                response = task.result()
+            except Exception:
+                _log.failure("error answering {method} {path}", method=method, path=path)
+                response = HttpResponse(500, b"internal error\n")
+            if method == "HEAD":
+                response = HttpResponse(response.status, b"", response.content_type, response.headers)
+            self._respond_plain(stream, response, extra=self.gateway.cors.response_headers(origin))
+            self._schedule_flush()
+
+        task.add_done_callback(done)
+
+    def _respond_plain(
+        self, stream: _Stream, response: HttpResponse, extra: list[tuple[str, str]] | None = None
+    ) -> None:
+        headers = [(":status", str(response.status))]
+        if response.body or response.status not in (204, 304):
+            headers.append(("content-type", response.content_type))
+            headers.append(("content-length", str(len(response.body))))
+        headers.extend(response.headers)
+        headers.extend(extra or ())
+        if stream.call is not None:
+            stream.call.finished = True
+        if not response.body:
+            self.send_headers(stream, headers, end_stream=True)
+            return
+        self.send_headers(stream, headers, end_stream=False)
+        self.send_data(stream, response.body)
+        self.finish_stream(stream, [])
+
+    # -- sending ----------------------------------------------------------
+
+    def send_headers(self, stream: _Stream, headers: list[tuple[str, str]], end_stream: bool) -> None:
+        if stream.local_closed or self._lost:
+            return
+        try:
+            self._conn.send_headers(stream.id, headers, end_stream=end_stream)
+        except h2.exceptions.StreamClosedError:
+            stream.local_closed = True
+            self._discard(stream)
+            return
+        if end_stream:
+            stream.local_closed = True
+            self._maybe_close(stream)
+        self._schedule_flush()
+
+    def send_data(self, stream: _Stream, data: bytes) -> None:
+        if stream.local_closed or self._lost:
+            return
+        if stream.pending:
+            stream.pending.append(data)
+            stream.pending_bytes += len(data)
+        else:
+            sent = self._send_some(stream, data)
+            if sent < len(data):
+                stream.pending.append(data[sent:])
+                stream.pending_bytes += len(data) - sent
+                self._blocked.add(stream)
+        self._schedule_flush()
+
+    def finish_stream(self, stream: _Stream, trailers: list[tuple[str, str]]) -> None:
+        """End the stream after its queued data: with trailers, or empty DATA."""
+        stream.final = trailers
+        if not stream.pending:
+            self._send_final(stream)
+        self._schedule_flush()
+
+    def acknowledge(self, stream: _Stream, amount: int) -> None:
+        if self._lost or stream.id not in self._streams:
+            return
+        self._conn.acknowledge_received_data(amount, stream.id)
+        self._schedule_flush()
+
+    def _send_some(self, stream: _Stream, data: bytes) -> int:
+        """Hand h2 as much of ``data`` as the flow-control windows allow."""
+        conn = self._conn
+        try:
+            window = conn.local_flow_control_window(stream.id)
+        except h2.exceptions.StreamClosedError:
+            return len(data)
+        max_frame = conn.max_outbound_frame_size
+        total = len(data)
+        if total <= window and total <= max_frame:
+            conn.send_data(stream.id, data)
+            return total
+        offset = 0
+        while offset < total and window > 0:
+            size = min(window, max_frame, total - offset)
+            conn.send_data(stream.id, data[offset : offset + size])
+            offset += size
+            window -= size
+        return offset
+
+    def _drain(self, stream: _Stream) -> None:
+        """Send what a window update now allows; end the stream if all sent."""
+        pending = stream.pending
+        while pending:
+            chunk = pending[0]
+            sent = self._send_some(stream, chunk)
+            stream.pending_bytes -= sent
+            if sent < len(chunk):
+                pending[0] = chunk[sent:]
+                self._blocked.add(stream)
+                break
+            pending.popleft()
+        if not pending and stream.final is not None:
+            self._send_final(stream)
+        if stream.call is not None and stream.can_write():
+            stream.call.writable()
+        self._schedule_flush()
+
+    def _send_final(self, stream: _Stream) -> None:
+        trailers = stream.final
+        stream.final = None
+        if stream.local_closed:
+            return
+        try:
+            if trailers:
+                self._conn.send_headers(stream.id, trailers, end_stream=True)
+            else:
+                self._conn.end_stream(stream.id)
+        except h2.exceptions.StreamClosedError:
+            pass
+        stream.local_closed = True
+        self._maybe_close(stream)
+
+    def _maybe_close(self, stream: _Stream) -> None:
+        """Forget a stream once both sides are done with it."""
+        if not stream.local_closed:
+            return
+        if not stream.remote_closed:
+            # We answered before the client finished sending (an error, or
+            # a handler that does not read): tell it to stop (RFC 9113 §8.1).
+            try:
+                self._conn.reset_stream(stream.id, h2.errors.ErrorCodes.NO_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
+        self._discard(stream)
+
+    def _discard(self, stream: _Stream) -> None:
+        self._streams.pop(stream.id, None)
+        self._blocked.discard(stream)
+        self._release_window(stream)
+        if self._closing and not self._streams and not self._lost:
+            self._flush()
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _release_window(self, stream: _Stream) -> None:
+        """Give back the window of request bytes no handler will read now."""
+        if stream.unacked and not self._lost:
+            self._conn.acknowledge_received_data(stream.unacked, stream.id)
+            stream.unacked = 0
+
+    def _schedule_flush(self) -> None:
+        if self._receiving:
+            return  # dataReceived flushes when it is done
+        if not self._flush_scheduled and not self._lost:
+            self._flush_scheduled = True
+            self.gateway.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        data = self._conn.data_to_send()
+        if data and not self._lost:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+
+def _unsupported(content_type: str) -> bytes:
+    """The body of a 415 answer."""
+    return (f"unsupported content-type {content_type!r}: expected application/grpc or application/grpc-web\n").encode()
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    """The first value of header ``name`` (lower-case), or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None

@@ -1,0 +1,114 @@
+"""One port for everything: pick HTTP/2 or HTTP/1.1 per connection.
+
+Under TLS the client's ALPN choice decides.  In cleartext, a connection
+that starts with the HTTP/2 client preface is HTTP/2 "with prior knowledge"
+(what grpcio does for insecure channels); anything else is handed to the
+HTTP/1.1 server, which answers garbage with ``400 Bad Request``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web import server
+from zope.interface import implementer
+
+from snet_daemon.frontend.gateway import Gateway
+from snet_daemon.frontend.http1 import build_site
+from snet_daemon.frontend.http2 import H2ServerProtocol
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class SniffingProtocol(Protocol):
+    """Decides HTTP/2 or HTTP/1.1 from the first bytes (or ALPN), then forwards.
+
+    It stays in place as a thin forwarder so the choice works the same over
+    TCP and TLS transports.
+    """
+
+    def __init__(self, factory: OnePortFactory, addr: IAddress) -> None:
+        self._factory = factory
+        self._addr = addr
+        self._buffer = b""
+        self._inner: Protocol | None = None
+
+    def connectionMade(self) -> None:
+        # Replies are written as they become ready, often in several small
+        # writes per call; with Nagle's algorithm the later ones would wait
+        # for the client's delayed ACK (tens of milliseconds).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        negotiated = getattr(self.transport, "negotiatedProtocol", None)
+        if negotiated == b"h2":
+            self._switch(self._factory.http2())
+        elif negotiated == b"http/1.1":
+            self._switch(self._factory.http1(self._addr))
+
+    def dataReceived(self, data: bytes) -> None:
+        inner = self._inner
+        if inner is not None:
+            inner.dataReceived(data)
+            return
+        negotiated = getattr(self.transport, "negotiatedProtocol", None)
+        if negotiated is not None:
+            # TLS: ALPN is known once the handshake is done.
+            self._switch(self._factory.http2() if negotiated == b"h2" else self._factory.http1(self._addr))
+            self._inner.dataReceived(data)  # type: ignore[union-attr]
+            return
+        self._buffer += data
+        seen = self._buffer[: len(PREFACE)]
+        if not PREFACE.startswith(seen):
+            self._switch(self._factory.http1(self._addr))
+        elif len(self._buffer) >= len(PREFACE):
+            self._switch(self._factory.http2())
+        else:
+            return
+        buffered, self._buffer = self._buffer, b""
+        self._inner.dataReceived(buffered)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._inner is not None:
+            self._inner.connectionLost(reason)
+
+    def _switch(self, inner: Protocol) -> None:
+        self._inner = inner
+        inner.makeConnection(self.transport)
+
+
+@implementer(IProtocolNegotiationFactory)
+class OnePortFactory(Factory):
+    """Builds the protocol of every connection to ``daemon_endpoint``.
+
+    Args:
+        gateway: the state every connection shares.
+    """
+
+    noisy = False
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._site = build_site(gateway)
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        assert addr is not None
+        return SniffingProtocol(self, addr)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN offer under TLS: HTTP/2 first, then HTTP/1.1 for browsers."""
+        return [b"h2", b"http/1.1"]
+
+    def http2(self) -> Protocol:
+        return H2ServerProtocol(self.gateway)
+
+    def http1(self, addr: IAddress) -> Protocol:
+        protocol: Any = self._site.buildProtocol(addr)
+        return protocol  # type: ignore[no-any-return]
+
+    @property
+    def site(self) -> server.Site:
+        return self._site

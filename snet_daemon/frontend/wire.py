@@ -1,0 +1,313 @@
+"""gRPC on the wire, without any I/O: message framing, timeouts, metadata.
+
+Everything here is a pure function or a small state machine fed with bytes,
+shared by the native gRPC (HTTP/2) and the gRPC-Web front ends.  The
+references are gRPC's ``PROTOCOL-HTTP2.md`` and ``PROTOCOL-WEB.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import re
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Final
+
+from snet_daemon.frontend.status import GrpcError, Status
+
+#: A metadata value is text, or bytes for keys ending in ``-bin``.
+MetadataValue = str | bytes
+Metadata = tuple[tuple[str, MetadataValue], ...]
+
+HEADER_LEN: Final = 5
+_FLAG_COMPRESSED: Final = 0x01
+
+#: Compression we can undo on requests.  We never compress replies.
+ACCEPT_ENCODING: Final = "identity,deflate,gzip"
+
+#: Request headers that describe one HTTP hop or the gRPC transport itself.
+#: They are consumed by the daemon and never forwarded to the service as
+#: metadata (the upstream client writes its own).
+RESERVED_HEADERS: Final = frozenset(
+    {
+        "content-type",
+        "te",
+        "grpc-timeout",
+        "grpc-encoding",
+        "grpc-accept-encoding",
+        "grpc-message-type",
+        "user-agent",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "accept-encoding",
+        "x-grpc-web",
+        "x-user-agent",
+        "origin",
+        "referer",
+        "accept",
+        "accept-language",
+        "cache-control",
+        "pragma",
+        "priority",
+    }
+)
+
+
+def frame(message: bytes) -> bytes:
+    """Return ``message`` as one uncompressed length-prefixed gRPC message."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+class MessageDecoder:
+    """Splits a byte stream into gRPC messages, enforcing the size limit.
+
+    Feed it the DATA payload of one request as it arrives; it returns each
+    complete message once.  It keeps at most one partial message.
+
+    Args:
+        max_message_size: largest message accepted, in bytes.  A larger
+            length prefix fails at once with ``RESOURCE_EXHAUSTED``, before
+            the daemon buffers the body.
+        encoding: the request's ``grpc-encoding`` (``identity`` when absent).
+            It must be validated with :func:`check_encoding` first.
+    """
+
+    __slots__ = ("_buffer", "_encoding", "_max", "pending")
+
+    def __init__(self, max_message_size: int, encoding: str = "identity") -> None:
+        self._buffer = bytearray()
+        self._max = max_message_size
+        self._encoding = encoding
+        #: Bytes of the message currently being assembled (0 between messages).
+        self.pending = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add ``data`` and return the messages it completes (maybe none).
+
+        Raises:
+            GrpcError: ``RESOURCE_EXHAUSTED`` for an oversized message,
+                ``INTERNAL`` for a compressed message without an encoding
+                or one that does not decompress.
+        """
+        buf = self._buffer
+        if not buf and len(data) >= HEADER_LEN:
+            # Fast path: one whole message in one chunk (every small unary
+            # request from grpcio arrives like this).
+            length = int.from_bytes(data[1:5], "big")
+            if len(data) == HEADER_LEN + length and not data[0]:
+                self._check_length(length)
+                return [data[HEADER_LEN:]]
+        buf += data
+        messages = []
+        while len(buf) >= HEADER_LEN:
+            flag = buf[0]
+            length = int.from_bytes(buf[1:5], "big")
+            self._check_length(length)
+            end = HEADER_LEN + length
+            if len(buf) < end:
+                break
+            payload = bytes(buf[HEADER_LEN:end])
+            del buf[:end]
+            if flag & _FLAG_COMPRESSED:
+                payload = self._decompress(payload)
+            elif flag:
+                raise GrpcError(Status.INTERNAL, f"invalid gRPC message flags 0x{flag:02x}")
+            messages.append(payload)
+        self.pending = len(buf)
+        return messages
+
+    def at_boundary(self) -> bool:
+        """True when no partial message is buffered (a clean end of stream)."""
+        return not self._buffer
+
+    def _check_length(self, length: int) -> None:
+        if length > self._max:
+            raise GrpcError(
+                Status.RESOURCE_EXHAUSTED,
+                f"received message larger than max ({length} vs. {self._max})",
+            )
+
+    def _decompress(self, payload: bytes) -> bytes:
+        if self._encoding == "identity":
+            raise GrpcError(
+                Status.INTERNAL,
+                "compressed message received without a grpc-encoding header",
+            )
+        try:
+            out = gzip.decompress(payload) if self._encoding == "gzip" else zlib.decompress(payload)
+        except (OSError, zlib.error, EOFError) as exc:
+            raise GrpcError(Status.INTERNAL, f"could not decompress message ({self._encoding}): {exc}") from exc
+        self._check_length(len(out))
+        return out
+
+
+def check_encoding(value: str | None) -> str:
+    """Validate a request's ``grpc-encoding`` header; return the encoding.
+
+    Raises:
+        GrpcError: ``UNIMPLEMENTED`` for an encoding we cannot decompress
+            (the spec's answer; the reply carries ``grpc-accept-encoding``).
+    """
+    if value is None or value == "identity":
+        return "identity"
+    if value in ("gzip", "deflate"):
+        return value
+    raise GrpcError(
+        Status.UNIMPLEMENTED,
+        f"unsupported grpc-encoding {value!r}; supported: {ACCEPT_ENCODING}",
+    )
+
+
+_TIMEOUT_RE: Final = re.compile(r"^([0-9]{1,8})([HMSmun])$")
+_TIMEOUT_UNITS: Final = {
+    "H": 3600.0,
+    "M": 60.0,
+    "S": 1.0,
+    "m": 1e-3,
+    "u": 1e-6,
+    "n": 1e-9,
+}
+
+
+def parse_timeout(value: str) -> float:
+    """Parse a ``grpc-timeout`` header (``"100m"`` → 0.1) into seconds.
+
+    Raises:
+        GrpcError: ``INVALID_ARGUMENT`` when the value is malformed (at most
+            eight digits and one unit letter, as the spec says).
+    """
+    match = _TIMEOUT_RE.match(value)
+    if match is None:
+        raise GrpcError(Status.INVALID_ARGUMENT, f"malformed grpc-timeout {value!r}")
+    return int(match.group(1)) * _TIMEOUT_UNITS[match.group(2)]
+
+
+def encode_timeout(seconds: float) -> str:
+    """Render ``seconds`` as a ``grpc-timeout`` value with at most 8 digits."""
+    for unit, scale in (("n", 1e-9), ("u", 1e-6), ("m", 1e-3), ("S", 1.0), ("M", 60.0)):
+        amount = int(seconds / scale + 0.999999)
+        if amount < 100_000_000:
+            return f"{max(amount, 0)}{unit}"
+    return f"{min(int(seconds / 3600.0 + 0.999999), 99_999_999)}H"
+
+
+def decode_bin(value: str | bytes) -> bytes:
+    """Decode a ``-bin`` metadata value.
+
+    gRPC sends base64 without padding; some clients (and the JS SDKs) pad.
+    Both are accepted, standard or URL-safe alphabet.
+
+    Raises:
+        GrpcError: ``INVALID_ARGUMENT`` when the value is not base64.
+    """
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    text = value.strip().rstrip("=")
+    if "-" in text or "_" in text:
+        text = text.replace("-", "+").replace("_", "/")
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise GrpcError(Status.INVALID_ARGUMENT, "malformed base64 in binary metadata") from exc
+
+
+def encode_bin(value: bytes) -> str:
+    """Encode a ``-bin`` metadata value the way gRPC does (no padding)."""
+    return base64.b64encode(value).decode("ascii").rstrip("=")
+
+
+def metadata_from_headers(headers: Iterable[tuple[str, str]]) -> Metadata:
+    """Turn request headers into call metadata.
+
+    Pseudo-headers and :data:`RESERVED_HEADERS` are dropped; ``-bin`` values
+    are base64-decoded into bytes.
+
+    Raises:
+        GrpcError: ``INVALID_ARGUMENT`` for a malformed ``-bin`` value.
+    """
+    out: list[tuple[str, MetadataValue]] = []
+    for name, value in headers:
+        if name[0] == ":" or name in RESERVED_HEADERS:
+            continue
+        if name.endswith("-bin"):
+            out.append((name, decode_bin(value)))
+        else:
+            out.append((name, value))
+    return tuple(out)
+
+
+def metadata_to_headers(metadata: Iterable[tuple[str, MetadataValue]]) -> Iterator[tuple[str, str]]:
+    """Turn metadata into header pairs (``-bin`` values base64-encoded).
+
+    Keys gRPC reserves for itself (``grpc-*`` status fields, ``content-type``
+    and friends) are skipped: the front end writes those.
+    """
+    for name, value in metadata:
+        name = name.lower()
+        if name in RESERVED_HEADERS or name in ("grpc-status", "grpc-message") or name[:1] == ":":
+            continue
+        if isinstance(value, bytes):
+            if name.endswith("-bin"):
+                yield name, encode_bin(value)
+            else:
+                yield name, value.decode("latin-1")
+        elif name.endswith("-bin"):
+            yield name, encode_bin(value.encode("utf-8"))
+        else:
+            yield name, value
+
+
+# grpc-message is percent-encoded: bytes outside 0x20..0x7E and "%" itself.
+_UNRESERVED: Final = frozenset(range(0x20, 0x7F)) - {ord("%")}
+
+
+def encode_message(message: str) -> str:
+    """Percent-encode a status message for the ``grpc-message`` field."""
+    raw = message.encode("utf-8")
+    if all(b in _UNRESERVED for b in raw):
+        return message
+    return "".join(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in raw)
+
+
+_HEX: Final = frozenset(b"0123456789abcdefABCDEF")
+
+
+def decode_message(value: str) -> str:
+    """Undo :func:`encode_message`; malformed escapes are kept as they are."""
+    if "%" not in value:
+        return value
+    out = bytearray()
+    i = 0
+    raw = value.encode("latin-1", "replace")
+    while i < len(raw):
+        hexdigits = raw[i + 1 : i + 3]
+        if raw[i] == 0x25 and len(hexdigits) == 2 and all(c in _HEX for c in hexdigits):
+            out.append(int(hexdigits, 16))
+            i += 3
+            continue
+        out.append(raw[i])
+        i += 1
+    return out.decode("utf-8", "replace")
+
+
+def status_headers(status: int, message: str) -> list[tuple[str, str]]:
+    """The ``grpc-status`` / ``grpc-message`` header pairs of a reply."""
+    pairs = [("grpc-status", str(status))]
+    if message:
+        pairs.append(("grpc-message", encode_message(message)))
+    return pairs
+
+
+def is_grpc_content_type(value: str) -> bool:
+    """True for ``application/grpc`` and its ``+proto``/``+json``/``;`` forms."""
+    return value == "application/grpc" or (
+        value.startswith("application/grpc") and len(value) > 16 and value[16] in "+;"
+    )

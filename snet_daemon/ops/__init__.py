@@ -1,0 +1,1 @@
+"""Operations: heartbeat now; logging, metrics, alerts and rate limits later."""

@@ -1,0 +1,299 @@
+"""``twistd snetd``: command-line options and the composition root.
+
+This is the only module that names concrete classes and wires them
+together.  ``Options.postOptions`` loads and validates the configuration and
+installs the asyncio reactor, before twistd binds any port or imports the
+reactor; :func:`makeService` builds the service tree from the validated
+configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any, TextIO
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import ILogObserver, Logger
+from twisted.python import usage
+
+from snet_daemon import __version__
+from snet_daemon.config import ConfigError, DaemonConfig, LoadedConfig, load_config, render_effective_config
+
+_log = Logger(namespace="snetd")
+
+#: Seconds running calls get to finish when the daemon stops.
+SHUTDOWN_GRACE = 10.0
+
+
+class Options(usage.Options):
+    """Options of ``twistd snetd``.
+
+    Besides ``--config`` and ``--check-config``, the Go daemon's ``serve``
+    flags are accepted, and ``--set key=value`` reaches any key (nested keys
+    with dots: ``--set log.level=debug``).  Flags beat environment variables,
+    which beat the file, which beats the defaults.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the SingularityNET daemon: a gRPC / gRPC-Web proxy in front of an "
+        "AI service that checks each call's payment."
+    )
+
+    optParameters = [
+        ["config", "c", None, "Configuration file (.json, .yaml or .yml)."],
+        ["blockchain", "b", None, "Set blockchain_enabled (true/false)."],
+        ["passthrough", None, None, "Set passthrough_enabled (true/false)."],
+        ["type", "t", None, "Set daemon_type."],
+        ["ssl-cert", None, None, "Set ssl_cert."],
+        ["ssl-key", None, None, "Set ssl_key."],
+        ["auto-ssl-domain", None, None, "Set auto_ssl_domain."],
+        ["auto-ssl-cache", None, None, "Set auto_ssl_cache_dir."],
+    ]
+    optFlags = [
+        [
+            "check-config",
+            None,
+            "Validate the configuration, print it with secrets masked, and exit (status 0 when valid, 1 when not).",
+        ],
+    ]
+
+    _flag_keys = {
+        "blockchain": "blockchain_enabled",
+        "passthrough": "passthrough_enabled",
+        "type": "daemon_type",
+        "ssl-cert": "ssl_cert",
+        "ssl-key": "ssl_key",
+        "auto-ssl-domain": "auto_ssl_domain",
+        "auto-ssl-cache": "auto_ssl_cache_dir",
+    }
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.overrides: dict[str, str] = {}
+        self.loaded: LoadedConfig | None = None
+        self.stdout: TextIO = sys.stdout
+        self.stderr: TextIO = sys.stderr
+
+    def opt_set(self, value: str) -> None:
+        """Set any configuration key: --set key=value (repeatable)."""
+        key, sep, raw = value.partition("=")
+        if not sep or not key.strip():
+            raise usage.UsageError(f"--set needs key=value, got {value!r}")
+        self.overrides[key.strip().lower()] = raw
+
+    def postOptions(self) -> None:
+        for flag, key in self._flag_keys.items():
+            if self[flag] is not None:
+                self.overrides[key] = self[flag]
+        try:
+            loaded = load_config(self["config"], overrides=self.overrides)
+            check_supported(loaded.config)
+        except ConfigError as error:
+            print(f"snetd: configuration error: {error}", file=self.stderr)
+            raise SystemExit(1) from None
+        if self["check-config"]:
+            for warning in loaded.warnings:
+                print(f"snetd: warning: {warning}", file=self.stderr)
+            print(render_effective_config(loaded.config), file=self.stdout)
+            raise SystemExit(0)
+        install_asyncio_reactor(self.stderr)
+        self.loaded = loaded
+
+
+def check_supported(config: DaemonConfig) -> None:
+    """Refuse settings this version cannot honour, rather than run unsafely.
+
+    Raises:
+        ConfigError: for ``blockchain_enabled: true`` (the payment subsystem
+            is not in this build: serving would mean serving unpaid calls)
+            and for ``daemon_type: http``.
+    """
+    if config.blockchain_enabled:
+        raise ConfigError(
+            "configuration key 'blockchain_enabled': true needs payment checking, which this "
+            "build of snetd does not have yet; set blockchain_enabled to false to serve "
+            "without payments",
+            path="blockchain_enabled",
+            value=True,
+        )
+    if config.daemon_type != "grpc":
+        raise ConfigError(
+            f"configuration key 'daemon_type': {config.daemon_type!r} is not supported yet (only 'grpc')",
+            path="daemon_type",
+            value=config.daemon_type,
+        )
+
+
+def install_asyncio_reactor(stderr: TextIO) -> None:
+    """Install Twisted's asyncio reactor, or exit if another one is in place.
+
+    grpc.aio (the upstream client) needs asyncio; the asyncio reactor runs
+    Twisted and asyncio on one loop.  twistd has imported no reactor yet
+    when plugin options are parsed, unless ``--reactor`` forced one.
+    """
+    if "twisted.internet.reactor" in sys.modules:
+        from twisted.internet import reactor
+        from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+        if not isinstance(reactor, AsyncioSelectorReactor):
+            print(
+                "snetd: needs Twisted's asyncio reactor, but "
+                f"{type(reactor).__module__}.{type(reactor).__name__} is already installed; "
+                "drop --reactor or use --reactor=asyncio",
+                file=stderr,
+            )
+            raise SystemExit(1)
+        return
+    from twisted.internet import asyncioreactor
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    asyncioreactor.install(loop)
+
+
+def makeService(options: Options) -> IService:
+    """Build the daemon's service tree (called by twistd after ``postOptions``)."""
+    from twisted.internet import reactor
+
+    assert options.loaded is not None
+    twistd_options = getattr(options, "parent", None)
+    return build_daemon(options.loaded, reactor, twistd_options)
+
+
+class _Daemon(MultiService):
+    """The root service; it also gives twistd the configured log observer."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> Any:
+        # twistd asks the application for an ILogObserver after makeService
+        # and before starting: this is where the configured one gets in.
+        if (
+            self.log_observer is not None
+            and hasattr(parent, "setComponent")
+            and parent.getComponent(ILogObserver, None) is None
+        ):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)  # type: ignore[no-untyped-call]
+
+
+class _AsyncService(Service):
+    """Runs coroutines at start and stop (on the asyncio reactor's loop)."""
+
+    def __init__(self, name: str, start: Any = None, stop: Any = None) -> None:
+        self.setName(name)  # type: ignore[no-untyped-call]
+        self._start = start
+        self._stop = stop
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        if self._start is not None:
+            self._start()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._stop is None:
+            return None
+        return Deferred.fromFuture(asyncio.ensure_future(self._stop()))
+
+
+def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None) -> MultiService:
+    """The composition root: every component, wired from the configuration.
+
+    Args:
+        loaded: the validated configuration and its warnings.
+        reactor: the (asyncio) reactor.
+        twistd_options: twistd's own options (for the log destination), or
+            None when not run by twistd.
+    """
+    # Imports here keep ``twistd --help`` fast and reactor-free.
+    from snet_daemon.frontend.cors import CorsPolicy
+    from snet_daemon.frontend.gateway import Gateway, Limits, Router
+    from snet_daemon.frontend.listener import OnePortFactory
+    from snet_daemon.frontend.routes import DaemonRoutes
+    from snet_daemon.ops import logging as oplog
+    from snet_daemon.ops.heartbeat import GrpcHealthProbe, Heartbeat, HeartbeatIdentity, TcpProbe, host_port
+    from snet_daemon.upstream.echo import echo
+    from snet_daemon.upstream.grpc import GrpcUpstream
+
+    config = loaded.config
+    root = _Daemon()
+    stream = oplog.destination(twistd_options)
+    if stream is not None:
+        root.log_observer = oplog.observer_for(config.log_settings.level, config.log_settings.json, stream)
+    for warning in loaded.warnings:
+        _log.warn("{warning}", warning=warning)
+
+    loop = reactor._asyncioEventloop
+    upstream_settings = config.upstream
+    upstream = GrpcUpstream(
+        upstream_settings.target,
+        upstream_settings.endpoint,
+        tls=upstream_settings.tls,
+        timeout=upstream_settings.timeout,
+        max_message_size=upstream_settings.max_message_size,
+    )
+    handler = upstream if upstream_settings.passthrough_enabled else echo
+    router = Router(default=handler)
+
+    identity = config.identity
+    heartbeat_settings = config.heartbeat
+    probe: Any
+    if heartbeat_settings.probe_type == "grpc":
+        probe = GrpcHealthProbe(lambda: upstream._channel, service="")
+    else:
+        host, port = host_port(heartbeat_settings.endpoint or upstream_settings.endpoint)
+        probe = TcpProbe(host, port)
+    heartbeat = Heartbeat(
+        HeartbeatIdentity(
+            organization_id=identity.organization_id,
+            service_id=identity.service_id,
+            group_id="",
+            registry_address="",
+            daemon_version=__version__,
+            blockchain_enabled=identity.blockchain_enabled,
+            network=identity.network,
+        ),
+        probe,
+        reactor.seconds,
+    )
+    gateway = Gateway(
+        router=router,
+        routes=DaemonRoutes(heartbeat.report, encoding="proto"),
+        cors=CorsPolicy(config.frontend.cors_allowed_origins),
+        limits=Limits(max_message_size=config.frontend.max_message_size),
+        loop=loop,
+    )
+
+    async def stop() -> None:
+        # In this order: running calls finish (or are ended after the grace
+        # period), then the upstream channel closes.  MultiService stops its
+        # children all at once, so the order lives here, in one service.
+        await gateway.drain(SHUTDOWN_GRACE)
+        await upstream.close()
+
+    _AsyncService("calls", start=upstream.open, stop=stop).setServiceParent(root)  # type: ignore[no-untyped-call]
+    listen = config.listen
+    endpoint_type = TCP6ServerEndpoint if ":" in listen.host else TCP4ServerEndpoint
+    listener = StreamServerEndpointService(
+        endpoint_type(reactor, listen.port, interface=listen.host), OnePortFactory(gateway)
+    )
+    # Fail startup (twistd exits non-zero) when the port cannot be bound.
+    listener._raiseSynchronously = True
+    listener.setName("listener")
+    listener.setServiceParent(root)
+    _log.info(
+        "snetd {version} listening on {host}:{port}, forwarding to {service}",
+        version=__version__,
+        host=listen.host,
+        port=listen.port,
+        service=upstream_settings.endpoint if upstream_settings.passthrough_enabled else "(echo)",
+    )
+    return root

@@ -1,0 +1,1 @@
+"""Adapters that carry a call to the AI service (``service_type``)."""

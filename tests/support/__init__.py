@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: a daemon in a subprocess, test services, ports."""
