@@ -221,7 +221,8 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     from snet_daemon.ops import logging as oplog
     from snet_daemon.ops.heartbeat import GrpcHealthProbe, Heartbeat, HeartbeatIdentity, TcpProbe, host_port
     from snet_daemon.upstream.echo import echo
-    from snet_daemon.upstream.grpc import GrpcUpstream
+    from snet_daemon.upstream.grpc import GrpcPassthrough
+    from snet_daemon.upstream.h2client import H2Upstream
 
     config = loaded.config
     root = _Daemon()
@@ -233,21 +234,23 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
 
     loop = reactor._asyncioEventloop
     upstream_settings = config.upstream
-    upstream = GrpcUpstream(
-        upstream_settings.target,
+    host, port = host_port(upstream_settings.target)
+    upstream = H2Upstream(
+        reactor,
+        host,
+        port,
         upstream_settings.endpoint,
+        loop,
         tls=upstream_settings.tls,
-        timeout=upstream_settings.timeout,
         max_message_size=upstream_settings.max_message_size,
     )
-    handler = upstream if upstream_settings.passthrough_enabled else echo
-    router = Router(default=handler)
+    router = Router(default=GrpcPassthrough(upstream) if upstream_settings.passthrough_enabled else echo)
 
     identity = config.identity
     heartbeat_settings = config.heartbeat
     probe: Any
     if heartbeat_settings.probe_type == "grpc":
-        probe = GrpcHealthProbe(lambda: upstream._channel, service="")
+        probe = GrpcHealthProbe(upstream.unary, service="")
     else:
         host, port = host_port(heartbeat_settings.endpoint or upstream_settings.endpoint)
         probe = TcpProbe(host, port)
@@ -268,7 +271,10 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
         router=router,
         routes=DaemonRoutes(heartbeat.report, encoding="proto"),
         cors=CorsPolicy(config.frontend.cors_allowed_origins),
-        limits=Limits(max_message_size=config.frontend.max_message_size),
+        limits=Limits(
+            max_message_size=config.frontend.max_message_size,
+            default_timeout=upstream_settings.timeout,
+        ),
         loop=loop,
     )
 
@@ -279,7 +285,8 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
         await gateway.drain(SHUTDOWN_GRACE)
         await upstream.close()
 
-    _AsyncService("calls", start=upstream.open, stop=stop).setServiceParent(root)  # type: ignore[no-untyped-call]
+    start = upstream.open if upstream_settings.passthrough_enabled else None
+    _AsyncService("calls", start=start, stop=stop).setServiceParent(root)  # type: ignore[no-untyped-call]
     listen = config.listen
     endpoint_type = TCP6ServerEndpoint if ":" in listen.host else TCP4ServerEndpoint
     listener = StreamServerEndpointService(

@@ -81,6 +81,7 @@ class ServerCall:
         "finished",
         "metadata",
         "method",
+        "on_writable",
         "peer",
         "task",
         "web",
@@ -117,6 +118,9 @@ class ServerCall:
         self.cancelled = False
         #: The task running the handler, set by :func:`run_call`.
         self.task: asyncio.Task[None] | None = None
+        #: Called when the transport can take reply data again (for relays
+        #: that write from callbacks rather than awaiting :meth:`drain`).
+        self.on_writable: Callable[[], None] | None = None
 
     # -- for handlers -----------------------------------------------------
 
@@ -176,6 +180,10 @@ class ServerCall:
             self._sink.send_headers(())
         self._sink.send_message(message)
 
+    def can_write(self) -> bool:
+        """False while the transport holds too much unsent reply data."""
+        return self._sink.can_write()
+
     async def drain(self) -> None:
         """Wait until the transport can take more reply data."""
         while not self._sink.can_write() and not self.finished:
@@ -200,11 +208,13 @@ class ServerCall:
 
     # -- for transports ---------------------------------------------------
 
-    def accept_headers(self, headers: list[tuple[str, str]]) -> str:
+    def accept_headers(self, headers: list[tuple[str, str]], default_timeout: float | None = None) -> str:
         """Take the deadline and metadata from the request headers.
 
         Args:
             headers: all request headers, names in lower case.
+            default_timeout: seconds the call may take when the client set
+                no deadline (``service_timeout``), or None for no limit.
 
         Returns:
             The request's message encoding (``grpc-encoding``).
@@ -223,6 +233,8 @@ class ServerCall:
                 encoding = value
         if timeout is not None:
             self.deadline = self._loop.time() + parse_timeout(timeout)
+        elif default_timeout is not None:
+            self.deadline = self._loop.time() + default_timeout
         checked = check_encoding(encoding)
         self.metadata = metadata_from_headers(headers)
         return checked
@@ -251,6 +263,8 @@ class ServerCall:
     def writable(self) -> None:
         """The transport can take reply data again."""
         self._wake_drainer()
+        if self.on_writable is not None:
+            self.on_writable()
 
     def cancel(self) -> None:
         """The client went away: stop the handler; nothing more is sent."""

@@ -56,6 +56,8 @@ class Limits:
             wait for the client to read (the slow-reader bound).
         max_resets_per_second: RST_STREAMs a client may send per second, on
             average, before the connection is closed (rapid-reset defence).
+        default_timeout: seconds a call may take when the client set no
+            deadline (``service_timeout``); None for no limit.
     """
 
     max_message_size: int = 4 * 1024 * 1024
@@ -65,6 +67,7 @@ class Limits:
     connection_window: int = 16 * 1024 * 1024
     write_buffer: int = 256 * 1024
     max_resets_per_second: float = 200.0
+    default_timeout: float | None = None
 
 
 class Router:
@@ -151,9 +154,7 @@ class Gateway:
             await pause(0.05)
             waited += 0.05
         if self.active:
-            _log.warn(
-                "ending {count} call(s) still running after {grace}s", count=len(self.active), grace=grace
-            )
+            _log.warn("ending {count} call(s) still running after {grace}s", count=len(self.active), grace=grace)
             for call in list(self.active):
                 call.finish(Status.UNAVAILABLE, "the daemon is shutting down")
                 call.abort()

@@ -263,7 +263,7 @@ class FrontResource(Resource):
                 for name, values in request.requestHeaders.getAllRawHeaders()
                 for value in values
             ]
-            encoding = call.accept_headers(headers)
+            encoding = call.accept_headers(headers, gateway.limits.default_timeout)
             if getattr(request, "too_large", False):
                 limit = gateway.limits.max_message_size
                 raise GrpcError(

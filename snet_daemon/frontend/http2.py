@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from snet_daemon.frontend import grpcweb
+from snet_daemon.frontend import _hpack_quiet, grpcweb
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.gateway import Gateway, HttpResponse
 from snet_daemon.frontend.status import GrpcError, Status
@@ -61,6 +61,7 @@ from snet_daemon.frontend.wire import (
 )
 
 _log = Logger(namespace="snetd.frontend.http2")
+assert _hpack_quiet  # imported for its effect
 
 _GRPC: Final = 1
 _WEB: Final = 2
@@ -370,7 +371,7 @@ class H2ServerProtocol(Protocol):
         call = ServerCall(path, (), stream, loop, peer=self._peer, web=kind == _WEB)
         stream.call = call
         try:
-            encoding = call.accept_headers(headers)
+            encoding = call.accept_headers(headers, self.gateway.limits.default_timeout)
         except GrpcError as error:
             call.fail_input(error)
             return

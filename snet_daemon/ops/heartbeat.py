@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
-import grpc
-import grpc.aio
 from twisted.logger import Logger
 
 _log = Logger(namespace="snetd.heartbeat")
@@ -135,24 +133,32 @@ class GrpcHealthProbe:
 
     The two tiny health messages are encoded by hand (field 1 in each), to
     avoid registering a second copy of the health proto in the process.
+
+    Args:
+        unary: makes a unary call to the service: ``(method, request bytes,
+            timeout) -> reply bytes``, raising on failure.
+        service: the ``service`` field of the check ("" = the whole server).
+        timeout: seconds the check may take.
     """
 
-    def __init__(self, channel: Callable[[], grpc.aio.Channel | None], service: str = "", timeout: float = 2.0) -> None:
-        self._channel = channel
+    def __init__(
+        self,
+        unary: Callable[[str, bytes, float], Awaitable[bytes]],
+        service: str = "",
+        timeout: float = 2.0,
+    ) -> None:
+        self._unary = unary
         self._service = service.encode("utf-8")
         self._timeout = timeout
 
     async def __call__(self) -> bool:
-        channel = self._channel()
-        if channel is None:
-            return False
         request = b""
         if self._service:
             request = b"\x0a" + _varint(len(self._service)) + self._service
-        check = channel.unary_unary(_HEALTH_CHECK, request_serializer=lambda b: b, response_deserializer=lambda b: b)
         try:
-            reply: bytes = await check(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError:
+            reply = await self._unary(_HEALTH_CHECK, request, self._timeout)
+        except Exception as exc:  # any failure means "not serving"
+            _log.debug("gRPC health probe failed: {error}", error=exc)
             return False
         # HealthCheckResponse { ServingStatus status = 1; } SERVING = 1.
         return reply[:2] == b"\x08\x01"

@@ -1,0 +1,712 @@
+"""An HTTP/2 client for gRPC services, on the same ``h2`` stack as the front end.
+
+This replaces grpc.aio for the passthrough (DESIGN.md §3 named grpc.aio; the
+measurement that changed it is in the module docstring of
+:mod:`snet_daemon.upstream.grpc`).  A call is relayed event by event: the
+service's headers, messages and trailers are handed to the client's
+:class:`~snet_daemon.frontend.call.ServerCall` from the data callback, with
+no coroutine hop per message, and the headers go through as they are.
+
+One connection per service (HTTP/2 multiplexes); calls beyond the service's
+``MAX_CONCURRENT_STREAMS`` wait for a free stream.  A connection that fails
+is retried on the next call, but not more often than a short, growing
+backoff, so a dead service is not hammered at the call rate.  Flow control
+is honoured both ways: request bytes wait for the service's window, and the
+service's reply bytes are acknowledged only once the client can take them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Final
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from snet_daemon import __version__
+from snet_daemon.frontend.call import ServerCall
+from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.frontend.wire import (
+    MessageDecoder,
+    Metadata,
+    check_encoding,
+    decode_message,
+    encode_timeout,
+    frame,
+    metadata_from_headers,
+    metadata_to_headers,
+)
+
+_log = Logger(namespace="snetd.upstream")
+
+_CONFIG = h2.config.H2Configuration(
+    client_side=True,
+    header_encoding=None,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
+)
+_USER_AGENT: Final = f"snetd/{__version__}"
+_STREAM_WINDOW: Final = 1024 * 1024
+_CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+#: Request bytes a call may queue before its pump waits for window.
+_WRITE_BUFFER: Final = 256 * 1024
+
+# HTTP status → gRPC status, for replies that are not gRPC at all
+# (PROTOCOL-HTTP2.md, "HTTP to gRPC Status Code Mapping").
+_HTTP_TO_GRPC: Final = {
+    400: Status.INTERNAL,
+    401: Status.UNAUTHENTICATED,
+    403: Status.PERMISSION_DENIED,
+    404: Status.UNIMPLEMENTED,
+    429: Status.UNAVAILABLE,
+    502: Status.UNAVAILABLE,
+    503: Status.UNAVAILABLE,
+    504: Status.UNAVAILABLE,
+}
+
+_ResponseReceived = h2.events.ResponseReceived
+_DataReceived = h2.events.DataReceived
+_TrailersReceived = h2.events.TrailersReceived
+_StreamEnded = h2.events.StreamEnded
+_StreamReset = h2.events.StreamReset
+_WindowUpdated = h2.events.WindowUpdated
+_RemoteSettingsChanged = h2.events.RemoteSettingsChanged
+_ConnectionTerminated = h2.events.ConnectionTerminated
+
+
+class _Relay:
+    """One upstream stream, relaying the service's reply into a client call."""
+
+    __slots__ = (
+        "call",
+        "closed",
+        "conn",
+        "decoder",
+        "done",
+        "drainer",
+        "end_after_pending",
+        "headers_seen",
+        "max_message",
+        "pending",
+        "pending_bytes",
+        "sid",
+        "unacked",
+    )
+
+    def __init__(self, call: ServerCall, loop: asyncio.AbstractEventLoop, max_message: int) -> None:
+        self.call = call
+        self.max_message = max_message
+        self.conn: UpstreamConnection | None = None
+        self.sid = 0
+        #: Resolves with None on OK, or fails with the GrpcError to raise.
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.decoder = MessageDecoder(max_message)
+        self.headers_seen = False
+        self.pending: deque[bytes] = deque()
+        self.pending_bytes = 0
+        self.end_after_pending = False
+        self.unacked = 0
+        self.drainer: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def finish(self, error: GrpcError | None) -> None:
+        """Resolve the call's outcome once."""
+        self.closed = True
+        if not self.done.done():
+            if error is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(error)
+        self.wake()
+
+    def wake(self) -> None:
+        if self.drainer is not None and not self.drainer.done():
+            self.drainer.set_result(None)
+
+    # -- events from the connection ---------------------------------------
+
+    def on_headers(self, headers: list[tuple[str, str]], end_stream: bool) -> None:
+        if self.headers_seen or end_stream:
+            # Trailers, or a trailers-only reply.
+            self.on_trailers(headers)
+            return
+        self.headers_seen = True
+        status = _get(headers, ":status")
+        if status != "200":
+            self.finish(_http_error(status, headers))
+            return
+        try:
+            self.decoder = MessageDecoder(self.max_message, check_encoding(_get(headers, "grpc-encoding")))
+            metadata = metadata_from_headers(headers)
+        except GrpcError as error:
+            self.finish(GrpcError(Status.INTERNAL, f"bad reply headers from the service: {error.message}"))
+            return
+        self.call.send_initial_metadata(metadata)
+
+    def on_data(self, data: bytes, size: int) -> int:
+        """Relay reply messages; return how many bytes to acknowledge now."""
+        if self.closed:
+            return size
+        try:
+            messages = self.decoder.feed(data)
+        except GrpcError as error:
+            self.finish(GrpcError(error.status, f"bad reply from the service: {error.message}"))
+            return size
+        call = self.call
+        for message in messages:
+            call.write(message)
+        if call.can_write():
+            return size
+        # The client is slow: hold the service's window until it drains.
+        self.unacked += size
+        call.on_writable = self._client_drained
+        return 0
+
+    def _client_drained(self) -> None:
+        self.call.on_writable = None
+        conn = self.conn
+        if self.unacked and conn is not None:
+            amount, self.unacked = self.unacked, 0
+            conn.acknowledge(self, amount)
+
+    def on_trailers(self, headers: list[tuple[str, str]]) -> None:
+        raw_status = _get(headers, "grpc-status")
+        if raw_status is None:
+            status = _get(headers, ":status")
+            if status is not None and status != "200":
+                self.finish(_http_error(status, headers))
+            else:
+                self.finish(GrpcError(Status.INTERNAL, "the service ended the call without a grpc-status"))
+            return
+        try:
+            code = int(raw_status)
+            trailers = metadata_from_headers(headers)
+        except (ValueError, GrpcError):
+            self.finish(GrpcError(Status.INTERNAL, "malformed trailers from the service"))
+            return
+        message = decode_message(_get(headers, "grpc-message") or "")
+        if not self.decoder.at_boundary():
+            self.finish(GrpcError(Status.INTERNAL, "the service's reply ended in the middle of a message"))
+        elif code == 0:
+            self.call.set_trailing_metadata(trailers)
+            self.finish(None)
+        else:
+            self.finish(GrpcError(code, message, trailers))
+
+    def on_reset(self, code: int) -> None:
+        if code == h2.errors.ErrorCodes.REFUSED_STREAM:
+            error = GrpcError(Status.UNAVAILABLE, "the service refused the call (REFUSED_STREAM)")
+        elif code == h2.errors.ErrorCodes.CANCEL:
+            error = GrpcError(Status.CANCELLED, "the service cancelled the call")
+        else:
+            error = GrpcError(Status.INTERNAL, f"the service reset the call (HTTP/2 error {code})")
+        self.finish(error)
+
+
+class UpstreamConnection(Protocol):
+    """One HTTP/2 connection to the service."""
+
+    def __init__(self, pool: H2Upstream) -> None:
+        self._pool = pool
+        self._conn = h2.connection.H2Connection(config=_CONFIG)
+        self._relays: dict[int, _Relay] = {}
+        self._blocked: set[_Relay] = set()
+        self._flush_scheduled = False
+        self._receiving = False
+        self.lost = False
+        #: No new streams after the service's GOAWAY.
+        self.draining = False
+
+    # -- Twisted Protocol -------------------------------------------------
+
+    def connectionMade(self) -> None:
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        conn = self._conn
+        conn.initiate_connection()
+        conn.update_settings(
+            {
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: 1024 * 1024,
+            }
+        )
+        conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
+        self._flush()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            events = self._conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            _log.warn(
+                "HTTP/2 protocol error from the service at {endpoint}: {error}", endpoint=self._pool.endpoint, error=exc
+            )
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._receiving = True
+        try:
+            for event in events:
+                self._dispatch(event)
+        finally:
+            self._receiving = False
+        self._flush()
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        kind = type(event)
+        if kind is _DataReceived:
+            relay = self._relays.get(event.stream_id)  # type: ignore[attr-defined]
+            size = event.flow_controlled_length or 0  # type: ignore[attr-defined]
+            ack = size if relay is None else relay.on_data(event.data or b"", size)  # type: ignore[attr-defined]
+            if ack:
+                self._conn.acknowledge_received_data(ack, event.stream_id)  # type: ignore[attr-defined]
+        elif kind is _ResponseReceived or kind is _TrailersReceived:
+            relay = self._relays.get(event.stream_id)  # type: ignore[attr-defined]
+            if relay is not None:
+                headers = [(k.decode("ascii"), v.decode("latin-1")) for k, v in event.headers]  # type: ignore[attr-defined]
+                relay.on_headers(headers, event.stream_ended is not None)  # type: ignore[attr-defined]
+        elif kind is _StreamEnded:
+            relay = self._relays.pop(event.stream_id, None)  # type: ignore[attr-defined]
+            if relay is not None:
+                if not relay.closed:
+                    relay.finish(GrpcError(Status.INTERNAL, "the service ended the call without a status"))
+                self._forget(relay)
+        elif kind is _StreamReset:
+            relay = self._relays.pop(event.stream_id, None)  # type: ignore[attr-defined]
+            if relay is not None:
+                relay.on_reset(int(event.error_code or 0))  # type: ignore[attr-defined]
+                self._forget(relay)
+        elif kind is _WindowUpdated:
+            self._on_window(event.stream_id)  # type: ignore[attr-defined]
+        elif kind is _RemoteSettingsChanged:
+            self._on_window(0)
+            self._pool.capacity_changed()
+        elif kind is _ConnectionTerminated:
+            self._on_goaway(event.last_stream_id or 0)  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        relays = list(self._relays.values())
+        self._relays.clear()
+        self._blocked.clear()
+        for relay in relays:
+            relay.finish(GrpcError(Status.UNAVAILABLE, f"lost the connection to the service at {self._pool.endpoint}"))
+        self._pool.connection_lost(self)
+
+    # -- for the pool -----------------------------------------------------
+
+    def has_capacity(self) -> bool:
+        if self.lost or self.draining:
+            return False
+        limit = self._conn.remote_settings.max_concurrent_streams
+        return len(self._relays) < limit
+
+    def idle(self) -> bool:
+        return not self._relays
+
+    def start(self, relay: _Relay, headers: list[tuple[str, str]]) -> None:
+        """Open a stream for ``relay`` with ``headers``."""
+        sid = self._conn.get_next_available_stream_id()
+        relay.conn = self
+        relay.sid = sid
+        self._relays[sid] = relay
+        self._conn.send_headers(sid, headers)
+        self._schedule_flush()
+
+    def send(self, relay: _Relay, data: bytes, end_stream: bool = False) -> None:
+        """Queue request bytes (and maybe the end of the request)."""
+        if relay.closed or self.lost:
+            return
+        if data:
+            if relay.pending:
+                relay.pending.append(data)
+                relay.pending_bytes += len(data)
+            else:
+                sent = self._send_some(relay, data)
+                if sent < len(data):
+                    relay.pending.append(data[sent:])
+                    relay.pending_bytes += len(data) - sent
+                    self._blocked.add(relay)
+        if end_stream:
+            if relay.pending:
+                relay.end_after_pending = True
+            else:
+                self._end(relay)
+        self._schedule_flush()
+
+    def cancel(self, relay: _Relay) -> None:
+        """The client went away: reset the stream at the service."""
+        if relay.sid in self._relays and not self.lost:
+            self._relays.pop(relay.sid, None)
+            try:
+                self._conn.reset_stream(relay.sid, h2.errors.ErrorCodes.CANCEL)
+            except h2.exceptions.ProtocolError:
+                pass
+            self._forget(relay)
+            self._schedule_flush()
+
+    def acknowledge(self, relay: _Relay, amount: int) -> None:
+        if self.lost:
+            return
+        self._conn.acknowledge_received_data(amount, relay.sid)
+        self._schedule_flush()
+
+    def close(self) -> None:
+        if not self.lost:
+            try:
+                self._conn.close_connection()
+                self._flush()
+            except h2.exceptions.ProtocolError:
+                pass
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- internals --------------------------------------------------------
+
+    def _send_some(self, relay: _Relay, data: bytes) -> int:
+        conn = self._conn
+        try:
+            window = conn.local_flow_control_window(relay.sid)
+        except h2.exceptions.StreamClosedError:
+            return len(data)
+        max_frame = conn.max_outbound_frame_size
+        total = len(data)
+        if total <= window and total <= max_frame:
+            conn.send_data(relay.sid, data)
+            return total
+        offset = 0
+        while offset < total and window > 0:
+            size = min(window, max_frame, total - offset)
+            conn.send_data(relay.sid, data[offset : offset + size])
+            offset += size
+            window -= size
+        return offset
+
+    def _end(self, relay: _Relay) -> None:
+        try:
+            self._conn.end_stream(relay.sid)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def _on_window(self, sid: int) -> None:
+        blocked = list(self._blocked) if sid == 0 else [r for r in self._blocked if r.sid == sid]
+        for relay in blocked:
+            self._blocked.discard(relay)
+            pending = relay.pending
+            while pending:
+                chunk = pending[0]
+                sent = self._send_some(relay, chunk)
+                relay.pending_bytes -= sent
+                if sent < len(chunk):
+                    pending[0] = chunk[sent:]
+                    self._blocked.add(relay)
+                    break
+                pending.popleft()
+            if not pending and relay.end_after_pending:
+                relay.end_after_pending = False
+                self._end(relay)
+            if relay.pending_bytes < _WRITE_BUFFER:
+                relay.wake()
+        self._schedule_flush()
+
+    def _on_goaway(self, last_stream_id: int) -> None:
+        self.draining = True
+        for sid in [s for s in self._relays if s > last_stream_id]:
+            relay = self._relays.pop(sid)
+            relay.finish(GrpcError(Status.UNAVAILABLE, "the service is shutting down (GOAWAY)"))
+            self._forget(relay)
+        self._pool.capacity_changed()
+        if not self._relays:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _forget(self, relay: _Relay) -> None:
+        self._blocked.discard(relay)
+        if relay.call.on_writable is not None:
+            relay.call.on_writable = None
+        if relay.unacked and not self.lost:
+            self._conn.acknowledge_received_data(relay.unacked, relay.sid)
+            relay.unacked = 0
+        self._pool.capacity_changed()
+        if self.draining and not self._relays and not self.lost:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _schedule_flush(self) -> None:
+        if self._receiving or self._flush_scheduled or self.lost:
+            return
+        self._flush_scheduled = True
+        self._pool.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        data = self._conn.data_to_send()
+        if data and not self.lost:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+
+class H2Upstream:
+    """Calls to one gRPC service over HTTP/2: connection, queueing, relaying.
+
+    Args:
+        reactor: provides TCP connections (and the clock for backoff).
+        host: the service host (name or address).
+        port: the service port.
+        endpoint: the configured ``service_endpoint``, for messages.
+        loop: the event loop of the asyncio reactor.
+        tls: connect with TLS (system trust roots), offering ALPN ``h2``.
+        max_message_size: limit for reply messages.
+        connect_timeout: seconds to wait for a TCP (+TLS) connection.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        endpoint: str,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        tls: bool = False,
+        max_message_size: int = 4 * 1024 * 1024,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self._reactor = reactor
+        self.host = host
+        self.port = port
+        self.endpoint = endpoint
+        self.loop = loop
+        self._tls = tls
+        self._max_message = max_message_size
+        self._connect_timeout = connect_timeout
+        self._authority = host if port == (443 if tls else 80) else f"{host}:{port}"
+        self._scheme = "https" if tls else "http"
+        self._conn: UpstreamConnection | None = None
+        self._connecting: asyncio.Future[UpstreamConnection] | None = None
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._failed_until = 0.0
+        self._backoff = 0.0
+        self._last_error = ""
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------
+
+    def open(self) -> None:
+        """Start connecting now, so the first call does not wait for it."""
+        self._closed = False
+        self.loop.create_task(self._connect_quietly())
+
+    async def _connect_quietly(self) -> None:
+        try:
+            await self._connection()
+        except GrpcError:
+            pass  # logged by _connection; calls will retry
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close the connection (running calls fail with UNAVAILABLE)."""
+        self._closed = True
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def ready(self) -> bool:
+        """True while connected (for the heartbeat)."""
+        return self._conn is not None and not self._conn.lost
+
+    # -- calls ------------------------------------------------------------
+
+    async def forward(self, call: ServerCall, metadata: Metadata) -> None:
+        """Relay ``call`` to the service with ``metadata``.
+
+        Raises:
+            GrpcError: the service's status when not OK; UNAVAILABLE when
+                the service cannot be reached; what the reply's framing
+                breaks (INTERNAL, RESOURCE_EXHAUSTED).
+        """
+        relay = _Relay(call, self.loop, self._max_message)
+        headers = self._headers(call, metadata)
+        conn = await self._stream_slot()
+        conn.start(relay, headers)
+        pump: asyncio.Task[None] | None = None
+        try:
+            request = call.request_if_complete()
+            if request is not None:
+                conn.send(relay, frame(request), end_stream=True)
+            else:
+                pump = self.loop.create_task(self._pump(call, relay, conn))
+            await relay.done
+        except asyncio.CancelledError:
+            conn.cancel(relay)
+            raise
+        finally:
+            if pump is not None and not pump.done():
+                pump.cancel()
+            call.on_writable = None
+
+    async def unary(self, method: str, request: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
+        """Make a unary call of our own (e.g. a health check); return the reply.
+
+        Raises:
+            GrpcError: as :meth:`forward`.
+        """
+        sink = _CollectingSink()
+        call = ServerCall(method, (), sink, self.loop, deadline=self.loop.time() + timeout)
+        call.deliver(request)
+        call.end_input()
+        await asyncio.wait_for(self.forward(call, ()), timeout)
+        if len(sink.messages) != 1:
+            raise GrpcError(Status.INTERNAL, f"expected one reply, got {len(sink.messages)}")
+        return sink.messages[0]
+
+    def _headers(self, call: ServerCall, metadata: Metadata) -> list[tuple[str, str]]:
+        headers = [
+            (":method", "POST"),
+            (":scheme", self._scheme),
+            (":path", call.method),
+            (":authority", self._authority),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("user-agent", _USER_AGENT),
+            ("grpc-accept-encoding", "identity"),
+        ]
+        remaining = call.time_remaining()
+        if remaining is not None:
+            headers.append(("grpc-timeout", encode_timeout(remaining)))
+        headers.extend(metadata_to_headers(metadata))
+        return headers
+
+    async def _pump(self, call: ServerCall, relay: _Relay, conn: UpstreamConnection) -> None:
+        """Move a streaming request to the service, waiting for its window."""
+        try:
+            while (message := await call.read()) is not None:
+                conn.send(relay, frame(message))
+                while relay.pending_bytes >= _WRITE_BUFFER and not relay.closed:
+                    relay.drainer = self.loop.create_future()
+                    await relay.drainer
+                if relay.closed:
+                    return
+            conn.send(relay, b"", end_stream=True)
+        except GrpcError:
+            # The request was malformed; the front end is failing the call.
+            conn.cancel(relay)
+
+    async def _stream_slot(self) -> UpstreamConnection:
+        """A connection with a free stream, waiting for one if necessary."""
+        while True:
+            conn = await self._connection()
+            if conn.has_capacity():
+                return conn
+            waiter = self.loop.create_future()
+            self._waiting.append(waiter)
+            await waiter
+
+    def capacity_changed(self) -> None:
+        """A stream closed or settings changed: let waiting calls retry."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _connection(self) -> UpstreamConnection:
+        conn = self._conn
+        if conn is not None and not conn.lost and not conn.draining:
+            return conn
+        if self._closed:
+            raise GrpcError(Status.UNAVAILABLE, "the daemon is shutting down")
+        if self._connecting is None:
+            now = self._reactor.seconds()
+            if now < self._failed_until:
+                raise GrpcError(Status.UNAVAILABLE, self._last_error)
+            self._connecting = self.loop.create_future()
+            self.loop.create_task(self._dial(self._connecting))
+        return await asyncio.shield(self._connecting)
+
+    async def _dial(self, result: asyncio.Future[UpstreamConnection]) -> None:
+        endpoint: Any = HostnameEndpoint(self._reactor, self.host, self.port, timeout=self._connect_timeout)
+        if self._tls:
+            endpoint = wrapClientTLS(optionsForClientTLS(self.host, acceptableProtocols=[b"h2"]), endpoint)
+        try:
+            connecting: Deferred[UpstreamConnection] = endpoint.connect(_ConnectionFactory(self))
+            conn = await connecting.asFuture(self.loop)
+        except Exception as exc:
+            self._backoff = min(max(self._backoff * 2, 0.25), 5.0)
+            self._failed_until = self._reactor.seconds() + self._backoff
+            self._last_error = f"service at {self.endpoint} is unavailable: {_describe(exc)}"
+            _log.warn("{error}", error=self._last_error)
+            result.set_exception(GrpcError(Status.UNAVAILABLE, self._last_error))
+            result.exception()  # retrieved: nobody may be waiting
+        else:
+            self._backoff = 0.0
+            self._conn = conn
+            result.set_result(conn)
+        finally:
+            self._connecting = None
+            self.capacity_changed()
+
+    def connection_lost(self, conn: UpstreamConnection) -> None:
+        if self._conn is conn:
+            self._conn = None
+        self.capacity_changed()
+
+
+class _ConnectionFactory(Factory):
+    noisy = False
+
+    def __init__(self, pool: H2Upstream) -> None:
+        self._pool = pool
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return UpstreamConnection(self._pool)
+
+
+class _CollectingSink:
+    """A CallSink that keeps replies in memory (for the daemon's own calls)."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def send_headers(self, metadata: Metadata) -> None:
+        pass
+
+    def send_message(self, message: bytes) -> None:
+        self.messages.append(message)
+
+    def send_trailers(self, status: int, message: str, metadata: Metadata, trailers_only: bool) -> None:
+        pass
+
+    def can_write(self) -> bool:
+        return True
+
+    def consumed(self, size: int) -> None:
+        pass
+
+
+def _get(headers: list[tuple[str, str]], name: str) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def _http_error(status: str | None, headers: list[tuple[str, str]]) -> GrpcError:
+    """A gRPC error for a reply that is not gRPC (wrong HTTP status)."""
+    raw = _get(headers, "grpc-status")
+    if raw is not None and raw.isdigit():
+        return GrpcError(int(raw), decode_message(_get(headers, "grpc-message") or ""))
+    code = _HTTP_TO_GRPC.get(int(status or 0) if (status or "").isdigit() else 0, Status.UNKNOWN)
+    return GrpcError(code, f"the service answered HTTP status {status} instead of gRPC")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0] if text else type(exc).__name__
