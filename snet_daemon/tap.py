@@ -10,7 +10,11 @@ configuration.
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import socket
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 from twisted.application.internet import StreamServerEndpointService
@@ -109,18 +113,9 @@ def check_supported(config: DaemonConfig) -> None:
     """Refuse settings this version cannot honour, rather than run unsafely.
 
     Raises:
-        ConfigError: for ``blockchain_enabled: true`` (the payment subsystem
-            is not in this build: serving would mean serving unpaid calls)
-            and for ``daemon_type: http``.
+        ConfigError: for ``daemon_type: http`` (the Go daemon's development
+            proxy, not built here).
     """
-    if config.blockchain_enabled:
-        raise ConfigError(
-            "configuration key 'blockchain_enabled': true needs payment checking, which this "
-            "build of snetd does not have yet; set blockchain_enabled to false to serve "
-            "without payments",
-            path="blockchain_enabled",
-            value=True,
-        )
     if config.daemon_type != "grpc":
         raise ConfigError(
             f"configuration key 'daemon_type': {config.daemon_type!r} is not supported yet (only 'grpc')",
@@ -162,7 +157,11 @@ def makeService(options: Options) -> IService:
 
     assert options.loaded is not None
     twistd_options = getattr(options, "parent", None)
-    return build_daemon(options.loaded, reactor, twistd_options)
+    try:
+        return build_daemon(options.loaded, reactor, twistd_options)
+    except ConfigError as error:
+        print(f"snetd: configuration error: {error}", file=options.stderr)
+        raise SystemExit(1) from None
 
 
 class _Daemon(MultiService):
@@ -212,17 +211,29 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
         reactor: the (asyncio) reactor.
         twistd_options: twistd's own options (for the log destination), or
             None when not run by twistd.
+
+    Raises:
+        ConfigError: for settings that only show up as wrong when the
+            pieces are put together (e.g. a custom network without an
+            endpoint).
     """
     # Imports here keep ``twistd --help`` fast and reactor-free.
+    from snet_daemon._proto.escrow import control_service_pb2 as cpb
+    from snet_daemon._proto.escrow import state_service_pb2 as spb
+    from snet_daemon.blockchain.build import build_chain
+    from snet_daemon.config.durations import parse_duration
     from snet_daemon.frontend.cors import CorsPolicy
     from snet_daemon.frontend.gateway import Gateway, Limits, Router
     from snet_daemon.frontend.listener import OnePortFactory
     from snet_daemon.frontend.routes import DaemonRoutes
+    from snet_daemon.frontend.services import unary
     from snet_daemon.ops import logging as oplog
     from snet_daemon.ops.heartbeat import GrpcHealthProbe, Heartbeat, HeartbeatIdentity, TcpProbe, host_port
-    from snet_daemon.upstream.echo import echo
+    from snet_daemon.payments.stack import PaymentStack, empty_state_service
+    from snet_daemon.storage.factory import MetadataStorageClient, build_storage
     from snet_daemon.upstream.grpc import GrpcPassthrough
     from snet_daemon.upstream.h2client import H2Upstream
+    from snet_daemon.upstream.select import ServiceUpstream
 
     config = loaded.config
     root = _Daemon()
@@ -233,9 +244,17 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
         _log.warn("{warning}", warning=warning)
 
     loop = reactor._asyncioEventloop
+    identity = config.identity
+
+    # -- the chain and the metadata -------------------------------------------------
+    chain = build_chain(config.chain, reactor)
+    for child in chain.services:
+        child.setServiceParent(root)
+
+    # -- the service behind the daemon ----------------------------------------------
     upstream_settings = config.upstream
     host, port = host_port(upstream_settings.target)
-    upstream = H2Upstream(
+    grpc_client = H2Upstream(
         reactor,
         host,
         port,
@@ -244,32 +263,93 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
         tls=upstream_settings.tls,
         max_message_size=upstream_settings.max_message_size,
     )
-    router = Router(default=GrpcPassthrough(upstream) if upstream_settings.passthrough_enabled else echo)
+    service = ServiceUpstream(
+        upstream_settings,
+        reactor=reactor,
+        grpc=GrpcPassthrough(grpc_client),
+        metadata=chain.metadata,
+        process_limit=config.max_concurrent_processes,
+    )
 
-    identity = config.identity
+    # -- payments -------------------------------------------------------------------
+    router: Router
+    payments: PaymentStack | None = None
+    if identity.blockchain_enabled:
+        assert chain.reader is not None
+        assert chain.metadata is not None
+        reader, metadata = chain.reader, chain.metadata
+
+        def make_storage(client: MetadataStorageClient) -> Any:
+            return build_storage(
+                config.storage, process_reactor=reactor, clock=reactor, workdir=Path.cwd(), metadata=client
+            )
+
+        payments = PaymentStack(
+            upstream=service,
+            chain=reader,
+            metadata=metadata,
+            make_storage=make_storage,
+            parse_duration=parse_duration,
+            network=identity.network,
+            organization_id=identity.organization_id,
+            instance=f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}",
+            not_ready=lambda: chain.readiness().reasons,
+        )
+        router = Router(default=payments.paid_call)
+        router.add(
+            "/escrow.PaymentChannelStateService/GetChannelState",
+            unary(spb.ChannelStateRequest, payments.get_channel_state),
+        )
+        control = "/escrow.ProviderControlService/"
+        router.add(control + "GetListUnclaimed", unary(cpb.GetPaymentsListRequest, payments.get_list_unclaimed))
+        router.add(control + "GetListInProgress", unary(cpb.GetPaymentsListRequest, payments.get_list_in_progress))
+        router.add(control + "StartClaim", unary(cpb.StartClaimRequest, payments.start_claim))
+        router.add(
+            control + "StartClaimForMultipleChannels",
+            unary(cpb.StartMultipleClaimRequest, payments.start_claim_for_multiple_channels),
+        )
+    else:
+        # No payments: calls are served free, as the Go daemon does with
+        # blockchain_enabled false; the state service answers empty.
+        router = Router(default=service)
+        router.add(
+            "/escrow.PaymentChannelStateService/GetChannelState", unary(spb.ChannelStateRequest, empty_state_service())
+        )
+
+    # -- heartbeat ------------------------------------------------------------------
     heartbeat_settings = config.heartbeat
     probe: Any
     if heartbeat_settings.probe_type == "grpc":
-        probe = GrpcHealthProbe(upstream.unary, service="")
+        probe = GrpcHealthProbe(grpc_client.unary, service="")
     else:
-        host, port = host_port(heartbeat_settings.endpoint or upstream_settings.endpoint)
-        probe = TcpProbe(host, port)
-    heartbeat = Heartbeat(
-        HeartbeatIdentity(
+        probe_host, probe_port = host_port(heartbeat_settings.endpoint or upstream_settings.endpoint)
+        probe = _ServiceProbe(service, TcpProbe(probe_host, probe_port))
+
+    def heartbeat_identity() -> HeartbeatIdentity:
+        current = chain.metadata.current if chain.metadata is not None else None
+        return HeartbeatIdentity(
             organization_id=identity.organization_id,
             service_id=identity.service_id,
-            group_id="",
-            registry_address="",
+            group_id=current.group_id_base64 if current is not None else "",
+            registry_address=chain.registry_address,
             daemon_version=__version__,
             blockchain_enabled=identity.blockchain_enabled,
             network=identity.network,
-        ),
-        probe,
-        reactor.seconds,
-    )
+        )
+
+    def problems() -> tuple[str, ...]:
+        found = list(payments.problems() if payments is not None else chain.readiness().reasons)
+        status = service.status()
+        if not status.ready and status.error:
+            found.append(f"service: {status.error}")
+        return tuple(found)
+
+    heartbeat = Heartbeat(heartbeat_identity, probe, reactor.seconds, problems)
+
+    # -- the public port ------------------------------------------------------------
     gateway = Gateway(
         router=router,
-        routes=DaemonRoutes(heartbeat.report, encoding="proto"),
+        routes=DaemonRoutes(heartbeat.report, encoding=lambda: service.status().encoding),
         cors=CorsPolicy(config.frontend.cors_allowed_origins),
         limits=Limits(
             max_message_size=config.frontend.max_message_size,
@@ -278,14 +358,24 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
         loop=loop,
     )
 
+    def start() -> None:
+        service.start()
+        if upstream_settings.passthrough_enabled:
+            grpc_client.open()
+        if payments is not None:
+            payments.start()
+
     async def stop() -> None:
         # In this order: running calls finish (or are ended after the grace
-        # period), then the upstream channel closes.  MultiService stops its
-        # children all at once, so the order lives here, in one service.
+        # period) and commit their payments, then the service adapters and
+        # the storage close.  MultiService stops its children all at once,
+        # so the order lives here, in one service.
         await gateway.drain(SHUTDOWN_GRACE)
-        await upstream.close()
+        await service.close()
+        await grpc_client.close()
+        if payments is not None:
+            await payments.stop()
 
-    start = upstream.open if upstream_settings.passthrough_enabled else None
     _AsyncService("calls", start=start, stop=stop).setServiceParent(root)  # type: ignore[no-untyped-call]
     listen = config.listen
     endpoint_type = TCP6ServerEndpoint if ":" in listen.host else TCP4ServerEndpoint
@@ -297,10 +387,31 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     listener.setName("listener")
     listener.setServiceParent(root)
     _log.info(
-        "snetd {version} listening on {host}:{port}, forwarding to {service}",
+        "snetd {version} listening on {host}:{port}, forwarding to {service}{payments}",
         version=__version__,
         host=listen.host,
         port=listen.port,
         service=upstream_settings.endpoint if upstream_settings.passthrough_enabled else "(echo)",
+        payments=", with payments" if payments is not None else ", without payments (blockchain disabled)",
     )
     return root
+
+
+class _ServiceProbe:
+    """The heartbeat probe for services with no health endpoint configured.
+
+    Types with a network endpoint are probed with a TCP connect (Go's
+    default); an executable (``process``) is "serving" when it is ready to
+    run.
+    """
+
+    def __init__(self, service: Any, tcp: Any) -> None:
+        self._service = service
+        self._tcp = tcp
+
+    async def __call__(self) -> bool:
+        status = self._service.status()
+        if status.service_type == "process":
+            return bool(status.ready)
+        result: bool = await self._tcp()
+        return result

@@ -74,12 +74,9 @@ def test_go_full_config_loads_unchanged() -> None:
 
 
 def test_go_full_config_warns_only_about_non_default_unimplemented_keys() -> None:
-    """Restating Go's defaults is silent; only the RPC URL and the hook list are flagged."""
+    """Restating Go's defaults is silent; only the (unimplemented) hook list is flagged."""
     loaded = load_config(str(FULL_JSON), environ={})
-    assert loaded.warnings == (
-        _unimplemented("ethereum_json_rpc_http_endpoint"),
-        _unimplemented("log.hooks"),
-    )
+    assert loaded.warnings == (_unimplemented("log.hooks"),)
 
 
 def test_go_minimal_init_config_loads() -> None:

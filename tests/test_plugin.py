@@ -30,7 +30,18 @@ def test_plugin_is_discoverable_from_a_regular_install(tmp_path: Path) -> None:
     """After a regular (non-editable) ``pip install``, twistd finds the snetd plugin."""
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(REPO),
+        ],
         check=True,
         capture_output=True,
         timeout=300,
@@ -112,14 +123,17 @@ def test_bad_config_stops_startup_before_binding(tmp_path: Path) -> None:
     )
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert "service_timeout" in stderr and "soon" in stderr
+    assert "service_timeout" in stderr
+    assert "soon" in stderr
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))  # still free
 
 
 def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
     """Precedence: --set over SNET_* over the file."""
-    config = _write(tmp_path / "c.json", {"blockchain_enabled": False, "service_timeout": "1s", "log": {"level": "info"}})
+    config = _write(
+        tmp_path / "c.json", {"blockchain_enabled": False, "service_timeout": "1s", "log": {"level": "info"}}
+    )
     result = run_twistd(
         ["snetd", f"--config={config}", "--set", "service_timeout=3s", "--check-config"],
         tmp_path,
@@ -131,11 +145,12 @@ def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
     assert effective["log"]["level"] == "debug"
 
 
-def test_blockchain_enabled_is_refused_until_payments_exist(tmp_path: Path) -> None:
-    """blockchain_enabled true (the Go default) fails clearly instead of serving unpaid calls."""
+def test_go_defaults_need_an_rpc_endpoint(tmp_path: Path) -> None:
+    """With Go's defaults (blockchain on, sepolia) and no RPC endpoint or key, startup fails clearly."""
     result = run_twistd(["-n", "--pidfile=", "snetd", "--set", "daemon_endpoint=127.0.0.1:1"], tmp_path)
     assert result.returncode == 1
-    assert "blockchain_enabled" in result.stderr
+    assert "ethereum_json_rpc_http_endpoint" in result.stderr
+    assert "blockchain_provider_api_key" in result.stderr
 
 
 def test_forced_other_reactor_is_refused(tmp_path: Path) -> None:
@@ -148,22 +163,26 @@ def test_forced_other_reactor_is_refused(tmp_path: Path) -> None:
 
 def test_runs_on_the_asyncio_reactor_and_logs_warnings(upstream: Upstream, tmp_path: Path) -> None:
     """Plain ``twistd -n snetd`` runs on the asyncio reactor and logs unimplemented keys once each."""
-    config = {"service_endpoint": upstream.endpoint, "ipfs_timeout": 60}
+    config = {"service_endpoint": upstream.endpoint, "rate_limit_per_minute": 60}
     with Daemon(tmp_path, config) as daemon:
         log = daemon.log_path.read_text()
     assert "AsyncioSelectorReactor" in log
-    assert log.count("'ipfs_timeout' is recognised but not implemented yet") == 1
+    assert log.count("'rate_limit_per_minute' is recognised but not implemented yet") == 1
 
 
 def test_log_level_and_json_format(upstream: Upstream, tmp_path: Path) -> None:
     """log.level filters events and log.formatter.type json writes one JSON object per line."""
-    config = {"service_endpoint": upstream.endpoint, "log": {"level": "warn", "formatter": {"type": "json"}}, "ipfs_timeout": 9}
+    config = {
+        "service_endpoint": upstream.endpoint,
+        "log": {"level": "warn", "formatter": {"type": "json"}},
+        "rate_limit_per_minute": 9,
+    }
     with Daemon(tmp_path, config) as daemon:
         lines = [line for line in daemon.log_path.read_text().splitlines() if line.strip()]
     events = [json.loads(line.lstrip("\x1e")) for line in lines]
     assert events, "no log output"
     assert all(event["log_level"]["name"] in ("warn", "error", "critical") for event in events)
-    assert any("ipfs_timeout" in event.get("warning", "") for event in events)
+    assert any("rate_limit_per_minute" in event.get("warning", "") for event in events)
 
 
 def test_port_in_use_fails_startup(tmp_path: Path) -> None:
@@ -174,7 +193,11 @@ def test_port_in_use_fails_startup(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         config = _write(
             tmp_path / "c.json",
-            {"daemon_endpoint": f"127.0.0.1:{port}", "blockchain_enabled": False, "payment_channel_storage_type": "memory"},
+            {
+                "daemon_endpoint": f"127.0.0.1:{port}",
+                "blockchain_enabled": False,
+                "payment_channel_storage_type": "memory",
+            },
         )
         result = run_twistd(["-n", "--pidfile=", "snetd", f"--config={config}"], tmp_path)
     assert result.returncode != 0

@@ -25,7 +25,13 @@ def test_generated_modules_are_up_to_date(tmp_path: Path) -> None:
         capture_output=True,
         timeout=120,
     )
-    ours = {p.relative_to(REPO / "snet_daemon" / "_proto"): p.read_bytes() for p in (REPO / "snet_daemon" / "_proto").rglob("*.py*")}
-    fresh = {p.relative_to(copy / "snet_daemon" / "_proto"): p.read_bytes() for p in (copy / "snet_daemon" / "_proto").rglob("*.py*")}
+    ours = {
+        p.relative_to(REPO / "snet_daemon" / "_proto"): p.read_bytes()
+        for p in (REPO / "snet_daemon" / "_proto").rglob("*.py*")
+    }
+    fresh = {
+        p.relative_to(copy / "snet_daemon" / "_proto"): p.read_bytes()
+        for p in (copy / "snet_daemon" / "_proto").rglob("*.py*")
+    }
     stale = sorted(str(name) for name in ours.keys() | fresh.keys() if ours.get(name) != fresh.get(name))
     assert not stale, f"run scripts/gen-protos; out of date: {stale}"

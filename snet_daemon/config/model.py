@@ -49,12 +49,15 @@ from snet_daemon.config.durations import DurationError, parse_duration_ns
 from snet_daemon.config.sections import (
     LOG_LEVELS,
     MIB,
+    ChainSettings,
     DaemonIdentity,
     FrontendSettings,
     HeartbeatSettings,
     ListenSettings,
     LogSettings,
     ServiceCredential,
+    StorageServerSettings,
+    StorageSettings,
     UpstreamSettings,
     parse_service_endpoint,
     split_host_port,
@@ -519,7 +522,7 @@ class ServiceCredentialConfig(Section):
 
 
 # Names of the cached section views; model_copy must forget them.
-_VIEWS = ("listen", "frontend", "upstream", "heartbeat", "identity", "log_settings")
+_VIEWS = ("listen", "frontend", "upstream", "heartbeat", "identity", "log_settings", "storage", "chain")
 
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -567,6 +570,38 @@ class DaemonConfig(Section):
     registry_address_key: str = Field("", description="Registry contract address; empty uses the network's default.")
     blockchain_provider_api_key: Secret = Field("", description="API key sent to the JSON-RPC provider.")
 
+    # -- chain reader and metadata refresh (not in Go; snet_daemon.blockchain) --
+    block_poll_interval: GoDuration = Field(
+        "6s", description="(not in Go) How often the current block number is fetched from the JSON-RPC endpoint."
+    )
+    block_max_age: GoDuration = Field(
+        "60s",
+        description="(not in Go) Oldest cached block number payments may use; older means the chain is unavailable.",
+    )
+    metadata_refresh_interval: GoDuration = Field(
+        "30s",
+        description="(not in Go) How often Registry events are checked to reload changed metadata; `0s`: SIGHUP only.",
+    )
+    mpe_contract_address: str = Field(
+        "", description="(not in Go) MultiPartyEscrow address; empty uses the service metadata's `mpe_address`."
+    )
+
+    @field_validator("mpe_contract_address")
+    @classmethod
+    def _mpe_contract_address(cls, value: str) -> str:
+        """Empty, or an address: a typo must not become a silent read of the wrong contract."""
+        return _check_address(value) if value else value
+
+    @field_validator("block_poll_interval", "block_max_age")
+    @classmethod
+    def _positive_chain_duration(cls, value: str) -> str:
+        """A zero poll interval would spin; a zero age bound would refuse every payment."""
+        if parse_duration_ns(value) <= 0:
+            raise _fail("must be longer than 0s")
+        return value
+
+    # -- end of chain reader keys ---------------------------------------------
+
     # -- the service and the daemon's own endpoint ----------------------------
     service_endpoint: str = Field(
         "http://localhost:5000",
@@ -584,6 +619,14 @@ class DaemonConfig(Section):
     organization_id: str = Field("YOUR_ORG_ID", description="Registry organisation id.")
     service_id: str = Field("YOUR_SERVICE_ID", description="Registry service id.")
     executable_path: str = Field("", description="Program run per call for `process` services.")
+
+    # -- service types (not in Go; snet_daemon.upstream.process) ---------------
+    max_concurrent_processes: Annotated[int, AfterValidator(_non_negative)] = Field(
+        0,
+        description="(not in Go) Most `process` executables running at once; more calls wait. 0: twice the CPUs.",
+    )
+    # -- end of service type keys ----------------------------------------------
+
     passthrough_enabled: bool = Field(True, description="false: echo requests instead of calling the service.")
     service_timeout: GoDuration = Field("100s", description="Deadline of a service call when the client sets none.")
     service_credentials: tuple[ServiceCredentialConfig, ...] = Field(
@@ -851,6 +894,60 @@ class DaemonConfig(Section):
     def log_settings(self) -> LogSettings:
         """Logging level (normalised) and format."""
         return LogSettings(level=LOG_LEVELS[self.log.level], json=self.log.formatter.type == "json")
+
+    @cached_property
+    def storage(self) -> StorageSettings:
+        """Where payment-channel state is kept (etcd client, embedded server, or memory)."""
+        client = self.payment_channel_storage_client
+        server = self.payment_channel_storage_server
+        return StorageSettings(
+            type=self.payment_channel_storage_type,
+            endpoints=client.endpoints,
+            connection_timeout=parse_duration_ns(client.connection_timeout) / 1e9,
+            request_timeout=parse_duration_ns(client.request_timeout) / 1e9,
+            hot_reload=client.hot_reload,
+            cert_path=self.payment_channel_cert_path,
+            key_path=self.payment_channel_key_path,
+            ca_path=self.payment_channel_ca_path,
+            server=StorageServerSettings(
+                name=server.id,
+                scheme=server.scheme,
+                host=server.host,
+                client_port=server.client_port,
+                peer_port=server.peer_port,
+                token=server.token,
+                cluster=server.cluster,
+                startup_timeout=parse_duration_ns(server.startup_timeout) / 1e9,
+                data_dir=server.data_dir,
+                log_level=server.log_level,
+                log_outputs=server.log_outputs,
+                enabled=server.enabled,
+            ),
+        )
+
+    @cached_property
+    def chain(self) -> ChainSettings:
+        """How to read the chain and the service's metadata (``snet_daemon.blockchain``)."""
+        return ChainSettings(
+            enabled=self.blockchain_enabled,
+            network=self.blockchain_network_selected,
+            http_endpoint=self.ethereum_json_rpc_http_endpoint,
+            ws_endpoint=self.ethereum_json_rpc_ws_endpoint,
+            registry_address=self.registry_address_key,
+            api_key=self.blockchain_provider_api_key,
+            mpe_address=self.mpe_contract_address,
+            organization_id=self.organization_id,
+            service_id=self.service_id,
+            group_name=self.daemon_group_name,
+            ipfs_endpoint=self.ipfs_endpoint,
+            lighthouse_endpoint=self.lighthouse_endpoint,
+            ipfs_timeout=float(self.ipfs_timeout),
+            organization_metadata_uri=self.organization_metadata_uri,
+            service_metadata_uri=self.service_metadata_uri,
+            block_poll_interval=parse_duration_ns(self.block_poll_interval) / 1e9,
+            block_max_age=parse_duration_ns(self.block_max_age) / 1e9,
+            metadata_refresh_interval=parse_duration_ns(self.metadata_refresh_interval) / 1e9,
+        )
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """Copy the model, dropping cached views so they follow ``update``.

@@ -24,6 +24,7 @@ from pydantic import JsonValue
 __all__ = [
     "LOG_LEVELS",
     "MIB",
+    "ChainSettings",
     "DaemonIdentity",
     "FrontendSettings",
     "HeartbeatSettings",
@@ -31,6 +32,8 @@ __all__ = [
     "LogSettings",
     "ServiceAddress",
     "ServiceCredential",
+    "StorageServerSettings",
+    "StorageSettings",
     "UpstreamSettings",
     "parse_service_endpoint",
     "split_host_port",
@@ -290,3 +293,148 @@ class LogSettings:
 
     level: str
     json: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StorageServerSettings:
+    """The embedded etcd server, from ``payment_channel_storage_server``.
+
+    Attributes:
+        name: etcd member name (``id``).
+        scheme: Scheme of the listen/advertise URLs (only ``http`` can be
+            served: Go's configuration has no server certificate keys).
+        host: Host of the listen/advertise URLs.
+        client_port: Client port.
+        peer_port: Peer port.
+        token: Initial cluster token.
+        cluster: Initial cluster (``name=peer_url,...``); empty means this
+            member alone.
+        startup_timeout: Seconds to wait for the server to become healthy.
+        data_dir: Data directory as configured (relative paths are relative
+            to the daemon's working directory).
+        log_level: etcd's ``--log-level``.
+        log_outputs: etcd's ``--log-outputs`` (``stdout``, ``stderr`` or
+            file paths, relative to the working directory).
+        enabled: Start the server even when client endpoints are configured
+            (Go's meaning of the key).
+    """
+
+    name: str
+    scheme: str
+    host: str
+    client_port: int
+    peer_port: int
+    token: str
+    cluster: str
+    startup_timeout: float
+    data_dir: str
+    log_level: str
+    log_outputs: tuple[str, ...]
+    enabled: bool
+
+    def _url(self, host: str, port: int) -> str:
+        host = f"[{host}]" if ":" in host else host
+        return f"{self.scheme}://{host}:{port}"
+
+    @property
+    def client_url(self) -> str:
+        """The URL etcd listens on for (and advertises to) clients."""
+        return self._url(self.host, self.client_port)
+
+    @property
+    def peer_url(self) -> str:
+        """The URL etcd listens on for (and advertises to) peers."""
+        return self._url(self.host, self.peer_port)
+
+    @property
+    def local_client_url(self) -> str:
+        """Where this daemon reaches the server: the client URL, with a
+        wildcard host (``0.0.0.0``, ``::``, empty) replaced by loopback."""
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return self._url(host, self.client_port)
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    """Where payment-channel state is kept (``payment_channel_storage_*``).
+
+    Attributes:
+        type: ``payment_channel_storage_type``; only ``etcd`` (exactly, as in
+            Go) selects etcd, anything else keeps state in memory.
+        endpoints: etcd client URLs from the configuration (empty: take them
+            from the organisation metadata, else run the embedded server).
+        connection_timeout: etcd dial timeout in seconds; 0 means not
+            configured (take it from the metadata, else a default).
+        request_timeout: etcd request timeout in seconds; 0 as above.
+        hot_reload: Follow Registry events to reload endpoints.
+        cert_path: Client certificate for ``https://`` endpoints.
+        key_path: Its private key.
+        ca_path: CA bundle to verify the etcd servers.
+        server: The embedded server's settings.
+    """
+
+    type: str
+    endpoints: tuple[str, ...]
+    connection_timeout: float
+    request_timeout: float
+    hot_reload: bool
+    cert_path: str
+    key_path: str
+    ca_path: str
+    server: StorageServerSettings
+
+    @property
+    def uses_etcd(self) -> bool:
+        """Whether state goes to etcd (else to memory)."""
+        return self.type == "etcd"
+
+
+@dataclass(frozen=True, slots=True)
+class ChainSettings:
+    """How to read the chain and the metadata (``snet_daemon.blockchain``).
+
+    Attributes:
+        enabled: ``blockchain_enabled``; false means no chain reads at all
+            (local metadata URIs are still loaded).
+        network: ``blockchain_network_selected``: ``main``, ``sepolia``, or a
+            custom network whose addresses come only from configuration.
+        http_endpoint: JSON-RPC HTTP URL; empty uses the network's default.
+        ws_endpoint: JSON-RPC WebSocket URL; set, it is used for ``newHeads``.
+        registry_address: ``registry_address_key``; empty uses the network's.
+        api_key: ``blockchain_provider_api_key`` (secret).
+        mpe_address: ``mpe_contract_address``; empty uses service metadata.
+        organization_id: Registry organisation id.
+        service_id: Registry service id.
+        group_name: ``daemon_group_name``.
+        ipfs_endpoint: Kubo RPC API base URL.
+        lighthouse_endpoint: Gateway prefix for ``filecoin://`` URIs.
+        ipfs_timeout: Seconds per IPFS / gateway request.
+        organization_metadata_uri: Local override of the Registry's URI.
+        service_metadata_uri: Local override of the Registry's URI.
+        block_poll_interval: Seconds between ``eth_blockNumber`` polls.
+        block_max_age: Oldest usable cached block number, in seconds.
+        metadata_refresh_interval: Seconds between Registry event polls (0: off).
+    """
+
+    enabled: bool
+    network: str
+    http_endpoint: str
+    ws_endpoint: str
+    registry_address: str
+    api_key: str
+    mpe_address: str
+    organization_id: str
+    service_id: str
+    group_name: str
+    ipfs_endpoint: str
+    lighthouse_endpoint: str
+    ipfs_timeout: float
+    organization_metadata_uri: str
+    service_metadata_uri: str
+    block_poll_interval: float
+    block_max_age: float
+    metadata_refresh_interval: float
+
+    def __repr__(self) -> str:
+        # The API key must never reach a log line through a repr.
+        return f"ChainSettings(network={self.network!r}, http_endpoint=..., api_key='***', ...)"

@@ -29,4 +29,4 @@ class _QuietLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 for _module in (hpack.hpack, hpack.table):
     _current = getattr(_module, "log", None)
     if isinstance(_current, logging.Logger):
-        _module.log = _QuietLogger(_current, {})
+        setattr(_module, "log", _QuietLogger(_current, {}))  # noqa: B010

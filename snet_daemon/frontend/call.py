@@ -64,6 +64,10 @@ class ServerCall:
         deadline: the loop time by which the call must end, or None.
         peer: the client's address, for logs.
         web: True for gRPC-Web calls.
+        content_type: the request's content type without parameters
+            (``application/grpc``, ``application/grpc+json``,
+            ``application/grpc-web+proto``...).  ``+json`` means the
+            messages are JSON text, not protobuf.
     """
 
     __slots__ = (
@@ -77,6 +81,7 @@ class ServerCall:
         "_sink",
         "_trailers",
         "cancelled",
+        "content_type",
         "deadline",
         "finished",
         "metadata",
@@ -103,6 +108,7 @@ class ServerCall:
         self.deadline = deadline
         self.peer = peer
         self.web = web
+        self.content_type = "application/grpc"
         self._sink = sink
         self._loop = loop
         self._inbox: deque[bytes] = deque()
@@ -231,6 +237,8 @@ class ServerCall:
                 timeout = value
             elif name == "grpc-encoding":
                 encoding = value
+            elif name == "content-type":
+                self.content_type = value.split(";", 1)[0].strip().lower()
         if timeout is not None:
             self.deadline = self._loop.time() + parse_timeout(timeout)
         elif default_timeout is not None:

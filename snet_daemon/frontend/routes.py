@@ -20,12 +20,15 @@ class DaemonRoutes:
 
     Args:
         heartbeat: returns the heartbeat JSON object.
-        encoding: ``proto`` or ``json``, from the service metadata.
+        encoding: returns ``proto`` or ``json``, from the (current) service
+            metadata.
     """
 
-    def __init__(self, heartbeat: Callable[[], Awaitable[dict[str, object]]], encoding: str = "proto") -> None:
+    def __init__(
+        self, heartbeat: Callable[[], Awaitable[dict[str, object]]], encoding: Callable[[], str] = lambda: "proto"
+    ) -> None:
         self._heartbeat = heartbeat
-        self._encoding = HttpResponse(200, f"{encoding}\n".encode())
+        self._encoding = encoding
 
     async def respond(self, method: str, path: str) -> HttpResponse:
         segment = path.lstrip("/").split("/", 1)[0]
@@ -33,5 +36,5 @@ class DaemonRoutes:
             report = await self._heartbeat()
             return HttpResponse(200, json.dumps(report).encode(), "application/json")
         if segment == "encoding":
-            return self._encoding
+            return HttpResponse(200, f"{self._encoding()}\n".encode())
         return _NOT_FOUND

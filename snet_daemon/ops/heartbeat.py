@@ -55,20 +55,25 @@ class Heartbeat:
     """Builds the heartbeat JSON from a (cached) probe of the service.
 
     Args:
-        identity: the fixed fields.
+        identity: returns the identity fields (the group id is only known
+            once the metadata has loaded).
         probe: checks the service.
         now: returns the current time in seconds (the reactor's clock).
+        problems: returns why the daemon cannot serve paid calls now
+            (chain, metadata, storage); any problem makes it Offline.
         cache_seconds: how long a probe result is reused.
     """
 
     def __init__(
         self,
-        identity: HeartbeatIdentity,
+        identity: Callable[[], HeartbeatIdentity],
         probe: Probe,
         now: Callable[[], float],
+        problems: Callable[[], tuple[str, ...]] = lambda: (),
         cache_seconds: float = 1.0,
     ) -> None:
         self._identity = identity
+        self._problems = problems
         self._probe = probe
         self._now = now
         self._cache_seconds = cache_seconds
@@ -92,13 +97,22 @@ class Heartbeat:
         return ok
 
     async def report(self) -> dict[str, object]:
-        """The heartbeat JSON object, as the Go daemon shapes it."""
+        """The heartbeat JSON object, as the Go daemon shapes it.
+
+        Beyond Go's fields: ``ready`` and ``problems`` say why a daemon
+        whose service answers is still Offline (it cannot take payments).
+        """
         ok = await self.serving()
-        ident = self._identity
+        ident = self._identity()
+        problems = list(self._problems())
+        if not ok:
+            problems.insert(0, "service: not serving")
         return {
             "daemonID": ident.daemon_id,
             "timestamp": str(int(self._now())),
-            "status": "Online" if ok else "Offline",
+            "status": "Online" if not problems else "Offline",
+            "ready": not problems,
+            "problems": problems,
             # A JSON *string*, as in Go, not a nested object.
             "serviceheartbeat": json.dumps(
                 {"serviceID": ident.service_id, "status": "SERVING" if ok else "NOT_SERVING"},

@@ -22,7 +22,7 @@ import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
-import pytest_twisted
+import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred
 
 P = ParamSpec("P")

@@ -1,0 +1,234 @@
+"""The current block number, kept fresh in the background.
+
+The Go daemon calls ``eth_blockNumber`` one to three times per paid call.
+Here a Service keeps the number fresh -- polling every
+``block_poll_interval``, and, when ``ethereum_json_rpc_ws_endpoint`` is set,
+also following ``newHeads`` over a WebSocket -- and payment code reads the
+cached value without I/O.  The value carries its age; reading it when it is
+older than ``block_max_age`` raises :class:`StaleBlockNumber`, so an RPC
+outage turns into clear refusals instead of decisions made on an old block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+import aiohttp
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from snet_daemon.blockchain.errors import ChainError, StaleBlockNumber
+from snet_daemon.blockchain.periodic import Periodic, clock_sleep
+from snet_daemon.blockchain.rpc import JsonRpcClient, redact_url
+
+__all__ = ["BlockNumber", "BlockNumberService", "BlockStatus"]
+
+_log = Logger(namespace="snetd.chain.blocks")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStatus:
+    """The cached block number as the heartbeat shows it.
+
+    Attributes:
+        number: Last block number seen, or None before the first.
+        age: Seconds since it was fetched, or None.
+        max_age: The configured bound.
+        fresh: ``age <= max_age``.
+        source: ``"poll"`` or ``"newHeads"``: how the last value arrived.
+    """
+
+    number: int | None
+    age: float | None
+    max_age: float
+    fresh: bool
+    source: str | None
+
+
+class BlockNumber:
+    """The latest block number and when it was learnt.
+
+    Args:
+        clock: The reactor clock.
+        max_age: Seconds after which the value is too old to use.
+    """
+
+    def __init__(self, clock: IReactorTime, max_age: float) -> None:
+        self._clock = clock
+        self.max_age = max_age
+        self._number: int | None = None
+        self._updated: float | None = None
+        self._source: str | None = None
+
+    def update(self, number: int, source: str = "poll") -> None:
+        """Record ``number`` as the latest block, learnt now.
+
+        A smaller number than before is accepted (a reorganisation, or a
+        test chain reverted to a snapshot): the node is the authority.
+        """
+        self._number = number
+        self._updated = self._clock.seconds()
+        self._source = source
+
+    def age(self) -> float | None:
+        """Seconds since the value was fetched, or None before the first fetch."""
+        if self._updated is None:
+            return None
+        return max(0.0, self._clock.seconds() - self._updated)
+
+    def current(self) -> int:
+        """The latest block number, without I/O.
+
+        Raises:
+            StaleBlockNumber: no block number yet, or it is older than
+                :attr:`max_age`.
+        """
+        age = self.age()
+        if self._number is None or age is None:
+            raise StaleBlockNumber("current block number is not known yet (Ethereum JSON-RPC not reached)")
+        if age > self.max_age:
+            raise StaleBlockNumber(
+                f"current block number {self._number} is {age:.0f} s old (bound {self.max_age:.0f} s); "
+                "the Ethereum JSON-RPC endpoint is not answering"
+            )
+        return self._number
+
+    def status(self) -> BlockStatus:
+        """Number, age and freshness, for the heartbeat."""
+        age = self.age()
+        return BlockStatus(
+            number=self._number,
+            age=age,
+            max_age=self.max_age,
+            fresh=age is not None and age <= self.max_age,
+            source=self._source,
+        )
+
+
+class BlockNumberService(Service):
+    """Keeps a :class:`BlockNumber` fresh: polling, plus ``newHeads`` over WebSocket.
+
+    Polling never stops, even with a WebSocket: when heads arrive, a poll
+    finding the value younger than the interval does nothing, and when the
+    socket dies polling carries on while it reconnects.
+
+    Args:
+        blocks: The cache to keep fresh.
+        rpc: The HTTP JSON-RPC client.
+        clock: The reactor clock.
+        interval: Seconds between polls.
+        ws_url: WebSocket JSON-RPC endpoint for ``newHeads``, or None.
+        ws_authorization: ``Authorization`` header for the WebSocket.
+    """
+
+    name = "chain-blocks"
+
+    def __init__(
+        self,
+        blocks: BlockNumber,
+        rpc: JsonRpcClient,
+        *,
+        clock: IReactorTime,
+        interval: float,
+        ws_url: str | None = None,
+        ws_authorization: str | None = None,
+    ) -> None:
+        self.blocks = blocks
+        self._rpc = rpc
+        self._clock = clock
+        self._poller = Periodic("block number poll", self._poll, interval, clock)
+        self._ws_url = ws_url
+        self._ws_headers = {"Authorization": ws_authorization} if ws_authorization else {}
+        self._ws_task: asyncio.Task[None] | None = None
+        self.ws_connected = False
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._poller.start()
+        if self._ws_url:
+            self._ws_task = asyncio.ensure_future(self._follow_heads(self._ws_url))
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return Deferred.fromFuture(asyncio.ensure_future(self._stop()))
+
+    async def _stop(self) -> None:
+        await self._poller.stop()
+        task, self._ws_task = self._ws_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def refresh(self) -> int:
+        """Fetch the block number now (also used once at startup).
+
+        Raises:
+            ChainError: the node could not be asked.
+        """
+        number = int(await self._rpc.call("eth_blockNumber"), 16)
+        self.blocks.update(number, "poll")
+        return number
+
+    async def _poll(self) -> None:
+        age = self.blocks.age()
+        if self.ws_connected and age is not None and age < self._poller.interval:
+            return
+        try:
+            await self.refresh()
+        except ChainError as exc:
+            # The RPC client has logged it; keep the last value (its age grows).
+            _log.debug("block number poll failed: {error}", error=exc)
+
+    async def _follow_heads(self, url: str) -> None:
+        delay = 1.0
+        while True:
+            try:
+                async with (
+                    aiohttp.ClientSession(headers=self._ws_headers) as session,
+                    session.ws_connect(url, heartbeat=30.0) as ws,
+                ):
+                    await ws.send_str(
+                        json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_subscribe", "params": ["newHeads"]})
+                    )
+                    _log.info("following newHeads on {url}", url=redact_url(url))
+                    delay = 1.0
+                    async for message in ws:
+                        if message.type != aiohttp.WSMsgType.TEXT:
+                            break
+                        self._on_message(message.data)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _log.warn(
+                    "newHeads subscription on {url} failed ({error}); reconnecting in {delay:.0f} s",
+                    url=redact_url(url),
+                    error=exc,
+                    delay=delay,
+                )
+            finally:
+                self.ws_connected = False
+            await clock_sleep(self._clock, delay)
+            delay = min(30.0, delay * 2)
+
+    def _on_message(self, data: str) -> None:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            return
+        if message.get("id") == 1 and "result" in message:
+            self.ws_connected = True
+        elif message.get("id") == 1 and "error" in message:
+            raise ChainError(f"eth_subscribe newHeads refused: {message['error']}")
+        elif message.get("method") == "eth_subscription":
+            head = message.get("params", {}).get("result", {})
+            number = head.get("number") if isinstance(head, dict) else None
+            if isinstance(number, str):
+                self.ws_connected = True
+                self.blocks.update(int(number, 16), "newHeads")

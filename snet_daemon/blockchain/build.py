@@ -1,0 +1,295 @@
+"""Wiring of the chain reader and the metadata source from configuration.
+
+The composition root calls :func:`build_chain` once::
+
+    chain = build_chain(config.chain, reactor)
+    for service in chain.services:
+        service.setServiceParent(root)
+    # payment code: chain.reader (ChainReader), chain.metadata.current (DaemonMetadata)
+    # heartbeat:    chain.readiness(), chain.status()
+
+Configuration mistakes that no retry can fix (a custom network without an
+endpoint or a Registry address) raise :class:`ConfigError` here, at startup.
+Everything that can fail at run time (RPC down, IPFS down, bad metadata)
+does not: the daemon starts, reports not-ready with the reason, and retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from snet_daemon.blockchain.blocks import BlockNumber, BlockNumberService
+from snet_daemon.blockchain.chain import EthereumChainReader
+from snet_daemon.blockchain.contracts import is_address, network_info
+from snet_daemon.blockchain.errors import ChainError
+from snet_daemon.blockchain.loader import MetadataLoader
+from snet_daemon.blockchain.metadata import DaemonMetadata
+from snet_daemon.blockchain.periodic import Periodic
+from snet_daemon.blockchain.refresh import MetadataSource
+from snet_daemon.blockchain.registry import RegistryReader
+from snet_daemon.blockchain.rpc import JsonRpcClient, auth_header, redact_url
+from snet_daemon.config.errors import ConfigError
+from snet_daemon.config.sections import ChainSettings
+
+__all__ = ["ChainComponents", "Readiness", "build_chain"]
+
+_log = Logger(namespace="snetd.chain")
+
+_INFURA = {"main": "https://mainnet.infura.io/v3/", "sepolia": "https://sepolia.infura.io/v3/"}
+_LOCAL_DEFAULT = "http://127.0.0.1:8545"
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """Whether payments can be served, and if not, why.
+
+    Attributes:
+        ready: Chain (when enabled) and metadata are usable.
+        reasons: One line per problem, for the heartbeat and the log.
+    """
+
+    ready: bool
+    reasons: tuple[str, ...]
+
+
+@dataclass
+class ChainComponents:
+    """What :func:`build_chain` made.
+
+    Attributes:
+        reader: The chain reader, or None with ``blockchain_enabled: false``.
+        metadata: The metadata source, or None when there is no metadata
+            to load (blockchain disabled and no local URIs).
+        services: Add each to the root service (one ``MultiService``
+            named ``chain`` that starts and stops everything in order).
+        registry_address: The Registry in use ("" when none); part of the
+            heartbeat's daemon id.
+        network: ``blockchain_network_selected``.
+    """
+
+    reader: EthereumChainReader | None
+    metadata: MetadataSource | None
+    services: list[IService]
+    registry_address: str
+    network: str
+
+    def readiness(self) -> Readiness:
+        """Readiness of the chain and the metadata, for the heartbeat."""
+        reasons: list[str] = []
+        if self.reader is not None:
+            health = self.reader.health()
+            if not health.ok:
+                reasons.append(f"chain: {health.error}")
+        if self.metadata is not None:
+            status = self.metadata.status()
+            if not status.ready:
+                reasons.append(f"metadata: {status.error or 'not loaded yet'}")
+        return Readiness(ready=not reasons, reasons=tuple(reasons))
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able summary for the heartbeat or a status page (no secrets)."""
+        out: dict[str, Any] = {"network": self.network, "registry": self.registry_address}
+        readiness = self.readiness()
+        out["ready"] = readiness.ready
+        out["problems"] = list(readiness.reasons)
+        if self.reader is not None:
+            health = self.reader.health()
+            out["chain"] = {
+                "endpoint": health.rpc.endpoint,
+                "block": health.blocks.number,
+                "block_age_seconds": None if health.blocks.age is None else round(health.blocks.age, 1),
+                "block_max_age_seconds": health.blocks.max_age,
+                "block_source": health.blocks.source,
+                "rpc_consecutive_failures": health.rpc.consecutive_failures,
+                "mpe": self.reader.mpe_address,
+            }
+        if self.metadata is not None:
+            status = self.metadata.status()
+            out["metadata"] = {
+                "loaded": status.ready,
+                "organization_uri": status.org_uri,
+                "service_uri": status.service_uri,
+                "last_error": status.error,
+                "loads": status.loads,
+            }
+        return out
+
+
+class _ChainIdCheck(Service):
+    """Checks ``eth_chainId`` once the node answers (then stops checking)."""
+
+    name = "chain-id"
+
+    def __init__(self, reader: EthereumChainReader, clock: IReactorTime) -> None:
+        self._reader = reader
+        self._done = False
+        self._periodic = Periodic("chain id check", self._check, 15.0, clock)
+
+    async def _check(self) -> None:
+        if self._done:
+            return
+        try:
+            await self._reader.check_chain_id()
+        except ChainError:
+            return  # logged by the RPC client; try again later
+        self._done = True
+        await asyncio.sleep(0)
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._periodic.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return Deferred.fromFuture(asyncio.ensure_future(self._periodic.stop()))
+
+
+class _Closer(Service):
+    """Closes the JSON-RPC connection pool when the chain services stop."""
+
+    name = "chain-rpc"
+
+    def __init__(self, rpc: JsonRpcClient) -> None:
+        self._rpc = rpc
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return Deferred.fromFuture(asyncio.ensure_future(self._rpc.close()))
+
+
+def _endpoint(settings: ChainSettings) -> tuple[str, bool]:
+    """The HTTP endpoint, and whether the API key goes in a header (not the path)."""
+    if settings.http_endpoint:
+        return settings.http_endpoint, True
+    if settings.network in _INFURA:
+        if not settings.api_key:
+            raise ConfigError(
+                "configuration key 'ethereum_json_rpc_http_endpoint' is empty and there is no "
+                "'blockchain_provider_api_key' for the default Infura endpoint of network "
+                f"{settings.network!r}; set one of them",
+                path="ethereum_json_rpc_http_endpoint",
+                value="",
+            )
+        return _INFURA[settings.network] + settings.api_key, False
+    if settings.network == "local":
+        return _LOCAL_DEFAULT, True
+    raise ConfigError(
+        f"configuration key 'ethereum_json_rpc_http_endpoint' is required for network {settings.network!r} "
+        "(only 'main' and 'sepolia' have defaults)",
+        path="ethereum_json_rpc_http_endpoint",
+        value="",
+    )
+
+
+def build_chain(
+    settings: ChainSettings,
+    reactor: IReactorTime,
+    *,
+    handle_sighup: bool = True,
+    metadata_retry: float = 2.0,
+) -> ChainComponents:
+    """Build the chain reader, the metadata source and their services.
+
+    Args:
+        settings: ``config.chain``.
+        reactor: The (asyncio) reactor: clock and scheduler.
+        handle_sighup: Reload metadata on ``SIGHUP`` (tests turn it off).
+        metadata_retry: Seconds before the first retry of a failed metadata
+            load (doubling up to 60 s).
+
+    Raises:
+        ConfigError: the configuration cannot work whatever the network does.
+    """
+    loader = MetadataLoader(
+        ipfs_endpoint=settings.ipfs_endpoint,
+        lighthouse_endpoint=settings.lighthouse_endpoint,
+        timeout=settings.ipfs_timeout,
+    )
+    root = MultiService()
+    root.setName("chain")
+    if not settings.enabled:
+        if not (settings.service_metadata_uri or settings.organization_metadata_uri):
+            return ChainComponents(None, None, [], "", settings.network)
+        metadata = MetadataSource(
+            loader=loader,
+            clock=reactor,
+            organization_id=settings.organization_id,
+            service_id=settings.service_id,
+            group_name=settings.group_name,
+            organization_uri=settings.organization_metadata_uri,
+            service_uri=settings.service_metadata_uri,
+            event_interval=0,
+            require_organization=False,
+            handle_sighup=handle_sighup,
+            retry_interval=metadata_retry,
+        )
+        metadata.setServiceParent(root)  # type: ignore[no-untyped-call]
+        return ChainComponents(None, metadata, [root], "", settings.network)
+
+    network = network_info(settings.network)
+    endpoint, key_in_header = _endpoint(settings)
+    registry = settings.registry_address or network.registry or ""
+    if registry and not is_address(registry):
+        raise ConfigError(
+            f"configuration key 'registry_address_key': {registry!r} is not an Ethereum address",
+            path="registry_address_key",
+            value=registry,
+        )
+    if not registry and not (settings.organization_metadata_uri and settings.service_metadata_uri):
+        raise ConfigError(
+            f"configuration key 'registry_address_key' is required for network {settings.network!r} "
+            "(its Registry address is not known), unless both 'organization_metadata_uri' and "
+            "'service_metadata_uri' are set",
+            path="registry_address_key",
+            value="",
+        )
+    rpc = JsonRpcClient(endpoint, now=reactor.seconds, api_key=settings.api_key if key_in_header else "")
+    blocks = BlockNumber(reactor, settings.block_max_age)
+    ws = settings.ws_endpoint or None
+    block_service = BlockNumberService(
+        blocks,
+        rpc,
+        clock=reactor,
+        interval=settings.block_poll_interval,
+        ws_url=ws,
+        ws_authorization=auth_header(ws, settings.api_key, websocket=True) if ws else None,
+    )
+    reader = EthereumChainReader(rpc, blocks, clock=reactor, network=network, mpe_address=settings.mpe_address or None)
+    metadata = MetadataSource(
+        loader=loader,
+        clock=reactor,
+        organization_id=settings.organization_id,
+        service_id=settings.service_id,
+        group_name=settings.group_name,
+        registry=RegistryReader(reader, registry) if registry else None,
+        organization_uri=settings.organization_metadata_uri,
+        service_uri=settings.service_metadata_uri,
+        blocks=blocks,
+        event_interval=settings.metadata_refresh_interval,
+        handle_sighup=handle_sighup,
+        retry_interval=metadata_retry,
+    )
+
+    def use_mpe(current: DaemonMetadata) -> None:
+        if current.mpe_address:
+            reader.set_mpe_address(current.mpe_address)
+
+    metadata.subscribe(use_mpe)
+    # Started in this order, stopped in reverse: the RPC pool closes last.
+    for child in (_Closer(rpc), block_service, _ChainIdCheck(reader, reactor), metadata):
+        child.setServiceParent(root)  # type: ignore[no-untyped-call]
+    _log.info(
+        "chain: network {network}, JSON-RPC {endpoint}{ws}, Registry {registry}",
+        network=settings.network,
+        endpoint=redact_url(endpoint),
+        ws=f", newHeads over {redact_url(ws)}" if ws else "",
+        registry=registry or "(none: local metadata URIs)",
+    )
+    return ChainComponents(reader, metadata, [root], registry, settings.network)

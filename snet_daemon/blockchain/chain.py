@@ -1,0 +1,356 @@
+"""The daemon's read-only view of the chain: block number, channels, balances.
+
+:class:`ChainReader` is the seam the payment code depends on;
+:class:`EthereumChainReader` implements it over JSON-RPC and
+:class:`snet_daemon.blockchain.fake.FakeChainReader` in memory.
+
+Channel state is cached.  The Go daemon reads ``channels(id)`` on every paid
+call (its issue #179); here a channel is read once and served from memory
+until the payment code invalidates it -- when a payment names a channel the
+cache does not know, claims more than the cached value, carries a nonce the
+cache does not expect, or the channel is near its expiration -- or, as a
+backstop, after ``channel_ttl`` seconds.  Concurrent reads of one channel
+share one RPC call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from eth_utils.address import to_checksum_address
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from snet_daemon.blockchain.blocks import BlockNumber, BlockStatus
+from snet_daemon.blockchain.contracts import ZERO_ADDRESS, AbiFunction, NetworkInfo, function
+from snet_daemon.blockchain.errors import ChainError, ContractCallFailed
+from snet_daemon.blockchain.rpc import JsonRpcClient, RpcHealth
+
+__all__ = ["ChainHealth", "ChainReader", "ChannelInfo", "EthereumChainReader"]
+
+_log = Logger(namespace="snetd.chain")
+
+_CHANNELS = function("MultiPartyEscrow", "channels")
+_MPE_TOKEN = function("MultiPartyEscrow", "token")
+_BALANCE_OF = function("FetchToken", "balanceOf")
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelInfo:
+    """A payment channel as the MPE contract holds it.
+
+    Attributes:
+        channel_id: The channel.
+        nonce: Incremented by each on-chain claim.
+        sender: Who funded the channel (checksummed).
+        signer: Who may sign payments besides the sender (checksummed).
+        recipient: The provider's payment address (checksummed).
+        group_id: The provider group, 32 bytes.
+        value: Cogs still locked in the channel.
+        expiration: Block after which the sender may take the funds back.
+    """
+
+    channel_id: int
+    nonce: int
+    sender: str
+    signer: str
+    recipient: str
+    group_id: bytes
+    value: int
+    expiration: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHealth:
+    """The chain as the heartbeat and readiness see it.
+
+    Attributes:
+        ok: The block number is fresh and the last RPC call succeeded.
+        rpc: The JSON-RPC endpoint's state.
+        blocks: The cached block number's state.
+        error: Why not ``ok`` (for people), or None.
+    """
+
+    ok: bool
+    rpc: RpcHealth
+    blocks: BlockStatus
+    error: str | None
+
+
+class ChainReader(Protocol):
+    """What the payment code reads from the chain.
+
+    Every method documents the errors it raises; none of them retries on its
+    own beyond what the JSON-RPC client already did.
+    """
+
+    @property
+    def mpe_address(self) -> str | None:
+        """The MultiPartyEscrow contract in use (checksummed), or None before metadata names it."""
+
+    def current_block(self) -> int:
+        """The latest block number, from the cache, without I/O.
+
+        Raises:
+            StaleBlockNumber: unknown yet, or older than the configured bound.
+        """
+
+    def block_status(self) -> BlockStatus:
+        """The cached block number with its age."""
+
+    async def channel(self, channel_id: int, *, fresh: bool = False) -> ChannelInfo | None:
+        """The channel's on-chain state, from the cache unless ``fresh``.
+
+        Returns:
+            The channel, or None when the contract has no such channel
+            (its ``sender`` is the zero address).  "Not found" is never cached.
+
+        Raises:
+            ChainUnavailable: the node could not be reached (after retries).
+            ChainError: no MPE address is known yet, or the answer was garbage.
+        """
+
+    def invalidate(self, channel_id: int | None = None) -> None:
+        """Forget the cached state of one channel (or of all, with None)."""
+
+    async def token_balance(self, address: str) -> int:
+        """The FET/ASI token balance of ``address``, in cogs (never cached).
+
+        Raises:
+            ChainUnavailable: the node could not be reached.
+            ChainError: the token address cannot be determined.
+        """
+
+    def health(self) -> ChainHealth:
+        """Readiness of the chain side, for the heartbeat."""
+
+
+class EthereumChainReader:
+    """:class:`ChainReader` over Ethereum JSON-RPC.
+
+    Args:
+        rpc: The JSON-RPC client.
+        blocks: The block number cache (kept fresh by a
+            :class:`~snet_daemon.blockchain.blocks.BlockNumberService`).
+        clock: The reactor clock (cache ages).
+        network: Known addresses of the selected network.
+        mpe_address: A configured MPE address (``mpe_contract_address``);
+            when None, the one service metadata names (:meth:`set_mpe_address`)
+            is used, and before that the network's known one.
+        channel_ttl: Seconds a cached channel is trusted without an
+            invalidation; None trusts it until invalidated.
+        cache_size: Most channels kept (least recently used ones are dropped).
+    """
+
+    def __init__(
+        self,
+        rpc: JsonRpcClient,
+        blocks: BlockNumber,
+        *,
+        clock: IReactorTime,
+        network: NetworkInfo,
+        mpe_address: str | None = None,
+        channel_ttl: float | None = 300.0,
+        cache_size: int = 100_000,
+    ) -> None:
+        self.rpc = rpc
+        self.blocks = blocks
+        self.network = network
+        self._clock = clock
+        self._configured_mpe = to_checksum_address(mpe_address) if mpe_address else None
+        # Until service metadata names one, the network's known MPE (if any).
+        self._mpe = self._configured_mpe or network.mpe
+        self._token: str | None = network.token
+        self._ttl = channel_ttl
+        self._cache_size = cache_size
+        self._channels: OrderedDict[int, tuple[ChannelInfo, float]] = OrderedDict()
+        self._inflight: dict[int, asyncio.Future[ChannelInfo | None]] = {}
+        self.chain_id_error: str | None = None
+        #: Channel reads served from the cache / from the node (for metrics and tests).
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    # -- addresses -----------------------------------------------------------------
+
+    @property
+    def mpe_address(self) -> str | None:
+        """The MPE contract in use (checksummed)."""
+        return self._mpe
+
+    def set_mpe_address(self, address: str) -> None:
+        """Use the MPE named by service metadata (ignored when one is configured).
+
+        A change of contract empties the channel cache: ids mean different
+        channels in another contract.
+        """
+        if self._configured_mpe is not None:
+            if to_checksum_address(address) != self._configured_mpe:
+                _log.warn(
+                    "service metadata names MPE {metadata}, but mpe_contract_address {configured} is configured; "
+                    "using the configured one",
+                    metadata=address,
+                    configured=self._configured_mpe,
+                )
+            return
+        address = to_checksum_address(address)
+        if address != self._mpe:
+            if self._mpe is not None:
+                _log.info("MPE contract changed from {old} to {new}", old=self._mpe, new=address)
+            self._mpe = address
+            self._token = self.network.token
+            self.invalidate()
+
+    # -- generic calls -------------------------------------------------------------
+
+    async def call(self, to: str, fn: AbiFunction, *args: Any) -> tuple[Any, ...]:
+        """``eth_call`` ``fn(*args)`` on contract ``to`` at the latest block.
+
+        Raises:
+            ChainUnavailable: the node could not be reached.
+            ContractCallFailed: the call reverted or the answer is not what
+                the ABI says (no contract at ``to``).
+        """
+        data = await self.rpc.call("eth_call", [{"to": to, "data": fn.encode_call(*args)}, "latest"])
+        try:
+            return fn.decode_result(data)
+        except ValueError as exc:
+            raise ContractCallFailed(f"{to}: {exc}") from exc
+
+    async def check_chain_id(self) -> None:
+        """Compare the node's ``eth_chainId`` with the selected network's.
+
+        Sets :attr:`chain_id_error` (shown by :meth:`health`) on a mismatch:
+        a ``main`` configuration pointed at a Sepolia node would read the
+        wrong contracts.
+
+        Raises:
+            ChainUnavailable: the node could not be reached.
+        """
+        if self.network.chain_id is None:
+            return
+        chain_id = int(await self.rpc.call("eth_chainId"), 16)
+        if chain_id != self.network.chain_id:
+            self.chain_id_error = (
+                f"the Ethereum node's chain id is {chain_id}, but blockchain_network_selected "
+                f"{self.network.name!r} is chain {self.network.chain_id}"
+            )
+            _log.error("{error}", error=self.chain_id_error)
+        else:
+            self.chain_id_error = None
+
+    # -- ChainReader ---------------------------------------------------------------
+
+    def current_block(self) -> int:
+        """See :meth:`ChainReader.current_block`."""
+        return self.blocks.current()
+
+    def block_status(self) -> BlockStatus:
+        """See :meth:`ChainReader.block_status`."""
+        return self.blocks.status()
+
+    async def channel(self, channel_id: int, *, fresh: bool = False) -> ChannelInfo | None:
+        """See :meth:`ChainReader.channel`."""
+        if not fresh:
+            cached = self._channels.get(channel_id)
+            if cached is not None:
+                info, fetched = cached
+                if self._ttl is None or self._clock.seconds() - fetched <= self._ttl:
+                    self._channels.move_to_end(channel_id)
+                    self.cache_hits += 1
+                    return info
+        pending = self._inflight.get(channel_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[ChannelInfo | None] = asyncio.get_running_loop().create_future()
+        self._inflight[channel_id] = future
+        try:
+            read = await self._read_channel(channel_id)
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+                # Mark retrieved: only the waiters (if any) care about it.
+                future.exception()
+            raise
+        else:
+            future.set_result(read)
+            return read
+        finally:
+            self._inflight.pop(channel_id, None)
+
+    async def _read_channel(self, channel_id: int) -> ChannelInfo | None:
+        mpe = self._mpe
+        if mpe is None:
+            raise ChainError("no MultiPartyEscrow address yet (service metadata not loaded)")
+        self.cache_misses += 1
+        nonce, sender, signer, recipient, group_id, value, expiration = await self.call(mpe, _CHANNELS, channel_id)
+        if int(sender, 16) == 0:
+            self._channels.pop(channel_id, None)
+            return None
+        info = ChannelInfo(
+            channel_id=channel_id,
+            nonce=nonce,
+            sender=to_checksum_address(sender),
+            signer=to_checksum_address(signer),
+            recipient=to_checksum_address(recipient),
+            group_id=bytes(group_id),
+            value=value,
+            expiration=expiration,
+        )
+        if mpe == self._mpe:  # not switched to another contract meanwhile
+            self._channels[channel_id] = (info, self._clock.seconds())
+            self._channels.move_to_end(channel_id)
+            while len(self._channels) > self._cache_size:
+                self._channels.popitem(last=False)
+        return info
+
+    def invalidate(self, channel_id: int | None = None) -> None:
+        """See :meth:`ChainReader.invalidate`."""
+        if channel_id is None:
+            self._channels.clear()
+        else:
+            self._channels.pop(channel_id, None)
+
+    async def token_address(self) -> str:
+        """The token contract: the network's, or the one the MPE contract uses.
+
+        Raises:
+            ChainError: no MPE address is known to ask.
+        """
+        if self._token is None:
+            if self._mpe is None:
+                raise ChainError("token address unknown: no MultiPartyEscrow address yet")
+            (token,) = await self.call(self._mpe, _MPE_TOKEN)
+            self._token = to_checksum_address(token)
+        return self._token
+
+    async def token_balance(self, address: str) -> int:
+        """See :meth:`ChainReader.token_balance`."""
+        (balance,) = await self.call(await self.token_address(), _BALANCE_OF, to_checksum_address(address))
+        return int(balance)
+
+    def health(self) -> ChainHealth:
+        """See :meth:`ChainReader.health`."""
+        rpc = self.rpc.health()
+        blocks = self.blocks.status()
+        error: str | None = None
+        if self.chain_id_error:
+            error = self.chain_id_error
+        elif not blocks.fresh:
+            error = (
+                "current block number not known yet"
+                if blocks.number is None
+                else f"current block number is {blocks.age:.0f} s old (bound {blocks.max_age:.0f} s)"
+            )
+            if rpc.last_error:
+                error += f": {rpc.last_error}"
+        elif not rpc.ok and rpc.last_error:
+            error = rpc.last_error
+        return ChainHealth(ok=error is None, rpc=rpc, blocks=blocks, error=error)
+
+    @staticmethod
+    def is_zero(address: str) -> bool:
+        """Whether ``address`` is the zero address."""
+        return address.lower() == ZERO_ADDRESS

@@ -1,0 +1,137 @@
+"""The SingularityNET Registry: where metadata URIs and their change events live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from snet_daemon.blockchain.chain import EthereumChainReader
+from snet_daemon.blockchain.contracts import event_topic, function, id_to_bytes32
+from snet_daemon.blockchain.errors import ChainError, MetadataError
+from snet_daemon.blockchain.loader import clean_uri
+
+__all__ = ["ORG_EVENTS", "SERVICE_EVENTS", "RegistryEvent", "RegistryReader"]
+
+_GET_ORG = function("Registry", "getOrganizationById")
+_GET_SERVICE = function("Registry", "getServiceRegistrationById")
+
+#: Events that change what an organisation's metadata URI resolves to.
+ORG_EVENTS = ("OrganizationModified", "OrganizationDeleted", "OrganizationCreated")
+#: Events that change a service's metadata URI (topic 2 is the service id).
+SERVICE_EVENTS = ("ServiceMetadataModified", "ServiceCreated", "ServiceDeleted")
+
+_TOPICS = {event_topic("Registry", name): name for name in ORG_EVENTS + SERVICE_EVENTS}
+
+#: Most blocks asked for in one ``eth_getLogs`` (providers cap the range).
+MAX_LOG_RANGE = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryEvent:
+    """A Registry event concerning our organisation or service.
+
+    Attributes:
+        name: Event name (``OrganizationModified``...).
+        block: Block it was emitted in.
+        transaction: Transaction hash.
+    """
+
+    name: str
+    block: int
+    transaction: str
+
+
+class RegistryReader:
+    """Reads metadata URIs from the Registry and finds their changes.
+
+    Args:
+        chain: For ``eth_call`` / ``eth_getLogs``.
+        address: The Registry contract.
+    """
+
+    def __init__(self, chain: EthereumChainReader, address: str) -> None:
+        self._chain = chain
+        self.address = address
+
+    async def latest_block(self) -> int:
+        """The node's latest block number (asked directly, not from the cache).
+
+        Raises:
+            ChainError: the node could not be asked.
+        """
+        return int(await self._chain.rpc.call("eth_blockNumber"), 16)
+
+    async def organization_uri(self, org_id: str) -> str:
+        """The organisation's metadata URI, cleaned (see :func:`clean_uri`).
+
+        Raises:
+            MetadataError: the organisation is not registered.
+            ChainError: the Registry could not be read.
+        """
+        found, _, uri, *_ = await self._chain.call(self.address, _GET_ORG, id_to_bytes32(org_id))
+        if not found:
+            raise MetadataError(
+                f"organization {org_id!r} (organization_id) is not registered in Registry {self.address}"
+            )
+        return clean_uri(uri)
+
+    async def service_uri(self, org_id: str, service_id: str) -> str:
+        """The service's metadata URI, cleaned.
+
+        Raises:
+            MetadataError: the service is not registered.
+            ChainError: the Registry could not be read.
+        """
+        found, _, uri = await self._chain.call(
+            self.address, _GET_SERVICE, id_to_bytes32(org_id), id_to_bytes32(service_id)
+        )
+        if not found:
+            raise MetadataError(
+                f"service {service_id!r} (service_id) of organization {org_id!r} is not registered "
+                f"in Registry {self.address}"
+            )
+        return clean_uri(uri)
+
+    async def changes(self, org_id: str, service_id: str, from_block: int, to_block: int) -> list[RegistryEvent]:
+        """Registry events for our organisation, or our service, in a block range.
+
+        The range is split so that no ``eth_getLogs`` asks for more than
+        :data:`MAX_LOG_RANGE` blocks.
+
+        Raises:
+            ChainError: the logs could not be read.
+        """
+        org_topic = "0x" + id_to_bytes32(org_id).hex()
+        service_topic = "0x" + id_to_bytes32(service_id).hex()
+        events: list[RegistryEvent] = []
+        start = from_block
+        while start <= to_block:
+            end = min(to_block, start + MAX_LOG_RANGE - 1)
+            logs = await self._chain.rpc.call(
+                "eth_getLogs",
+                [
+                    {
+                        "address": self.address,
+                        "fromBlock": hex(start),
+                        "toBlock": hex(end),
+                        "topics": [list(_TOPICS), org_topic],
+                    }
+                ],
+            )
+            if not isinstance(logs, list):
+                raise ChainError(f"eth_getLogs returned {type(logs).__name__}, not a list")
+            for log in logs:
+                topics = [str(topic).lower() for topic in log.get("topics", ())]
+                name = _TOPICS.get(topics[0]) if topics else None
+                if name is None:
+                    continue
+                if name in SERVICE_EVENTS and (len(topics) < 3 or topics[2] != service_topic):
+                    continue  # another service of our organisation
+                events.append(
+                    RegistryEvent(
+                        name=name,
+                        block=int(log.get("blockNumber", "0x0"), 16),
+                        transaction=str(log.get("transactionHash", "")),
+                    )
+                )
+            start = end + 1
+        return events

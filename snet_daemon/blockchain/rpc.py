@@ -1,0 +1,273 @@
+"""Ethereum JSON-RPC over HTTP: aiohttp, hand-built bodies, typed errors, retries.
+
+Why not web3's ``AsyncWeb3``?  Measured on this machine against anvil
+(``benchmarks/chain.py``): an MPE ``channels(id)`` read costs 2.5-2.7 ms of
+CPU in web3 8 and 0.12-0.18 ms here (15-20x less), ``eth_blockNumber``
+0.4 ms against 0.07-0.11 ms; treq with the same bodies sits in between
+(0.35-0.75 ms).  The daemon shares its core with the payment path, and
+this client is also the one place that decides what is transient (retried,
+with backoff) and what is not, which web3 hides.  ABI encoding and decoding
+is done with ``eth-abi`` (:mod:`snet_daemon.blockchain.contracts`).
+
+Authentication follows the Go daemon (``blockchain_provider_api_key``): a
+JWT-looking key is sent as ``Bearer``; otherwise an endpoint containing
+``infura`` gets ``Basic base64(":" + key)`` and any other gets ``Bearer``.
+WebSocket connections always use ``Basic``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from twisted.logger import Logger
+
+from snet_daemon.blockchain.errors import ChainUnavailable, ContractCallFailed, RateLimited
+
+__all__ = ["JsonRpcClient", "RpcHealth", "auth_header", "redact_url"]
+
+_log = Logger(namespace="snetd.chain.rpc")
+
+# header.payload.signature, each base64url; JWT headers always start "eyJ" ('{"').
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+# JSON-RPC error codes and texts providers use for "slow down".
+_RATE_LIMIT_CODES = frozenset({-32005, 429})
+_RATE_LIMIT_TEXT = re.compile(r"rate.?limit|too many requests|request limit|exceeded.*(limit|quota)", re.IGNORECASE)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def auth_header(endpoint: str, api_key: str, *, websocket: bool = False) -> str | None:
+    """The ``Authorization`` header value for ``api_key``, as the Go daemon sends it.
+
+    Args:
+        endpoint: The JSON-RPC URL (only checked for ``infura``).
+        api_key: ``blockchain_provider_api_key``; empty means no header.
+        websocket: Go always uses Basic on its WebSocket client.
+
+    Returns:
+        The header value, or None when there is no key.
+    """
+    if not api_key:
+        return None
+    basic = "Basic " + base64.b64encode(f":{api_key}".encode()).decode()
+    if websocket:
+        return basic
+    if _JWT.fullmatch(api_key):
+        return f"Bearer {api_key}"
+    if "infura" in endpoint.lower():
+        return basic
+    return f"Bearer {api_key}"
+
+
+def redact_url(url: str) -> str:
+    """``url`` safe to log: user info and any path segment that looks like a key are hidden.
+
+    Provider URLs carry the API key in the path (``.../v3/<key>``).
+    """
+    url = re.sub(r"//[^/@]*@", "//***@", url)
+    return re.sub(r"/([A-Za-z0-9_-]{20,})(?=/|$|\?)", "/***", url)
+
+
+@dataclass(frozen=True, slots=True)
+class RpcHealth:
+    """What the heartbeat shows about the JSON-RPC endpoint.
+
+    Attributes:
+        endpoint: The URL, with secrets redacted.
+        ok: The last call succeeded.
+        last_success: Reactor time of the last successful call, or None.
+        last_error: Text of the last failure, or None after a success.
+        consecutive_failures: Failed calls (after retries) since the last success.
+    """
+
+    endpoint: str
+    ok: bool
+    last_success: float | None
+    last_error: str | None
+    consecutive_failures: int
+
+
+class JsonRpcClient:
+    """A JSON-RPC 2.0 client for one Ethereum HTTP endpoint.
+
+    Transient failures (connection errors, timeouts, HTTP 5xx, rate limits)
+    are retried with exponential backoff -- honouring ``Retry-After`` -- and
+    then raised as :class:`ChainUnavailable` / :class:`RateLimited`.  A
+    JSON-RPC error answer (a revert, an unknown method) is raised at once as
+    :class:`ContractCallFailed`.
+
+    Args:
+        url: The endpoint.
+        now: The reactor clock, for health timestamps.
+        api_key: ``blockchain_provider_api_key``.
+        timeout: Seconds one HTTP request may take.
+        attempts: Tries per call (1 = no retry).
+        backoff: First retry delay in seconds; doubles each retry.
+        max_backoff: Cap on one retry delay (and on ``Retry-After``).
+        sleep: How to wait between retries (tests make it instant).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        now: Callable[[], float],
+        api_key: str = "",
+        timeout: float = 10.0,
+        attempts: int = 4,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.url = url
+        self._now = now
+        self._timeout = timeout
+        self._attempts = max(1, attempts)
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._sleep = sleep
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        authorization = auth_header(url, api_key)
+        if authorization:
+            self._headers["Authorization"] = authorization
+        self._ids = itertools.count(1)
+        self._session: aiohttp.ClientSession | None = None
+        self._last_success: float | None = None
+        self._last_error: str | None = None
+        self._failures = 0
+
+    # -- health ------------------------------------------------------------------
+
+    def health(self) -> RpcHealth:
+        """The endpoint's state as seen by the calls made so far."""
+        return RpcHealth(
+            endpoint=redact_url(self.url),
+            ok=self._failures == 0 and self._last_success is not None,
+            last_success=self._last_success,
+            last_error=self._last_error,
+            consecutive_failures=self._failures,
+        )
+
+    # -- calls ---------------------------------------------------------------------
+
+    async def call(self, method: str, params: Sequence[Any] = ()) -> Any:
+        """Call ``method`` and return its ``result``.
+
+        Raises:
+            ChainUnavailable: the endpoint could not be reached or kept
+                failing (:class:`RateLimited` when it was throttling us).
+            ContractCallFailed: the node answered with a JSON-RPC error.
+        """
+        delay = self._backoff
+        for attempt in range(1, self._attempts + 1):
+            try:
+                result = await self._once(method, list(params))
+            except ChainUnavailable as exc:
+                retry_after = exc.retry_after
+                if attempt == self._attempts or exc.permanent:
+                    self._failed(exc)
+                    raise
+                wait = min(self._max_backoff, retry_after if retry_after is not None else delay)
+                _log.debug(
+                    "{method} failed ({error}); retry {attempt} in {wait:.2f} s",
+                    method=method,
+                    error=exc,
+                    attempt=attempt,
+                    wait=wait,
+                )
+                await self._sleep(wait)
+                delay = min(self._max_backoff, delay * 2)
+            except ContractCallFailed:
+                # The node is up and answering: that counts as reachable.
+                self._succeeded()
+                raise
+            else:
+                self._succeeded()
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _succeeded(self) -> None:
+        if self._failures:
+            _log.info("Ethereum JSON-RPC {endpoint} is reachable again", endpoint=redact_url(self.url))
+        self._failures = 0
+        self._last_error = None
+        self._last_success = self._now()
+
+    def _failed(self, exc: Exception) -> None:
+        self._failures += 1
+        self._last_error = str(exc)
+        if self._failures == 1 or self._failures % 10 == 0:
+            _log.warn(
+                "Ethereum JSON-RPC {endpoint} unavailable ({failures} failed calls in a row): {error}",
+                endpoint=redact_url(self.url),
+                failures=self._failures,
+                error=exc,
+            )
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+                headers=self._headers,
+            )
+        return self._session
+
+    async def _once(self, method: str, params: list[Any]) -> Any:
+        body = json.dumps({"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params})
+        try:
+            async with self._get_session().post(self.url, data=body) as response:
+                payload = await response.read()
+                status = response.status
+                retry_after = _retry_after(response.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ChainUnavailable(f"{method}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+        if status == 429:
+            raise RateLimited(f"{method}: HTTP 429 Too Many Requests", retry_after=retry_after)
+        if status in (401, 403):
+            raise ChainUnavailable(f"{method}: HTTP {status} (check blockchain_provider_api_key)", permanent=True)
+        if status >= 400 and not payload.strip().startswith(b"{"):
+            raise ChainUnavailable(f"{method}: HTTP {status}")
+        try:
+            answer = json.loads(payload)
+        except ValueError:
+            raise ChainUnavailable(f"{method}: answer is not JSON (HTTP {status})") from None
+        if not isinstance(answer, dict):
+            raise ChainUnavailable(f"{method}: unexpected answer {payload[:200]!r}")
+        error_obj = answer.get("error")
+        if error_obj is not None:
+            code = error_obj.get("code") if isinstance(error_obj, dict) else None
+            message = str(error_obj.get("message", error_obj)) if isinstance(error_obj, dict) else str(error_obj)
+            if code in _RATE_LIMIT_CODES or _RATE_LIMIT_TEXT.search(message):
+                raise RateLimited(f"{method}: {message}", retry_after=retry_after)
+            data = error_obj.get("data") if isinstance(error_obj, dict) else None
+            detail = f" ({data})" if data else ""
+            raise ContractCallFailed(f"{method}: {message}{detail}", code if isinstance(code, int) else None)
+        if "result" not in answer:
+            raise ChainUnavailable(f"{method}: answer has neither result nor error")
+        return answer["result"]
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (the delta form; dates are ignored)."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None

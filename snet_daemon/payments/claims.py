@@ -1,0 +1,259 @@
+"""``escrow.ProviderControlService``: how the provider gets paid.
+
+The daemon never sends transactions.  The provider's treasurer (``snet
+treasurer claim-all``) asks the daemon for the payments it holds, *starts*
+a claim on each channel (the daemon moves the channel to the next nonce, so
+clients sign new payments from zero, and keeps the claimed payment as "in
+progress"), then claims on chain with the returned signatures.  The daemon
+notices a claim has landed when the chain's nonce passes the claimed one,
+and forgets the record.
+
+Every request is signed by the payment group's payment address.  As in the
+Go daemon (``snet-daemon.md`` §6.3), errors are plain (status UNKNOWN)
+except where noted.  Unlike the Go daemon, ``StartClaim`` refuses unknown
+channels before anything else, and a second claim on a channel whose first
+claim has not landed yet is refused (the amount still counted by the chain
+must be known to keep clients within the channel's funds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from snet_daemon._proto.escrow import control_service_pb2 as pb
+from snet_daemon.frontend.call import ServerCall
+from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.payments import signatures
+from snet_daemon.payments.channel import ChannelState, ClaimedPayment, CorruptValue
+from snet_daemon.payments.escrow import ChannelSource, EscrowLedger, PaymentTerms, channel_label
+from snet_daemon.payments.keys import PaymentKeys, channel_id_of_state_key, payment_of_key
+from snet_daemon.payments.state_service import check_block, uint256_bytes
+from snet_daemon.storage.base import AtomicStorage, Condition, ConditionFailed, Entry, Put, StorageError
+
+
+class ProviderControl:
+    """Answers the four ``ProviderControlService`` methods.
+
+    Args:
+        ledger: the escrow ledger (merged channel state, cache).
+        storage: the payment storage.
+        keys: key names.
+        chain: the chain reader.
+        terms: the current payment terms.
+    """
+
+    def __init__(
+        self,
+        ledger: EscrowLedger,
+        storage: AtomicStorage,
+        keys: PaymentKeys,
+        chain: ChannelSource,
+        terms: Callable[[], PaymentTerms],
+    ) -> None:
+        self._ledger = ledger
+        self._storage = storage
+        self._keys = keys
+        self._chain = chain
+        self._terms = terms
+
+    # -- the RPCs -----------------------------------------------------------------
+
+    async def get_list_unclaimed(self, request: pb.GetPaymentsListRequest, call: ServerCall) -> pb.PaymentsListReply:
+        """Channels with an accepted payment not yet claimed (without signatures)."""
+        self._authenticate(
+            request.mpe_address,
+            request.signature,
+            lambda mpe: signatures.list_unclaimed(mpe, request.current_block),
+        )
+        check_block(request.current_block, self._chain)
+        reply = pb.PaymentsListReply()
+        for channel_id, state in await self._stored_channels():
+            if state.authorized_amount == 0:
+                continue
+            reply.payments.append(
+                pb.PaymentReply(
+                    channel_id=uint256_bytes(channel_id),
+                    channel_nonce=uint256_bytes(state.nonce),
+                    signed_amount=uint256_bytes(state.authorized_amount),
+                    channel_expiry=uint256_bytes(await self._expiry(channel_id)),
+                )
+            )
+        return reply
+
+    async def get_list_in_progress(self, request: pb.GetPaymentsListRequest, call: ServerCall) -> pb.PaymentsListReply:
+        """Payments whose claim was started and has not landed on chain yet."""
+        self._authenticate(
+            request.mpe_address,
+            request.signature,
+            lambda mpe: signatures.list_in_progress(mpe, request.current_block),
+        )
+        check_block(request.current_block, self._chain)
+        reply = pb.PaymentsListReply()
+        for payment in await self._pending_claims():
+            if not payment.signature or payment.amount == 0:
+                continue
+            reply.payments.append(await self._payment_reply(payment))
+        return reply
+
+    async def start_claim(self, request: pb.StartClaimRequest, call: ServerCall) -> pb.PaymentReply:
+        """Start claiming one channel: return its last payment, move it to the next nonce."""
+        terms = self._check_mpe(request.mpe_address)
+        channel_id = int.from_bytes(request.channel_id, "big")
+        found = await self._ledger.channel_state(channel_id)
+        if found is None:
+            raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}")
+        state, _ = found
+        try:
+            signer = signatures.recover(
+                signatures.start_claim(terms.mpe_address, channel_id, state.nonce), request.signature
+            )
+        except (signatures.SignatureError, ValueError):
+            raise GrpcError(Status.UNKNOWN, "incorrect signature") from None
+        if signer != terms.payment_address:
+            raise GrpcError(Status.UNKNOWN, "only the payment address of the group can start claims")
+        await self._pending_claims()  # forget claims that landed
+        return await self._payment_reply(await self._start(channel_id))
+
+    async def start_claim_for_multiple_channels(
+        self, request: pb.StartMultipleClaimRequest, call: ServerCall
+    ) -> pb.PaymentsListReply:
+        """Start claims on several channels (one signature over the sorted ids)."""
+        self._authenticate(
+            request.mpe_address,
+            request.signature,
+            lambda mpe: signatures.start_claim_multiple(mpe, request.channel_ids, request.current_block),
+        )
+        check_block(request.current_block, self._chain)
+        await self._pending_claims()
+        reply = pb.PaymentsListReply()
+        for channel_id in request.channel_ids:
+            # As in Go: stop at the first failure (claims already started stay
+            # in progress and are listed by GetListInProgress).
+            reply.payments.append(await self._payment_reply(await self._start(channel_id)))
+        return reply
+
+    # -- internals ----------------------------------------------------------------
+
+    def _check_mpe(self, mpe_address: str) -> PaymentTerms:
+        terms = self._terms()
+        try:
+            given = signatures.address_bytes(mpe_address)
+        except ValueError:
+            given = b""
+        if given != terms.mpe_address:
+            raise GrpcError(
+                Status.UNKNOWN,
+                f"the mpe address {mpe_address!r} passed does not match the one this daemon serves: "
+                f"{signatures.checksum(terms.mpe_address)}",
+            )
+        return terms
+
+    def _authenticate(self, mpe_address: str, signature: bytes, message: Callable[[bytes], bytes]) -> PaymentTerms:
+        terms = self._check_mpe(mpe_address)
+        try:
+            signer = signatures.recover(message(terms.mpe_address), signature)
+        except (signatures.SignatureError, ValueError):
+            raise GrpcError(Status.UNKNOWN, "incorrect signature") from None
+        if signer != terms.payment_address:
+            raise GrpcError(Status.UNKNOWN, "only the payment address of the group can use this service")
+        return terms
+
+    async def _start(self, channel_id: int) -> ClaimedPayment:
+        """Move the channel's last payment to "claim in progress" atomically."""
+        keys = self._keys
+        state_key = keys.channel_state(channel_id)
+        hold_key = keys.channel_hold(channel_id)
+        for _ in range(3):
+            found = await self._ledger.channel_state(channel_id)
+            if found is None:
+                raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}")
+            state, info = found
+            if state.nonce != info.nonce:
+                raise GrpcError(
+                    Status.FAILED_PRECONDITION,
+                    f"a claim on channel {channel_label(channel_id)} is already in progress; "
+                    "claim it on chain first (GetListInProgress lists it)",
+                )
+            if state.authorized_amount == 0:
+                raise GrpcError(Status.UNKNOWN, f"channel {channel_label(channel_id)} has no payment to claim")
+            entry = await self._get(state_key)
+            claimed = ClaimedPayment(channel_id, state.nonce, state.authorized_amount, state.signature)
+            after = ChannelState(state.nonce + 1, claimed_amount=state.authorized_amount)
+            try:
+                await self._storage.transaction(
+                    [Condition.unchanged(state_key, entry), Condition.absent(hold_key)],
+                    [Put(state_key, after.encode()), Put(keys.payment(channel_id, state.nonce), claimed.encode())],
+                )
+            except ConditionFailed as failed:
+                if failed.current.get(hold_key) is not None:
+                    raise GrpcError(
+                        Status.FAILED_PRECONDITION,
+                        f"another transaction on channel: {channel_label(channel_id)} is in progress",
+                    ) from None
+                continue  # a payment landed meanwhile: claim it too
+            except StorageError as exc:
+                raise GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}") from None
+            finally:
+                self._ledger.forget(channel_id)
+            return claimed
+        raise GrpcError(Status.UNAVAILABLE, f"channel {channel_label(channel_id)} is too busy to claim; retry")
+
+    async def _stored_channels(self) -> list[tuple[int, ChannelState]]:
+        out = []
+        for entry in await self._prefix(self._keys.channel_state_prefix()):
+            channel_id = channel_id_of_state_key(entry.key)
+            if channel_id is None:
+                continue
+            try:
+                out.append((channel_id, ChannelState.decode(entry.value)))
+            except CorruptValue:
+                continue
+        return sorted(out)
+
+    async def _pending_claims(self) -> list[ClaimedPayment]:
+        """Payment records still in progress; records whose claim landed are deleted."""
+        pending = []
+        for entry in await self._prefix(self._keys.payment_prefix()):
+            ids = payment_of_key(entry.key)
+            if ids is None:
+                continue
+            try:
+                payment = ClaimedPayment.decode(ids[0], entry.value)
+            except CorruptValue:
+                continue
+            info = await self._chain.channel(payment.channel_id)
+            if info is not None and info.nonce <= payment.nonce:
+                info = await self._chain.channel(payment.channel_id, fresh=True)
+            if info is not None and info.nonce > payment.nonce:
+                try:
+                    await self._storage.delete(entry.key)
+                except StorageError:
+                    pass
+                continue
+            pending.append(payment)
+        return pending
+
+    async def _payment_reply(self, payment: ClaimedPayment) -> pb.PaymentReply:
+        return pb.PaymentReply(
+            channel_id=uint256_bytes(payment.channel_id),
+            channel_nonce=uint256_bytes(payment.nonce),
+            signed_amount=uint256_bytes(payment.amount),
+            signature=payment.signature,
+            channel_expiry=uint256_bytes(await self._expiry(payment.channel_id)),
+        )
+
+    async def _expiry(self, channel_id: int) -> int:
+        info = await self._chain.channel(channel_id)
+        return 0 if info is None else info.expiration
+
+    async def _get(self, key: str) -> Entry | None:
+        try:
+            return await self._storage.get(key)
+        except StorageError as exc:
+            raise GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}") from None
+
+    async def _prefix(self, prefix: str) -> list[Entry]:
+        try:
+            return await self._storage.get_prefix(prefix)
+        except StorageError as exc:
+            raise GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}") from None

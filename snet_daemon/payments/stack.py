@@ -1,0 +1,278 @@
+"""The payment side of a running daemon, built once the metadata is known.
+
+Everything payments need depends on the organization and service metadata,
+which load after startup (and may be reloaded): the payment group's id and
+address, the MPE contract, the prices, and even where the storage is (the
+Go daemon takes the etcd endpoints from the organization metadata when the
+configuration names none; with none anywhere, snetd runs its own etcd).
+:class:`PaymentStack` waits for the first metadata, builds the storage,
+then the ledger and the daemon's payment services, and rebuilds the
+ledger if a reload changes the payment group or the MPE contract.
+
+Until it is ready, paid calls and the payment services answer
+``UNAVAILABLE`` with the reason, and the heartbeat shows it: the daemon
+never serves a call it cannot charge for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.logger import Logger
+
+from snet_daemon._proto.escrow import control_service_pb2 as cpb
+from snet_daemon._proto.escrow import state_service_pb2 as spb
+from snet_daemon.frontend.call import ServerCall
+from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.payments import signatures
+from snet_daemon.payments.claims import ProviderControl
+from snet_daemon.payments.escrow import ChannelSource, EscrowLedger, PaymentTerms
+from snet_daemon.payments.gate import Forwarder, PaymentGate
+from snet_daemon.payments.keys import PaymentKeys
+from snet_daemon.payments.state_service import ChannelStateService
+from snet_daemon.storage.base import StorageSetupError
+from snet_daemon.storage.factory import MetadataStorageClient, StorageSetup
+from snet_daemon.storage.keys import KeyLayout
+
+_log = Logger(namespace="snetd.payments")
+
+
+class Metadata(Protocol):
+    """What the stack reads from ``snet_daemon.blockchain.metadata.DaemonMetadata``."""
+
+    @property
+    def group_id(self) -> bytes: ...
+    @property
+    def payment_address(self) -> str: ...
+    @property
+    def payment_expiration_threshold(self) -> int: ...
+    @property
+    def storage_client(self) -> Any: ...
+
+    def price(self, method: str) -> int: ...
+
+
+class MetadataFeed(Protocol):
+    """``snet_daemon.blockchain.refresh.MetadataSource`` as the stack uses it."""
+
+    @property
+    def current(self) -> Any: ...
+
+    def subscribe(self, callback: Callable[[Any], object]) -> Callable[[], None]: ...
+
+
+class Reader(ChannelSource, Protocol):
+    @property
+    def mpe_address(self) -> str | None: ...
+
+
+#: Builds the storage from the organization metadata's client settings.
+StorageFactory = Callable[[MetadataStorageClient], StorageSetup]
+
+
+@dataclass
+class _Parts:
+    key: tuple[bytes, bytes]
+    ledger: EscrowLedger
+    gate: PaymentGate
+    state: ChannelStateService
+    control: ProviderControl
+
+
+class PaymentStack:
+    """Owns storage, ledger and payment services; serves their handlers.
+
+    Args:
+        upstream: forwards paid calls to the service.
+        chain: the chain reader.
+        metadata: the metadata source.
+        make_storage: builds the storage once the metadata is known.
+        parse_duration: Go duration text → seconds (for metadata timeouts).
+        network: ``blockchain_network_selected`` (part of storage keys).
+        organization_id: part of storage keys.
+        instance: this daemon instance's name (stored in its holds).
+        not_ready: returns the chain/metadata problems, if any.
+    """
+
+    def __init__(
+        self,
+        *,
+        upstream: Forwarder,
+        chain: Reader,
+        metadata: MetadataFeed,
+        make_storage: StorageFactory,
+        parse_duration: Callable[[str], float],
+        network: str,
+        organization_id: str,
+        instance: str,
+        not_ready: Callable[[], tuple[str, ...]],
+    ) -> None:
+        self._upstream = upstream
+        self._chain = chain
+        self._metadata = metadata
+        self._make_storage = make_storage
+        self._parse_duration = parse_duration
+        self._network = network
+        self._organization_id = organization_id
+        self._instance = instance
+        self._not_ready = not_ready
+        self._storage: StorageSetup | None = None
+        self._storage_error: str | None = None
+        self._storage_task: asyncio.Task[None] | None = None
+        self._parts: _Parts | None = None
+        self._terms: PaymentTerms | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Follow the metadata (call with the loop running)."""
+        self._unsubscribe = self._metadata.subscribe(self._on_metadata)
+        if self._metadata.current is not None:
+            self._on_metadata(self._metadata.current)
+
+    async def stop(self) -> None:
+        """Stop the storage (after calls have drained: commits go through it)."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self._storage_task is not None and not self._storage_task.done():
+            self._storage_task.cancel()
+        if self._storage is not None and self._storage.service.running:
+            await self._storage.service.stopService().asFuture(asyncio.get_running_loop())
+
+    def problems(self) -> tuple[str, ...]:
+        """Why payments cannot be taken now (empty when they can)."""
+        reasons = list(self._not_ready())
+        if self._storage_error is not None:
+            reasons.append(f"storage: {self._storage_error}")
+        elif self._parts is None and not reasons:
+            reasons.append("payments: waiting for metadata and storage")
+        return tuple(reasons)
+
+    def storage_mode(self) -> str | None:
+        return None if self._storage is None else self._storage.mode
+
+    # -- handlers -----------------------------------------------------------------
+
+    async def paid_call(self, call: ServerCall) -> None:
+        """The handler for every call to the service."""
+        await self._ready().gate(call)
+
+    async def get_channel_state(self, request: spb.ChannelStateRequest, call: ServerCall) -> spb.ChannelStateReply:
+        return await self._ready().state.get_channel_state(request, call)
+
+    async def get_list_unclaimed(self, request: cpb.GetPaymentsListRequest, call: ServerCall) -> cpb.PaymentsListReply:
+        return await self._ready().control.get_list_unclaimed(request, call)
+
+    async def get_list_in_progress(
+        self, request: cpb.GetPaymentsListRequest, call: ServerCall
+    ) -> cpb.PaymentsListReply:
+        return await self._ready().control.get_list_in_progress(request, call)
+
+    async def start_claim(self, request: cpb.StartClaimRequest, call: ServerCall) -> cpb.PaymentReply:
+        return await self._ready().control.start_claim(request, call)
+
+    async def start_claim_for_multiple_channels(
+        self, request: cpb.StartMultipleClaimRequest, call: ServerCall
+    ) -> cpb.PaymentsListReply:
+        return await self._ready().control.start_claim_for_multiple_channels(request, call)
+
+    # -- internals ----------------------------------------------------------------
+
+    def _ready(self) -> _Parts:
+        parts = self._parts
+        problems = self._not_ready()
+        if parts is None or problems:
+            reasons = problems or self.problems()
+            raise GrpcError(Status.UNAVAILABLE, "the daemon cannot take payments right now: " + "; ".join(reasons))
+        return parts
+
+    def _on_metadata(self, metadata: Metadata) -> None:
+        if self._storage is None:
+            if self._storage_task is None or self._storage_task.done():
+                self._storage_task = asyncio.ensure_future(self._start_storage(metadata))
+            return
+        self._apply(metadata)
+
+    async def _start_storage(self, metadata: Metadata) -> None:
+        client = metadata.storage_client
+        try:
+            setup = self._make_storage(
+                MetadataStorageClient(
+                    endpoints=tuple(client.endpoints),
+                    connection_timeout=self._duration(client.connection_timeout),
+                    request_timeout=self._duration(client.request_timeout),
+                )
+            )
+            setup.service.startService()
+            await setup.ready()
+        except (StorageSetupError, Exception) as exc:
+            self._storage_error = str(exc)
+            _log.error("payment storage could not start: {error}", error=exc)
+            return
+        self._storage = setup
+        self._storage_error = None
+        _log.info("payment storage ready ({mode})", mode=setup.mode)
+        current = self._metadata.current
+        self._apply(current if current is not None else metadata)
+
+    def _apply(self, metadata: Metadata) -> None:
+        """Take new metadata: new terms; a new ledger if group or MPE changed."""
+        assert self._storage is not None
+        mpe = self._chain.mpe_address
+        if not mpe:
+            self._storage_error = None
+            _log.error("no MPE contract address: set mpe_contract_address or mpe_address in the service metadata")
+            return
+        mpe_bytes = signatures.address_bytes(mpe)
+        self._terms = PaymentTerms(
+            mpe_address=mpe_bytes,
+            group_id=metadata.group_id,
+            payment_address=signatures.address_bytes(metadata.payment_address),
+            expiration_threshold=metadata.payment_expiration_threshold,
+            price=metadata.price,
+        )
+        key = (metadata.group_id, mpe_bytes)
+        if self._parts is not None and self._parts.key == key:
+            return
+        storage = self._storage.storage
+        keys = PaymentKeys(KeyLayout(self._network, self._organization_id, metadata.group_id, mpe))
+        ledger = EscrowLedger(
+            storage, keys, self._chain, self._current_terms, self._storage.lease_keeper, self._instance
+        )
+        self._parts = _Parts(
+            key=key,
+            ledger=ledger,
+            gate=PaymentGate(self._upstream, ledger),
+            state=ChannelStateService(ledger, storage, keys, self._chain, self._current_terms),
+            control=ProviderControl(ledger, storage, keys, self._chain, self._current_terms),
+        )
+        _log.info(
+            "taking payments for group {group} on MPE {mpe}",
+            group=metadata.group_id.hex(),
+            mpe=mpe,
+        )
+
+    def _current_terms(self) -> PaymentTerms:
+        assert self._terms is not None
+        return self._terms
+
+    def _duration(self, text: str) -> float:
+        if not text:
+            return 0.0
+        try:
+            return self._parse_duration(text)
+        except ValueError:
+            return 0.0
+
+
+def empty_state_service() -> Callable[[spb.ChannelStateRequest, ServerCall], Awaitable[spb.ChannelStateReply]]:
+    """``GetChannelState`` with the blockchain disabled: an empty reply, as in Go."""
+
+    async def reply(request: spb.ChannelStateRequest, call: ServerCall) -> spb.ChannelStateReply:
+        return spb.ChannelStateReply()
+
+    return reply

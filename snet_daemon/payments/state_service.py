@@ -1,0 +1,122 @@
+"""``escrow.PaymentChannelStateService``: the channel state clients sign against.
+
+Before each paid call, snet-sdk asks for the channel's current nonce and
+the last amount it signed, then signs ``last + price``.  While a claim is
+in progress (the daemon's nonce is one ahead of the chain) the reply also
+carries the last payment under the old nonce, which snet-cli checks.  As
+in the Go daemon (``snet-daemon.md`` §6.4), failures are plain errors
+(status UNKNOWN) with the Go daemon's messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final, Protocol
+
+from snet_daemon._proto.escrow import state_service_pb2 as pb
+from snet_daemon.frontend.call import ServerCall
+from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.payments import signatures
+from snet_daemon.payments.channel import ChannelState, ClaimedPayment, CorruptValue
+from snet_daemon.payments.escrow import ChannelSource, EscrowLedger, PaymentTerms
+from snet_daemon.storage.base import AtomicStorage, StorageError
+
+#: How far the client's block number may be from ours (as in Go).
+BLOCK_TOLERANCE: Final = 5
+
+
+class PaymentKeys(Protocol):
+    def payment(self, channel_id: int, nonce: int) -> str: ...
+
+
+def uint256_bytes(value: int) -> bytes:
+    """A uint256 as the daemon sends it: 32 bytes, big-endian."""
+    return value.to_bytes(32, "big")
+
+
+def check_block(client_block: int, chain: ChannelSource) -> None:
+    """Refuse signatures over a block number too far from the current one.
+
+    Raises:
+        GrpcError: ``UNKNOWN`` with Go's message (also when our own block
+            number is not trustworthy right now).
+    """
+    try:
+        latest = chain.current_block()
+    except Exception:
+        raise GrpcError(Status.UNKNOWN, "cannot determine current block") from None
+    if abs(client_block - latest) > BLOCK_TOLERANCE:
+        raise GrpcError(Status.UNKNOWN, "authentication failed as the signature passed has expired")
+
+
+class ChannelStateService:
+    """Answers ``GetChannelState``.
+
+    Args:
+        ledger: the escrow ledger (merged channel state).
+        storage: for payment records of claims in progress.
+        keys: where those records live.
+        chain: the chain reader (block number).
+        terms: the current payment terms (MPE address).
+    """
+
+    def __init__(
+        self,
+        ledger: EscrowLedger,
+        storage: AtomicStorage,
+        keys: PaymentKeys,
+        chain: ChannelSource,
+        terms: Callable[[], PaymentTerms],
+    ) -> None:
+        self._ledger = ledger
+        self._storage = storage
+        self._keys = keys
+        self._chain = chain
+        self._terms = terms
+
+    async def get_channel_state(self, request: pb.ChannelStateRequest, call: ServerCall) -> pb.ChannelStateReply:
+        """The state of ``request.channel_id`` for its signer, sender or recipient."""
+        terms = self._terms()
+        channel_id = int.from_bytes(request.channel_id, "big")
+        try:
+            signer = signatures.recover(
+                signatures.channel_state_request(terms.mpe_address, channel_id, request.current_block),
+                request.signature,
+            )
+        except (signatures.SignatureError, ValueError):
+            raise GrpcError(Status.UNKNOWN, "incorrect signature") from None
+        try:
+            found = await self._ledger.channel_state(channel_id)
+        except GrpcError as error:
+            raise GrpcError(Status.UNKNOWN, f"channel error: {error.message}") from None
+        if found is None:
+            raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}")
+        state, info = found
+        allowed = {signatures.address_bytes(a) for a in (info.signer, info.sender, info.recipient)}
+        if signer not in allowed:
+            raise GrpcError(Status.UNKNOWN, "only channel signer/sender/receiver can get latest channel state")
+        check_block(request.current_block, self._chain)
+        reply = pb.ChannelStateReply(current_nonce=uint256_bytes(state.nonce))
+        if state.signature:
+            reply.current_signed_amount = uint256_bytes(state.authorized_amount)
+            reply.current_signature = state.signature
+        if state.nonce != info.nonce:
+            old = await self._old_payment(channel_id, state)
+            reply.old_nonce_signed_amount = uint256_bytes(old.amount)
+            reply.old_nonce_signature = old.signature
+        return reply
+
+    async def _old_payment(self, channel_id: int, state: ChannelState) -> ClaimedPayment:
+        try:
+            entry = await self._storage.get(self._keys.payment(channel_id, state.nonce - 1))
+        except StorageError as exc:
+            raise GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}") from None
+        if entry is None:
+            raise GrpcError(
+                Status.UNKNOWN,
+                "channel has different nonce in local storage and blockchain and old payment is not found in storage",
+            )
+        try:
+            return ClaimedPayment.decode(channel_id, entry.value)
+        except CorruptValue as exc:
+            raise GrpcError(Status.UNKNOWN, f"channel error: {exc}") from None

@@ -1,0 +1,468 @@
+"""The embedded etcd server: a supervised ``etcd`` child process.
+
+The Go daemon links etcd into its own binary (``embed.StartEtcd``).  Python
+cannot, so by default snetd runs Debian's ``etcd`` binary as a child
+process, with the settings of ``payment_channel_storage_server``, and
+supervises it:
+
+* **Ready means healthy.**  :meth:`EmbeddedEtcd.ready` completes once etcd's
+  ``/health`` endpoint reports ``{"health": "true"}`` (a leader is elected
+  and requests are served), within ``startup_timeout``.
+* **A failed start leaves nothing behind.**  If the first start does not
+  become healthy -- etcd exits (port in use, bad data dir), or the timeout
+  passes -- the child is stopped and :meth:`ready` fails with an
+  :class:`EmbeddedEtcdError` that quotes etcd's last output lines.
+* **Restarts.**  Once it has been healthy, an unexpected exit is logged and
+  etcd is started again after a backoff (0.5 s doubling to 30 s, reset after
+  a minute of healthy running).  Its data directory is kept, so no state is
+  lost.
+* **Stopping** sends SIGTERM, then SIGKILL after ``stop_timeout``, and
+  completes when the child has been reaped.
+* **No orphans, even if the daemon is SIGKILLed.**  The child is started as
+  ``setpriv --pdeathsig KILL -- etcd ...`` (util-linux): the kernel kills
+  etcd when the daemon dies, however it dies.  It also runs in a session of
+  its own (``setsid``), so a Ctrl-C at the terminal reaches only the
+  daemon, which then drains calls -- committing their payments to etcd --
+  before stopping etcd itself.
+
+Paths in the settings (data dir, log files) are relative to the daemon's
+working directory, as with the Go daemon.  Besides the configured settings,
+etcd runs with periodic auto-compaction (10 minutes of history): every
+payment writes a revision, and an uncompacted history would fill etcd's
+2 GiB quota within days on a busy service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from snet_daemon.config.sections import StorageServerSettings
+from snet_daemon.storage.base import StorageSetupError
+
+__all__ = ["EmbeddedEtcd", "EmbeddedEtcdError", "etcd_arguments", "find_etcd", "http_health"]
+
+_log = Logger(namespace="snetd.storage.embedded")
+
+#: Health checks while starting, seconds apart.
+_POLL_INTERVAL = 0.1
+#: Restart backoff: first delay, cap, and how long a run must last to reset it.
+_RESTART_FIRST = 0.5
+_RESTART_MAX = 30.0
+_RESTART_RESET_AFTER = 60.0
+#: Output lines kept for error messages.
+_TAIL_LINES = 30
+
+INSTALL_HINT = (
+    "install it (Debian/Ubuntu: apt-get install etcd-server), or configure an external etcd cluster "
+    "with payment_channel_storage_client.endpoints"
+)
+
+
+class EmbeddedEtcdError(StorageSetupError):
+    """The embedded etcd server cannot be run; the message says what to do."""
+
+
+def find_etcd(binary: str = "etcd") -> str:
+    """Locate the etcd binary.
+
+    Args:
+        binary: A name looked up on ``PATH``, or a path.
+
+    Returns:
+        The absolute path of the executable.
+
+    Raises:
+        EmbeddedEtcdError: Not found, with the installation hint.
+    """
+    found = shutil.which(binary)
+    if found is None:
+        raise EmbeddedEtcdError(
+            f"payment_channel_storage_type is 'etcd' and no etcd endpoints are configured, so snetd runs "
+            f"its own etcd server, but the '{binary}' program was not found: {INSTALL_HINT}"
+        )
+    return os.path.abspath(found)
+
+
+def etcd_arguments(settings: StorageServerSettings, workdir: Path) -> list[str]:
+    """etcd's command-line flags for ``settings`` (without the program name).
+
+    Relative data and log paths are made absolute against ``workdir``.
+    """
+
+    def absolute(path: str) -> str:
+        return str(workdir / path)
+
+    outputs = [out if out in ("stdout", "stderr", "default") else absolute(out) for out in settings.log_outputs]
+    cluster = settings.cluster or f"{settings.name}={settings.peer_url}"
+    return [
+        f"--name={settings.name}",
+        f"--data-dir={absolute(settings.data_dir)}",
+        f"--listen-client-urls={settings.client_url}",
+        f"--advertise-client-urls={settings.client_url}",
+        f"--listen-peer-urls={settings.peer_url}",
+        f"--initial-advertise-peer-urls={settings.peer_url}",
+        f"--initial-cluster={cluster}",
+        f"--initial-cluster-token={settings.token}",
+        "--initial-cluster-state=new",
+        "--logger=zap",
+        f"--log-level={settings.log_level}",
+        f"--log-outputs={','.join(outputs) or 'stderr'}",
+        "--auto-compaction-mode=periodic",
+        "--auto-compaction-retention=10m",
+    ]
+
+
+async def http_health(url: str, seconds: float) -> bool:
+    """Ask etcd's ``/health`` endpoint whether the server is healthy.
+
+    A plain HTTP/1.0 request on a fresh connection: tiny, loopback, and free
+    of connection-pool state that could outlive the daemon's reactor.
+
+    Args:
+        url: The server's client URL.
+        seconds: Limit for connecting and for reading the answer.
+
+    Returns:
+        True for HTTP 200 with ``{"health": "true"}``; False for anything
+        else, including connection errors and timeouts.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 2379
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), seconds)
+        writer.write(f"GET /health HTTP/1.0\r\nHost: {parts.netloc}\r\n\r\n".encode())
+        reply = await asyncio.wait_for(reader.read(65536), seconds)
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    if not head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")):
+        return False
+    try:
+        return bool(json.loads(body).get("health") == "true")
+    except (ValueError, AttributeError):
+        return False
+
+
+class _EtcdProcess(ProcessProtocol):
+    """One run of the etcd child: its output tail and its end."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.ended: asyncio.Future[Failure] = loop.create_future()
+        self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        self._partial = b""
+        self.pid: int | None = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.pid = self.transport.pid
+        # etcd reads nothing from stdin.
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self._output(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._output(data)
+
+    def _output(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()[-4096:]
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self.tail.append(line)
+                _log.info("etcd: {line}", line=line)
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.ended.done():
+            self.ended.set_result(reason)
+
+    @property
+    def running(self) -> bool:
+        return not self.ended.done()
+
+    def signal(self, name: str) -> None:
+        """Send a signal if the child still runs."""
+        transport: IProcessTransport | None = self.transport
+        if transport is None or not self.running:
+            return
+        try:
+            transport.signalProcess(name)
+        except ProcessExitedAlready:
+            pass
+
+    def describe_end(self) -> str:
+        """How the process ended, for messages."""
+        if not self.ended.done():
+            return "still running"
+        value = self.ended.result().value
+        signal = getattr(value, "signal", None)
+        if signal:
+            return f"killed by signal {signal}"
+        return f"exited with status {getattr(value, 'exitCode', '?')}"
+
+    def output(self) -> str:
+        return "\n".join(self.tail) or "(no output)"
+
+
+class EmbeddedEtcd(Service):
+    """Runs and supervises a single-node etcd server.
+
+    Args:
+        settings: ``payment_channel_storage_server``.
+        reactor: Spawns the process.
+        clock: Times startup, backoff and stop (usually the same reactor).
+        workdir: Base of relative paths (the daemon's working directory).
+        binary: The etcd program (name on ``PATH`` or path).
+        health: ``(url, timeout) -> healthy?``; :func:`http_health` by default.
+        stop_timeout: Seconds between SIGTERM and SIGKILL when stopping.
+        isolate: Start etcd through ``setsid`` and ``setpriv --pdeathsig
+            KILL`` when they are installed (see the module docstring).
+
+    Raises:
+        EmbeddedEtcdError: ``scheme`` is not ``http``.
+    """
+
+    name = "embedded-etcd"
+
+    def __init__(
+        self,
+        settings: StorageServerSettings,
+        reactor: IReactorProcess,
+        clock: IReactorTime,
+        *,
+        workdir: Path,
+        binary: str = "etcd",
+        health: Callable[[str, float], Awaitable[bool]] = http_health,
+        stop_timeout: float = 10.0,
+        isolate: bool = True,
+    ) -> None:
+        if settings.scheme != "http":
+            raise EmbeddedEtcdError(
+                f"payment_channel_storage_server.scheme {settings.scheme!r}: the embedded etcd server only "
+                "serves http:// (the configuration has no server certificate); use an external cluster for TLS"
+            )
+        self._settings = settings
+        self._reactor = reactor
+        self._clock = clock
+        self._workdir = workdir
+        self._binary = binary
+        self._health = health
+        self._stop_timeout = stop_timeout
+        self._isolate = isolate
+        self._process: _EtcdProcess | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._stopping = False
+        #: Number of times etcd was started again after an unexpected exit.
+        self.restarts = 0
+        #: PIDs of every etcd process spawned, oldest first (diagnostics, tests).
+        self.spawned: list[int] = []
+
+    @property
+    def client_url(self) -> str:
+        """Where the daemon's client reaches this server."""
+        return self._settings.local_client_url
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running etcd child, if any."""
+        process = self._process
+        return process.pid if process is not None and process.running else None
+
+    def command(self, etcd: str) -> list[str]:
+        """The full argv, including the isolation wrappers when available."""
+        argv = [etcd, *etcd_arguments(self._settings, self._workdir)]
+        if self._isolate:
+            setpriv = shutil.which("setpriv")
+            if setpriv is not None:
+                argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+            else:
+                _log.warn("setpriv (util-linux) not found: etcd may outlive snetd if snetd is killed")
+            setsid = shutil.which("setsid")
+            if setsid is not None:
+                argv = [setsid, *argv]
+        return argv
+
+    async def ready(self) -> None:
+        """Complete when etcd is healthy for the first time since start.
+
+        Raises:
+            EmbeddedEtcdError: It did not start (the message has etcd's
+                output), or the service was stopped first.
+        """
+        if self._ready is None:
+            raise EmbeddedEtcdError("the embedded etcd server has not been started")
+        await asyncio.shield(self._ready)
+
+    # -- Service ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Spawn etcd and begin supervising it.
+
+        Raises:
+            EmbeddedEtcdError: The etcd binary is missing (raised here, so
+                that twistd aborts startup with the message).
+        """
+        etcd = find_etcd(self._binary)
+        super().startService()  # type: ignore[no-untyped-call]
+        loop = asyncio.get_event_loop()
+        self._stopping = False
+        ready: asyncio.Future[None] = loop.create_future()
+        # Whoever never awaits ready() must not get "exception never retrieved".
+        ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._ready = ready
+        Path(self._workdir, self._settings.data_dir).parent.mkdir(parents=True, exist_ok=True)
+        self._supervisor = asyncio.ensure_future(self._guarded(etcd))
+
+    def stopService(self) -> Deferred[None]:
+        """Stop supervising and stop etcd (SIGTERM, then SIGKILL)."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        return Deferred.fromFuture(asyncio.ensure_future(self._shutdown()))
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and not supervisor.done():
+            supervisor.cancel()
+            try:
+                await supervisor
+            except asyncio.CancelledError:
+                pass
+        if self._process is not None:
+            await self._terminate(self._process)
+            _log.info("embedded etcd stopped")
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(EmbeddedEtcdError("the embedded etcd server was stopped before it was ready"))
+
+    # -- supervision ----------------------------------------------------------------
+
+    def _stop_requested(self) -> bool:
+        # A method, not the attribute: it changes while we await.
+        return self._stopping
+
+    async def _guarded(self, etcd: str) -> None:
+        """Run :meth:`_supervise`; a bug in it must not leave etcd unsupervised."""
+        try:
+            await self._supervise(etcd)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            _log.failure("embedded etcd supervision failed; stopping etcd")
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(EmbeddedEtcdError(f"embedded etcd supervision failed: {error}"))
+            if self._process is not None:
+                await self._terminate(self._process)
+
+    async def _supervise(self, etcd: str) -> None:
+        """Start etcd, wait for health, restart it when it dies; until stopped."""
+        delay = _RESTART_FIRST
+        ready = self._ready
+        assert ready is not None
+        while not self._stopping:
+            process = self._spawn(etcd)
+            healthy = await self._wait_healthy(process)
+            if healthy:
+                started = self._clock.seconds()
+                if not ready.done():
+                    ready.set_result(None)
+                _log.info("embedded etcd healthy at {url} (pid {pid})", url=self.client_url, pid=process.pid)
+                await asyncio.shield(process.ended)
+                if self._stop_requested():
+                    return
+                if self._clock.seconds() - started >= _RESTART_RESET_AFTER:
+                    delay = _RESTART_FIRST
+                _log.error(
+                    "embedded etcd (pid {pid}) {how}; restarting in {delay}s. Last output:\n{output}",
+                    pid=process.pid,
+                    how=process.describe_end(),
+                    delay=delay,
+                    output=process.output(),
+                )
+            else:
+                reason = process.describe_end()
+                if process.running:
+                    reason = f"not healthy within {self._settings.startup_timeout:g}s"
+                    await self._terminate(process)
+                if not ready.done():
+                    # The first start failed: report it, leave nothing running.
+                    ready.set_exception(
+                        EmbeddedEtcdError(
+                            f"the embedded etcd server at {self.client_url} did not start ({reason}). "
+                            f"Its last output:\n{process.output()}"
+                        )
+                    )
+                    _log.error("embedded etcd did not start ({reason})", reason=reason)
+                    return
+                _log.error("embedded etcd restart failed ({reason}); retrying in {delay}s", reason=reason, delay=delay)
+            await deferLater(self._clock, delay).asFuture(asyncio.get_running_loop())
+            delay = min(delay * 2, _RESTART_MAX)
+            self.restarts += 1
+
+    def _spawn(self, etcd: str) -> _EtcdProcess:
+        process = _EtcdProcess(asyncio.get_running_loop())
+        argv = self.command(etcd)
+        # etcd reads ETCD_* variables as flags and refuses to start when one
+        # shadows a flag we pass; the daemon's environment must not leak in.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("ETCD_")}
+        # No ``path=`` (working directory), on purpose: every path etcd gets
+        # is absolute already, and with a ``path`` Twisted must fork() and run
+        # Python in the child instead of using posix_spawn().  A forked child
+        # of a process running gRPC can abort before exec ("epoll_wait error:
+        # Bad file descriptor" from gRPC's poller, seen in this test suite).
+        self._reactor.spawnProcess(process, argv[0], argv, env=env, childFDs={0: "w", 1: "r", 2: "r"})
+        self._process = process
+        if process.pid is not None:
+            self.spawned.append(process.pid)
+        _log.info("embedded etcd starting (pid {pid}): {argv}", pid=process.pid, argv=" ".join(argv))
+        return process
+
+    async def _wait_healthy(self, process: _EtcdProcess) -> bool:
+        """Poll ``/health`` until healthy (True), or exit/timeout (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = self._clock.seconds() + self._settings.startup_timeout
+        while process.running and self._clock.seconds() < deadline:
+            if await self._health(self.client_url, 1.0):
+                # It may have died right after answering; trust the pipe.
+                return process.running
+            await deferLater(self._clock, _POLL_INTERVAL).asFuture(loop)
+        return False
+
+    async def _terminate(self, process: _EtcdProcess) -> None:
+        """SIGTERM, SIGKILL after the stop timeout; return once reaped."""
+        if not process.running:
+            return
+        process.signal("TERM")
+        kill: IDelayedCall = self._clock.callLater(self._stop_timeout, self._kill, process)
+        try:
+            reason = await asyncio.shield(process.ended)
+        finally:
+            if kill.active():
+                kill.cancel()
+        if not reason.check(ProcessDone):
+            _log.info("embedded etcd (pid {pid}) {how}", pid=process.pid, how=process.describe_end())
+
+    @staticmethod
+    def _kill(process: _EtcdProcess) -> None:
+        _log.warn("embedded etcd (pid {pid}) ignored SIGTERM; sending SIGKILL", pid=process.pid)
+        process.signal("KILL")

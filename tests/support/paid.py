@@ -1,0 +1,132 @@
+"""A whole paid deployment for end-to-end tests.
+
+anvil with the real MPE/Registry/token contracts, organization and service
+metadata published through the test IPFS server and registered in the
+Registry, the example service, and ``twistd snetd`` with payments on, its
+storage in an embedded etcd (or an external one) — exactly how a provider
+runs the daemon, on loopback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from snet_daemon._proto.escrow import state_service_pb2 as spb
+from snet_daemon._proto.escrow import state_service_pb2_grpc as spb_grpc
+from snet_daemon.payments import signatures as sig
+from tests.support.chain import (
+    CLIENT,
+    GROUP_NAME,
+    ORG_ID,
+    SERVICE_ID,
+    SIGNER,
+    Chain,
+    org_metadata,
+    service_metadata,
+)
+from tests.support.daemon import Daemon
+from tests.support.ipfs import IpfsServer
+from tests.support.ports import free_port
+from tests.support.upstream import Upstream
+
+PRICE = 10
+TOKEN_SECRET = "a-test-secret-that-is-at-least-32-bytes-long"
+
+
+@dataclass
+class Deployment:
+    """Everything of one paid deployment."""
+
+    chain: Chain
+    ipfs: IpfsServer
+    upstream: Upstream
+    daemon: Daemon
+    etcd_endpoint: str | None
+
+    @property
+    def mpe(self) -> bytes:
+        return sig.address_bytes(self.chain.mpe.address)
+
+    def state(self, channel: grpc.Channel, channel_id: int, key: str = SIGNER.private_key) -> spb.ChannelStateReply:
+        """``GetChannelState`` as a client asks it."""
+        block = self.chain.block_number()
+        signature = sig.sign(sig.channel_state_request(self.mpe, channel_id, block), bytes.fromhex(key[2:]))
+        stub = spb_grpc.PaymentChannelStateServiceStub(channel)
+        request = spb.ChannelStateRequest(
+            channel_id=channel_id.to_bytes(4, "big"), signature=signature, current_block=block
+        )
+        reply: spb.ChannelStateReply = stub.GetChannelState(request, timeout=10)
+        return reply
+
+    def payment(self, channel_id: int, nonce: int, amount: int, key: str = SIGNER.private_key) -> list[tuple[str, Any]]:
+        """The metadata of an escrow payment (as snet-sdk sends it)."""
+        signature = sig.sign(sig.mpe_claim(self.mpe, channel_id, nonce, amount), bytes.fromhex(key[2:]))
+        return [
+            ("snet-payment-type", "escrow"),
+            ("snet-payment-channel-id", str(channel_id)),
+            ("snet-payment-channel-nonce", str(nonce)),
+            ("snet-payment-channel-amount", str(amount)),
+            ("snet-payment-channel-signature-bin", signature),
+        ]
+
+
+def daemon_config(
+    chain: Chain,
+    ipfs: IpfsServer,
+    upstream: Upstream,
+    workdir: Path,
+    *,
+    etcd_endpoint: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The config of a paying daemon on the local chain."""
+    config: dict[str, Any] = {
+        "blockchain_enabled": True,
+        "blockchain_network_selected": "local",
+        "ethereum_json_rpc_http_endpoint": chain.url,
+        "registry_address_key": chain.registry.address,
+        "ipfs_endpoint": ipfs.url,
+        "organization_id": ORG_ID,
+        "service_id": SERVICE_ID,
+        "daemon_group_name": GROUP_NAME,
+        "service_endpoint": upstream.endpoint,
+        "token_secret_key": TOKEN_SECRET,
+        "block_poll_interval": "200ms",
+        "metadata_refresh_interval": "1s",
+        "payment_channel_storage_type": "etcd",
+        "log": {"level": "info"},
+    }
+    if etcd_endpoint is not None:
+        config["payment_channel_storage_client"] = {"endpoints": [etcd_endpoint]}
+    else:
+        client_port, peer_port = free_port(), free_port()
+        config["payment_channel_storage_server"] = {
+            "enabled": True,
+            "client_port": client_port,
+            "peer_port": peer_port,
+            "cluster": f"storage-1=http://127.0.0.1:{peer_port}",
+            "data_dir": str(workdir / "etcd-data"),
+            "log_outputs": [str(workdir / "etcd.log")],
+        }
+    config.update(extra or {})
+    return config
+
+
+def publish(chain: Chain, ipfs: IpfsServer, daemon_port: int, *, price: int = PRICE) -> None:
+    """Register the org and the service, with the daemon as the service's endpoint."""
+    chain.publish(
+        ipfs,
+        org=org_metadata(endpoints=()),
+        service=service_metadata(
+            mpe_address=chain.mpe.address, price=price, endpoints=(f"http://127.0.0.1:{daemon_port}",)
+        ),
+    )
+
+
+def open_channel(chain: Chain, amount: int = 1_000) -> int:
+    """A channel from the test client to the provider, signed by the client's signer."""
+    return chain.open_channel(sender=CLIENT.address, signer=SIGNER.address, amount=amount)

@@ -1,0 +1,264 @@
+"""The chain reader against a real chain (anvil): block number, channels, balances, outages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from twisted.internet.task import Clock
+
+from snet_daemon.blockchain.blocks import BlockNumber, BlockNumberService
+from snet_daemon.blockchain.chain import ChainReader, ChannelInfo, EthereumChainReader
+from snet_daemon.blockchain.contracts import network_info
+from snet_daemon.blockchain.errors import ChainError, ChainUnavailable, StaleBlockNumber
+from snet_daemon.blockchain.fake import FakeChainReader
+from snet_daemon.blockchain.rpc import JsonRpcClient
+from tests.support.aio import aio_test
+from tests.support.chain import CLIENT, DEFAULT_GROUP_ID, PROVIDER, SIGNER, Anvil, Chain, chain  # noqa: F401
+
+
+def reactor_clock() -> Clock:
+    """The running reactor, typed as a clock."""
+    from twisted.internet import reactor
+
+    return reactor  # type: ignore[return-value]
+
+
+async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll ``predicate`` until true, failing after ``within`` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def make_reader(
+    url: str,
+    *,
+    mpe: str | None = None,
+    max_age: float = 60.0,
+    clock: Clock | None = None,
+    network: str = "local",
+    ttl: float | None = 300.0,
+) -> EthereumChainReader:
+    """A reader on ``url`` that retries fast."""
+    clock = clock or reactor_clock()
+    rpc = JsonRpcClient(url, now=clock.seconds, attempts=2, backoff=0.01, timeout=2.0)
+    return EthereumChainReader(
+        rpc, BlockNumber(clock, max_age), clock=clock, network=network_info(network), mpe_address=mpe, channel_ttl=ttl
+    )
+
+
+def test_block_number_age_bound() -> None:
+    """The cached block number is refused before the first fetch and once older than the bound."""
+    clock = Clock()
+    blocks = BlockNumber(clock, max_age=10)
+    with pytest.raises(StaleBlockNumber, match="not known yet"):
+        blocks.current()
+    blocks.update(42)
+    clock.advance(10)
+    assert blocks.current() == 42
+    assert blocks.status().fresh
+    clock.advance(0.5)
+    with pytest.raises(StaleBlockNumber, match="42 is 10 s old"):
+        blocks.current()
+    assert blocks.status().age == 10.5
+    assert not blocks.status().fresh
+
+
+@aio_test
+async def test_block_number_service_follows_anvil_mine(chain: Chain) -> None:  # noqa: F811
+    """Polling keeps the cached block number fresh as blocks are mined."""
+    reader = make_reader(chain.url)
+    service = BlockNumberService(reader.blocks, reader.rpc, clock=reactor_clock(), interval=0.05)
+    service.startService()
+    try:
+        await wait_for(lambda: reader.blocks.status().number == chain.block_number())
+        target = chain.mine(3)
+        await wait_for(lambda: reader.blocks.status().number == target)
+        assert reader.current_block() == target
+        assert reader.block_status().source == "poll"
+        assert reader.health().ok
+    finally:
+        await service.stopService().asFuture(asyncio.get_running_loop())
+        await reader.rpc.close()
+
+
+@aio_test
+async def test_newheads_over_websocket(chain: Chain) -> None:  # noqa: F811
+    """With a WebSocket endpoint, new blocks arrive through newHeads without waiting for a poll."""
+    reader = make_reader(chain.url)
+    service = BlockNumberService(
+        reader.blocks, reader.rpc, clock=reactor_clock(), interval=3600, ws_url=chain.anvil.ws_url
+    )
+    service.startService()
+    try:
+        await wait_for(lambda: service.ws_connected and reader.blocks.status().number is not None)
+        target = chain.mine(2)
+        await wait_for(lambda: reader.blocks.status().number == target)
+        assert reader.block_status().source == "newHeads"
+    finally:
+        await service.stopService().asFuture(asyncio.get_running_loop())
+        await reader.rpc.close()
+
+
+@aio_test
+async def test_channel_read_and_cache(chain: Chain) -> None:  # noqa: F811
+    """channels(id) is decoded, cached, refreshed on invalidation or fresh=True, and None when absent."""
+    channel_id = chain.open_channel(amount=1000, expiration=5000)
+    reader = make_reader(chain.url, mpe=chain.mpe.address)
+    try:
+        info = await reader.channel(channel_id)
+        assert info is not None
+        assert (info.channel_id, info.nonce, info.value, info.expiration) == (channel_id, 0, 1000, 5000)
+        assert (info.sender, info.signer, info.recipient) == (CLIENT.address, SIGNER.address, PROVIDER.address)
+        assert info.group_id == DEFAULT_GROUP_ID
+        assert await reader.channel(channel_id) is info
+        assert (reader.cache_hits, reader.cache_misses) == (1, 1)
+
+        chain.add_funds(channel_id, 500)
+        assert (await reader.channel(channel_id)).value == 1000  # type: ignore[union-attr]
+        fresh = await reader.channel(channel_id, fresh=True)
+        assert fresh is not None
+        assert fresh.value == 1500
+        chain.extend(channel_id, 9000)
+        reader.invalidate(channel_id)
+        assert (await reader.channel(channel_id)).expiration == 9000  # type: ignore[union-attr]
+
+        assert await reader.channel(channel_id + 100) is None
+        assert await reader.channel(channel_id + 100) is None
+        assert reader.cache_misses == 5  # "not found" is never cached
+    finally:
+        await reader.rpc.close()
+
+
+@aio_test
+async def test_concurrent_reads_share_one_call(chain: Chain) -> None:  # noqa: F811
+    """Concurrent reads of one uncached channel make one RPC call."""
+    channel_id = chain.open_channel()
+    reader = make_reader(chain.url, mpe=chain.mpe.address)
+    try:
+        results = await asyncio.gather(*(reader.channel(channel_id) for _ in range(20)))
+        assert len({id(result) for result in results}) == 1
+        assert reader.cache_misses == 1
+    finally:
+        await reader.rpc.close()
+
+
+@aio_test
+async def test_channel_ttl(chain: Chain) -> None:  # noqa: F811
+    """A cached channel older than the TTL is read again."""
+    channel_id = chain.open_channel(amount=10)
+    clock = Clock()
+    reader = make_reader(chain.url, mpe=chain.mpe.address, clock=clock, ttl=30)
+    try:
+        await reader.channel(channel_id)
+        chain.add_funds(channel_id, 5)
+        clock.advance(30)
+        assert (await reader.channel(channel_id)).value == 10  # type: ignore[union-attr]
+        clock.advance(1)
+        assert (await reader.channel(channel_id)).value == 15  # type: ignore[union-attr]
+    finally:
+        await reader.rpc.close()
+
+
+@aio_test
+async def test_mpe_from_metadata_and_token_balance(chain: Chain) -> None:  # noqa: F811
+    """The MPE named by metadata is used (cache emptied on change); the token comes from MPE.token()."""
+    reader = make_reader(chain.url)
+    try:
+        with pytest.raises(ChainError, match="no MultiPartyEscrow address"):
+            await reader.channel(0)
+        channel_id = chain.open_channel()
+        reader.set_mpe_address(chain.mpe.address.lower())
+        assert reader.mpe_address == chain.mpe.address
+        assert await reader.channel(channel_id) is not None
+        chain.mint(PROVIDER.address, 12345)
+        assert await reader.token_balance(PROVIDER.address) == chain.token_balance(PROVIDER.address)
+        assert await reader.token_address() == chain.token.address
+        reader.set_mpe_address(chain.registry.address)  # another contract: the cache is dropped
+        with pytest.raises(ChainError):
+            await reader.channel(channel_id)
+    finally:
+        await reader.rpc.close()
+
+
+@aio_test
+async def test_configured_mpe_wins_over_metadata(chain: Chain) -> None:  # noqa: F811
+    """mpe_contract_address, when configured, is not replaced by metadata."""
+    reader = make_reader(chain.url, mpe=chain.mpe.address)
+    reader.set_mpe_address(chain.registry.address)
+    assert reader.mpe_address == chain.mpe.address
+    await reader.rpc.close()
+
+
+@aio_test
+async def test_chain_id_mismatch_is_not_ready(chain: Chain) -> None:  # noqa: F811
+    """A 'main' configuration pointed at another chain reports why it is not ready."""
+    reader = make_reader(chain.url, network="main")
+    try:
+        reader.blocks.update(chain.block_number())
+        await reader.check_chain_id()
+        health = reader.health()
+        assert not health.ok
+        assert health.error is not None
+        assert "chain id is 31337" in health.error
+    finally:
+        await reader.rpc.close()
+
+
+@aio_test
+async def test_rpc_down_and_back() -> None:
+    """When the node goes away the daemon keeps the last block until it is too old, then recovers."""
+    anvil = Anvil().start()
+    reader = make_reader(anvil.url, max_age=0.3)
+    service = BlockNumberService(reader.blocks, reader.rpc, clock=reactor_clock(), interval=0.05)
+    service.startService()
+    try:
+        await wait_for(lambda: reader.health().ok)
+        anvil.stop()
+        with pytest.raises(ChainUnavailable):
+            await reader.rpc.call("eth_blockNumber")
+        await wait_for(lambda: not reader.block_status().fresh)
+        with pytest.raises(StaleBlockNumber, match="not answering"):
+            reader.current_block()
+        health = reader.health()
+        assert not health.ok
+        assert health.rpc.consecutive_failures >= 1
+        assert health.error is not None
+        assert "s old" in health.error
+
+        anvil.start()  # same port
+        await wait_for(lambda: reader.health().ok)
+        assert reader.current_block() == 0
+    finally:
+        await service.stopService().asFuture(asyncio.get_running_loop())
+        await reader.rpc.close()
+        anvil.stop()
+
+
+@aio_test
+async def test_fake_reader_behaves_like_the_real_one() -> None:
+    """The in-memory reader caches, invalidates, fails and goes stale like the real one."""
+    fake = FakeChainReader(block=5)
+    reader: ChainReader = fake  # both implementations satisfy the protocol (checked by mypy)
+    real: ChainReader = make_reader("http://127.0.0.1:1")
+    assert real.mpe_address is None
+    info = ChannelInfo(1, 0, CLIENT.address, SIGNER.address, PROVIDER.address, DEFAULT_GROUP_ID, 100, 1000)
+    fake.put_channel(info)
+    assert await reader.channel(1) == info
+    fake.set_channel_value(1, 150)
+    assert (await reader.channel(1)).value == 100  # type: ignore[union-attr]
+    reader.invalidate(1)
+    assert (await reader.channel(1)).value == 150  # type: ignore[union-attr]
+    assert await reader.channel(2) is None
+    assert fake.reads == [1, 1, 2]
+    fake.fail_with(ChainUnavailable("down"))
+    with pytest.raises(ChainUnavailable):
+        await reader.channel(3)
+    assert not reader.health().ok
+    fake.block_stale = True
+    with pytest.raises(StaleBlockNumber):
+        reader.current_block()

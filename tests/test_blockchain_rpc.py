@@ -1,0 +1,202 @@
+"""The JSON-RPC client: provider authentication, retries with backoff, typed errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from snet_daemon.blockchain.errors import ChainUnavailable, ContractCallFailed, RateLimited
+from snet_daemon.blockchain.rpc import JsonRpcClient, auth_header, redact_url
+from tests.support.aio import aio_fixture, aio_test
+
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+
+
+def test_auth_header_like_go() -> None:
+    """JWT-looking keys get Bearer; Infura endpoints get Basic(":" + key); others Bearer; WebSocket always Basic."""
+    basic = "Basic " + base64.b64encode(b":secret").decode()
+    assert auth_header("https://mainnet.infura.io/v3/x", "") is None
+    assert auth_header("https://mainnet.infura.io/v3/x", JWT) == f"Bearer {JWT}"
+    assert auth_header("https://mainnet.infura.io/v3/x", "secret") == basic
+    assert auth_header("https://eth.example.com", "secret") == "Bearer secret"
+    assert (
+        auth_header("wss://eth.example.com", JWT, websocket=True)
+        == "Basic " + base64.b64encode(f":{JWT}".encode()).decode()
+    )
+
+
+def test_redact_url() -> None:
+    """Keys in provider URLs (path or user info) never reach the log."""
+    assert (
+        redact_url("https://mainnet.infura.io/v3/0123456789abcdef0123456789abcdef")
+        == "https://mainnet.infura.io/v3/***"
+    )
+    assert redact_url("https://user:pw@host:8545/") == "https://***@host:8545/"
+    assert redact_url("http://127.0.0.1:8545") == "http://127.0.0.1:8545"
+
+
+@dataclass
+class Script:
+    """What the stub node answers, one entry per request (the last one repeats)."""
+
+    answers: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+
+@aio_fixture
+async def node() -> AsyncIterator[tuple[str, Script]]:
+    """A scriptable JSON-RPC endpoint on a free port."""
+    script = Script()
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.json()
+        script.seen.append(body)
+        script.headers.append(dict(request.headers))
+        status, answer, headers = script.answers.pop(0) if len(script.answers) > 1 else script.answers[0]
+        if isinstance(answer, dict) and "result" not in answer and "error" not in answer:
+            answer = {"jsonrpc": "2.0", "id": body["id"], **answer}
+        text = answer if isinstance(answer, str) else json.dumps(answer)
+        return web.Response(status=status, text=text, headers=headers, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}/", script
+    await runner.cleanup()
+
+
+class Sleeps:
+    """Records retry delays instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+def client(url: str, sleeps: Sleeps, **kwargs: Any) -> JsonRpcClient:
+    return JsonRpcClient(url, now=lambda: 100.0, sleep=sleeps, backoff=0.5, max_backoff=4.0, **kwargs)
+
+
+def ok(result: Any) -> tuple[int, Any, dict[str, str]]:
+    return 200, {"result": result}, {}
+
+
+@aio_test
+async def test_result_and_auth(node: tuple[str, Script]) -> None:
+    """A result is returned, the body is JSON-RPC 2.0, and the API key is sent."""
+    url, script = node
+    script.answers = [ok("0x10")]
+    rpc = client(url, Sleeps(), api_key="secret")
+    try:
+        assert await rpc.call("eth_blockNumber") == "0x10"
+        assert script.seen[0]["method"] == "eth_blockNumber"
+        assert script.seen[0]["jsonrpc"] == "2.0"
+        assert script.headers[0]["Authorization"] == "Bearer secret"
+        assert rpc.health().ok
+        assert rpc.health().last_success == 100.0
+    finally:
+        await rpc.close()
+
+
+@aio_test
+async def test_rate_limit_is_retried_with_retry_after(node: tuple[str, Script]) -> None:
+    """HTTP 429 and JSON-RPC -32005 are retried, honouring Retry-After, then succeed."""
+    url, script = node
+    script.answers = [
+        (429, "Too Many Requests", {"Retry-After": "3"}),
+        (200, {"error": {"code": -32005, "message": "daily request count exceeded, request rate limited"}}, {}),
+        ok("0x1"),
+    ]
+    sleeps = Sleeps()
+    rpc = client(url, sleeps)
+    try:
+        assert await rpc.call("eth_blockNumber") == "0x1"
+        assert sleeps.delays == [3.0, 1.0]
+    finally:
+        await rpc.close()
+
+
+@aio_test
+async def test_persistent_failure_is_typed_and_counted(node: tuple[str, Script]) -> None:
+    """A node answering 503 is retried with doubling delays, then ChainUnavailable; health shows it."""
+    url, script = node
+    script.answers = [(503, "upstream down", {})]
+    sleeps = Sleeps()
+    rpc = client(url, sleeps, attempts=4)
+    try:
+        with pytest.raises(ChainUnavailable, match="HTTP 503") as caught:
+            await rpc.call("eth_call", [{}, "latest"])
+        assert not isinstance(caught.value, RateLimited)
+        assert sleeps.delays == [0.5, 1.0, 2.0]
+        health = rpc.health()
+        assert not health.ok
+        assert health.consecutive_failures == 1
+        assert "HTTP 503" in (health.last_error or "")
+        script.answers = [(429, "slow down", {})]
+        with pytest.raises(RateLimited):
+            await rpc.call("eth_blockNumber")
+        assert rpc.health().consecutive_failures == 2
+    finally:
+        await rpc.close()
+
+
+@aio_test
+async def test_json_rpc_error_is_not_retried(node: tuple[str, Script]) -> None:
+    """A revert is a ContractCallFailed at once, and the node still counts as reachable."""
+    url, script = node
+    script.answers = [(200, {"error": {"code": 3, "message": "execution reverted", "data": "0x08c379a0"}}, {})]
+    sleeps = Sleeps()
+    rpc = client(url, sleeps)
+    try:
+        with pytest.raises(ContractCallFailed, match="execution reverted") as caught:
+            await rpc.call("eth_call", [{}, "latest"])
+        assert caught.value.code == 3
+        assert sleeps.delays == []
+        assert len(script.seen) == 1
+        assert rpc.health().ok
+    finally:
+        await rpc.close()
+
+
+@aio_test
+async def test_bad_credentials_are_not_retried(node: tuple[str, Script]) -> None:
+    """HTTP 401 says to check the API key and is not retried."""
+    url, script = node
+    script.answers = [(401, "unauthorized", {})]
+    sleeps = Sleeps()
+    rpc = client(url, sleeps, api_key="wrong")
+    try:
+        with pytest.raises(ChainUnavailable, match="blockchain_provider_api_key"):
+            await rpc.call("eth_blockNumber")
+        assert sleeps.delays == []
+    finally:
+        await rpc.close()
+
+
+@aio_test
+async def test_garbage_answers_are_unavailable(node: tuple[str, Script]) -> None:
+    """An answer that is not JSON-RPC is treated as an unavailable node."""
+    url, script = node
+    script.answers = [(200, "<html>proxy error</html>", {})]
+    rpc = client(url, Sleeps(), attempts=1)
+    try:
+        with pytest.raises(ChainUnavailable, match="not JSON"):
+            await rpc.call("eth_blockNumber")
+        script.answers = [(200, {"jsonrpc": "2.0", "id": 1}, {})]
+        with pytest.raises(ChainUnavailable, match="neither result nor error"):
+            await rpc.call("eth_blockNumber")
+    finally:
+        await rpc.close()

@@ -1,0 +1,432 @@
+"""The escrow ledger without I/O: in-memory storage, a fake chain, fixed keys.
+
+Every rejection path of the Go daemon (order, code, message), and the
+accounting guarantees: charge on success only, holds that die with their
+daemon's lease, two round trips per call, no double acceptance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.payments.channel import ChannelState
+from snet_daemon.payments.escrow import EscrowLedger, Hold, metadata_values, parse_escrow
+from snet_daemon.storage.base import StorageUnavailable
+from snet_daemon.storage.memory import MemoryStorage
+from tests.support.aio import aio_test
+from tests.support.payments import (
+    CLIENT_KEY,
+    METHOD,
+    PRICE,
+    PROVIDER_KEY,
+    SENDER_KEY,
+    CountingStorage,
+    FakeChain,
+    Keys,
+    StorageLease,
+    payment_metadata,
+    terms,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    storage: object | None = None, chain: FakeChain | None = None, **term_args: int
+) -> tuple[EscrowLedger, FakeChain, CountingStorage]:
+    chain = chain or FakeChain()
+    counting = CountingStorage(storage or MemoryStorage(Clock()))  # type: ignore[arg-type]
+    ledger = EscrowLedger(counting, Keys(), chain, lambda: terms(**term_args), StorageLease(counting), "test-daemon")
+    return ledger, chain, counting
+
+
+async def pay(ledger: EscrowLedger, channel_id: int, nonce: int, amount: int, key: bytes = CLIENT_KEY) -> Hold:
+    payment = parse_escrow(metadata_values(payment_metadata(channel_id, nonce, amount, key)))
+    return await ledger.authorize(METHOD, payment)
+
+
+async def rejected(
+    ledger: EscrowLedger, channel_id: int, nonce: int, amount: int, key: bytes = CLIENT_KEY
+) -> GrpcError:
+    with pytest.raises(GrpcError) as info:
+        await pay(ledger, channel_id, nonce, amount, key)
+    return info.value
+
+
+@aio_test
+async def test_pay_commit_and_pay_again() -> None:
+    """A payment is held, committed, and the next call pays the next increment."""
+    ledger, chain, _ = make()
+    chain.open(1)
+    hold = await pay(ledger, 1, 0, PRICE)
+    assert hold.sender == chain.channels[1].sender
+    await ledger.commit(hold)
+    state = await ledger.channel_state(1)
+    assert state is not None
+    assert state[0] == ChannelState(0, PRICE, hold.payment.signature)
+    await ledger.commit(await pay(ledger, 1, 0, 2 * PRICE))
+    state = await ledger.channel_state(1)
+    assert state is not None
+    assert state[0].authorized_amount == 2 * PRICE
+
+
+@aio_test
+async def test_two_storage_round_trips_per_call_in_steady_state() -> None:
+    """After the first call, each paid call costs one hold and one commit transaction."""
+    ledger, chain, storage = make()
+    chain.open(1)
+    await ledger.commit(await pay(ledger, 1, 0, PRICE))
+    storage.calls.clear()
+    reads_before = chain.fresh_reads
+    for i in range(2, 12):
+        await ledger.commit(await pay(ledger, 1, 0, i * PRICE))
+    assert storage.calls == ["transaction", "transaction"] * 10
+    assert chain.fresh_reads == reads_before  # no chain RPC per call
+
+
+@aio_test
+async def test_failed_call_is_not_charged() -> None:
+    """Releasing a hold leaves the channel as it was; the same payment is then accepted."""
+    ledger, chain, _ = make()
+    chain.open(1)
+    await ledger.release(await pay(ledger, 1, 0, PRICE))
+    state = await ledger.channel_state(1)
+    assert state is not None
+    assert state[0].authorized_amount == 0
+    await ledger.commit(await pay(ledger, 1, 0, PRICE))
+
+
+@aio_test
+async def test_replayed_payment_is_refused() -> None:
+    """A committed payment sent again has zero income and is refused."""
+    ledger, chain, _ = make()
+    chain.open(1)
+    await ledger.commit(await pay(ledger, 1, 0, PRICE))
+    error = await rejected(ledger, 1, 0, PRICE)
+    assert (error.status, error.message) == (Status.UNAUTHENTICATED, f"income 0 does not equal to price {PRICE}")
+
+
+@aio_test
+async def test_wrong_increment_is_refused() -> None:
+    """An amount that is not last + price is refused with Go's income message."""
+    ledger, chain, _ = make()
+    chain.open(1)
+    error = await rejected(ledger, 1, 0, PRICE + 1)
+    assert error.message == f"income {PRICE + 1} does not equal to price {PRICE}"
+
+
+@aio_test
+async def test_wrong_nonce_is_code_1000() -> None:
+    """A payment under another nonce gets the Go daemon's code 1000."""
+    ledger, chain, _ = make()
+    chain.open(1, nonce=3)
+    error = await rejected(ledger, 1, 2, PRICE)
+    assert error.status == Status.INCORRECT_NONCE
+    assert int(Status.INCORRECT_NONCE) == 1000
+    assert error.message == "incorrect payment channel nonce, latest: 3, sent: 2"
+
+
+@aio_test
+async def test_nonce_from_a_claim_that_landed_is_picked_up() -> None:
+    """When the chain's nonce moved on (claim landed), an authentic payment at the new nonce is accepted."""
+    ledger, chain, _ = make()
+    chain.open(1)
+    await ledger.commit(await pay(ledger, 1, 0, PRICE))
+    chain.channels[1].nonce = 1  # claimed on chain; our cache still says 0
+    chain.channels[1].value -= PRICE
+    await ledger.commit(await pay(ledger, 1, 1, PRICE))
+
+
+@aio_test
+async def test_bad_signature_and_wrong_signer() -> None:
+    """Garbage signatures and signatures by others are UNAUTHENTICATED; the sender may sign."""
+    ledger, chain, _ = make()
+    chain.open(1)
+    payment = parse_escrow(metadata_values(payment_metadata(1, 0, PRICE)))
+    garbage = type(payment)(1, 0, PRICE, b"\x01" * 64)
+    with pytest.raises(GrpcError) as info:
+        await ledger.authorize(METHOD, garbage)
+    assert (info.value.status, info.value.message) == (Status.UNAUTHENTICATED, "payment signature is not valid")
+    error = await rejected(ledger, 1, 0, PRICE, key=PROVIDER_KEY)
+    assert (error.status, error.message) == (Status.UNAUTHENTICATED, "payment is not signed by channel signer/sender")
+    await ledger.commit(await pay(ledger, 1, 0, PRICE, key=SENDER_KEY))
+
+
+@aio_test
+async def test_signature_for_another_mpe_is_refused() -> None:
+    """A payment signed for another MPE contract does not recover to the signer."""
+    ledger, chain, _ = make()
+    chain.open(1)
+    other_mpe = bytes(20)
+    payment = parse_escrow(metadata_values(payment_metadata(1, 0, PRICE, mpe=other_mpe)))
+    with pytest.raises(GrpcError) as info:
+        await ledger.authorize(METHOD, payment)
+    assert info.value.message == "payment is not signed by channel signer/sender"
+
+
+@aio_test
+async def test_insufficient_funds_then_topped_up() -> None:
+    """Beyond the channel's value is refused; after funds are added on chain it is accepted."""
+    ledger, chain, _ = make()
+    chain.open(1, value=PRICE - 1)
+    error = await rejected(ledger, 1, 0, PRICE)
+    assert (
+        error.message == f"not enough tokens on payment channel, channel amount: {PRICE - 1}, payment amount: {PRICE}"
+    )
+    chain.channels[1].value = 5 * PRICE
+    await ledger.commit(await pay(ledger, 1, 0, PRICE))
+
+
+@aio_test
+async def test_near_expiry_then_extended() -> None:
+    """A channel expiring within the threshold is refused; once extended it is accepted."""
+    ledger, chain, _ = make(threshold=100)
+    chain.block = 1000
+    chain.open(1, expiration=1100)
+    error = await rejected(ledger, 1, 0, PRICE)
+    assert error.status == Status.UNAUTHENTICATED
+    assert error.message == (
+        "payment channel is near to be expired, expiration time: 1100, current block: 1000, expiration threshold: 100"
+    )
+    chain.channels[1].expiration = 1101
+    await ledger.commit(await pay(ledger, 1, 0, PRICE))
+
+
+@aio_test
+async def test_unknown_channel_other_group_other_recipient() -> None:
+    """Unknown channels, channels of another group or another recipient are refused."""
+    ledger, chain, _ = make()
+    error = await rejected(ledger, 9, 0, PRICE)
+    assert (error.status, error.message) == (Status.UNAUTHENTICATED, 'payment channel "{ID: 9}" not found')
+    chain.open(2, group_id=b"\xff" * 32)
+    error = await rejected(ledger, 2, 0, PRICE)
+    assert error.status == Status.INTERNAL
+    assert "another group" in error.message
+    chain.open(3, recipient="0x" + "11" * 20)
+    error = await rejected(ledger, 3, 0, PRICE)
+    assert error.status == Status.INTERNAL
+    assert "recipient" in error.message
+
+
+@aio_test
+async def test_stale_block_number() -> None:
+    """Without a trustworthy block number, payments are refused (INTERNAL, as Go)."""
+    ledger, chain, _ = make()
+    chain.open(1)
+    chain.block_error = RuntimeError("block number too old")
+    error = await rejected(ledger, 1, 0, PRICE)
+    assert (error.status, error.message) == (Status.INTERNAL, "cannot determine current block")
+
+
+@aio_test
+async def test_concurrent_call_on_a_channel_is_refused() -> None:
+    """A second call while one is in flight on the channel is FAILED_PRECONDITION, here and on another daemon."""
+    storage = MemoryStorage(Clock())
+    chain = FakeChain()
+    chain.open(1)
+    ledger, _, _ = make(storage, chain)
+    other, _, _ = make(storage, chain)
+    hold = await pay(ledger, 1, 0, PRICE)
+    error = await rejected(ledger, 1, 0, PRICE)
+    assert (error.status, error.message) == (
+        Status.FAILED_PRECONDITION,
+        "another transaction on channel: {ID: 1} is in progress",
+    )
+    error = await rejected(other, 1, 0, PRICE)
+    assert error.status == Status.FAILED_PRECONDITION
+    await ledger.commit(hold)
+    await other.commit(await pay(other, 1, 0, 2 * PRICE))
+
+
+@aio_test
+async def test_hold_of_a_dead_daemon_expires_with_its_lease() -> None:
+    """A daemon killed mid-call frees the channel within its lease TTL; its payment is not recorded."""
+    clock = Clock()
+    storage = MemoryStorage(clock)
+    chain = FakeChain()
+    chain.open(1)
+    dead, _, _ = make(storage, chain)
+    await pay(dead, 1, 0, PRICE)  # never committed: the daemon "dies"
+    survivor, _, _ = make(storage, chain)
+    assert (await rejected(survivor, 1, 0, PRICE)).status == Status.FAILED_PRECONDITION
+    clock.now += 11  # the dead daemon's 10 s lease runs out
+    await survivor.commit(await pay(survivor, 1, 0, PRICE))
+
+
+@aio_test
+async def test_two_daemons_never_accept_more_than_signed() -> None:
+    """Two daemons racing with the same payments accept each payment at most once."""
+    storage = MemoryStorage(Clock())
+    chain = FakeChain()
+    chain.open(1, value=10_000)
+    a, _, _ = make(storage, chain)
+    b, _, _ = make(storage, chain)
+    accepted = 0
+    for i in range(1, 21):
+        results = await asyncio.gather(pay(a, 1, 0, i * PRICE), pay(b, 1, 0, i * PRICE), return_exceptions=True)
+        holds = [r for r in results if isinstance(r, Hold)]
+        assert len(holds) <= 1
+        for hold, ledger in ((r, x) for r, x in zip(results, (a, b), strict=True) if isinstance(r, Hold)):
+            await ledger.commit(hold)
+            accepted += 1
+        if not holds:
+            # Both lost the race to each other's hold; the next round retries.
+            break
+    state = await a.channel_state(1)
+    assert state is not None
+    assert state[0].authorized_amount == accepted * PRICE
+
+
+@aio_test
+async def test_stale_cache_on_another_daemon_costs_one_read() -> None:
+    """A daemon whose cached state is stale reads it once and accepts the right payment."""
+    storage = MemoryStorage(Clock())
+    chain = FakeChain()
+    chain.open(1)
+    a, _, _ = make(storage, chain)
+    b, _, counting_b = make(storage, chain)
+    await b.commit(await pay(b, 1, 0, PRICE))
+    await a.commit(await pay(a, 1, 0, 2 * PRICE))  # a's cache was empty: one failed hold, then OK
+    counting_b.calls.clear()
+    await b.commit(await pay(b, 1, 0, 3 * PRICE))  # b's cache is stale now
+    assert counting_b.calls == ["get", "transaction", "transaction"]
+
+
+@aio_test
+async def test_stale_cache_cannot_accept_a_replayed_payment() -> None:
+    """A payment another daemon already accepted is refused even where the cache is stale."""
+    storage = MemoryStorage(Clock())
+    chain = FakeChain()
+    chain.open(1)
+    a, _, _ = make(storage, chain)
+    b, _, _ = make(storage, chain)
+    await b.commit(await pay(b, 1, 0, PRICE))  # b caches authorized=10
+    await a.commit(await pay(a, 1, 0, 2 * PRICE))  # a accepts 20
+    error = await rejected(b, 1, 0, 2 * PRICE)  # replay of a's payment at b: income looks right to b's cache
+    assert error.message == f"income 0 does not equal to price {PRICE}"
+
+
+@aio_test
+async def test_storage_down_is_unavailable() -> None:
+    """When storage is unreachable, paid calls are refused with UNAVAILABLE."""
+    ledger, chain, storage = make()
+    chain.open(1)
+    storage.fail = StorageUnavailable("etcd is down")
+    error = await rejected(ledger, 1, 0, PRICE)
+    assert error.status == Status.UNAVAILABLE
+    assert "etcd is down" in error.message
+    storage.fail = None
+    await ledger.commit(await pay(ledger, 1, 0, PRICE))
+
+
+@aio_test
+async def test_commit_retries_briefly_then_gives_up() -> None:
+    """A commit retries while storage is briefly down, and reports UNAVAILABLE if it stays down."""
+    sleeps: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        sleeps.append(delay)
+
+    chain = FakeChain()
+    chain.open(1)
+    storage = CountingStorage(MemoryStorage(Clock()))
+    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", sleep=fake_sleep)
+    hold = await ledger.authorize(METHOD, parse_escrow(metadata_values(payment_metadata(1, 0, PRICE))))
+    storage.fail = StorageUnavailable("down")
+    with pytest.raises(GrpcError) as info:
+        await ledger.commit(hold)
+    assert info.value.status == Status.UNAVAILABLE
+    assert sum(sleeps) >= 3.0
+
+
+@aio_test
+async def test_price_not_defined_is_internal() -> None:
+    """A method without a price is INTERNAL "internal error: ...", as in Go."""
+
+    def no_price(method: str) -> int:
+        raise LookupError(f"price is not defined for the Method {method}")
+
+    chain = FakeChain()
+    chain.open(1)
+    storage = MemoryStorage(Clock())
+    base = terms()
+    ledger = EscrowLedger(
+        storage,
+        Keys(),
+        chain,
+        lambda: type(base)(base.mpe_address, base.group_id, base.payment_address, 100, no_price),
+        StorageLease(storage),
+        "d",
+    )
+    with pytest.raises(GrpcError) as info:
+        await ledger.authorize(METHOD, parse_escrow(metadata_values(payment_metadata(1, 0, PRICE))))
+    assert info.value.status == Status.INTERNAL
+    assert info.value.message.startswith("internal error: price is not defined")
+
+
+def _md(**overrides: str | bytes | None) -> tuple[tuple[str, str | bytes], ...]:
+    base = dict(payment_metadata(1, 0, PRICE))
+    for key, value in overrides.items():
+        name = "snet-payment-channel-" + key.replace("_", "-")
+        if value is None:
+            base.pop(name)
+        else:
+            base[name] = value
+    return tuple(base.items())
+
+
+@pytest.mark.parametrize("header", ["id", "nonce", "amount", "signature_bin"])
+def test_missing_header_is_invalid_argument(header: str) -> None:
+    """Each missing payment header is INVALID_ARGUMENT 'missing "<key>"'."""
+    with pytest.raises(GrpcError) as info:
+        parse_escrow(metadata_values(_md(**{header: None})))
+    name = "snet-payment-channel-" + header.replace("_", "-")
+    assert (info.value.status, info.value.message) == (Status.INVALID_ARGUMENT, f'missing "{name}"')
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "1.5", "", "0x", "1__0", str(2**256), "0x1" + "0" * 64, "08", " 1 2"])
+@pytest.mark.parametrize("header", ["id", "nonce", "amount"])
+def test_malformed_integer_is_invalid_argument(header: str, value: str) -> None:
+    """Malformed, negative or beyond-uint256 integers are INVALID_ARGUMENT 'incorrect format'."""
+    with pytest.raises(GrpcError) as info:
+        parse_escrow(metadata_values(_md(**{header: value})))
+    name = "snet-payment-channel-" + header
+    assert info.value.status == Status.INVALID_ARGUMENT
+    assert info.value.message == f'incorrect format "{name}": "{value}"'
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("42", 42),
+        ("0x2a", 42),
+        ("0b101010", 42),
+        ("052", 42),
+        ("0o52", 42),
+        ("4_2", 42),
+        ("+42", 42),
+        ("0", 0),
+        (str(2**256 - 1), 2**256 - 1),
+    ],
+)
+def test_integers_parse_like_go_big_int(text: str, number: int) -> None:
+    """Integer headers accept what Go's big.Int base-0 parser accepts."""
+    assert parse_escrow(metadata_values(_md(amount=text))).amount == number
+
+
+def test_repeated_header_is_invalid_argument() -> None:
+    """A payment header sent twice is INVALID_ARGUMENT, as in Go."""
+    metadata = (*_md(), ("snet-payment-channel-id", "2"))
+    with pytest.raises(GrpcError) as info:
+        parse_escrow(metadata_values(metadata))
+    assert info.value.status == Status.INVALID_ARGUMENT
+    assert "too many values" in info.value.message

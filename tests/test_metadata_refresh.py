@@ -1,0 +1,322 @@
+"""Metadata from the Registry and IPFS, refreshed on Registry events and SIGHUP, never fatal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snet_daemon.blockchain.build import ChainComponents, build_chain
+from snet_daemon.blockchain.metadata import DaemonMetadata
+from snet_daemon.config.errors import ConfigError
+from snet_daemon.config.model import DaemonConfig
+from tests.support.aio import aio_test
+from tests.support.chain import (  # noqa: F401 - fixtures
+    ORG_ID,
+    PROVIDER,
+    SERVICE_ID,
+    Anvil,
+    Chain,
+    chain,
+    org_metadata,
+    service_metadata,
+)
+from tests.support.ipfs import IpfsServer, ipfs  # noqa: F401 - fixture
+from tests.support.ports import free_port
+
+
+def settings(**keys: Any) -> Any:
+    """``config.chain`` for a local network with fast polling."""
+    base: dict[str, Any] = {
+        "blockchain_network_selected": "local",
+        "organization_id": ORG_ID,
+        "service_id": SERVICE_ID,
+        "block_poll_interval": "50ms",
+        "metadata_refresh_interval": "100ms",
+        "ipfs_timeout": 5,
+    }
+    base.update(keys)
+    return DaemonConfig(**base).chain
+
+
+def reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+async def wait_for(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``predicate`` until true, failing after ``within`` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+class Running:
+    """Starts the components' services; stops them on exit."""
+
+    def __init__(self, components: ChainComponents) -> None:
+        self.components = components
+
+    async def __aenter__(self) -> ChainComponents:
+        for service in self.components.services:
+            service.startService()
+        return self.components
+
+    async def __aexit__(self, *exc: object) -> None:
+        for service in self.components.services:
+            await service.stopService().asFuture(asyncio.get_running_loop())
+
+
+def price(components: ChainComponents) -> int | None:
+    """The current price of any method, or None before metadata is loaded."""
+    assert components.metadata is not None
+    current = components.metadata.current
+    return None if current is None else current.price("/pkg.Svc/m")
+
+
+def chain_settings(chain: Chain, ipfs: IpfsServer, **keys: Any) -> Any:  # noqa: F811
+    return settings(
+        ethereum_json_rpc_http_endpoint=chain.url,
+        registry_address_key=chain.registry.address,
+        ipfs_endpoint=ipfs.url,
+        lighthouse_endpoint=ipfs.gateway,
+        **keys,
+    )
+
+
+@aio_test
+async def test_metadata_from_registry_and_ipfs(chain: Chain, ipfs: IpfsServer) -> None:  # noqa: F811
+    """Registry URIs resolve through IPFS; the group, pricing and MPE reach the chain reader; ready."""
+    org_uri, service_uri = chain.publish(ipfs)
+    components = build_chain(chain_settings(chain, ipfs), reactor(), handle_sighup=False)
+    assert components.reader is not None
+    assert components.metadata is not None
+    async with Running(components):
+        await asyncio.wait_for(components.metadata.wait_loaded(), 10)
+        current = components.metadata.current
+        assert current is not None
+        assert (current.org_uri, current.service_uri) == (org_uri, service_uri)
+        assert current.payment_address == PROVIDER.address
+        assert current.mpe_address == chain.mpe.address
+        assert components.reader.mpe_address == chain.mpe.address
+        assert price(components) == 10
+        await wait_for(lambda: components.readiness().ready)
+        status = components.status()
+        assert status["ready"]
+        assert status["metadata"]["organization_uri"] == org_uri
+        assert status["chain"]["block"] == chain.block_number()
+        assert status["registry"] == chain.registry.address
+
+
+@aio_test
+async def test_registry_events_trigger_refresh(chain: Chain, ipfs: IpfsServer) -> None:  # noqa: F811
+    """A new service or organisation URI in the Registry is loaded without restart and announced."""
+    chain.publish(ipfs)
+    components = build_chain(chain_settings(chain, ipfs), reactor(), handle_sighup=False)
+    assert components.metadata is not None
+    seen: list[DaemonMetadata] = []
+    components.metadata.subscribe(seen.append)
+    async with Running(components):
+        await wait_for(lambda: price(components) == 10)
+        assert len(seen) == 1
+
+        new_service = "ipfs://" + ipfs.add_json(service_metadata(mpe_address=chain.mpe.address, price=25))
+        chain.set_service_uri(ORG_ID, SERVICE_ID, new_service)
+        await wait_for(lambda: price(components) == 25)
+
+        chain.set_org_uri(ORG_ID, "ipfs://" + ipfs.add_json(org_metadata(threshold=777)))
+        await wait_for(
+            lambda: (
+                components.metadata is not None
+                and components.metadata.current is not None
+                and components.metadata.current.payment_expiration_threshold == 777
+            )
+        )
+        assert [md.price("/a.B/c") for md in seen] == [10, 25, 25]
+        assert seen[-1].payment_expiration_threshold == 777
+
+        # Another service of the same organisation changing is not our business.
+        chain.create_service(ORG_ID, "other-service", new_service)
+        loads = components.metadata.status().loads
+        await asyncio.sleep(0.3)
+        assert components.metadata.status().loads == loads
+
+
+@aio_test
+async def test_failed_refresh_keeps_previous_metadata(chain: Chain, ipfs: IpfsServer) -> None:  # noqa: F811
+    """Broken new metadata is logged and refused; the old stays in use; a fix is picked up."""
+    chain.publish(ipfs)
+    components = build_chain(chain_settings(chain, ipfs), reactor(), handle_sighup=False)
+    assert components.metadata is not None
+    async with Running(components):
+        await wait_for(lambda: price(components) == 10)
+        broken = service_metadata(
+            mpe_address=chain.mpe.address, pricing=[{"price_model": "fixed_price", "price_in_cogs": 3}]
+        )
+        chain.set_service_uri(ORG_ID, SERVICE_ID, "ipfs://" + ipfs.add_json(broken))
+        await wait_for(lambda: components.metadata is not None and components.metadata.status().error is not None)
+        status = components.metadata.status()
+        assert status.ready
+        assert price(components) == 10
+        assert status.error is not None
+        assert 'groups[0].pricing: no entry has "default": true' in status.error
+        assert components.readiness().ready  # the previous metadata still serves
+
+        # An unreachable document is retried until it appears.
+        missing_cid = ipfs.add_json({"unpublished": True})
+        document = service_metadata(mpe_address=chain.mpe.address, price=40)
+        chain.set_service_uri(ORG_ID, SERVICE_ID, "ipfs://" + ipfs.add_json(document))
+        await wait_for(lambda: price(components) == 40)
+        assert components.metadata.status().error is None
+        assert missing_cid
+
+
+@aio_test
+async def test_not_ready_until_chain_and_metadata_appear(chain: Chain, ipfs: IpfsServer) -> None:  # noqa: F811
+    """With the node down at startup the daemon stays up, reports why it is not ready, and recovers."""
+    port = free_port()
+    components = build_chain(
+        settings(
+            ethereum_json_rpc_http_endpoint=f"http://127.0.0.1:{port}",
+            registry_address_key=chain.registry.address,
+            ipfs_endpoint=ipfs.url,
+        ),
+        reactor(),
+        handle_sighup=False,
+        metadata_retry=0.05,
+    )
+    assert components.metadata is not None
+    anvil = Anvil(port)
+    try:
+        async with Running(components):
+            await wait_for(lambda: components.metadata is not None and components.metadata.status().error is not None)
+            readiness = components.readiness()
+            assert not readiness.ready
+            assert any(reason.startswith("chain: current block number not known yet") for reason in readiness.reasons)
+            assert any(reason.startswith("metadata: ChainUnavailable") for reason in readiness.reasons)
+
+            anvil.start()
+            fresh = Chain.deploy(anvil)  # same deployer, same nonces: same addresses
+            assert fresh.registry.address == chain.registry.address
+            fresh.publish(ipfs)
+            await wait_for(lambda: components.readiness().ready, within=15)
+            assert price(components) == 10
+    finally:
+        anvil.stop()
+
+
+@aio_test
+async def test_sighup_reloads_local_files(tmp_path: Path) -> None:
+    """With blockchain disabled, local metadata files load, and SIGHUP reloads them."""
+    org_path, service_path = tmp_path / "org.json", tmp_path / "service.json"
+    mpe = "0x" + "11" * 20
+    org_path.write_text(json.dumps(org_metadata()))
+    service_path.write_text(json.dumps(service_metadata(mpe_address=mpe, price=5)))
+    components = build_chain(
+        settings(
+            blockchain_enabled=False,
+            organization_metadata_uri=str(org_path),
+            service_metadata_uri=service_path.as_uri(),
+        ),
+        reactor(),
+    )
+    assert components.reader is None
+    assert components.metadata is not None
+    previous = signal.getsignal(signal.SIGHUP)
+    async with Running(components):
+        await wait_for(lambda: price(components) == 5)
+        assert components.readiness().ready
+        service_path.write_text(json.dumps(service_metadata(mpe_address=mpe, price=6)))
+        os.kill(os.getpid(), signal.SIGHUP)
+        await wait_for(lambda: price(components) == 6)
+        service_path.write_text("{not json")
+        os.kill(os.getpid(), signal.SIGHUP)
+        await wait_for(lambda: components.metadata is not None and components.metadata.status().error is not None)
+        assert price(components) == 6
+        assert "service metadata is not JSON" in (components.metadata.status().error or "")
+    assert signal.getsignal(signal.SIGHUP) == previous
+
+
+@aio_test
+async def test_service_only_metadata_when_blockchain_disabled(tmp_path: Path) -> None:
+    """Without payments a service document alone is enough (encoding, service type)."""
+    path = tmp_path / "service.json"
+    document = service_metadata(mpe_address="0x" + "22" * 20)
+    document["encoding"] = "json"
+    path.write_text(json.dumps(document))
+    components = build_chain(
+        settings(blockchain_enabled=False, service_metadata_uri=str(path)), reactor(), handle_sighup=False
+    )
+    assert components.metadata is not None
+    async with Running(components):
+        await asyncio.wait_for(components.metadata.wait_loaded(), 5)
+        assert components.metadata.current is None
+        assert components.metadata.service is not None
+        assert components.metadata.service.encoding == "json"
+        assert components.readiness().ready
+
+
+@aio_test
+async def test_org_from_registry_service_from_http(chain: Chain, ipfs: IpfsServer) -> None:  # noqa: F811
+    """A local service URI (HTTP here) overrides the Registry's while the organisation comes from it."""
+    chain.publish(ipfs)
+    ipfs.pages["/local/service.json"] = json.dumps(service_metadata(mpe_address=chain.mpe.address, price=77)).encode()
+    components = build_chain(
+        chain_settings(chain, ipfs, service_metadata_uri=f"{ipfs.url}/local/service.json"),
+        reactor(),
+        handle_sighup=False,
+    )
+    async with Running(components):
+        await wait_for(lambda: price(components) == 77)
+        assert components.metadata is not None
+        assert components.metadata.current is not None
+        assert components.metadata.current.service_uri.endswith("/local/service.json")
+
+
+def test_blockchain_disabled_without_metadata_builds_nothing() -> None:
+    """With blockchain disabled and no local URIs there is nothing to run."""
+    components = build_chain(settings(blockchain_enabled=False), reactor())
+    assert (components.reader, components.metadata, components.services) == (None, None, [])
+    assert components.readiness().ready
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"blockchain_network_selected": "private"}, "ethereum_json_rpc_http_endpoint' is required"),
+        ({"blockchain_network_selected": "sepolia"}, "no 'blockchain_provider_api_key'"),
+        ({"ethereum_json_rpc_http_endpoint": "http://127.0.0.1:1"}, "registry_address_key' is required"),
+        (
+            {"ethereum_json_rpc_http_endpoint": "http://127.0.0.1:1", "registry_address_key": "0x12"},
+            "is not an Ethereum address",
+        ),
+    ],
+)
+def test_impossible_configurations_fail_at_startup(keys: dict[str, Any], message: str) -> None:
+    """Configuration that no retry can fix is a ConfigError naming the key."""
+    with pytest.raises(ConfigError, match=message):
+        build_chain(settings(**keys), reactor())
+
+
+def test_known_networks_need_only_an_api_key() -> None:
+    """main and sepolia know their Registry; the Infura URL is derived from the key."""
+    components = build_chain(
+        settings(blockchain_network_selected="sepolia", blockchain_provider_api_key="k" * 32), reactor()
+    )
+    assert components.registry_address == "0x4DCc70c6FCE4064803f0ae0cE48497B3f7182e5D"
+    assert components.reader is not None
+    assert components.reader.rpc.url == "https://sepolia.infura.io/v3/" + "k" * 32
+    assert components.reader.mpe_address == "0x042d31F61c598eADcAc729B845406514521db520"
+
+
+def _unused(*_: AsyncIterator[Any]) -> None:
+    """Keeps imports used only in annotations."""

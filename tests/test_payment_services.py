@@ -1,0 +1,258 @@
+"""Channel state service and provider control service, on fakes (no I/O).
+
+The claim cycle of the Go daemon (``snet-daemon.md`` §6.3, §6.4): payments
+accumulate, the treasurer lists and starts claims, clients continue on the
+next nonce, the state service shows the old payment until the claim lands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from snet_daemon._proto.escrow import control_service_pb2 as cpb
+from snet_daemon._proto.escrow import state_service_pb2 as spb
+from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.payments import signatures as sig
+from snet_daemon.payments.claims import ProviderControl
+from snet_daemon.payments.escrow import EscrowLedger, metadata_values, parse_escrow
+from snet_daemon.payments.state_service import ChannelStateService
+from snet_daemon.storage.memory import MemoryStorage
+from tests.support.aio import aio_test
+from tests.support.payments import (
+    CLIENT_KEY,
+    METHOD,
+    MPE,
+    PRICE,
+    PROVIDER_KEY,
+    FakeChain,
+    Keys,
+    StorageLease,
+    payment_metadata,
+    terms,
+)
+
+CALL: Any = None  # the services do not use the call object
+
+
+class World:
+    def __init__(self) -> None:
+        self.storage = MemoryStorage(lambda: 0.0)
+        self.chain = FakeChain()
+        self.keys = Keys()
+        self.ledger = EscrowLedger(self.storage, self.keys, self.chain, terms, StorageLease(self.storage), "d")
+        self.state = ChannelStateService(self.ledger, self.storage, self.keys, self.chain, terms)
+        self.control = ProviderControl(self.ledger, self.storage, self.keys, self.chain, terms)
+
+    async def pay(self, channel_id: int, nonce: int, amount: int) -> None:
+        payment = parse_escrow(metadata_values(payment_metadata(channel_id, nonce, amount)))
+        await self.ledger.commit(await self.ledger.authorize(METHOD, payment))
+
+    async def get_state(
+        self, channel_id: int, key: bytes = CLIENT_KEY, block: int | None = None, width: int = 0
+    ) -> spb.ChannelStateReply:
+        block = self.chain.block if block is None else block
+        raw = (
+            channel_id.to_bytes(width, "big") if width else (channel_id.to_bytes(32, "big").lstrip(b"\x00") or b"\x00")
+        )
+        signature = sig.sign(sig.channel_state_request(MPE, channel_id, block), key)
+        request = spb.ChannelStateRequest(channel_id=raw, signature=signature, current_block=block)
+        return await self.state.get_channel_state(request, CALL)
+
+    def list_request(self, message: bytes, key: bytes = PROVIDER_KEY) -> cpb.GetPaymentsListRequest:
+        return cpb.GetPaymentsListRequest(
+            mpe_address=sig.checksum(MPE), current_block=self.chain.block, signature=sig.sign(message, key)
+        )
+
+    async def unclaimed(self) -> cpb.PaymentsListReply:
+        return await self.control.get_list_unclaimed(self.list_request(sig.list_unclaimed(MPE, self.chain.block)), CALL)
+
+    async def in_progress(self) -> cpb.PaymentsListReply:
+        return await self.control.get_list_in_progress(
+            self.list_request(sig.list_in_progress(MPE, self.chain.block)), CALL
+        )
+
+    async def start_claim(self, channel_id: int, nonce: int, key: bytes = PROVIDER_KEY) -> cpb.PaymentReply:
+        request = cpb.StartClaimRequest(
+            mpe_address=sig.checksum(MPE),
+            channel_id=channel_id.to_bytes(32, "big"),
+            signature=sig.sign(sig.start_claim(MPE, channel_id, nonce), key),
+        )
+        return await self.control.start_claim(request, CALL)
+
+
+def n(value: bytes) -> int:
+    return int.from_bytes(value, "big")
+
+
+@aio_test
+async def test_state_of_a_fresh_channel() -> None:
+    """A channel without payments shows its chain nonce and no amount."""
+    world = World()
+    world.chain.open(4, nonce=2)
+    reply = await world.get_state(4)
+    assert n(reply.current_nonce) == 2
+    assert reply.current_signed_amount == b""
+    assert reply.current_signature == b""
+    assert len(reply.current_nonce) == 32
+
+
+@aio_test
+async def test_state_after_payments_and_4_byte_ids() -> None:
+    """After payments the state shows the last signed amount and signature; 4-byte ids (JS) work."""
+    world = World()
+    world.chain.open(7)
+    await world.pay(7, 0, PRICE)
+    await world.pay(7, 0, 2 * PRICE)
+    reply = await world.get_state(7, width=4)
+    assert n(reply.current_signed_amount) == 2 * PRICE
+    assert sig.recover(sig.mpe_claim(MPE, 7, 0, 2 * PRICE), reply.current_signature) == sig.address_of(CLIENT_KEY)
+
+
+@aio_test
+async def test_state_for_recipient_but_not_strangers() -> None:
+    """The recipient may read the state; anybody else gets Go's error."""
+    world = World()
+    world.chain.open(1)
+    await world.get_state(1, key=PROVIDER_KEY)
+    with pytest.raises(GrpcError) as info:
+        await world.get_state(1, key=sig.keccak256(b"stranger"))
+    assert info.value.message == "only channel signer/sender/receiver can get latest channel state"
+
+
+@aio_test
+async def test_state_errors() -> None:
+    """Stale block, unknown channel and bad signatures get Go's messages."""
+    world = World()
+    world.chain.open(1)
+    with pytest.raises(GrpcError) as info:
+        await world.get_state(1, block=world.chain.block - 6)
+    assert info.value.message == "authentication failed as the signature passed has expired"
+    await world.get_state(1, block=world.chain.block - 5)
+    with pytest.raises(GrpcError) as info:
+        await world.get_state(99)
+    assert info.value.message == "channel is not found, channelId: 99"
+    request = spb.ChannelStateRequest(channel_id=b"\x01", signature=b"\x00" * 10, current_block=1)
+    with pytest.raises(GrpcError) as info:
+        await world.state.get_channel_state(request, CALL)
+    assert (info.value.status, info.value.message) == (Status.UNKNOWN, "incorrect signature")
+
+
+@aio_test
+async def test_full_claim_cycle() -> None:
+    """List unclaimed, start claim, pay on the next nonce, list in progress, claim lands, record is forgotten."""
+    world = World()
+    world.chain.open(1, value=1000)
+    await world.pay(1, 0, PRICE)
+    await world.pay(1, 0, 2 * PRICE)
+    unclaimed = await world.unclaimed()
+    assert [(n(p.channel_id), n(p.channel_nonce), n(p.signed_amount), p.signature) for p in unclaimed.payments] == [
+        (1, 0, 2 * PRICE, b"")
+    ]
+    assert n(unclaimed.payments[0].channel_expiry) == world.chain.channels[1].expiration
+
+    claim = await world.start_claim(1, 0)
+    assert (n(claim.channel_nonce), n(claim.signed_amount)) == (0, 2 * PRICE)
+    assert sig.recover(sig.mpe_claim(MPE, 1, 0, 2 * PRICE), claim.signature) == sig.address_of(CLIENT_KEY)
+
+    # Clients now sign from zero on nonce 1; the state shows the old payment too.
+    state = await world.get_state(1)
+    assert n(state.current_nonce) == 1
+    assert state.current_signed_amount == b""
+    assert n(state.old_nonce_signed_amount) == 2 * PRICE
+    await world.pay(1, 1, PRICE)
+    assert [n(p.signed_amount) for p in (await world.in_progress()).payments] == [2 * PRICE]
+
+    # The claim lands on chain: nonce 1, value reduced.
+    world.chain.channels[1].nonce = 1
+    world.chain.channels[1].value -= 2 * PRICE
+    assert list((await world.in_progress()).payments) == []
+    state = await world.get_state(1)
+    assert n(state.current_nonce) == 1
+    assert n(state.current_signed_amount) == PRICE
+    assert state.old_nonce_signed_amount == b""
+
+
+@aio_test
+async def test_payments_after_start_claim_stay_within_funds() -> None:
+    """While a claim is in flight, new payments may only spend what the claim leaves in the channel."""
+    world = World()
+    world.chain.open(1, value=5 * PRICE)
+    for i in range(1, 5):
+        await world.pay(1, 0, i * PRICE)
+    await world.start_claim(1, 0)
+    await world.pay(1, 1, PRICE)  # 4 claimed + 1 = 5: all the funds
+    with pytest.raises(GrpcError) as info:
+        await world.pay(1, 1, 2 * PRICE)
+    assert "not enough tokens" in info.value.message
+
+
+@aio_test
+async def test_start_claim_refusals() -> None:
+    """Only the payment address may start claims; empty, busy and already-claiming channels are refused."""
+    world = World()
+    world.chain.open(1)
+    with pytest.raises(GrpcError) as info:
+        await world.start_claim(1, 0)
+    assert "no payment to claim" in info.value.message
+    await world.pay(1, 0, PRICE)
+    with pytest.raises(GrpcError) as info:
+        await world.start_claim(1, 0, key=CLIENT_KEY)
+    assert "payment address" in info.value.message
+    hold = await world.ledger.authorize(METHOD, parse_escrow(metadata_values(payment_metadata(1, 0, 2 * PRICE))))
+    with pytest.raises(GrpcError) as info:
+        await world.start_claim(1, 0)
+    assert info.value.status == Status.FAILED_PRECONDITION
+    await world.ledger.release(hold)
+    await world.start_claim(1, 0)
+    await world.pay(1, 1, PRICE)
+    with pytest.raises(GrpcError) as info:
+        await world.start_claim(1, 1)
+    assert info.value.status == Status.FAILED_PRECONDITION
+    assert "already in progress" in info.value.message
+
+
+@aio_test
+async def test_list_requests_are_authenticated() -> None:
+    """Lists need the payment address's signature, the right MPE and a fresh block."""
+    world = World()
+    with pytest.raises(GrpcError) as info:
+        await world.control.get_list_unclaimed(
+            world.list_request(sig.list_unclaimed(MPE, world.chain.block), key=CLIENT_KEY), CALL
+        )
+    assert "payment address" in info.value.message
+    request = world.list_request(sig.list_unclaimed(MPE, world.chain.block))
+    request.mpe_address = "0x" + "00" * 20
+    with pytest.raises(GrpcError) as info:
+        await world.control.get_list_unclaimed(request, CALL)
+    assert "does not match" in info.value.message
+    stale = world.chain.block - 10
+    request = cpb.GetPaymentsListRequest(
+        mpe_address=sig.checksum(MPE),
+        current_block=stale,
+        signature=sig.sign(sig.list_unclaimed(MPE, stale), PROVIDER_KEY),
+    )
+    with pytest.raises(GrpcError) as info:
+        await world.control.get_list_unclaimed(request, CALL)
+    assert "expired" in info.value.message
+
+
+@aio_test
+async def test_start_claim_for_multiple_channels() -> None:
+    """Several channels are claimed with one signature over the sorted ids."""
+    world = World()
+    for cid in (3, 1, 2):
+        world.chain.open(cid)
+        await world.pay(cid, 0, PRICE)
+    ids = [3, 1]
+    request = cpb.StartMultipleClaimRequest(
+        mpe_address=sig.checksum(MPE),
+        channel_ids=ids,
+        current_block=world.chain.block,
+        signature=sig.sign(sig.start_claim_multiple(MPE, ids, world.chain.block), PROVIDER_KEY),
+    )
+    reply = await world.control.start_claim_for_multiple_channels(request, CALL)
+    assert [n(p.channel_id) for p in reply.payments] == [3, 1]
+    assert sorted(n(p.channel_id) for p in (await world.in_progress()).payments) == [1, 3]
+    assert [n(p.channel_id) for p in (await world.unclaimed()).payments] == [2]

@@ -1,0 +1,286 @@
+"""The embedded etcd server: a real ``etcd`` child process, supervised.
+
+Each test runs its own server on free loopback ports, in a temporary working
+directory, and checks by PID that no etcd process outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+from twisted.internet import reactor
+
+from snet_daemon.config.sections import StorageServerSettings
+from snet_daemon.storage.embedded import EmbeddedEtcd, EmbeddedEtcdError, etcd_arguments, find_etcd
+from snet_daemon.storage.etcd import EtcdStorage
+from tests.support.aio import aio_test
+from tests.support.daemon import REPO
+from tests.support.etcd import pid_alive, requires_etcd
+from tests.support.ports import free_port
+
+
+def server_settings(**changes: object) -> StorageServerSettings:
+    """Embedded-server settings on free loopback ports."""
+    client, peer = free_port(), free_port()
+    while peer == client:
+        peer = free_port()
+    settings = StorageServerSettings(
+        name="storage-1",
+        scheme="http",
+        host="127.0.0.1",
+        client_port=client,
+        peer_port=peer,
+        token="test-token",
+        cluster=f"storage-1=http://127.0.0.1:{peer}",
+        startup_timeout=20.0,
+        data_dir="storage-data-dir-1.etcd",
+        log_level="warn",
+        log_outputs=("./etcd-server.log",),
+        enabled=False,
+    )
+    return replace(settings, **changes)  # type: ignore[arg-type]
+
+
+def embedded(workdir: Path, settings: StorageServerSettings | None = None, **kwargs: object) -> EmbeddedEtcd:
+    """An EmbeddedEtcd on the real reactor."""
+    return EmbeddedEtcd(settings or server_settings(), reactor, reactor, workdir=workdir, **kwargs)  # type: ignore[arg-type]
+
+
+async def stop(service: EmbeddedEtcd) -> None:
+    """Stop the service and wait for it."""
+    await service.stopService().asFuture(asyncio.get_running_loop())
+
+
+async def wait_for(predicate: object, within: float) -> None:
+    """Poll ``predicate()`` until true."""
+    deadline = time.monotonic() + within
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------
+# no process needed
+
+
+def test_arguments_follow_settings_with_paths_relative_to_workdir(tmp_path: Path) -> None:
+    """Data dir and log files are resolved against the working directory; stderr/stdout stay names."""
+    settings = server_settings(log_outputs=("./etcd.log", "stderr"), data_dir="state/etcd")
+    args = etcd_arguments(settings, tmp_path)
+    assert f"--data-dir={tmp_path / 'state/etcd'}" in args
+    assert f"--log-outputs={tmp_path / 'etcd.log'},stderr" in args
+    assert f"--listen-client-urls=http://127.0.0.1:{settings.client_port}" in args
+    assert f"--initial-advertise-peer-urls=http://127.0.0.1:{settings.peer_port}" in args
+    assert "--initial-cluster-token=test-token" in args
+    assert "--auto-compaction-mode=periodic" in args
+    absolute = etcd_arguments(replace(settings, data_dir="/var/lib/snetd/etcd", cluster=""), tmp_path)
+    assert "--data-dir=/var/lib/snetd/etcd" in absolute
+    assert f"--initial-cluster=storage-1=http://127.0.0.1:{settings.peer_port}" in absolute
+
+
+def test_missing_binary_says_how_to_fix_it(tmp_path: Path) -> None:
+    """Without the etcd program, starting fails at once with the apt-get and endpoints hints."""
+    with pytest.raises(EmbeddedEtcdError, match=r"apt-get install etcd-server.*storage_client\.endpoints"):
+        find_etcd("etcd-not-installed-here")
+    service = embedded(tmp_path, binary="etcd-not-installed-here")
+    with pytest.raises(EmbeddedEtcdError, match="apt-get install etcd-server"):
+        service.startService()
+    assert not service.running
+
+
+def test_https_scheme_is_refused(tmp_path: Path) -> None:
+    """The embedded server cannot serve TLS (no server certificate keys), so https is refused clearly."""
+    with pytest.raises(EmbeddedEtcdError, match="only serves http"):
+        embedded(tmp_path, server_settings(scheme="https"))
+
+
+def test_client_url_uses_loopback_for_wildcard_hosts() -> None:
+    """A server listening on 0.0.0.0 is reached by this daemon on 127.0.0.1."""
+    settings = server_settings(host="0.0.0.0")
+    assert settings.client_url.startswith("http://0.0.0.0:")
+    assert settings.local_client_url == f"http://127.0.0.1:{settings.client_port}"
+
+
+# ---------------------------------------------------------------------------
+# the real thing
+
+
+@requires_etcd
+@aio_test
+async def test_lifecycle_start_crash_restart_stop_start(tmp_path: Path) -> None:
+    """Start (healthy), SIGKILL the child (restarted, data kept), stop (child gone), start again (data still there)."""
+    service = embedded(tmp_path)
+    service.startService()
+    await asyncio.wait_for(service.ready(), 30)
+    first = service.pid
+    assert first is not None
+    assert pid_alive(first)
+    assert (tmp_path / "storage-data-dir-1.etcd" / "member").is_dir()
+    assert (tmp_path / "etcd-server.log").exists()  # the configured log output, relative to workdir
+
+    storage = EtcdStorage([service.client_url], request_timeout=2.0)
+    await storage.put("embedded/a", b"kept")
+
+    os.kill(first, signal.SIGKILL)
+    await wait_for(lambda: service.pid not in (None, first), within=15)
+    assert service.restarts == 1
+    await wait_for(lambda: not pid_alive(first), within=5)
+    entry = None
+    deadline = time.monotonic() + 15
+    while entry is None:
+        try:
+            entry = await storage.get("embedded/a")
+        except Exception:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    assert entry.value == b"kept"
+
+    second = service.pid
+    assert second is not None
+    await stop(service)
+    assert service.pid is None
+    assert not pid_alive(second)
+    assert all(not pid_alive(pid) for pid in service.spawned)
+
+    service.startService()
+    await asyncio.wait_for(service.ready(), 30)
+    entry = await storage.get("embedded/a")
+    assert entry is not None
+    assert entry.value == b"kept"
+    await storage.close()
+    await stop(service)
+    assert all(not pid_alive(pid) for pid in service.spawned)
+
+
+@requires_etcd
+@aio_test
+async def test_failed_start_reports_etcd_output_and_leaves_no_process(tmp_path: Path) -> None:
+    """When etcd cannot start (client port taken), ready() fails quoting etcd, and no etcd is left."""
+    settings = server_settings(log_outputs=("stderr",))
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", settings.client_port))
+        taken.listen()
+        service = embedded(tmp_path, settings)
+        service.startService()
+        with pytest.raises(EmbeddedEtcdError, match="did not start") as failed:
+            await asyncio.wait_for(service.ready(), 30)
+    assert "address already in use" in str(failed.value)
+    assert service.spawned
+    assert all(not pid_alive(pid) for pid in service.spawned)
+    assert service.restarts == 0  # a first start is not retried
+    await stop(service)
+
+
+@requires_etcd
+@aio_test
+async def test_start_that_never_gets_healthy_is_stopped(tmp_path: Path) -> None:
+    """If etcd runs but is not healthy within startup_timeout, it is stopped and ready() fails."""
+
+    async def never_healthy(url: str, seconds: float) -> bool:
+        return False
+
+    service = embedded(tmp_path, server_settings(startup_timeout=1.0), health=never_healthy)
+    service.startService()
+    with pytest.raises(EmbeddedEtcdError, match=r"not healthy within 1s"):
+        await asyncio.wait_for(service.ready(), 30)
+    assert service.pid is None
+    assert service.spawned
+    assert all(not pid_alive(pid) for pid in service.spawned)
+    await stop(service)
+
+
+@requires_etcd
+@aio_test
+async def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
+    """An etcd that does not react to SIGTERM (frozen) is SIGKILLed after the stop timeout."""
+    service = embedded(tmp_path, stop_timeout=1.0)
+    service.startService()
+    await asyncio.wait_for(service.ready(), 30)
+    pid = service.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    await stop(service)
+    assert 0.9 < time.monotonic() - start < 5
+    assert not pid_alive(pid)
+
+
+@requires_etcd
+@aio_test
+async def test_stop_during_startup_leaves_no_process(tmp_path: Path) -> None:
+    """Stopping while etcd is still starting stops it and fails ready()."""
+    service = embedded(tmp_path)
+    service.startService()
+    await asyncio.sleep(0.05)
+    await stop(service)
+    with pytest.raises(EmbeddedEtcdError):
+        await service.ready()
+    assert all(not pid_alive(pid) for pid in service.spawned)
+
+
+_SUPERVISOR = """
+import asyncio, json, sys
+from pathlib import Path
+from twisted.internet import asyncioreactor
+loop = asyncio.new_event_loop()
+asyncio.set_event_loop(loop)
+asyncioreactor.install(loop)
+from twisted.internet import reactor
+from snet_daemon.config.sections import StorageServerSettings
+from snet_daemon.storage.embedded import EmbeddedEtcd
+
+settings = json.loads(sys.argv[1])
+settings["log_outputs"] = tuple(settings["log_outputs"])
+service = EmbeddedEtcd(StorageServerSettings(**settings), reactor, reactor, workdir=Path(sys.argv[2]))
+reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+
+async def main():
+    service.startService()
+    await service.ready()
+    print(service.pid, flush=True)
+
+reactor.callWhenRunning(lambda: asyncio.ensure_future(main()))
+reactor.run()
+"""
+
+
+@requires_etcd
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_daemon_death_leaves_no_etcd(tmp_path: Path, how: signal.Signals) -> None:
+    """Whether the supervising process is SIGKILLed (kernel pdeathsig) or SIGTERMed (clean stop), etcd dies too."""
+    settings = asdict(server_settings())
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SUPERVISOR, json.dumps(settings), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        assert ready, "supervisor did not report etcd ready"
+        etcd_pid = int(process.stdout.readline())
+        assert pid_alive(etcd_pid)
+        process.send_signal(how)
+        process.wait(15)
+        deadline = time.monotonic() + 10
+        while pid_alive(etcd_pid):
+            assert time.monotonic() < deadline, f"etcd {etcd_pid} outlived its parent"
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,0 +1,334 @@
+"""EtcdStorage beyond the contract: outages, timeouts, endpoints, TLS, readiness.
+
+All against real etcd servers (Debian's ``etcd-server``) on loopback ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from snet_daemon.storage.base import (
+    Condition,
+    Put,
+    StorageError,
+    StorageTimeout,
+    StorageUnavailable,
+)
+from snet_daemon.storage.etcd import EtcdStorage, EtcdTls, parse_endpoint, prefix_range_end
+from tests.support.aio import aio_test
+from tests.support.etcd import EtcdServer, etcd_factory, etcd_server
+from tests.support.ports import free_port
+
+__all__ = ["etcd_factory", "etcd_server"]  # fixtures, imported for pytest
+
+# ---------------------------------------------------------------------------
+# pure helpers
+
+
+@pytest.mark.parametrize(
+    ("url", "target", "tls"),
+    [
+        ("http://127.0.0.1:2379", "127.0.0.1:2379", False),
+        ("https://etcd.example.org:2379", "etcd.example.org:2379", True),
+        ("HTTPS://etcd.example.org", "etcd.example.org:2379", True),
+        ("10.0.0.5:23790", "10.0.0.5:23790", False),
+        ("http://[::1]:2379/", "[::1]:2379", False),
+        ("http://[::1]", "[::1]:2379", False),
+    ],
+)
+def test_parse_endpoint(url: str, target: str, tls: bool) -> None:
+    """Endpoints in the forms Go configs use become a gRPC target and a TLS flag."""
+    endpoint = parse_endpoint(url)
+    assert (endpoint.target, endpoint.tls) == (target, tls)
+
+
+@pytest.mark.parametrize("url", ["unix:///tmp/etcd.sock", "http://", "ftp://h:1"])
+def test_parse_endpoint_rejects_others(url: str) -> None:
+    """Unsupported schemes and missing hosts are refused with a message naming the endpoint."""
+    with pytest.raises(ValueError, match="etcd endpoint"):
+        parse_endpoint(url)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "end"),
+    [(b"a/", b"a0"), (b"a\xff", b"b"), (b"\xff\xff", b"\0"), (b"", b"\0"), (b"k", b"l")],
+)
+def test_prefix_range_end(prefix: bytes, end: bytes) -> None:
+    """The range end of a prefix is the next key after every key with that prefix."""
+    assert prefix_range_end(prefix) == end
+
+
+def test_tls_material_from_paths(tmp_path: Path) -> None:
+    """TLS files are read when set; none set means no TLS; cert without key is an error."""
+    assert EtcdTls.from_paths() is None
+    (tmp_path / "ca.pem").write_bytes(b"CA")
+    (tmp_path / "c.pem").write_bytes(b"C")
+    (tmp_path / "k.pem").write_bytes(b"K")
+    tls = EtcdTls.from_paths(str(tmp_path / "ca.pem"), str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    assert tls == EtcdTls(ca=b"CA", cert=b"C", key=b"K")
+    assert "K" not in repr(tls)
+    with pytest.raises(ValueError, match="together"):
+        EtcdTls.from_paths(cert_path=str(tmp_path / "c.pem"))
+    with pytest.raises(OSError):
+        EtcdTls.from_paths(ca_path=str(tmp_path / "missing.pem"))
+
+
+def test_constructor_checks_arguments() -> None:
+    """No endpoints, or a non-positive timeout, is refused up front."""
+    with pytest.raises(ValueError):
+        EtcdStorage([])
+    with pytest.raises(ValueError):
+        EtcdStorage(["http://127.0.0.1:2379"], request_timeout=0)
+
+
+# ---------------------------------------------------------------------------
+# outages
+
+
+def _operations(storage: EtcdStorage, lease_id: int) -> list[tuple[str, Callable[[], Awaitable[Any]]]]:
+    """One call of every storage operation, by name."""
+    return [
+        ("get", lambda: storage.get("outage/a")),
+        ("get_many", lambda: storage.get_many(["outage/a", "outage/b"])),
+        ("get_prefix", lambda: storage.get_prefix("outage/")),
+        ("put", lambda: storage.put("outage/a", b"v")),
+        ("put_if_absent", lambda: storage.put_if_absent("outage/b", b"v")),
+        ("compare_and_swap", lambda: storage.compare_and_swap("outage/a", b"v", b"w")),
+        ("delete", lambda: storage.delete("outage/a")),
+        ("transaction", lambda: storage.transaction([Condition.absent("outage/c")], [Put("outage/c", b"v")])),
+        ("grant_lease", lambda: storage.grant_lease(5)),
+        ("keep_alive", lambda: storage.keep_alive(lease_id)),
+    ]
+
+
+async def _until_ok(call: Callable[[], Awaitable[Any]], within: float) -> float:
+    """Retry ``call`` until it succeeds; return how long that took."""
+    start = time.monotonic()
+    while True:
+        try:
+            await call()
+            return time.monotonic() - start
+        except StorageError:
+            if time.monotonic() - start > within:
+                raise
+            await asyncio.sleep(0.05)
+
+
+@aio_test
+async def test_stopped_etcd_gives_typed_errors_fast_then_recovers(etcd_factory: Callable[[], EtcdServer]) -> None:
+    """While etcd is stopped every operation fails fast with a typed error; after a restart all works, data intact."""
+    server = etcd_factory().start()
+    storage = EtcdStorage([server.url], request_timeout=1.0)
+    try:
+        await storage.put("outage/kept", b"persisted")
+        lease = await storage.grant_lease(30)
+        await asyncio.to_thread(server.stop)
+        for name, call in _operations(storage, lease.id):
+            start = time.monotonic()
+            with pytest.raises((StorageUnavailable, StorageTimeout)) as failed:
+                await call()
+            elapsed = time.monotonic() - start
+            assert elapsed < 1.5, f"{name} took {elapsed:.2f}s"
+            assert server.url in str(failed.value), name
+        await asyncio.to_thread(server.start)
+        recovery = await _until_ok(lambda: storage.get("outage/kept"), within=5.0)
+        assert recovery < 3.0
+        entry = await storage.get("outage/kept")
+        assert entry is not None
+        assert entry.value == b"persisted"
+        assert await storage.keep_alive(lease.id) > 0  # the lease survived the restart
+    finally:
+        await storage.close()
+
+
+@aio_test
+async def test_hung_etcd_times_out_within_request_timeout(etcd_factory: Callable[[], EtcdServer]) -> None:
+    """A frozen etcd (SIGSTOP) makes requests end with StorageTimeout at the request timeout, not hang."""
+    server = etcd_factory().start()
+    storage = EtcdStorage([server.url], request_timeout=0.5)
+    pid = server.pid
+    assert pid is not None
+    try:
+        await storage.put("hung/a", b"v")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for call in (lambda: storage.get("hung/a"), lambda: storage.put("hung/a", b"w")):
+                start = time.monotonic()
+                with pytest.raises(StorageTimeout, match=r"did not answer within 0\.5s"):
+                    await call()
+                assert 0.4 < time.monotonic() - start < 1.5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await _until_ok(lambda: storage.get("hung/a"), within=5.0)
+    finally:
+        await storage.close()
+
+
+@aio_test
+async def test_open_reports_unreachable_endpoint_within_connection_timeout() -> None:
+    """open() on an endpoint where nothing listens fails with StorageUnavailable naming it."""
+    url = f"http://127.0.0.1:{free_port()}"
+    storage = EtcdStorage([url], connection_timeout=0.5, request_timeout=0.5)
+    try:
+        start = time.monotonic()
+        with pytest.raises(StorageUnavailable, match=url):
+            await storage.open()
+        assert time.monotonic() - start < 2.0
+    finally:
+        await storage.close()
+
+
+@aio_test
+async def test_next_endpoint_is_used_when_one_is_down(etcd_server: EtcdServer) -> None:
+    """With a dead first endpoint, open() moves on to the live one, and so do requests after a failure."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    storage = EtcdStorage([dead, etcd_server.url], connection_timeout=0.5, request_timeout=1.0)
+    try:
+        assert await storage.open() == "3.4.23"
+        await storage.put("failover/a", b"v")
+    finally:
+        await storage.close()
+    storage = EtcdStorage([dead, etcd_server.url], request_timeout=1.0)
+    try:
+        with pytest.raises(StorageUnavailable, match=dead):
+            await storage.get("failover/a")
+        entry = await storage.get("failover/a")
+        assert entry is not None
+        assert entry.value == b"v"
+    finally:
+        await storage.close()
+
+
+@aio_test
+async def test_closed_storage_refuses_requests(etcd_server: EtcdServer) -> None:
+    """After close() requests fail with StorageUnavailable instead of reconnecting."""
+    storage = EtcdStorage([etcd_server.url])
+    await storage.put("closed/a", b"v")
+    await storage.close()
+    with pytest.raises(StorageUnavailable, match="closed"):
+        await storage.get("closed/a")
+
+
+# ---------------------------------------------------------------------------
+# readiness gate
+
+
+@aio_test
+async def test_requests_wait_for_ready_signal(etcd_server: EtcdServer) -> None:
+    """Requests made before the ready signal wait for it, then proceed."""
+    gate = asyncio.Event()
+
+    async def ready() -> None:
+        await gate.wait()
+
+    storage = EtcdStorage([etcd_server.url], request_timeout=5.0, ready=ready)
+    try:
+        pending = asyncio.ensure_future(storage.put("gate/a", b"v"))
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+        gate.set()
+        assert await pending > 0
+    finally:
+        await storage.close()
+
+
+@aio_test
+async def test_failed_or_slow_ready_signal_is_unavailable(etcd_server: EtcdServer) -> None:
+    """A ready signal that fails, or does not come within the request timeout, gives StorageUnavailable."""
+
+    async def broken() -> None:
+        raise RuntimeError("port 2379 in use")
+
+    storage = EtcdStorage([etcd_server.url], ready=broken)
+    with pytest.raises(StorageUnavailable, match="did not start: port 2379 in use"):
+        await storage.get("gate/a")
+    await storage.close()
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    storage = EtcdStorage([etcd_server.url], request_timeout=0.3, ready=never)
+    with pytest.raises(StorageUnavailable, match="not ready yet"):
+        await storage.get("gate/a")
+    await storage.close()
+
+
+# ---------------------------------------------------------------------------
+# TLS
+
+
+def _certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and one certificate valid for 127.0.0.1 as server and as client."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def build(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: Any, ca: bool) -> Any:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            ).add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "snetd test CA")])
+    ca_cert = build("snetd test CA", ca_key, ca_name, ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build("etcd", key, ca_name, ca_key, ca=False)
+    paths = (directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+@aio_test
+async def test_mutual_tls(tmp_path: Path) -> None:
+    """An https:// endpoint uses the configured CA and client certificate; without the certificate etcd refuses."""
+    if not EtcdServer.available():
+        pytest.skip("needs the etcd binary")
+    ca, cert, key = _certificates(tmp_path)
+    with EtcdServer(tmp_path / "data", tmp_path / "etcd.log", tls=(ca, cert, key)) as server:
+        assert server.url.startswith("https://")
+        tls = EtcdTls.from_paths(str(ca), str(cert), str(key))
+        storage = EtcdStorage([server.url], tls=tls, request_timeout=3.0)
+        try:
+            await storage.put("tls/a", b"secret")
+            entry = await storage.get("tls/a")
+            assert entry is not None
+            assert entry.value == b"secret"
+        finally:
+            await storage.close()
+        anonymous = EtcdStorage([server.url], tls=EtcdTls(ca=ca.read_bytes()), request_timeout=3.0)
+        try:
+            with pytest.raises(StorageError):
+                await anonymous.get("tls/a")
+        finally:
+            await anonymous.close()
