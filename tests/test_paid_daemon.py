@@ -7,9 +7,6 @@ real snet-sdk and snet-cli.
 
 from __future__ import annotations
 
-import json
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,39 +17,18 @@ from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon._proto import example_service_pb2_grpc as pb_grpc
 from tests.conftest import make_channel
 from tests.support.chain import Chain, anvil_available, chain  # noqa: F401 (fixture)
-from tests.support.daemon import Daemon
 from tests.support.ipfs import IpfsServer, ipfs  # noqa: F401 (fixture)
-from tests.support.paid import PRICE, Deployment, daemon_config, open_channel, publish
+from tests.support.paid import PRICE, Deployment, deployed, open_channel, wait_ready
 from tests.support.upstream import Upstream
 
 pytestmark = pytest.mark.skipif(not anvil_available(), reason="anvil is not installed (run scripts/setup)")
 
 
-def wait_ready(daemon: Daemon, timeout: float = 30.0) -> dict[str, object]:
-    """Wait until the heartbeat says the daemon can take payments."""
-    deadline = time.monotonic() + timeout
-    report: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"http://{daemon.address}/heartbeat", timeout=5) as reply:
-            report = json.loads(reply.read())
-        if report.get("ready"):
-            return report
-        time.sleep(0.2)
-    raise AssertionError(f"daemon not ready: {report}\n{daemon.log_tail()}")
-
-
 @pytest.fixture
 def deployment(chain: Chain, ipfs: IpfsServer, upstream: Upstream, tmp_path: Path) -> Iterator[Deployment]:  # noqa: F811
-    daemon = Daemon(tmp_path, {})
-    daemon.config.update(daemon_config(chain, ipfs, upstream, tmp_path))
-    daemon.config_path.write_text(json.dumps(daemon.config))
-    publish(chain, ipfs, daemon.port)
-    daemon.start()
-    try:
-        wait_ready(daemon)
-        yield Deployment(chain, ipfs, upstream, daemon, None)
-    finally:
-        daemon.stop()
+    """A paid deployment on the shared chain."""
+    with deployed(chain, ipfs, upstream, tmp_path) as running:
+        yield running
 
 
 def test_paid_calls_and_channel_state(deployment: Deployment) -> None:

@@ -255,6 +255,9 @@ class UpstreamConnection(Protocol):
             _log.warn(
                 "HTTP/2 protocol error from the service at {endpoint}: {error}", endpoint=self._pool.endpoint, error=exc
             )
+            # No new streams here from now on (connectionLost comes later).
+            self.draining = True
+            self._pool.capacity_changed()
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         self._receiving = True
@@ -317,14 +320,23 @@ class UpstreamConnection(Protocol):
     def idle(self) -> bool:
         return not self._relays
 
-    def start(self, relay: _Relay, headers: list[tuple[str, str]]) -> None:
-        """Open a stream for ``relay`` with ``headers``."""
-        sid = self._conn.get_next_available_stream_id()
+    def start(self, relay: _Relay, headers: list[tuple[str, str]]) -> bool:
+        """Open a stream for ``relay`` with ``headers``.
+
+        Returns False when the connection turned out to be closing (h2
+        refuses new streams); the caller takes another connection.
+        """
+        try:
+            sid = self._conn.get_next_available_stream_id()
+            self._conn.send_headers(sid, headers)
+        except h2.exceptions.ProtocolError:
+            self.draining = True
+            return False
         relay.conn = self
         relay.sid = sid
         self._relays[sid] = relay
-        self._conn.send_headers(sid, headers)
         self._schedule_flush()
+        return True
 
     def send(self, relay: _Relay, data: bytes, end_stream: bool = False) -> None:
         """Queue request bytes (and maybe the end of the request)."""
@@ -536,7 +548,8 @@ class H2Upstream:
         relay = _Relay(call, self.loop, self._max_message)
         headers = self._headers(call, metadata)
         conn = await self._stream_slot()
-        conn.start(relay, headers)
+        while not conn.start(relay, headers):
+            conn = await self._stream_slot()
         pump: asyncio.Task[None] | None = None
         try:
             request = call.request_if_complete()

@@ -9,6 +9,11 @@ runs the daemon, on loopback.
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,17 +121,70 @@ def daemon_config(
     return config
 
 
-def publish(chain: Chain, ipfs: IpfsServer, daemon_port: int, *, price: int = PRICE) -> None:
-    """Register the org and the service, with the daemon as the service's endpoint."""
-    chain.publish(
-        ipfs,
-        org=org_metadata(endpoints=()),
-        service=service_metadata(
-            mpe_address=chain.mpe.address, price=price, endpoints=(f"http://127.0.0.1:{daemon_port}",)
-        ),
+def publish(
+    chain: Chain,
+    ipfs: IpfsServer,
+    daemon_port: int,
+    *,
+    etcd_endpoints: tuple[str, ...] = (),
+    price: int = PRICE,
+    api_source: bytes | None = None,
+) -> None:
+    """Register the org and the service, with the daemon as the service's endpoint.
+
+    ``api_source``, a tarball of the service's protos, is published too when
+    given (the real clients compile it).
+    """
+    service = service_metadata(
+        mpe_address=chain.mpe.address, price=price, endpoints=(f"http://127.0.0.1:{daemon_port}",)
     )
+    if api_source is not None:
+        service["service_api_source"] = "ipfs://" + ipfs.add(api_source)
+    chain.publish(ipfs, org=org_metadata(endpoints=etcd_endpoints), service=service)
 
 
 def open_channel(chain: Chain, amount: int = 1_000) -> int:
     """A channel from the test client to the provider, signed by the client's signer."""
     return chain.open_channel(sender=CLIENT.address, signer=SIGNER.address, amount=amount)
+
+
+def wait_ready(daemon: Daemon, timeout: float = 30.0) -> dict[str, Any]:
+    """Wait until the heartbeat says the daemon can take payments."""
+    deadline = time.monotonic() + timeout
+    report: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://{daemon.address}/heartbeat", timeout=5) as reply:
+            report = json.loads(reply.read())
+        if report.get("ready"):
+            return report
+        time.sleep(0.2)
+    raise AssertionError(f"daemon not ready: {report}\n{daemon.log_tail()}")
+
+
+@contextmanager
+def deployed(
+    chain: Chain,
+    ipfs: IpfsServer,
+    upstream: Upstream,
+    workdir: Path,
+    *,
+    api_source: bytes | None = None,
+    etcd_endpoint: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Iterator[Deployment]:
+    """A running paid deployment (the daemon stopped on exit)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    daemon = Daemon(workdir, {})
+    daemon.config.update(daemon_config(chain, ipfs, upstream, workdir, etcd_endpoint=etcd_endpoint, extra=extra))
+    daemon.config_path.write_text(json.dumps(daemon.config))
+    if etcd_endpoint is not None:
+        endpoints: tuple[str, ...] = (etcd_endpoint,)
+    else:
+        endpoints = (f"http://127.0.0.1:{daemon.config['payment_channel_storage_server']['client_port']}",)
+    publish(chain, ipfs, daemon.port, etcd_endpoints=endpoints, api_source=api_source)
+    daemon.start()
+    try:
+        wait_ready(daemon)
+        yield Deployment(chain, ipfs, upstream, daemon, etcd_endpoint)
+    finally:
+        daemon.stop()
