@@ -293,7 +293,7 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
             network=identity.network,
             organization_id=identity.organization_id,
             instance=f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}",
-            not_ready=lambda: chain.readiness().reasons,
+            not_ready=lambda: _payment_blockers(reader, metadata),
         )
         router = Router(default=payments.paid_call)
         router.add(
@@ -338,7 +338,9 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
         )
 
     def problems() -> tuple[str, ...]:
-        found = list(payments.problems() if payments is not None else chain.readiness().reasons)
+        found = list(chain.readiness().reasons)
+        if payments is not None:
+            found += [p for p in payments.problems() if p not in found]
         status = service.status()
         if not status.ready and status.error:
             found.append(f"service: {status.error}")
@@ -395,6 +397,21 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
         payments=", with payments" if payments is not None else ", without payments (blockchain disabled)",
     )
     return root
+
+
+def _payment_blockers(reader: Any, metadata: Any) -> tuple[str, ...]:
+    """What stops every payment (as opposed to the chain's overall health).
+
+    An RPC endpoint that is down does not: known channels keep being served
+    from the cache as long as the cached block number is fresh enough, a
+    bound each payment checks itself.
+    """
+    reasons = []
+    if reader.chain_id_error:
+        reasons.append(f"chain: {reader.chain_id_error}")
+    if metadata.current is None:
+        reasons.append(f"metadata: {metadata.status().error or 'not loaded yet'}")
+    return tuple(reasons)
 
 
 class _ServiceProbe:

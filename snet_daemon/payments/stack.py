@@ -198,21 +198,36 @@ class PaymentStack:
         self._apply(metadata)
 
     async def _start_storage(self, metadata: Metadata) -> None:
-        client = metadata.storage_client
-        try:
-            setup = self._make_storage(
-                MetadataStorageClient(
-                    endpoints=tuple(client.endpoints),
-                    connection_timeout=self._duration(client.connection_timeout),
-                    request_timeout=self._duration(client.request_timeout),
+        """Build and start the storage, retrying with backoff until it works.
+
+        An etcd that is down when the daemon starts must not need a restart
+        of the daemon once it is back.
+        """
+        delay = 1.0
+        while True:
+            current = self._metadata.current or metadata
+            client = current.storage_client
+            setup: StorageSetup | None = None
+            try:
+                setup = self._make_storage(
+                    MetadataStorageClient(
+                        endpoints=tuple(client.endpoints),
+                        connection_timeout=self._duration(client.connection_timeout),
+                        request_timeout=self._duration(client.request_timeout),
+                    )
                 )
-            )
-            setup.service.startService()
-            await setup.ready()
-        except (StorageSetupError, Exception) as exc:
-            self._storage_error = str(exc)
-            _log.error("payment storage could not start: {error}", error=exc)
-            return
+                setup.service.startService()
+                await setup.ready()
+                break
+            except Exception as exc:
+                self._storage_error = str(exc)
+                _log.error("payment storage could not start: {error}", error=exc)
+                if setup is not None and setup.service.running:
+                    await setup.service.stopService().asFuture(asyncio.get_running_loop())
+                if isinstance(exc, StorageSetupError):
+                    return  # misconfigured (e.g. no etcd binary): waiting will not fix it
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
         self._storage = setup
         self._storage_error = None
         _log.info("payment storage ready ({mode})", mode=setup.mode)

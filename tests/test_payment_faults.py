@@ -1,0 +1,222 @@
+"""Payments when things break: a killed daemon, two daemons racing, etcd down, the chain down.
+
+All on real processes: anvil with the contracts, etcd (embedded or
+external), ``twistd snetd``, grpcio clients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from snet_daemon._proto import example_service_pb2 as pb
+from snet_daemon._proto import example_service_pb2_grpc as pb_grpc
+from tests.conftest import make_channel
+from tests.support.chain import Chain, anvil_available, chain  # noqa: F401 (fixture)
+from tests.support.daemon import Daemon
+from tests.support.etcd import EtcdServer, etcd_factory  # noqa: F401 (fixture)
+from tests.support.ipfs import IpfsServer, ipfs  # noqa: F401 (fixture)
+from tests.support.paid import PRICE, Deployment, daemon_config, deployed, open_channel, publish, wait_ready
+from tests.support.tcpproxy import TcpProxy
+from tests.support.upstream import Upstream
+
+pytestmark = pytest.mark.skipif(not anvil_available(), reason="anvil is not installed (run scripts/setup)")
+
+
+def paid_echo(deployment: Deployment, address: str, channel_id: int, amount: int) -> pb.EchoReply:
+    channel = make_channel(address)
+    try:
+        reply: pb.EchoReply = pb_grpc.EchoStub(channel).Unary(
+            pb.EchoRequest(), metadata=deployment.payment(channel_id, 0, amount), timeout=15
+        )
+        return reply
+    finally:
+        channel.close()
+
+
+def signed_amount(deployment: Deployment, address: str, channel_id: int) -> int:
+    channel = make_channel(address)
+    try:
+        return int.from_bytes(deployment.state(channel, channel_id).current_signed_amount, "big")
+    finally:
+        channel.close()
+
+
+def retry_until(action: Callable[[], object], timeout: float, allowed: set[grpc.StatusCode]) -> tuple[float, list[str]]:
+    """Repeat ``action`` until it succeeds; return the time it took and the errors seen."""
+    start = time.monotonic()
+    seen: list[str] = []
+    while True:
+        try:
+            action()
+            return time.monotonic() - start, seen
+        except grpc.RpcError as error:
+            seen.append(f"{error.code().name}: {error.details()}")
+            assert error.code() in allowed, seen
+            assert time.monotonic() - start < timeout, seen
+            time.sleep(0.25)
+
+
+def test_daemon_killed_mid_call_frees_the_channel_within_the_lease(
+    chain: Chain,  # noqa: F811
+    ipfs: IpfsServer,  # noqa: F811
+    upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    """SIGKILL during a paid call: after a restart the channel is usable within the lease TTL, uncharged."""
+    with deployed(chain, ipfs, upstream, tmp_path) as deployment:
+        channel_id = open_channel(chain)
+        daemon = deployment.daemon
+        upstream.record.reset()
+        channel = make_channel(daemon.address)
+        future = pb_grpc.EchoStub(channel).Unary.future(
+            pb.EchoRequest(delay_ms=10_000), metadata=deployment.payment(channel_id, 0, PRICE), timeout=30
+        )
+        deadline = time.monotonic() + 10
+        while not upstream.record.metadata and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert upstream.record.metadata, "the paid call never reached the service"
+        assert daemon.process is not None
+        os.kill(daemon.process.pid, signal.SIGKILL)
+        daemon.process.wait(10)
+        assert future.exception(timeout=10) is not None
+        channel.close()
+
+        daemon.start()
+        wait_ready(daemon)
+        took, errors = retry_until(
+            lambda: paid_echo(deployment, daemon.address, channel_id, PRICE),
+            timeout=20,
+            allowed={grpc.StatusCode.FAILED_PRECONDITION},
+        )
+        assert took < 15, (took, errors)
+        # The killed call was never charged: the same amount paid this one.
+        assert signed_amount(deployment, daemon.address, channel_id) == PRICE
+
+
+def test_two_daemons_on_one_etcd_never_accept_more_than_signed(
+    chain: Chain,  # noqa: F811
+    ipfs: IpfsServer,  # noqa: F811
+    upstream: Upstream,
+    tmp_path: Path,
+    etcd_factory: Callable[[], EtcdServer],  # noqa: F811
+) -> None:
+    """The same payments sent to two daemons at once are each accepted at most once."""
+    etcd = etcd_factory().start()
+    daemons = []
+    for name in ("a", "b"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        daemon = Daemon(workdir, {})
+        daemon.config.update(daemon_config(chain, ipfs, upstream, workdir, etcd_endpoint=etcd.url))
+        daemon.config_path.write_text(json.dumps(daemon.config))
+        daemons.append(daemon)
+    publish(chain, ipfs, daemons[0].port, etcd_endpoints=(etcd.url,))
+    try:
+        for daemon in daemons:
+            daemon.start()
+            wait_ready(daemon)
+        deployment = Deployment(chain, ipfs, upstream, daemons[0], etcd.url)
+        channel_id = open_channel(chain, amount=10_000)
+        upstream.record.reset()
+        accepted = 0
+        attempts = 0
+        with ThreadPoolExecutor(8) as pool:
+            while accepted < 10 and attempts < 60:
+                attempts += 1
+                amount = (accepted + 1) * PRICE
+                futures = [
+                    pool.submit(paid_echo, deployment, d.address, channel_id, amount) for d in daemons for _ in range(2)
+                ]
+                wins = 0
+                for future in futures:
+                    try:
+                        future.result()
+                        wins += 1
+                    except grpc.RpcError as error:
+                        assert error.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED)
+                assert wins <= 1, f"payment of {amount} accepted {wins} times"
+                accepted += wins
+        assert accepted == 10
+        assert len(upstream.record.metadata) == accepted  # nothing served unpaid
+        for daemon in daemons:
+            assert signed_amount(deployment, daemon.address, channel_id) == accepted * PRICE
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
+def test_etcd_down_refuses_paid_calls_and_recovers(
+    chain: Chain,  # noqa: F811
+    ipfs: IpfsServer,  # noqa: F811
+    upstream: Upstream,
+    tmp_path: Path,
+    etcd_factory: Callable[[], EtcdServer],  # noqa: F811
+) -> None:
+    """With etcd stopped, paid calls get UNAVAILABLE and never reach the service; they resume when it is back."""
+    etcd = etcd_factory().start()
+    with deployed(chain, ipfs, upstream, tmp_path, etcd_endpoint=etcd.url) as deployment:
+        address = deployment.daemon.address
+        channel_id = open_channel(chain)
+        paid_echo(deployment, address, channel_id, PRICE)
+        etcd.stop()
+        upstream.record.reset()
+        with pytest.raises(grpc.RpcError) as info:
+            paid_echo(deployment, address, channel_id, 2 * PRICE)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert upstream.record.metadata == []
+        etcd.start()
+        retry_until(
+            lambda: paid_echo(deployment, address, channel_id, 2 * PRICE),
+            timeout=20,
+            allowed={grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION},
+        )
+        assert signed_amount(deployment, address, channel_id) == 2 * PRICE
+
+
+@pytest.fixture
+def rpc_proxy(chain: Chain) -> Iterator[TcpProxy]:  # noqa: F811
+    host, port = chain.url.split("//", 1)[1].rsplit(":", 1)
+    proxy = TcpProxy((host, int(port))).up()
+    yield proxy
+    proxy.down()
+
+
+def test_chain_rpc_down_serves_known_channels_within_the_staleness_bound(
+    chain: Chain,  # noqa: F811
+    ipfs: IpfsServer,  # noqa: F811
+    upstream: Upstream,
+    tmp_path: Path,
+    rpc_proxy: TcpProxy,
+) -> None:
+    """RPC down: known channels keep working until the cached block is too old; unknown ones are refused."""
+    extra = {"ethereum_json_rpc_http_endpoint": rpc_proxy.url, "block_max_age": "4s"}
+    with deployed(chain, ipfs, upstream, tmp_path, extra=extra) as deployment:
+        address = deployment.daemon.address
+        known = open_channel(chain)
+        paid_echo(deployment, address, known, PRICE)
+        rpc_proxy.down()
+        unknown = open_channel(chain)  # opened while the daemon cannot see the chain
+        paid_echo(deployment, address, known, 2 * PRICE)
+        with pytest.raises(grpc.RpcError) as info:
+            paid_echo(deployment, address, unknown, PRICE)
+        assert info.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+        time.sleep(5)  # the cached block number is now older than block_max_age
+        with pytest.raises(grpc.RpcError) as info:
+            paid_echo(deployment, address, known, 3 * PRICE)
+        assert "block" in info.value.details()
+        rpc_proxy.up()
+        retry_until(
+            lambda: paid_echo(deployment, address, unknown, PRICE),
+            timeout=20,
+            allowed={grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED},
+        )
+        paid_echo(deployment, address, known, 3 * PRICE)
