@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from tests.conftest import make_channel
-from tests.support.daemon import REPO, Daemon
+from tests.support.daemon import Daemon
 from tests.support.rawhttp import decode_grpc_web_body, http1_request
 from tests.support.services import (
     SHELL_EXECUTABLE,
@@ -37,13 +37,6 @@ from tests.support.services import (
 MIB = 1024 * 1024
 #: service_timeout of the test daemons: calls without a client deadline end after it.
 SERVICE_TIMEOUT = 3.0
-
-if "ServiceUpstream" not in (REPO / "snet_daemon" / "tap.py").read_text():
-    pytest.skip(
-        "snetd does not route calls to the service-type adapters yet: snet_daemon/tap.py must build "
-        "snet_daemon.upstream.select.ServiceUpstream (see docs/service-types.md, 'Wiring')",
-        allow_module_level=True,
-    )
 
 #: (service_type, encoding, executable) of each daemon under test.
 FLAVOURS = {
