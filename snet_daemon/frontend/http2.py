@@ -46,7 +46,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from snet_daemon.frontend import _hpack_quiet, grpcweb
+from snet_daemon.frontend import grpcweb
+from snet_daemon.frontend._hpack_tuning import plain_literals
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.gateway import Gateway, HttpResponse
 from snet_daemon.frontend.status import GrpcError, Status
@@ -61,7 +62,6 @@ from snet_daemon.frontend.wire import (
 )
 
 _log = Logger(namespace="snetd.frontend.http2")
-assert _hpack_quiet  # imported for its effect
 
 _GRPC: Final = 1
 _WEB: Final = 2
@@ -199,6 +199,7 @@ class H2ServerProtocol(Protocol):
         self.write_buffer = limits.write_buffer
         self._max_message = limits.max_message_size
         self._conn = h2.connection.H2Connection(config=_H2_CONFIG)
+        plain_literals(self._conn)
         self._streams: dict[int, _Stream] = {}
         self._blocked: set[_Stream] = set()
         self._starting: list[_Stream] = []

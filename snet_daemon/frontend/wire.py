@@ -13,7 +13,9 @@ import gzip
 import re
 import zlib
 from collections.abc import Iterable, Iterator
-from typing import Final
+from typing import Final, cast
+
+from hpack import NeverIndexedHeaderTuple
 
 from snet_daemon.frontend.status import GrpcError, Status
 
@@ -56,6 +58,24 @@ RESERVED_HEADERS: Final = frozenset(
         "cache-control",
         "pragma",
         "priority",
+    }
+)
+
+
+#: Headers whose values change with every call (amounts, signatures, the
+#: remaining deadline).  They are sent as HPACK "never indexed" literals:
+#: adding them to the compression table would only evict useful entries, at
+#: a measurable cost per call, and signatures are what RFC 7541 §7.1.3 asks
+#: to keep out of the table anyway.
+NEVER_INDEXED: Final = frozenset(
+    {
+        "grpc-timeout",
+        "snet-payment-channel-nonce",
+        "snet-payment-channel-amount",
+        "snet-payment-channel-signature-bin",
+        "snet-free-call-auth-token-bin",
+        "snet-prepaid-auth-token-bin",
+        "snet-current-block-number",
     }
 )
 
@@ -248,21 +268,25 @@ def metadata_to_headers(metadata: Iterable[tuple[str, MetadataValue]]) -> Iterat
     """Turn metadata into header pairs (``-bin`` values base64-encoded).
 
     Keys gRPC reserves for itself (``grpc-*`` status fields, ``content-type``
-    and friends) are skipped: the front end writes those.
+    and friends) are skipped: the front end writes those.  Headers in
+    :data:`NEVER_INDEXED` come out as never-indexed HPACK tuples.
     """
     for name, value in metadata:
         name = name.lower()
         if name in RESERVED_HEADERS or name in ("grpc-status", "grpc-message") or name[:1] == ":":
             continue
         if isinstance(value, bytes):
-            if name.endswith("-bin"):
-                yield name, encode_bin(value)
-            else:
-                yield name, value.decode("latin-1")
+            text = encode_bin(value) if name.endswith("-bin") else value.decode("latin-1")
         elif name.endswith("-bin"):
-            yield name, encode_bin(value.encode("utf-8"))
+            text = encode_bin(value.encode("utf-8"))
         else:
-            yield name, value
+            text = value
+        yield never_indexed(name, text) if name in NEVER_INDEXED else (name, text)
+
+
+def never_indexed(name: str, value: str) -> tuple[str, str]:
+    """A header pair HPACK must not add to its table (see :data:`NEVER_INDEXED`)."""
+    return cast(tuple[str, str], NeverIndexedHeaderTuple(name, value))
 
 
 # grpc-message is percent-encoded: bytes outside 0x20..0x7E and "%" itself.

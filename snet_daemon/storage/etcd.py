@@ -1,11 +1,13 @@
 """:class:`~snet_daemon.storage.base.AtomicStorage` on an etcd v3 cluster.
 
-The requests are etcd's own gRPC messages, sent with the stubs generated in
-the ``aetcd`` package over a ``grpc.aio`` channel that lives on the reactor's
-asyncio loop.  ``aetcd.Client`` itself is not used: it can only open
-plaintext channels to a single ``host:port`` (no client TLS, no list of
-endpoints), and going through the stubs directly saves its per-call wrapping
-on the hot path (one CAS transaction per paid call).
+The requests are etcd's own gRPC messages (the protobuf classes generated
+in the ``aetcd`` package), sent over the daemon's own HTTP/2 gRPC client
+(:mod:`snet_daemon.upstream.h2client`), the one that also reaches the AI
+service.  Neither ``aetcd.Client`` nor grpc.aio is used: aetcd's client can
+only open plaintext channels to a single ``host:port``, and grpc.aio cost
+about 250 µs of the daemon's CPU per paid call (two etcd requests),
+measured with ``benchmarks/paid.py``; it also brought gRPC core's threads
+into the daemon, which make ``fork()`` unsafe.
 
 Behaviour the daemon relies on:
 
@@ -14,9 +16,10 @@ Behaviour the daemon relies on:
   nothing hangs when etcd is down: callers get
   :class:`~snet_daemon.storage.base.StorageUnavailable` (not applied) or
   :class:`~snet_daemon.storage.base.StorageTimeout` (outcome unknown).
-* **Recovery.**  The channel reconnects by itself; its reconnect backoff is
-  capped at one second (gRPC's default cap is two minutes), so service
-  resumes within about a second of etcd coming back.
+* **Recovery.**  A failed connection is retried on the next request, with
+  a backoff capped at one second, so service resumes within about a second
+  of etcd coming back.  A request that times out drops its connection (a
+  silently dead peer would otherwise keep every request waiting).
 * **Several endpoints.**  Requests go to one endpoint at a time; when it is
   unavailable the next one is used for the following requests.  A failed
   request is not retried here: a retried conditional write that had in fact
@@ -34,11 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-import grpc.aio
 from aetcd import rpc  # type: ignore[import-untyped]
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.logger import Logger
 
+from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.storage.base import (
     Condition,
     ConditionFailed,
@@ -54,6 +57,7 @@ from snet_daemon.storage.base import (
     check_transaction,
     unique_keys,
 )
+from snet_daemon.upstream.h2client import H2Upstream
 
 __all__ = [
     "DEFAULT_CONNECTION_TIMEOUT",
@@ -72,23 +76,19 @@ _log = Logger(namespace="snetd.storage.etcd")
 DEFAULT_CONNECTION_TIMEOUT = 5.0
 DEFAULT_REQUEST_TIMEOUT = 3.0
 
-_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    # Reconnect quickly after an etcd restart (gRPC's default backoff grows
-    # to 120 s, which would keep payments failing long after etcd is back).
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    # Detect a dead connection like the Go daemon's client (10 s / 3 s).
-    # etcd rejects pings more often than every 5 s, and pings without an
-    # active call, so neither is enabled.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 3_000),
-    # A prefix scan of many channels may exceed gRPC's 4 MiB default.
-    ("grpc.max_receive_message_length", -1),
-    # etcd is infrastructure next to the daemon; an HTTP proxy from the
-    # environment (http_proxy) would only break it.
-    ("grpc.enable_http_proxy", 0),
-)
+#: etcd's RPCs: path and reply type.
+_RANGE = ("/etcdserverpb.KV/Range", rpc.RangeResponse)
+_PUT = ("/etcdserverpb.KV/Put", rpc.PutResponse)
+_DELETE = ("/etcdserverpb.KV/DeleteRange", rpc.DeleteRangeResponse)
+_TXN = ("/etcdserverpb.KV/Txn", rpc.TxnResponse)
+_LEASE_GRANT = ("/etcdserverpb.Lease/LeaseGrant", rpc.LeaseGrantResponse)
+_LEASE_REVOKE = ("/etcdserverpb.Lease/LeaseRevoke", rpc.LeaseRevokeResponse)
+# A bidi stream in etcd; sent as one request and a half-close, it answers
+# once and ends the stream, so it travels like a unary call.
+_LEASE_KEEP_ALIVE = ("/etcdserverpb.Lease/LeaseKeepAlive", rpc.LeaseKeepAliveResponse)
+_STATUS = ("/etcdserverpb.Maintenance/Status", rpc.StatusResponse)
+#: A prefix scan of many channels may be large.
+_MAX_REPLY = 512 * 1024 * 1024
 
 _LEASE_NOT_FOUND = "lease not found"
 
@@ -171,11 +171,16 @@ class EtcdTls:
 
         return cls(ca=read(ca_path), cert=read(cert_path), key=read(key_path))
 
-    def credentials(self) -> Any:
-        """gRPC channel credentials for this material."""
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
-        )
+    def client_options(self, host: str) -> Any:
+        """Twisted TLS client options for this material (ALPN h2)."""
+        trust = Certificate.loadPEM(self.ca) if self.ca else None
+        client = PrivateCertificate.loadPEM(self.cert + b"\n" + self.key) if self.cert and self.key else None
+        kwargs: dict[str, Any] = {"acceptableProtocols": [b"h2"]}
+        if trust is not None:
+            kwargs["trustRoot"] = trust
+        if client is not None:
+            kwargs["clientCertificate"] = client
+        return optionsForClientTLS(host, **kwargs)
 
 
 def prefix_range_end(prefix: bytes) -> bytes:
@@ -236,18 +241,23 @@ def _range_op(key: str) -> Any:
 
 
 class _Connection:
-    """One channel to one endpoint, with its stubs."""
+    """The HTTP/2 client of one endpoint."""
 
-    def __init__(self, endpoint: EtcdEndpoint, tls: EtcdTls | None) -> None:
+    def __init__(self, endpoint: EtcdEndpoint, tls: EtcdTls | None, reactor: Any) -> None:
         self.endpoint = endpoint
-        if endpoint.tls:
-            credentials = (tls or EtcdTls()).credentials()
-            self.channel = grpc.aio.secure_channel(endpoint.target, credentials, options=_CHANNEL_OPTIONS)
-        else:
-            self.channel = grpc.aio.insecure_channel(endpoint.target, options=_CHANNEL_OPTIONS)
-        self.kv = rpc.KVStub(self.channel)
-        self.lease = rpc.LeaseStub(self.channel)
-        self.maintenance = rpc.MaintenanceStub(self.channel)
+        host, _, port = endpoint.target.rpartition(":")
+        host = host.strip("[]")
+        self.client = H2Upstream(
+            reactor,
+            host,
+            int(port),
+            endpoint.url,
+            asyncio.get_event_loop(),
+            tls=endpoint.tls,
+            tls_options=tls.client_options(host) if (endpoint.tls and tls is not None) else None,
+            max_message_size=_MAX_REPLY,
+            max_backoff=1.0,
+        )
 
 
 class EtcdStorage:
@@ -263,6 +273,7 @@ class EtcdStorage:
         ready: Awaited (once, shared, bounded by the request timeout) before
             the first request: the embedded server's "healthy" signal, so
             requests made while it starts wait instead of failing.
+        reactor: makes the connections (the global reactor when omitted).
 
     Raises:
         ValueError: No endpoints, or one cannot be parsed.
@@ -276,6 +287,7 @@ class EtcdStorage:
         connection_timeout: float = DEFAULT_CONNECTION_TIMEOUT,
         tls: EtcdTls | None = None,
         ready: Callable[[], Awaitable[None]] | None = None,
+        reactor: Any = None,
     ) -> None:
         if not endpoints:
             raise ValueError("EtcdStorage needs at least one endpoint")
@@ -291,6 +303,7 @@ class EtcdStorage:
         self._conn: _Connection | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._reactor = reactor
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -319,7 +332,7 @@ class EtcdStorage:
         for _ in self._endpoints:
             conn = self._connection()
             try:
-                await asyncio.wait_for(conn.channel.channel_ready(), self._connection_timeout)
+                await asyncio.wait_for(self._connect(conn), self._connection_timeout)
                 return await self.server_version()
             except TimeoutError:
                 failures.append(f"{conn.endpoint.url}: no connection within {self._connection_timeout:g}s")
@@ -328,13 +341,23 @@ class EtcdStorage:
             self._rotate(conn)
         raise StorageUnavailable("cannot reach etcd: " + "; ".join(failures))
 
+    @staticmethod
+    async def _connect(conn: _Connection) -> None:
+        """Connect, retrying through the client's short backoff."""
+        while True:
+            try:
+                await conn.client.connect()
+                return
+            except GrpcError:
+                await asyncio.sleep(0.1)
+
     async def server_version(self) -> str:
         """Ask the endpoint in use for its status (a health probe).
 
         Returns:
             The server's version string.
         """
-        reply = await self._unary(lambda conn: conn.maintenance.Status, rpc.StatusRequest())
+        reply = await self._unary(_STATUS, rpc.StatusRequest())
         if reply.errors:
             raise StorageUnavailable(f"etcd reports errors: {', '.join(reply.errors)}")
         return str(reply.version)
@@ -343,7 +366,7 @@ class EtcdStorage:
         self._closed = True
         conn, self._conn = self._conn, None
         if conn is not None:
-            await conn.channel.close()
+            await conn.client.close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         if self._ready_future is not None and not self._ready_future.done():
@@ -353,7 +376,7 @@ class EtcdStorage:
 
     async def get(self, key: str) -> Entry | None:
         check_key(key)
-        reply = await self._unary(lambda conn: conn.kv.Range, rpc.RangeRequest(key=_key(key)))
+        reply = await self._unary(_RANGE, rpc.RangeRequest(key=_key(key)))
         return _entry(reply.kvs[0]) if reply.kvs else None
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, Entry | None]:
@@ -364,7 +387,7 @@ class EtcdStorage:
             return {}
         # A transaction without comparisons: all reads at one revision.
         request = rpc.TxnRequest(success=[_range_op(key) for key in wanted])
-        reply = await self._unary(lambda conn: conn.kv.Txn, request)
+        reply = await self._unary(_TXN, request)
         return self._ranges(wanted, reply)
 
     async def get_prefix(self, prefix: str) -> list[Entry]:
@@ -375,7 +398,7 @@ class EtcdStorage:
             sort_order=rpc.RangeRequest.ASCEND,
             sort_target=rpc.RangeRequest.KEY,
         )
-        reply = await self._unary(lambda conn: conn.kv.Range, request)
+        reply = await self._unary(_RANGE, request)
         return [_entry(kv) for kv in reply.kvs]
 
     # -- writes -----------------------------------------------------------------
@@ -383,7 +406,7 @@ class EtcdStorage:
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
         check_key(key)
         request = rpc.PutRequest(key=_key(key), value=bytes(value), lease=lease)
-        reply = await self._unary(lambda conn: conn.kv.Put, request, lease=lease)
+        reply = await self._unary(_PUT, request, lease=lease)
         return int(reply.header.revision)
 
     async def put_if_absent(self, key: str, value: bytes, *, lease: int = 0) -> bool:
@@ -392,7 +415,7 @@ class EtcdStorage:
             compare=[_compare(Condition.absent(key))],
             success=[_request_op(Put(key, value, lease))],
         )
-        reply = await self._unary(lambda conn: conn.kv.Txn, request, lease=lease)
+        reply = await self._unary(_TXN, request, lease=lease)
         return bool(reply.succeeded)
 
     async def compare_and_swap(self, key: str, expected: bytes, new: bytes, *, lease: int = 0) -> bool:
@@ -401,12 +424,12 @@ class EtcdStorage:
             compare=[_compare(Condition.has_value(key, expected))],
             success=[_request_op(Put(key, new, lease))],
         )
-        reply = await self._unary(lambda conn: conn.kv.Txn, request, lease=lease)
+        reply = await self._unary(_TXN, request, lease=lease)
         return bool(reply.succeeded)
 
     async def delete(self, key: str) -> bool:
         check_key(key)
-        reply = await self._unary(lambda conn: conn.kv.DeleteRange, rpc.DeleteRangeRequest(key=_key(key)))
+        reply = await self._unary(_DELETE, rpc.DeleteRangeRequest(key=_key(key)))
         return bool(reply.deleted)
 
     async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
@@ -420,7 +443,7 @@ class EtcdStorage:
             failure=[_range_op(key) for key in compared],
         )
         lease = next((op.lease for op in ops if isinstance(op, Put) and op.lease), 0)
-        reply = await self._unary(lambda conn: conn.kv.Txn, request, lease=lease)
+        reply = await self._unary(_TXN, request, lease=lease)
         if not reply.succeeded:
             raise ConditionFailed(self._ranges(compared, reply))
         return int(reply.header.revision)
@@ -430,22 +453,13 @@ class EtcdStorage:
     async def grant_lease(self, ttl: int) -> Lease:
         if ttl <= 0:
             raise ValueError("lease TTL must be positive")
-        reply = await self._unary(lambda conn: conn.lease.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl))
+        reply = await self._unary(_LEASE_GRANT, rpc.LeaseGrantRequest(TTL=ttl))
         if reply.error:
             raise StorageError(f"etcd refused the lease: {reply.error}")
         return Lease(id=int(reply.ID), ttl=int(reply.TTL))
 
     async def keep_alive(self, lease_id: int) -> int:
-        conn = await self._ready_connection()
-        call = conn.lease.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=self._timeout)
-        try:
-            reply = await call.read()
-        except grpc.aio.AioRpcError as error:
-            raise self._translate(error, conn, lease_id) from None
-        finally:
-            call.cancel()
-        if reply is grpc.aio.EOF:
-            raise StorageUnavailable(f"etcd at {conn.endpoint.url} closed the keep-alive stream")
+        reply = await self._unary(_LEASE_KEEP_ALIVE, rpc.LeaseKeepAliveRequest(ID=lease_id), lease=lease_id)
         # etcd answers a keep-alive for an unknown lease with TTL 0.
         if reply.TTL <= 0:
             raise LeaseNotFound(lease_id)
@@ -453,7 +467,7 @@ class EtcdStorage:
 
     async def revoke_lease(self, lease_id: int) -> None:
         try:
-            await self._unary(lambda conn: conn.lease.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease_id), lease=lease_id)
+            await self._unary(_LEASE_REVOKE, rpc.LeaseRevokeRequest(ID=lease_id), lease=lease_id)
         except LeaseNotFound:
             pass
 
@@ -473,7 +487,11 @@ class EtcdStorage:
             raise StorageUnavailable("etcd storage is closed")
         conn = self._conn
         if conn is None:
-            conn = self._conn = _Connection(self._endpoints[self._index], self._tls)
+            if self._reactor is None:
+                from twisted.internet import reactor
+
+                self._reactor = reactor
+            conn = self._conn = _Connection(self._endpoints[self._index], self._tls, self._reactor)
         return conn
 
     async def _ready_connection(self) -> _Connection:
@@ -504,37 +522,44 @@ class EtcdStorage:
             raise StorageUnavailable(f"etcd did not start: {error}") from error
         self._ready = None
 
-    async def _unary(self, method: Callable[[_Connection], Any], request: Any, *, lease: int = 0) -> Any:
-        """Send one unary request to the endpoint in use; translate failures."""
+    async def _unary(self, method: tuple[str, Any], request: Any, *, lease: int = 0) -> Any:
+        """Send one request to the endpoint in use; translate failures."""
         # Hot path (every paid call): no extra coroutine once ready and connected.
         conn = self._conn
         if conn is None or self._ready is not None:
             conn = await self._ready_connection()
+        path, reply_type = method
         try:
-            return await method(conn)(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as error:
+            data = await conn.client.unary(path, request.SerializeToString(), self._timeout)
+        except TimeoutError:
+            # A silently dead peer would keep every request waiting: start
+            # the next one on a fresh connection.
+            conn.client.drop_connection()
+            raise StorageTimeout(f"etcd at {conn.endpoint.url} did not answer within {self._timeout:g}s") from None
+        except GrpcError as error:
             raise self._translate(error, conn, lease) from None
+        return reply_type.FromString(data)
 
-    def _translate(self, error: Any, conn: _Connection, lease: int) -> Exception:
+    def _translate(self, error: GrpcError, conn: _Connection, lease: int) -> Exception:
         """Map a gRPC failure to the storage error hierarchy."""
-        code = error.code()
-        details = error.details() or code.name
+        code = error.status
+        details = error.message or f"status {code}"
         url = conn.endpoint.url
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if code == Status.DEADLINE_EXCEEDED:
             return StorageTimeout(f"etcd at {url} did not answer within {self._timeout:g}s")
-        if code == grpc.StatusCode.NOT_FOUND and _LEASE_NOT_FOUND in details:
+        if code == Status.NOT_FOUND and _LEASE_NOT_FOUND in details:
             return LeaseNotFound(lease)
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
+        if code == Status.INVALID_ARGUMENT:
             return ValueError(f"etcd rejected the request: {details}")
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        if code in (Status.UNAVAILABLE, Status.CANCELLED):
             self._rotate(conn)
             return StorageUnavailable(f"etcd at {url} is unavailable: {details}")
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if code == Status.RESOURCE_EXHAUSTED:
             # e.g. "mvcc: database space exceeded": nothing was written.
             return StorageUnavailable(f"etcd at {url} cannot accept the request: {details}")
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        if code in (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED):
             return StorageError(f"etcd at {url} refused access: {details}")
-        return StorageError(f"etcd at {url} failed: {code.name}: {details}")
+        return StorageError(f"etcd at {url} failed: {code}: {details}")
 
     def _rotate(self, failed: _Connection) -> None:
         """After ``failed`` proved unusable, use the next endpoint (if any)."""
@@ -547,7 +572,8 @@ class EtcdStorage:
             failed=failed.endpoint.url,
             next=self._endpoints[self._index].url,
         )
-        # Let requests still in flight on the old channel finish.
-        task = asyncio.ensure_future(failed.channel.close(grace=self._timeout))
+        # Requests still in flight on the old connection fail over to the
+        # next request; closing it now releases the socket.
+        task = asyncio.ensure_future(failed.client.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)

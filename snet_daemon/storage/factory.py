@@ -247,6 +247,7 @@ def build_storage(
         ),
         tls=tls,
         ready=embedded.ready if embedded is not None else None,
+        reactor=process_reactor,
     )
     keeper = LeaseKeeper(storage, clock, ttl=lease_ttl)
     mode: StorageMode = "etcd" if external else "embedded-etcd"

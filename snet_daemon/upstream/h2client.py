@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from snet_daemon import __version__
+from snet_daemon.frontend._hpack_tuning import plain_literals
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import (
@@ -46,6 +47,7 @@ from snet_daemon.frontend.wire import (
     frame,
     metadata_from_headers,
     metadata_to_headers,
+    never_indexed,
 )
 
 _log = Logger(namespace="snetd.upstream")
@@ -222,6 +224,7 @@ class UpstreamConnection(Protocol):
     def __init__(self, pool: H2Upstream) -> None:
         self._pool = pool
         self._conn = h2.connection.H2Connection(config=_CONFIG)
+        plain_literals(self._conn)
         self._relays: dict[int, _Relay] = {}
         self._blocked: set[_Relay] = set()
         self._flush_scheduled = False
@@ -479,6 +482,10 @@ class H2Upstream:
         tls: connect with TLS (system trust roots), offering ALPN ``h2``.
         max_message_size: limit for reply messages.
         connect_timeout: seconds to wait for a TCP (+TLS) connection.
+        tls_options: TLS client options to use instead of the system trust
+            roots (a private CA, a client certificate: etcd with mTLS).
+        max_backoff: longest wait, in seconds, before retrying a failed
+            connection (calls fail fast meanwhile).
     """
 
     def __init__(
@@ -492,8 +499,12 @@ class H2Upstream:
         tls: bool = False,
         max_message_size: int = 4 * 1024 * 1024,
         connect_timeout: float = 10.0,
+        tls_options: Any = None,
+        max_backoff: float = 5.0,
     ) -> None:
         self._reactor = reactor
+        self._tls_options = tls_options
+        self._max_backoff = max_backoff
         self.host = host
         self.port = port
         self.endpoint = endpoint
@@ -530,6 +541,21 @@ class H2Upstream:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def drop_connection(self) -> None:
+        """Close the current connection; the next call makes a new one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    async def connect(self) -> None:
+        """Wait for a connection to the service.
+
+        Raises:
+            GrpcError: ``UNAVAILABLE`` when it cannot be reached (right now,
+                or still within the backoff after a failed attempt).
+        """
+        await self._connection()
 
     def ready(self) -> bool:
         """True while connected (for the heartbeat)."""
@@ -594,7 +620,7 @@ class H2Upstream:
         ]
         remaining = call.time_remaining()
         if remaining is not None:
-            headers.append(("grpc-timeout", encode_timeout(remaining)))
+            headers.append(never_indexed("grpc-timeout", encode_timeout(remaining)))
         headers.extend(metadata_to_headers(metadata))
         return headers
 
@@ -647,12 +673,13 @@ class H2Upstream:
     async def _dial(self, result: asyncio.Future[UpstreamConnection]) -> None:
         endpoint: Any = HostnameEndpoint(self._reactor, self.host, self.port, timeout=self._connect_timeout)
         if self._tls:
-            endpoint = wrapClientTLS(optionsForClientTLS(self.host, acceptableProtocols=[b"h2"]), endpoint)
+            options = self._tls_options or optionsForClientTLS(self.host, acceptableProtocols=[b"h2"])
+            endpoint = wrapClientTLS(options, endpoint)
         try:
             connecting: Deferred[UpstreamConnection] = endpoint.connect(_ConnectionFactory(self))
             conn = await connecting.asFuture(self.loop)
         except Exception as exc:
-            self._backoff = min(max(self._backoff * 2, 0.25), 5.0)
+            self._backoff = min(max(self._backoff * 2, 0.25), self._max_backoff)
             self._failed_until = self._reactor.seconds() + self._backoff
             self._last_error = f"service at {self.endpoint} is unavailable: {_describe(exc)}"
             _log.warn("{error}", error=self._last_error)

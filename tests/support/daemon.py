@@ -38,9 +38,17 @@ class Daemon:
         workdir: where the config and log files go (also the cwd).
         config: configuration keys; ``daemon_endpoint`` is filled in.
         env: extra environment variables.
+        prefix: a command to run twistd under (e.g. ``["taskset", "-c", "0"]``).
     """
 
-    def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
+        self.prefix = prefix or []
         self.port = free_port()
         self.workdir = workdir
         self.config = {
@@ -63,7 +71,7 @@ class Daemon:
         """Start the daemon and wait until it answers ``/heartbeat``."""
         log = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child, closed below)
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "snetd", f"--config={self.config_path}"],
+            [*self.prefix, TWISTD, "-n", "--pidfile=", "snetd", f"--config={self.config_path}"],
             cwd=self.workdir,
             env=daemon_env(self._env),
             stdout=log,
