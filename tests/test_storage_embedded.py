@@ -284,3 +284,22 @@ def test_daemon_death_leaves_no_etcd(tmp_path: Path, how: signal.Signals) -> Non
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@aio_test
+async def test_exit_that_twisted_never_reported_is_detected() -> None:
+    """After SIGKILL, a child whose exit report was lost is found gone, so stopping never hangs."""
+    from snet_daemon.storage.embedded import _EtcdProcess
+
+    child = subprocess.Popen(["true"])  # noqa: ASYNC220 (reaped at once, on purpose)
+    child.wait()  # reaped behind Twisted's back: no report will ever come
+    process = _EtcdProcess(asyncio.get_running_loop())
+    process.pid = child.pid
+    assert process.running
+    assert process.gone_without_notice()
+    assert process.ended.done()
+    assert process.describe_end() == "killed by signal 9"
+    alive = _EtcdProcess(asyncio.get_running_loop())
+    alive.pid = os.getpid()
+    assert not alive.gone_without_notice()
+    assert alive.running

@@ -45,8 +45,9 @@ from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.process import reapAllProcesses
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -63,6 +64,8 @@ _log = Logger(namespace="snetd.storage.embedded")
 _POLL_INTERVAL = 0.1
 #: Restart backoff: first delay, cap, and how long a run must last to reset it.
 _RESTART_FIRST = 0.5
+#: Seconds after SIGKILL before looking whether the exit report was lost.
+_KILL_GRACE = 2.0
 _RESTART_MAX = 30.0
 _RESTART_RESET_AFTER = 60.0
 #: Output lines kept for error messages.
@@ -193,9 +196,36 @@ class _EtcdProcess(ProcessProtocol):
                 self.tail.append(line)
                 _log.info("etcd: {line}", line=line)
 
+    def processExited(self, reason: Failure) -> None:
+        # The child is reaped: it is gone, even if a pipe is still open
+        # (processEnded waits for those too, which could be never).
+        if not self.ended.done():
+            self.ended.set_result(reason)
+
     def processEnded(self, reason: Failure) -> None:
         if not self.ended.done():
             self.ended.set_result(reason)
+
+    def gone_without_notice(self) -> bool:
+        """After SIGKILL: the process is gone but Twisted has not said so.
+
+        Forces a reap first (in case a SIGCHLD was lost); returns True when
+        the pid no longer names a live process, in which case :attr:`ended`
+        is completed here.
+        """
+        if not self.running or self.pid is None:
+            return False
+        reapAllProcesses()
+        if self.ended.done():  # the forced reap delivered the exit
+            return False
+        try:
+            with open(f"/proc/{self.pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    return False  # still alive
+        except OSError:
+            pass
+        self.ended.set_result(Failure(ProcessTerminated(signal=9)))
+        return True
 
     @property
     def running(self) -> bool:
@@ -462,7 +492,15 @@ class EmbeddedEtcd(Service):
         if not reason.check(ProcessDone):
             _log.info("embedded etcd (pid {pid}) {how}", pid=process.pid, how=process.describe_end())
 
-    @staticmethod
-    def _kill(process: _EtcdProcess) -> None:
+    def _kill(self, process: _EtcdProcess) -> None:
         _log.warn("embedded etcd (pid {pid}) ignored SIGTERM; sending SIGKILL", pid=process.pid)
         process.signal("KILL")
+        # SIGKILL cannot be ignored; if no exit is reported soon, the report
+        # was lost: look for ourselves rather than wait forever.
+        self._clock.callLater(_KILL_GRACE, self._check_gone, process)
+
+    def _check_gone(self, process: _EtcdProcess) -> None:
+        if process.gone_without_notice():
+            _log.warn("embedded etcd (pid {pid}) exited without notice; continuing", pid=process.pid)
+        elif process.running:
+            self._clock.callLater(_KILL_GRACE, self._check_gone, process)
