@@ -15,7 +15,7 @@ import secrets
 import socket
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -26,6 +26,11 @@ from twisted.python import usage
 
 from snet_daemon import __version__
 from snet_daemon.config import ConfigError, DaemonConfig, LoadedConfig, load_config, render_effective_config
+from snet_daemon.config.model import GO_DEFAULT_TOKEN_SECRET
+
+if TYPE_CHECKING:
+    from snet_daemon.payments.freecall import FreeCallSettings
+    from snet_daemon.payments.tokens import TokenSettings
 
 _log = Logger(namespace="snetd")
 
@@ -97,6 +102,9 @@ class Options(usage.Options):
         try:
             loaded = load_config(self["config"], overrides=self.overrides)
             check_supported(loaded.config)
+            if self["check-config"]:
+                # Otherwise checked while building, after the chain settings.
+                check_token_secret(loaded.config)
         except ConfigError as error:
             print(f"snetd: configuration error: {error}", file=self.stderr)
             raise SystemExit(1) from None
@@ -121,6 +129,24 @@ def check_supported(config: DaemonConfig) -> None:
             f"configuration key 'daemon_type': {config.daemon_type!r} is not supported yet (only 'grpc')",
             path="daemon_type",
             value=config.daemon_type,
+        )
+
+
+def check_token_secret(config: DaemonConfig) -> None:
+    """Refuse Go's published ``token_secret_key`` when prepaid tokens are in use.
+
+    Anyone can sign prepaid-call tokens with a published key and spend other
+    clients' prepaid calls.  Go accepts it; we refuse to start.
+
+    Raises:
+        ConfigError: blockchain enabled and the secret is Go's default.
+    """
+    if config.blockchain_enabled and config.token_secret_key == GO_DEFAULT_TOKEN_SECRET:
+        raise ConfigError(
+            "configuration key 'token_secret_key': '***' is the Go daemon's published default, so anyone could "
+            "forge prepaid-call tokens; set it to a random string of at least 32 bytes",
+            path="token_secret_key",
+            value="***",
         )
 
 
@@ -220,6 +246,7 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     # Imports here keep ``twistd --help`` fast and reactor-free.
     from snet_daemon._proto.escrow import control_service_pb2 as cpb
     from snet_daemon._proto.escrow import state_service_pb2 as spb
+    from snet_daemon._proto.escrow import token_service_pb2 as tpb
     from snet_daemon.blockchain.build import build_chain
     from snet_daemon.config.durations import parse_duration
     from snet_daemon.frontend.cors import CorsPolicy
@@ -229,7 +256,12 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     from snet_daemon.frontend.services import unary
     from snet_daemon.ops import logging as oplog
     from snet_daemon.ops.heartbeat import GrpcHealthProbe, Heartbeat, HeartbeatIdentity, TcpProbe, host_port
-    from snet_daemon.payments.stack import PaymentStack, empty_state_service
+    from snet_daemon.payments.stack import (
+        PaymentStack,
+        disabled_free_call_service,
+        empty_state_service,
+        empty_token_service,
+    )
     from snet_daemon.storage.factory import MetadataStorageClient, build_storage
     from snet_daemon.upstream.grpc import GrpcPassthrough
     from snet_daemon.upstream.h2client import H2Upstream
@@ -274,6 +306,7 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     # -- payments -------------------------------------------------------------------
     router: Router
     payments: PaymentStack | None = None
+    check_token_secret(config)
     if identity.blockchain_enabled:
         assert chain.reader is not None
         assert chain.metadata is not None
@@ -294,12 +327,22 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
             organization_id=identity.organization_id,
             instance=f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}",
             not_ready=lambda: _payment_blockers(reader, metadata),
+            service_id=identity.service_id,
+            free_calls=_free_call_settings(config),
+            tokens=_token_settings(config),
+            clock=reactor.seconds,
         )
         router = Router(default=payments.paid_call)
         router.add(
             "/escrow.PaymentChannelStateService/GetChannelState",
             unary(spb.ChannelStateRequest, payments.get_channel_state),
         )
+        free_call = "/escrow.FreeCallStateService/"
+        router.add(free_call + "GetFreeCallToken", unary(spb.GetFreeCallTokenRequest, payments.get_free_call_token))
+        router.add(
+            free_call + "GetFreeCallsAvailable", unary(spb.FreeCallStateRequest, payments.get_free_calls_available)
+        )
+        router.add("/escrow.TokenService/GetToken", unary(tpb.TokenRequest, payments.get_token))
         control = "/escrow.ProviderControlService/"
         router.add(control + "GetListUnclaimed", unary(cpb.GetPaymentsListRequest, payments.get_list_unclaimed))
         router.add(control + "GetListInProgress", unary(cpb.GetPaymentsListRequest, payments.get_list_in_progress))
@@ -315,6 +358,10 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
         router.add(
             "/escrow.PaymentChannelStateService/GetChannelState", unary(spb.ChannelStateRequest, empty_state_service())
         )
+        no_token, no_free_calls = disabled_free_call_service()
+        router.add("/escrow.FreeCallStateService/GetFreeCallToken", unary(spb.GetFreeCallTokenRequest, no_token))
+        router.add("/escrow.FreeCallStateService/GetFreeCallsAvailable", unary(spb.FreeCallStateRequest, no_free_calls))
+        router.add("/escrow.TokenService/GetToken", unary(tpb.TokenRequest, empty_token_service()))
 
     # -- heartbeat ------------------------------------------------------------------
     heartbeat_settings = config.heartbeat
@@ -397,6 +444,27 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
         payments=", with payments" if payments is not None else ", without payments (blockchain disabled)",
     )
     return root
+
+
+def _free_call_settings(config: DaemonConfig) -> FreeCallSettings:
+    """The free-call keys of the configuration, parsed for the payment code."""
+    from snet_daemon.payments.freecall import FreeCallSettings
+    from snet_daemon.payments.signatures import address_bytes
+
+    key = config.private_key_for_free_calls
+    return FreeCallSettings(
+        signer_key=bytes.fromhex(key.removeprefix("0x").removeprefix("0X")) if key else None,
+        trusted_signers=frozenset(address_bytes(a) for a in config.trusted_free_call_signers),
+        min_balance=int(config.min_balance_for_free_call),
+        per_address={address_bytes(a): n for a, n in config.free_calls_per_address.items()},
+    )
+
+
+def _token_settings(config: DaemonConfig) -> TokenSettings:
+    """The prepaid-token keys of the configuration."""
+    from snet_daemon.payments.tokens import TokenSettings
+
+    return TokenSettings(secret=config.token_secret_key.encode(), expiry_minutes=config.token_expiry_in_minutes)
 
 
 def _payment_blockers(reader: Any, metadata: Any) -> tuple[str, ...]:

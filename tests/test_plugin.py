@@ -84,7 +84,7 @@ def test_check_config_prints_effective_config_masked(tmp_path: Path) -> None:
         tmp_path / "c.json",
         {
             "blockchain_enabled": False,
-            "private_key_for_free_calls": "11" * 32,
+            "private_key_for_metering": "11" * 32,
             "service_endpoint": "http://127.0.0.1:5005",
         },
     )
@@ -92,9 +92,9 @@ def test_check_config_prints_effective_config_masked(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     effective = json.loads(result.stdout)
     assert effective["service_endpoint"] == "http://127.0.0.1:5005"
-    assert effective["private_key_for_free_calls"] == "***"
+    assert effective["private_key_for_metering"] == "***"
     assert "11" * 32 not in result.stdout
-    assert "private_key_for_free_calls" in result.stderr  # not implemented yet: warned
+    assert "private_key_for_metering" in result.stderr  # not implemented yet: warned
 
 
 def test_check_config_reports_errors_with_exit_1(tmp_path: Path) -> None:

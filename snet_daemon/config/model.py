@@ -64,6 +64,7 @@ from snet_daemon.config.sections import (
 )
 
 __all__ = [
+    "GO_DEFAULT_TOKEN_SECRET",
     "HOOK_SECTIONS_ALIAS",
     "UNLIMITED_FREE_CALLS",
     "DaemonConfig",
@@ -98,6 +99,11 @@ HOOK_SECTIONS_ALIAS = "<log hook sections>"
 
 #: ``free_calls_per_address`` value meaning "no limit" (Go's ``-1``).
 UNLIMITED_FREE_CALLS = -1
+
+#: The Go daemon's default ``token_secret_key``: public, so the daemon
+#: refuses to start with it when the blockchain (and with it prepaid
+#: tokens) is enabled.
+GO_DEFAULT_TOKEN_SECRET = "test-secret-key-at-least-32-bytes-long"
 
 
 # --------------------------------------------------------------------------
@@ -719,8 +725,10 @@ class DaemonConfig(Section):
     token_expiry_in_minutes: int = Field(1440, description="Lifetime of prepaid-call JWTs.")
     # Declared after blockchain_enabled for its check.
     token_secret_key: Secret = Field(
-        "test-secret-key-at-least-32-bytes-long",
-        description="HS256 key of prepaid-call JWTs; >= 32 bytes when the blockchain is on. Change the default!",
+        GO_DEFAULT_TOKEN_SECRET,
+        description=(
+            "HS256 key of prepaid-call JWTs: >= 32 bytes, and not this published default, when the blockchain is on."
+        ),
     )
 
     # -- pricing and training ---------------------------------------------------------------
@@ -834,11 +842,24 @@ class DaemonConfig(Section):
     @field_validator("token_secret_key")
     @classmethod
     def _token_secret_length(cls, value: str, info: ValidationInfo) -> str:
-        """Go: an HS256 key shorter than 32 bytes is refused when tokens are in use."""
+        """Go: an HS256 key shorter than 32 bytes is refused when tokens are in use.
+
+        (Go's published default is refused too, but when the daemon starts
+        with the blockchain enabled -- ``snet_daemon.tap.check_token_secret``
+        -- so that a file that leaves it out still loads, as Go's does.)
+        """
         size = len(value.encode())
         if _other(info, "blockchain_enabled") and size < 32:
             raise _fail(f"is {size} bytes long; 'blockchain_enabled': true requires at least 32")
         return value
+
+    @field_validator("min_balance_for_free_call")
+    @classmethod
+    def _min_balance(cls, value: str) -> str:
+        """Whole tokens (Go reads a big integer); the daemon multiplies by 10^18."""
+        if not value.strip().isdigit():
+            raise _fail("is not a whole number of tokens (>= 0)")
+        return value.strip()
 
     # ---------------------------------------------------------------------------------------
     # Section views, computed once per (immutable) instance.

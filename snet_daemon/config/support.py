@@ -86,6 +86,13 @@ IMPLEMENTED_KEYS: frozenset[str] = frozenset(
         "log.level",
         "log.formatter.type",
         "cors_allowed_origins",
+        # snet_daemon.payments (free calls, prepaid tokens)
+        "private_key_for_free_calls",
+        "trusted_free_call_signers",
+        "min_balance_for_free_call",
+        "free_calls_per_address",
+        "token_expiry_in_minutes",
+        "token_secret_key",
     }
 )
 

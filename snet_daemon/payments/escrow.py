@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -436,6 +436,105 @@ class EscrowLedger:
         self._remember(channel_id, entry)
         return merge(_decode(entry, channel_id), info.nonce), info
 
+    async def prepay(
+        self,
+        payment: EscrowPayment,
+        planned_key: str,
+        add_planned: Callable[[Entry | None, int], bytes],
+        precheck: Callable[[ChannelState, ChainChannel], None],
+        also_read: Sequence[str] = (),
+    ) -> dict[str, bytes | None]:
+        """Accept a signed amount paid in advance (``TokenService/GetToken``).
+
+        The payment is checked as an escrow payment except for the income:
+        any amount not below the last one accepted will do.  A larger amount
+        becomes the channel's claimable payment and raises the planned
+        amount at ``planned_key`` by the difference, in **one** conditional
+        transaction (channel state and planned amount as read, no escrow
+        call holding the channel); an equal amount changes nothing, so
+        clients asking again for the same amount (snet-sdk does, from
+        several threads) all get the same answer.
+
+        Args:
+            payment: the signed amount (``claim_signature`` of the request).
+            planned_key: where the planned amount lives.
+            add_planned: ``(current planned entry, increase) -> new value``.
+            precheck: the token service's own checks on the merged state,
+                run before the payment checks (raises ``GrpcError``).
+            also_read: more keys to read with the state (used amount).
+
+        Returns:
+            The values of ``planned_key`` and ``also_read`` once the amount
+            is accepted (None for absent keys).
+
+        Raises:
+            GrpcError: ``UNKNOWN`` with the Go daemon's message for every
+                rejection (its token service returns plain errors),
+                ``UNAVAILABLE`` when storage is down or too busy.
+        """
+        channel_id = payment.channel_id
+        terms = self._terms()
+        keys = self._keys
+        state_key = keys.channel_state(channel_id)
+        hold_key = keys.channel_hold(channel_id)
+        try:
+            info = await self._channel_info(channel_id, terms)
+        except GrpcError as lookup:
+            if lookup.status == Status.UNAUTHENTICATED:
+                raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}") from None
+            raise GrpcError(
+                Status.UNKNOWN, f"error:{lookup.message} was seen on retrieving details of channelID:{channel_id}"
+            ) from None
+        chain_fresh = False
+        read_keys = [state_key, hold_key, planned_key, *also_read]
+        for _ in range(_MAX_ATTEMPTS):
+            try:
+                entries = await self._storage.get_many(read_keys)
+            except StorageError as exc:
+                raise _storage_down(exc) from None
+            entry = entries[state_key]
+            self._remember(channel_id, entry)
+            state = merge(_decode(entry, channel_id), info.nonce)
+            precheck(state, info)
+            error = _check(payment, state, info, terms, None, self._block())
+            if error is not None and error.refreshable and not chain_fresh:
+                chain_fresh = True
+                fresh = await self._channel_info(channel_id, terms, fresh=True)
+                if fresh != info:
+                    info = fresh
+                    continue
+            if error is not None:
+                code = Status.INTERNAL if error.grpc.message == "cannot determine current block" else Status.UNKNOWN
+                raise GrpcError(code, error.grpc.message)
+            values = {key: _value(entries[key]) for key in (planned_key, *also_read)}
+            increase = payment.amount - state.authorized_amount
+            if increase == 0:
+                return values
+            if entries[hold_key] is not None or channel_id in self._busy:
+                raise GrpcError(
+                    Status.UNKNOWN, f"another transaction on channel: {channel_label(channel_id)} is in progress"
+                )
+            new_state = ChannelState(state.nonce, payment.amount, payment.signature, state.claimed_amount).encode()
+            planned = add_planned(entries[planned_key], increase)
+            try:
+                revision = await self._storage.transaction(
+                    [
+                        Condition.unchanged(state_key, entry),
+                        Condition.absent(hold_key),
+                        Condition.unchanged(planned_key, entries[planned_key]),
+                    ],
+                    [Put(state_key, new_state), Put(planned_key, planned)],
+                )
+            except ConditionFailed:
+                continue  # a payment or another prepayment landed meanwhile: look again
+            except StorageError as exc:
+                self._cache.pop(channel_id, None)
+                raise _storage_down(exc) from None
+            self._remember(channel_id, Entry(state_key, new_state, revision, revision, 1))
+            values[planned_key] = planned
+            return values
+        raise GrpcError(Status.UNAVAILABLE, f"too much contention on channel {channel_label(channel_id)}; retry")
+
     def forget(self, channel_id: int) -> None:
         """Drop the cached state of a channel (after a change made elsewhere)."""
         self._cache.pop(channel_id, None)
@@ -500,6 +599,10 @@ class EscrowLedger:
 _MISSING: Final = object()
 
 
+def _value(entry: Entry | None) -> bytes | None:
+    return None if entry is None else entry.value
+
+
 @dataclass(frozen=True, slots=True)
 class _Rejection:
     grpc: GrpcError
@@ -515,13 +618,14 @@ def _check(
     state: ChannelState,
     info: ChainChannel,
     terms: PaymentTerms,
-    price: int,
+    price: int | None,
     block: int | GrpcError,
 ) -> _Rejection | None:
     """The Go daemon's checks, in its order; the first failure wins.
 
     Only failures of an authentic payment are marked refreshable, so that
     garbage cannot make the daemon read the chain afresh on every call.
+    With ``price`` None (a prepayment) the income is not checked.
     """
     try:
         signer: bytes | None = signatures.recover(
@@ -570,7 +674,7 @@ def _check(
             refreshable=True,
         )
     income = payment.amount - state.authorized_amount
-    if income != price:
+    if price is not None and income != price:
         return _Rejection(
             GrpcError(Status.UNAUTHENTICATED, f"income {income} does not equal to price {price}"),
             state_dependent=True,

@@ -6,18 +6,39 @@ The ``snet-payment-type`` metadata chooses how it is paid (absent means
 forwarded, recorded when the service answers OK, and released otherwise,
 so a failed call costs the client nothing.  The service receives the
 client's metadata plus ``snet-user-address`` (the paying address).
+
+* ``escrow``: :class:`~snet_daemon.payments.escrow.EscrowLedger` (hold,
+  then commit or release);
+* ``free-call``: :class:`~snet_daemon.payments.freecall.FreeCalls` (the
+  user's count goes up before the call, down again if it fails);
+* ``prepaid-call``: the token is checked
+  (:class:`~snet_daemon.payments.tokens.PrepaidTokens`), the price charged
+  against the channel's planned amount
+  (:class:`~snet_daemon.payments.prepaid.PrepaidLedger`), refunded if the
+  call fails.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
-from snet_daemon.payments.escrow import USER_ADDRESS, EscrowLedger, metadata_values, parse_escrow, single
+from snet_daemon.payments.escrow import (
+    CHANNEL_ID,
+    USER_ADDRESS,
+    EscrowLedger,
+    metadata_values,
+    parse_escrow,
+    parse_integer,
+    single,
+)
+from snet_daemon.payments.freecall import FreeCalls
+from snet_daemon.payments.prepaid import PREPAID_TOKEN, PrepaidLedger
+from snet_daemon.payments.tokens import PrepaidTokens, TokenError
 
 PAYMENT_TYPE: Final = "snet-payment-type"
 #: Payment types the Go daemon knows; those not built yet are refused clearly.
@@ -36,11 +57,24 @@ class PaymentGate:
     Args:
         upstream: forwards calls to the service.
         escrow: the escrow ledger.
+        free_calls: free calls (None: the type is refused as not supported).
+        prepaid: the prepaid ledger and the token checker (None: likewise).
+        price: the price of a call to a method (for prepaid calls).
     """
 
-    def __init__(self, upstream: Forwarder, escrow: EscrowLedger) -> None:
+    def __init__(
+        self,
+        upstream: Forwarder,
+        escrow: EscrowLedger,
+        free_calls: FreeCalls | None = None,
+        prepaid: tuple[PrepaidLedger, PrepaidTokens] | None = None,
+        price: Callable[[str], int] | None = None,
+    ) -> None:
         self._upstream = upstream
         self._escrow = escrow
+        self._free_calls = free_calls
+        self._prepaid = prepaid
+        self._price = price
 
     async def __call__(self, call: ServerCall) -> None:
         values = metadata_values(call.metadata)
@@ -48,6 +82,10 @@ class PaymentGate:
         payment_type = "escrow" if raw_type is None else _text(raw_type)
         if payment_type == "escrow":
             await self._escrow_call(call, values)
+        elif payment_type == "free-call" and self._free_calls is not None:
+            await self._free_call(call, values, self._free_calls)
+        elif payment_type == "prepaid-call" and self._prepaid is not None and self._price is not None:
+            await self._prepaid_call(call, values, *self._prepaid, self._price)
         elif payment_type in _KNOWN_TYPES:
             raise GrpcError(Status.UNIMPLEMENTED, f'payment type "{payment_type}" is not supported by this daemon yet')
         else:
@@ -72,6 +110,50 @@ class PaymentGate:
             await _finish(ledger.release(hold))
             return
         await _finish(ledger.commit(hold))
+
+    async def _free_call(self, call: ServerCall, values: dict[str, list[str | bytes]], free_calls: FreeCalls) -> None:
+        counted = await free_calls.authorize(values)
+        metadata = (*call.metadata, (USER_ADDRESS, counted.user_address))
+        try:
+            await self._upstream.forward(call, metadata)
+        except BaseException:
+            await _finish(free_calls.release(counted))
+            raise
+        if call.finished:
+            await _finish(free_calls.release(counted))
+
+    async def _prepaid_call(
+        self,
+        call: ServerCall,
+        values: dict[str, list[str | bytes]],
+        ledger: PrepaidLedger,
+        tokens: PrepaidTokens,
+        price_of: Callable[[str], int],
+    ) -> None:
+        raw_channel = single(values, CHANNEL_ID)
+        if raw_channel is None:
+            raise GrpcError(Status.INVALID_ARGUMENT, f'missing "{CHANNEL_ID}"')
+        channel_id = parse_integer(CHANNEL_ID, _text(raw_channel))
+        token = single(values, PREPAID_TOKEN)
+        if token is None:
+            raise GrpcError(Status.INVALID_ARGUMENT, f'missing "{PREPAID_TOKEN}"')
+        try:
+            price = price_of(call.method)
+        except Exception as exc:
+            raise GrpcError(Status.INTERNAL, f"internal error: {exc}") from None
+        try:
+            holder = tokens.verify(token, channel_id)
+        except TokenError as exc:
+            raise GrpcError(Status.UNAUTHENTICATED, str(exc)) from None
+        await ledger.charge(channel_id, price)
+        metadata = (*call.metadata, (USER_ADDRESS, holder))
+        try:
+            await self._upstream.forward(call, metadata)
+        except BaseException:
+            await _finish(ledger.refund(channel_id, price))
+            raise
+        if call.finished:
+            await _finish(ledger.refund(channel_id, price))
 
 
 async def _finish(step: Awaitable[None]) -> None:

@@ -110,13 +110,15 @@ def recover(message: bytes, signature: bytes) -> bytes:
     return keccak256(public.format(compressed=False)[1:])[-20:]
 
 
-def sign(message: bytes, private_key: bytes) -> bytes:
-    """Sign ``message`` with ``private_key`` (32 bytes); ``v`` is 27 or 28.
+def sign(message: bytes, private_key: bytes, *, v_offset: int = 27) -> bytes:
+    """Sign ``message`` with ``private_key`` (32 bytes).
 
-    The daemon signs free-call tokens; tests sign payments.
+    ``v`` is 27 or 28 as wallets make it; with ``v_offset=0`` it is 0 or 1,
+    as go-ethereum's ``crypto.Sign`` makes it (the Go daemon's free-call
+    tokens).  The daemon signs free-call tokens; tests sign payments.
     """
     signature = coincurve.PrivateKey(private_key).sign_recoverable(message_digest(message), hasher=None)
-    return signature[:64] + bytes((signature[64] + 27,))
+    return signature[:64] + bytes((signature[64] + v_offset,))
 
 
 def address_of(private_key: bytes) -> bytes:
@@ -166,3 +168,47 @@ def start_claim_multiple(mpe: bytes, channel_ids: Iterable[int], current_block: 
     """``StartClaimForMultipleChannels``: ids in ascending order, then the block."""
     ids = b"".join(uint256(i) for i in sorted(channel_ids))
     return START_CLAIM_MULTIPLE + mpe + ids + uint256(current_block)
+
+
+def free_call_token_request(
+    address: str, user_id: str, organization_id: str, service_id: str, group_id: str, current_block: int
+) -> bytes:
+    """``GetFreeCallToken``, signed by the user.
+
+    ``address`` is the text exactly as the client sent it (snet-sdk sends
+    its checksummed form) and ``group_id`` the group id in base64, as in
+    the metadata: both are hashed as strings, not as bytes.
+    """
+    return b"".join(
+        (
+            FREE_CALL,
+            address.encode(),
+            user_id.encode(),
+            organization_id.encode(),
+            service_id.encode(),
+            group_id.encode(),
+            uint256(current_block),
+        )
+    )
+
+
+def free_call(
+    address: str,
+    user_id: str,
+    organization_id: str,
+    service_id: str,
+    group_id: str,
+    current_block: int,
+    token: bytes,
+) -> bytes:
+    """A free call (and ``GetFreeCallsAvailable``): the token request plus the whole token."""
+    return free_call_token_request(address, user_id, organization_id, service_id, group_id, current_block) + token
+
+
+def free_call_token(organization_id: str, group_name: str, user: bytes, user_id: str, expiration_block: int) -> bytes:
+    """The part of a free-call token the daemon signs.
+
+    ``group_name`` is the daemon's ``daemon_group_name`` (not the group
+    id) and ``user`` the 20 bytes of the user's address, as in Go.
+    """
+    return organization_id.encode() + group_name.encode() + user + user_id.encode() + uint256(expiration_block)

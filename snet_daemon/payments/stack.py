@@ -25,14 +25,18 @@ from twisted.logger import Logger
 
 from snet_daemon._proto.escrow import control_service_pb2 as cpb
 from snet_daemon._proto.escrow import state_service_pb2 as spb
+from snet_daemon._proto.escrow import token_service_pb2 as tpb
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures
 from snet_daemon.payments.claims import ProviderControl
 from snet_daemon.payments.escrow import ChannelSource, EscrowLedger, PaymentTerms
+from snet_daemon.payments.freecall import FreeCalls, FreeCallSettings, FreeCallTerms
 from snet_daemon.payments.gate import Forwarder, PaymentGate
 from snet_daemon.payments.keys import PaymentKeys
+from snet_daemon.payments.prepaid import PrepaidLedger, TokenService
 from snet_daemon.payments.state_service import ChannelStateService
+from snet_daemon.payments.tokens import PrepaidTokens, TokenSettings
 from snet_daemon.storage.base import StorageSetupError
 from snet_daemon.storage.factory import MetadataStorageClient, StorageSetup
 from snet_daemon.storage.keys import KeyLayout
@@ -45,6 +49,14 @@ class Metadata(Protocol):
 
     @property
     def group_id(self) -> bytes: ...
+    @property
+    def group_id_base64(self) -> str: ...
+    @property
+    def group_name(self) -> str: ...
+    @property
+    def free_calls(self) -> int: ...
+    @property
+    def free_call_signer_address(self) -> str | None: ...
     @property
     def payment_address(self) -> str: ...
     @property
@@ -68,6 +80,8 @@ class Reader(ChannelSource, Protocol):
     @property
     def mpe_address(self) -> str | None: ...
 
+    async def token_balance(self, address: str) -> int: ...
+
 
 #: Builds the storage from the organization metadata's client settings.
 StorageFactory = Callable[[MetadataStorageClient], StorageSetup]
@@ -80,6 +94,8 @@ class _Parts:
     gate: PaymentGate
     state: ChannelStateService
     control: ProviderControl
+    free_calls: FreeCalls
+    tokens: TokenService
 
 
 class PaymentStack:
@@ -95,6 +111,10 @@ class PaymentStack:
         organization_id: part of storage keys.
         instance: this daemon instance's name (stored in its holds).
         not_ready: returns the chain/metadata problems, if any.
+        service_id: the service (signed into free-call messages).
+        free_calls: the free-call configuration.
+        tokens: the prepaid-token configuration.
+        clock: seconds since the epoch (token expiry).
     """
 
     def __init__(
@@ -109,6 +129,10 @@ class PaymentStack:
         organization_id: str,
         instance: str,
         not_ready: Callable[[], tuple[str, ...]],
+        service_id: str,
+        free_calls: FreeCallSettings,
+        tokens: TokenSettings,
+        clock: Callable[[], float],
     ) -> None:
         self._upstream = upstream
         self._chain = chain
@@ -119,6 +143,12 @@ class PaymentStack:
         self._organization_id = organization_id
         self._instance = instance
         self._not_ready = not_ready
+        self._service_id = service_id
+        self._free_call_settings = free_calls
+        self._token_settings = tokens
+        self._clock = clock
+        self._free_call_terms: FreeCallTerms | None = None
+        self._group_id_text = ""
         self._storage: StorageSetup | None = None
         self._storage_error: str | None = None
         self._storage_task: asyncio.Task[None] | None = None
@@ -163,6 +193,17 @@ class PaymentStack:
 
     async def get_channel_state(self, request: spb.ChannelStateRequest, call: ServerCall) -> spb.ChannelStateReply:
         return await self._ready().state.get_channel_state(request, call)
+
+    async def get_free_call_token(self, request: spb.GetFreeCallTokenRequest, call: ServerCall) -> spb.FreeCallToken:
+        return await self._ready().free_calls.get_free_call_token(request, call)
+
+    async def get_free_calls_available(
+        self, request: spb.FreeCallStateRequest, call: ServerCall
+    ) -> spb.FreeCallStateReply:
+        return await self._ready().free_calls.get_free_calls_available(request, call)
+
+    async def get_token(self, request: tpb.TokenRequest, call: ServerCall) -> tpb.TokenReply:
+        return await self._ready().tokens.get_token(request, call)
 
     async def get_list_unclaimed(self, request: cpb.GetPaymentsListRequest, call: ServerCall) -> cpb.PaymentsListReply:
         return await self._ready().control.get_list_unclaimed(request, call)
@@ -250,21 +291,39 @@ class PaymentStack:
             expiration_threshold=metadata.payment_expiration_threshold,
             price=metadata.price,
         )
+        signer = metadata.free_call_signer_address
+        self._free_call_terms = FreeCallTerms(
+            organization_id=self._organization_id,
+            service_id=self._service_id,
+            group_name=metadata.group_name,
+            group_id=metadata.group_id_base64,
+            free_calls=metadata.free_calls,
+            signer_address=signatures.address_bytes(signer) if signer else None,
+        )
+        self._group_id_text = metadata.group_id_base64
         key = (metadata.group_id, mpe_bytes)
         if self._parts is not None and self._parts.key == key:
+            self._log_free_call_key(self._parts.free_calls)
             return
         storage = self._storage.storage
-        keys = PaymentKeys(KeyLayout(self._network, self._organization_id, metadata.group_id, mpe))
+        layout = KeyLayout(self._network, self._organization_id, metadata.group_id, mpe)
+        keys = PaymentKeys(layout)
         ledger = EscrowLedger(
             storage, keys, self._chain, self._current_terms, self._storage.lease_keeper, self._instance
         )
+        free_calls = FreeCalls(storage, layout, self._chain, self._free_call_settings, self._current_free_call_terms)
+        prepaid = PrepaidLedger(storage, layout)
+        tokens = PrepaidTokens(self._token_settings, self._organization_id, self._current_group_id, self._clock)
         self._parts = _Parts(
             key=key,
             ledger=ledger,
-            gate=PaymentGate(self._upstream, ledger),
+            gate=PaymentGate(self._upstream, ledger, free_calls, (prepaid, tokens), self._price),
             state=ChannelStateService(ledger, storage, keys, self._chain, self._current_terms),
             control=ProviderControl(ledger, storage, keys, self._chain, self._current_terms),
+            free_calls=free_calls,
+            tokens=TokenService(ledger, prepaid, layout, tokens, self._chain, self._current_terms),
         )
+        self._log_free_call_key(free_calls)
         _log.info(
             "taking payments for group {group} on MPE {mpe}",
             group=metadata.group_id.hex(),
@@ -274,6 +333,21 @@ class PaymentStack:
     def _current_terms(self) -> PaymentTerms:
         assert self._terms is not None
         return self._terms
+
+    def _current_free_call_terms(self) -> FreeCallTerms:
+        assert self._free_call_terms is not None
+        return self._free_call_terms
+
+    def _current_group_id(self) -> str:
+        return self._group_id_text
+
+    def _price(self, method: str) -> int:
+        return self._current_terms().price(method)
+
+    def _log_free_call_key(self, free_calls: FreeCalls) -> None:
+        problem = free_calls.key_problem()
+        if problem is not None:
+            _log.error("{problem}", problem=problem)
 
     def _duration(self, text: str) -> float:
         if not text:
@@ -289,5 +363,33 @@ def empty_state_service() -> Callable[[spb.ChannelStateRequest, ServerCall], Awa
 
     async def reply(request: spb.ChannelStateRequest, call: ServerCall) -> spb.ChannelStateReply:
         return spb.ChannelStateReply()
+
+    return reply
+
+
+def disabled_free_call_service() -> tuple[
+    Callable[[spb.GetFreeCallTokenRequest, ServerCall], Awaitable[spb.FreeCallToken]],
+    Callable[[spb.FreeCallStateRequest, ServerCall], Awaitable[spb.FreeCallStateReply]],
+]:
+    """``FreeCallStateService`` with the blockchain disabled: no token, 0 free calls.
+
+    (Go answers errors, which make snet-sdk's default strategy fail every
+    call; calls are free anyway when the blockchain is disabled.)
+    """
+
+    async def token(request: spb.GetFreeCallTokenRequest, call: ServerCall) -> spb.FreeCallToken:
+        return spb.FreeCallToken()
+
+    async def available(request: spb.FreeCallStateRequest, call: ServerCall) -> spb.FreeCallStateReply:
+        return spb.FreeCallStateReply(free_calls_available=0)
+
+    return token, available
+
+
+def empty_token_service() -> Callable[[tpb.TokenRequest, ServerCall], Awaitable[tpb.TokenReply]]:
+    """``GetToken`` with the blockchain disabled: an empty reply, as in Go."""
+
+    async def reply(request: tpb.TokenRequest, call: ServerCall) -> tpb.TokenReply:
+        return tpb.TokenReply()
 
     return reply

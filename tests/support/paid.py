@@ -129,15 +129,19 @@ def publish(
     etcd_endpoints: tuple[str, ...] = (),
     price: int = PRICE,
     api_source: bytes | None = None,
+    free_call_signer: str | None = None,
 ) -> None:
     """Register the org and the service, with the daemon as the service's endpoint.
 
     ``api_source``, a tarball of the service's protos, is published too when
-    given (the real clients compile it).
+    given (the real clients compile it); ``free_call_signer`` replaces the
+    sample metadata's ``free_call_signer_address``.
     """
     service = service_metadata(
         mpe_address=chain.mpe.address, price=price, endpoints=(f"http://127.0.0.1:{daemon_port}",)
     )
+    if free_call_signer is not None:
+        service["groups"][0]["free_call_signer_address"] = free_call_signer
     if api_source is not None:
         service["service_api_source"] = "ipfs://" + ipfs.add(api_source)
     chain.publish(ipfs, org=org_metadata(endpoints=etcd_endpoints), service=service)
@@ -171,6 +175,7 @@ def deployed(
     api_source: bytes | None = None,
     etcd_endpoint: str | None = None,
     extra: dict[str, Any] | None = None,
+    free_call_signer: str | None = None,
 ) -> Iterator[Deployment]:
     """A running paid deployment (the daemon stopped on exit)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +186,9 @@ def deployed(
         endpoints: tuple[str, ...] = (etcd_endpoint,)
     else:
         endpoints = (f"http://127.0.0.1:{daemon.config['payment_channel_storage_server']['client_port']}",)
-    publish(chain, ipfs, daemon.port, etcd_endpoints=endpoints, api_source=api_source)
+    publish(
+        chain, ipfs, daemon.port, etcd_endpoints=endpoints, api_source=api_source, free_call_signer=free_call_signer
+    )
     daemon.start()
     try:
         wait_ready(daemon)

@@ -1,0 +1,492 @@
+"""Free calls: ``escrow.FreeCallStateService`` and the ``free-call`` payment type.
+
+The Go daemon's protocol (``snet-daemon.md`` §4.2, §6.5), byte for byte:
+
+1. A user asks ``GetFreeCallToken``, signing ``"__prefix_free_trial" ‖
+   address ‖ user_id ‖ org ‖ service ‖ group id (base64) ‖ block`` (the
+   address as the text it sends).  The daemon checks the signer, the block
+   (±5), and -- unless the signer is a trusted marketplace backend
+   (``trusted_free_call_signers``, who alone may name a ``user_id``) -- that
+   the address holds at least ``min_balance_for_free_call`` whole tokens.
+   It answers ``signature ‖ "_" ‖ expiry block``: its own signature (key
+   ``private_key_for_free_calls``, whose address must be the metadata's
+   ``free_call_signer_address``) over ``org ‖ daemon_group_name ‖ address
+   (20 bytes) ‖ user_id ‖ expiry``, valid for the requested number of
+   blocks, at most 172800.
+2. Each free call carries the token, the address, the user id, a block
+   number and the user's signature of the request message followed by the
+   whole token.  The daemon checks both signatures, the token's expiry and
+   the block, then the user's count against the limit:
+   ``free_calls_per_address`` (``unlimited`` = no limit) or else the
+   metadata group's ``free_calls``.
+
+What differs from Go, on purpose:
+
+* **The counter key is normalised**: ``{ID:<checksummed address>/...}``.
+  Go uses the address text as sent, so changing the case of a hex letter
+  gave a user a fresh set of free calls.
+* **No lock, one conditional write per call**: the counter is incremented
+  before the call if it is below the limit, conditional on its revision,
+  so daemons sharing the storage count together and never exceed the
+  limit; a call that fails (or is cancelled) is given back.  Go locks the
+  user for the whole call and counts afterwards.
+* **Without a key to issue tokens** (none configured, or not the
+  metadata's signer), ``GetFreeCallToken`` answers an *empty* token and
+  ``GetFreeCallsAvailable`` answers 0 for an empty token, where Go answers
+  errors.  snet-sdk's default strategy asks for a token before every call
+  and fails the call when that errors (``clients.md`` §10.7); with an empty
+  token it sees 0 free calls and pays instead.  Tokens issued by another
+  daemon of the group (with the key) are still honoured: checking them
+  needs only the metadata's signer address.
+* Call-path rejections that Go reports as ``INTERNAL`` because they happen
+  to be plain errors get the code that says what happened, with Go's text:
+  an expired token or a stale block number is ``UNAUTHENTICATED``, the
+  limit reached is ``RESOURCE_EXHAUSTED``.  The service methods answer as
+  Go does (plain errors, ``UNKNOWN``; ``PERMISSION_DENIED`` for a low
+  balance), and ``UNAVAILABLE`` when the chain or storage cannot be read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from snet_daemon._proto.escrow import state_service_pb2 as pb
+from snet_daemon.frontend.call import ServerCall
+from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.payments import signatures
+from snet_daemon.payments.escrow import SIGNATURE, parse_integer, single
+from snet_daemon.payments.state_service import BLOCK_TOLERANCE
+from snet_daemon.storage.base import AtomicStorage, Condition, ConditionFailed, Entry, Put, StorageError
+
+USER_ID: Final = "snet-free-call-user-id"
+USER_ADDRESS: Final = "snet-free-call-user-address"
+CURRENT_BLOCK: Final = "snet-current-block-number"
+AUTH_TOKEN: Final = "snet-free-call-auth-token-bin"
+
+#: Longest token lifetime, in blocks (about 24 days at 12 s).
+TOKEN_LIFETIME: Final = 172_800
+#: ``free_calls_per_address`` value meaning "no limit".
+UNLIMITED: Final = -1
+#: What ``GetFreeCallsAvailable`` answers for an unlimited user (Go's number).
+UNLIMITED_AVAILABLE: Final = 99_999_999
+#: FET / ASI have 18 decimals; ``min_balance_for_free_call`` is in whole tokens.
+TOKEN_DECIMALS: Final = 18
+
+_VERSION_1: Final = 1
+_MAX_ATTEMPTS: Final = 8
+_EXPIRY: Final = re.compile(rb"^[+-]?[0-9]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class FreeCallSettings:
+    """The daemon's free-call configuration.
+
+    Attributes:
+        signer_key: ``private_key_for_free_calls`` (32 bytes), or None.
+        trusted_signers: ``trusted_free_call_signers`` (20-byte addresses).
+        min_balance: ``min_balance_for_free_call``, in whole tokens.
+        per_address: ``free_calls_per_address`` by 20-byte address; -1 is
+            unlimited, 0 means "the metadata's number".
+    """
+
+    signer_key: bytes | None = None
+    trusted_signers: frozenset[bytes] = frozenset()
+    min_balance: int = 10
+    per_address: Mapping[bytes, int] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        key = "***" if self.signer_key else None
+        return (
+            f"FreeCallSettings(signer_key={key}, trusted_signers={len(self.trusted_signers)}, "
+            f"min_balance={self.min_balance}, per_address={len(self.per_address)})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FreeCallTerms:
+    """What free calls need from the configuration and metadata of the moment.
+
+    Attributes:
+        organization_id: ``organization_id``.
+        service_id: ``service_id``.
+        group_name: ``daemon_group_name`` (signed into tokens).
+        group_id: the group id in base64, as the metadata writes it.
+        free_calls: the metadata group's ``free_calls``.
+        signer_address: the metadata's ``free_call_signer_address`` (20
+            bytes), or None.
+    """
+
+    organization_id: str
+    service_id: str
+    group_name: str
+    group_id: str
+    free_calls: int
+    signer_address: bytes | None
+
+
+class FreeCallChain(Protocol):
+    """What free calls read from the chain reader."""
+
+    def current_block(self) -> int: ...
+
+    async def token_balance(self, address: str) -> int: ...
+
+
+class FreeCallKeys(Protocol):
+    """``snet_daemon.storage.keys.KeyLayout`` as far as free calls go."""
+
+    def free_call_user(
+        self, address: str, user_id: str, organization_id: str, service_id: str, group_id: str
+    ) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FreeCall:
+    """A free call counted before it is made; give it back if it fails."""
+
+    key: str
+    user_address: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    address: str
+    user_id: str
+    block: int
+    signature: bytes
+    token: bytes
+
+
+def encode_count(count: int) -> bytes:
+    """A stored free-call counter."""
+    return bytes((_VERSION_1,)) + count.to_bytes(8, "big")
+
+
+def decode_count(entry: Entry | None) -> int:
+    """The count in a stored counter (0 when absent).
+
+    Raises:
+        GrpcError: ``INTERNAL`` for an unreadable value.
+    """
+    if entry is None:
+        return 0
+    data = entry.value
+    if len(data) != 9 or data[0] != _VERSION_1:
+        raise GrpcError(Status.INTERNAL, f"internal error: unreadable free-call counter at {entry.key}")
+    return int.from_bytes(data[1:], "big")
+
+
+def parse_token(token: bytes) -> tuple[bytes, int]:
+    """Split a free-call token at its last ``_``: ``(signature, expiry block)``.
+
+    Raises:
+        ValueError: Go's messages, "no '_' found" / "invalid block number".
+    """
+    cut = token.rfind(b"_")
+    if cut < 0:
+        raise ValueError("no '_' found")
+    expiry = token[cut + 1 :]
+    if not _EXPIRY.match(expiry):
+        raise ValueError("invalid block number")
+    return token[:cut], int(expiry)
+
+
+class FreeCalls:
+    """Issues free-call tokens, counts free calls, answers how many are left.
+
+    Args:
+        storage: the shared payment storage (counters).
+        keys: where the counters live.
+        chain: block number and token balances.
+        settings: the free-call configuration.
+        terms: returns the current :class:`FreeCallTerms`.
+    """
+
+    def __init__(
+        self,
+        storage: AtomicStorage,
+        keys: FreeCallKeys,
+        chain: FreeCallChain,
+        settings: FreeCallSettings,
+        terms: Callable[[], FreeCallTerms],
+    ) -> None:
+        self._storage = storage
+        self._keys = keys
+        self._chain = chain
+        self._settings = settings
+        self._terms = terms
+        self._key_address = None if settings.signer_key is None else signatures.address_of(settings.signer_key)
+
+    def issuing_key(self) -> bytes | None:
+        """The key tokens are signed with, if it is the metadata's free-call signer."""
+        terms = self._terms()
+        if self._settings.signer_key is None or self._key_address != terms.signer_address:
+            return None
+        return self._settings.signer_key
+
+    def key_problem(self) -> str | None:
+        """Why this daemon issues no tokens although a key is configured (for the log)."""
+        if self._settings.signer_key is None or self.issuing_key() is not None:
+            return None
+        signer = self._terms().signer_address
+        return (
+            f"private_key_for_free_calls belongs to {signatures.checksum(self._key_address or b'')}, but the "
+            "service metadata's free_call_signer_address is "
+            + (signatures.checksum(signer) if signer else "not set")
+            + ": no free-call tokens are issued"
+        )
+
+    # -- escrow.FreeCallStateService -------------------------------------------------
+
+    async def get_free_call_token(self, request: pb.GetFreeCallTokenRequest, call: ServerCall) -> pb.FreeCallToken:
+        """A token for ``request.address`` (an empty one when this daemon issues none)."""
+        key = self.issuing_key()
+        if key is None:
+            return pb.FreeCallToken()
+        terms = self._terms()
+        user_id = request.user_id
+        message = signatures.free_call_token_request(
+            request.address, user_id, terms.organization_id, terms.service_id, terms.group_id, request.current_block
+        )
+        try:
+            signer = signatures.recover(message, request.signature)
+        except (signatures.SignatureError, ValueError) as exc:
+            raise GrpcError(Status.UNKNOWN, str(exc)) from None
+        if _address(request.address) != signer:
+            raise GrpcError(
+                Status.UNKNOWN,
+                f"invalid signer, {request.address} (from request) is not equal to "
+                f"{signatures.checksum(signer)} (signer)",
+            )
+        current = self._current_block(Status.UNKNOWN)
+        if abs(request.current_block - current) > BLOCK_TOLERANCE:
+            raise GrpcError(Status.UNKNOWN, "authentication failed as the signature passed has expired")
+        if signer not in self._settings.trusted_signers:
+            if user_id:
+                raise GrpcError(
+                    Status.UNKNOWN,
+                    "your address is not trusted by this service provider, the use of user_id is not allowed",
+                )
+            await self._check_balance(signer)
+        lifetime = TOKEN_LIFETIME
+        if request.HasField("token_lifetime_in_blocks") and request.token_lifetime_in_blocks <= TOKEN_LIFETIME:
+            lifetime = request.token_lifetime_in_blocks
+        expiry = current + lifetime
+        signed = signatures.sign(
+            signatures.free_call_token(terms.organization_id, terms.group_name, signer, user_id, expiry),
+            key,
+            v_offset=0,
+        )
+        token = signed + b"_" + str(expiry).encode()
+        return pb.FreeCallToken(token=token, token_hex=token.hex(), token_expiration_block=expiry)
+
+    async def get_free_calls_available(
+        self, request: pb.FreeCallStateRequest, call: ServerCall
+    ) -> pb.FreeCallStateReply:
+        """How many free calls the token's holder has left (0 for no token)."""
+        if not request.free_call_token:
+            return pb.FreeCallStateReply(free_calls_available=0)
+        try:
+            parsed = _Request(
+                request.address, request.user_id, request.current_block, request.signature, request.free_call_token
+            )
+            signer = self._validate(parsed)
+            key = self._counter_key(signer, parsed.user_id)
+            entry = await self._read(key)
+        except GrpcError as error:
+            raise _plain(error) from None
+        allowed = self._allowed(signer)
+        if allowed == UNLIMITED:
+            return pb.FreeCallStateReply(free_calls_available=UNLIMITED_AVAILABLE)
+        return pb.FreeCallStateReply(free_calls_available=max(0, allowed - decode_count(entry)))
+
+    # -- the free-call payment type --------------------------------------------------
+
+    async def authorize(self, values: dict[str, list[str | bytes]]) -> FreeCall:
+        """Check a free call's metadata and count the call.
+
+        Raises:
+            GrpcError: ``INVALID_ARGUMENT`` for missing or malformed headers,
+                ``UNAUTHENTICATED`` for a bad signature or token, an expired
+                token or a stale block number, ``RESOURCE_EXHAUSTED`` when the
+                user's free calls are used up, ``UNAVAILABLE`` when storage
+                is down.
+        """
+        request = _parse(values)
+        signer = self._validate(request)
+        key = self._counter_key(signer, request.user_id)
+        allowed = self._allowed(signer)
+        entry = await self._read(key)
+        for _ in range(_MAX_ATTEMPTS):
+            made = decode_count(entry)
+            if allowed != UNLIMITED and made >= allowed:
+                raise GrpcError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"free call limit has been exceeded, calls made = {made}, total free calls eligible = {allowed}",
+                )
+            try:
+                await self._storage.transaction([Condition.unchanged(key, entry)], [Put(key, encode_count(made + 1))])
+            except ConditionFailed as failed:
+                entry = failed.current.get(key)
+                continue
+            except StorageError as exc:
+                raise _storage_down(exc) from None
+            return FreeCall(key, signatures.checksum(signer))
+        raise GrpcError(Status.UNAVAILABLE, "too much contention on this user's free calls; retry")
+
+    async def release(self, free_call: FreeCall) -> None:
+        """Give back a counted call that failed (best effort: a lost refund costs the user one call)."""
+        try:
+            entry = await self._storage.get(free_call.key)
+            for _ in range(_MAX_ATTEMPTS):
+                made = decode_count(entry)
+                if made == 0:
+                    return
+                try:
+                    await self._storage.transaction(
+                        [Condition.unchanged(free_call.key, entry)], [Put(free_call.key, encode_count(made - 1))]
+                    )
+                    return
+                except ConditionFailed as failed:
+                    entry = failed.current.get(free_call.key)
+        except (StorageError, GrpcError):
+            return
+
+    # -- internals ------------------------------------------------------------------
+
+    def _validate(self, request: _Request) -> bytes:
+        """Go's ``FreeCallPaymentValidator.Validate``; returns the user's address (20 bytes)."""
+        terms = self._terms()
+        try:
+            token_signature, expiry = parse_token(request.token)
+        except ValueError as exc:
+            raise GrpcError(Status.INVALID_ARGUMENT, f"invalid token: {exc}") from None
+        try:
+            signer = signatures.recover(
+                signatures.free_call(
+                    request.address,
+                    request.user_id,
+                    terms.organization_id,
+                    terms.service_id,
+                    terms.group_id,
+                    request.block,
+                    request.token,
+                ),
+                request.signature,
+            )
+        except (signatures.SignatureError, ValueError) as exc:
+            raise GrpcError(Status.UNAUTHENTICATED, f"sign is not valid: {exc}") from None
+        if _address(request.address) != signer:
+            raise GrpcError(
+                Status.UNAUTHENTICATED,
+                f"sign is not valid: unauthorized signer: {request.address} not equal "
+                f"{signatures.checksum(signer)}, maybe invalid signature struct",
+            )
+        try:
+            token_signer = signatures.recover(
+                signatures.free_call_token(terms.organization_id, terms.group_name, signer, request.user_id, expiry),
+                token_signature,
+            )
+        except (signatures.SignatureError, ValueError) as exc:
+            raise GrpcError(Status.UNAUTHENTICATED, f"sign is not valid: {exc}") from None
+        if terms.signer_address is None or token_signer != terms.signer_address:
+            raise GrpcError(Status.UNAUTHENTICATED, "token sign is not valid")
+        current = self._current_block(Status.INTERNAL)
+        if expiry < current:
+            raise GrpcError(Status.UNAUTHENTICATED, "authentication failed as the Free Call Token passed has expired")
+        if abs(request.block - current) > BLOCK_TOLERANCE:
+            raise GrpcError(Status.UNAUTHENTICATED, "authentication failed as the signature passed has expired")
+        return signer
+
+    def _allowed(self, address: bytes) -> int:
+        configured = self._settings.per_address.get(address, 0)
+        return configured if configured != 0 else self._terms().free_calls
+
+    def _counter_key(self, address: bytes, user_id: str) -> str:
+        terms = self._terms()
+        return self._keys.free_call_user(
+            signatures.checksum(address), user_id, terms.organization_id, terms.service_id, terms.group_id
+        )
+
+    def _current_block(self, code: Status) -> int:
+        try:
+            return self._chain.current_block()
+        except Exception:
+            raise GrpcError(code, "cannot determine current block") from None
+
+    async def _read(self, key: str) -> Entry | None:
+        try:
+            return await self._storage.get(key)
+        except StorageError as exc:
+            raise _storage_down(exc) from None
+
+    async def _check_balance(self, address: bytes) -> None:
+        text = signatures.checksum(address)
+        try:
+            balance = await self._chain.token_balance(text)
+        except Exception as exc:
+            raise GrpcError(Status.UNAVAILABLE, f"cannot read the token balance of {text}: {exc}") from None
+        minimum = self._settings.min_balance
+        if balance < minimum * 10**TOKEN_DECIMALS:
+            raise GrpcError(
+                Status.PERMISSION_DENIED,
+                f"you must have at least {minimum} FET (ASI) in your balance to use free calls",
+            )
+
+
+def _parse(values: dict[str, list[str | bytes]]) -> _Request:
+    """The free-call headers, as Go reads them (a repeated user id counts as none)."""
+    try:
+        raw_user = single(values, USER_ID)
+    except GrpcError:
+        raw_user = None
+    address = _required(values, USER_ADDRESS)
+    block = parse_integer(CURRENT_BLOCK, _text(_required(values, CURRENT_BLOCK)))
+    signature = _required(values, SIGNATURE)
+    token = _required(values, AUTH_TOKEN)
+    return _Request(
+        address=_text(address),
+        user_id="" if raw_user is None else _text(raw_user),
+        block=block,
+        signature=_bytes(signature),
+        token=_bytes(token),
+    )
+
+
+def _required(values: dict[str, list[str | bytes]], key: str) -> str | bytes:
+    value = single(values, key)
+    if value is None:
+        raise GrpcError(Status.INVALID_ARGUMENT, f'missing "{key}"')
+    return value
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def _bytes(value: str | bytes) -> bytes:
+    return value.encode("latin-1") if isinstance(value, str) else value
+
+
+def _address(text: str) -> bytes | None:
+    try:
+        return signatures.address_bytes(text)
+    except ValueError:
+        return None
+
+
+def _plain(error: GrpcError) -> GrpcError:
+    """A call-path rejection as the service methods report it (Go: plain errors, UNKNOWN)."""
+    if error.status in (Status.UNAVAILABLE, Status.INTERNAL):
+        return error
+    message = error.message
+    if error.status == Status.INVALID_ARGUMENT:
+        message = message.removeprefix("invalid token: ")
+    return GrpcError(Status.UNKNOWN, message)
+
+
+def _storage_down(exc: Exception) -> GrpcError:
+    return GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}")

@@ -1,0 +1,469 @@
+"""Prepaid (concurrency-token) payments: ``TokenService/GetToken`` and ``prepaid-call``.
+
+An escrow payment holds its channel for the whole call, so one channel
+carries one call at a time.  Prepaid calls lift that: the client signs a
+larger amount once (``GetToken``: the last amount plus the price of N
+calls), the daemon accepts it as the channel's claimable payment and adds
+the difference to the channel's *planned* amount, and the client then makes
+calls with the returned token (``snet-payment-type: prepaid-call``), each
+charged against *planned − used*, with no channel lock, concurrently
+(``snet-daemon.md`` §6.6).
+
+The books, per channel, in the shared storage under the Go daemon's keys
+(``P//PrePaid/storage/{ID:<channel>/P}`` planned, ``.../U}`` used):
+
+* ``GetToken`` raises planned in the same conditional transaction that
+  records the signed amount (:meth:`EscrowLedger.prepay`), so the planned
+  amount is always backed by a claimable signature; the treasurer claims it
+  like any escrow payment.
+* A prepaid call is charged with **one** conditional transaction on the
+  used amount: ``used + price <= planned`` or the call is refused ("Usage
+  Exceeded on channel Id N").  The transaction is conditional on the used
+  amount's revision, so daemons sharing the storage never spend more than
+  was planned between them.
+* A call that fails is refunded (used − price), so used is always the price
+  of the successful calls.  (Go keeps refunds in a third key, ``R``, and
+  its ``GetToken`` reports used including refunded calls; here ``R`` is not
+  used and the reported used amount is the real one.)
+
+Charges of one channel are combined: while this daemon's transaction on a
+channel is in flight, new charges and refunds queue, and the next
+transaction applies all of them at once.  Many concurrent calls on one
+channel thus cost a handful of transactions rather than a storm of failed
+compare-and-swaps; contention remains only between daemons.
+
+Values are ``0x01`` followed by the amount as 32 bytes big-endian (our own
+encoding, like the channel state: a payment group runs one kind of daemon).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from twisted.logger import Logger
+
+from snet_daemon._proto.escrow import token_service_pb2 as pb
+from snet_daemon.frontend.call import ServerCall
+from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.payments import signatures
+from snet_daemon.payments.channel import ChannelState, CorruptValue
+from snet_daemon.payments.escrow import (
+    ChainChannel,
+    ChannelSource,
+    EscrowLedger,
+    EscrowPayment,
+    PaymentTerms,
+)
+from snet_daemon.payments.state_service import check_block
+from snet_daemon.payments.tokens import PrepaidTokens
+from snet_daemon.storage.base import (
+    AtomicStorage,
+    Condition,
+    ConditionFailed,
+    Entry,
+    Put,
+    StorageError,
+    StorageTimeout,
+)
+from snet_daemon.storage.keys import PrepaidUsage
+
+_log = Logger(namespace="snetd.payments.prepaid")
+
+PREPAID_TOKEN: Final = "snet-prepaid-auth-token-bin"
+#: The text snet-sdk 6.0.0's concurrency manager looks for (exactly: it
+#: compares ``details()``) before signing a larger amount.
+NO_PLANNED_AMOUNT: Final = "Unable to retrieve planned Amount "
+
+_VERSION_1: Final = 1
+_MAX_ATTEMPTS: Final = 16
+_REFUND_PATIENCE: Final = 10.0
+_IDLE_LIMIT: Final = 100_000
+
+
+class PrepaidKeys(Protocol):
+    """``snet_daemon.storage.keys.KeyLayout`` as far as prepaid amounts go."""
+
+    def prepaid(self, channel_id: int, usage: PrepaidUsage) -> str: ...
+
+
+def encode_amount(amount: int) -> bytes:
+    """A stored planned/used amount."""
+    return bytes((_VERSION_1,)) + amount.to_bytes(32, "big")
+
+
+def decode_amount(entry: Entry | None) -> int:
+    """The amount in a stored entry (0 when absent).
+
+    Raises:
+        CorruptValue: unknown version or wrong length.
+    """
+    if entry is None:
+        return 0
+    data = entry.value
+    if len(data) != 33 or data[0] != _VERSION_1:
+        raise CorruptValue(f"unreadable prepaid amount at {entry.key}")
+    return int.from_bytes(data[1:], "big")
+
+
+def usage_exceeded(channel_id: int) -> GrpcError:
+    """A prepaid call beyond what was planned (Go's text; JS clients look for it)."""
+    return GrpcError(Status.RESOURCE_EXHAUSTED, f"Usage Exceeded on channel Id {channel_id}")
+
+
+# -- the used amount ----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Request:
+    amount: int  # > 0 a charge, < 0 a refund
+    future: asyncio.Future[None] | None
+
+
+_UNREAD: Final = object()
+
+
+@dataclass(eq=False)
+class _Books:
+    """This daemon's view of one channel's prepaid amounts, and its queue."""
+
+    pending: list[_Request] = field(default_factory=list)
+    running: bool = False
+    used: object = _UNREAD  # Entry | None once read
+    planned: object = _UNREAD
+
+
+class PrepaidLedger:
+    """Charges and refunds prepaid calls against a channel's planned amount.
+
+    Args:
+        storage: the shared payment storage.
+        keys: where the amounts live.
+        sleep: ``asyncio.sleep`` (injected for tests).
+    """
+
+    def __init__(
+        self,
+        storage: AtomicStorage,
+        keys: PrepaidKeys,
+        sleep: Callable[[float], object] = asyncio.sleep,
+    ) -> None:
+        self._storage = storage
+        self._keys = keys
+        self._sleep = sleep
+        self._books: dict[int, _Books] = {}
+        self._workers: set[asyncio.Future[None]] = set()
+
+    async def charge(self, channel_id: int, price: int) -> None:
+        """Charge one call of ``price``; returns once it is recorded.
+
+        If the caller is cancelled after the charge was sent, it is refunded
+        as soon as it lands.
+
+        Raises:
+            GrpcError: ``RESOURCE_EXHAUSTED`` "Usage Exceeded on channel Id
+                N" when the planned amount does not cover it,
+                ``UNAVAILABLE`` when storage is down or too busy,
+                ``INTERNAL`` for unreadable stored amounts.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        request = _Request(price, future)
+        books = self._enqueue(channel_id, request)
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if request in books.pending:
+                books.pending.remove(request)
+            else:
+                future.add_done_callback(lambda done: self._refund_if_charged(channel_id, price, done))
+            raise
+
+    async def refund(self, channel_id: int, price: int) -> None:
+        """Give back the charge of a call that failed.
+
+        Returns once recorded, or once the first attempt failed: storage
+        that is down is then retried in the background for a while, and a
+        refund that still cannot be written is logged (the client then paid
+        for a failed call, never the other way round).
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(channel_id, _Request(-price, future))
+        await future
+
+    async def usage(self, channel_id: int) -> tuple[int | None, int]:
+        """``(planned, used)`` read now (planned None if never set).
+
+        Raises:
+            GrpcError: ``UNAVAILABLE`` when storage is down.
+        """
+        planned_key, used_key = self._keys.prepaid(channel_id, "P"), self._keys.prepaid(channel_id, "U")
+        try:
+            entries = await self._storage.get_many([planned_key, used_key])
+        except StorageError as exc:
+            raise _storage_down(exc) from None
+        planned = entries[planned_key]
+        return (None if planned is None else _amount(planned)), _amount(entries[used_key])
+
+    # -- internals ---------------------------------------------------------------
+
+    def _enqueue(self, channel_id: int, request: _Request) -> _Books:
+        books = self._books.get(channel_id)
+        if books is None:
+            if len(self._books) >= _IDLE_LIMIT:
+                self._books = {k: v for k, v in self._books.items() if v.running or v.pending}
+            books = self._books[channel_id] = _Books()
+        books.pending.append(request)
+        if not books.running:
+            books.running = True
+            self._workers.add(worker := asyncio.ensure_future(self._run(channel_id, books)))
+            worker.add_done_callback(self._workers.discard)
+        return books
+
+    def _refund_if_charged(self, channel_id: int, price: int, done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self._enqueue(channel_id, _Request(-price, None))
+
+    async def _run(self, channel_id: int, books: _Books) -> None:
+        """Apply queued requests, one transaction at a time, until none are left."""
+        try:
+            while books.pending:
+                batch, books.pending = books.pending, []
+                try:
+                    leftover = await self._apply(channel_id, books, batch)
+                except GrpcError as failed:
+                    leftover = [r for r in batch if r.amount < 0]
+                    for request in batch:
+                        if request.amount > 0:
+                            _settle(request, failed)
+                except Exception as exc:  # a bug: fail the batch, keep the loop alive
+                    _log.failure("prepaid accounting failed on channel {channel}", channel=channel_id)
+                    bug = GrpcError(Status.INTERNAL, f"internal error: {exc}")
+                    for request in batch:
+                        _settle(request, bug)
+                    continue
+                if leftover:
+                    # Refunds that could not be written yet: the callers
+                    # need not wait; keep trying in the background.
+                    for request in leftover:
+                        _settle(request, None)
+                    await self._refund_later(channel_id, books, [_Request(r.amount, None) for r in leftover])
+        finally:
+            books.running = False
+
+    async def _refund_later(self, channel_id: int, books: _Books, refunds: list[_Request]) -> None:
+        delay = 0.1
+        waited = 0.0
+        while refunds:
+            if waited >= _REFUND_PATIENCE:
+                total = -sum(r.amount for r in refunds)
+                _log.error(
+                    "could not refund {amount} to prepaid channel {channel}: storage unavailable; "
+                    "the client paid for failed calls",
+                    amount=total,
+                    channel=channel_id,
+                )
+                for request in refunds:
+                    _settle(request, None)
+                return
+            await self._sleep(delay)  # type: ignore[misc]
+            waited += delay
+            delay = min(delay * 2, 2.0)
+            try:
+                refunds = await self._apply(channel_id, books, refunds)
+            except GrpcError:
+                continue
+
+    async def _apply(self, channel_id: int, books: _Books, batch: list[_Request]) -> list[_Request]:
+        """One transaction for ``batch``; returns the refunds left unwritten."""
+        used_key = self._keys.prepaid(channel_id, "U")
+        planned_key = self._keys.prepaid(channel_id, "P")
+        planned_fresh = False
+        if books.used is _UNREAD or books.planned is _UNREAD:
+            await self._read(books, used_key, planned_key)
+            planned_fresh = True
+        refunds = [r for r in batch if r.amount < 0]
+        charges = [r for r in batch if r.amount > 0]
+        for _ in range(_MAX_ATTEMPTS):
+            used_entry: Entry | None = books.used  # type: ignore[assignment]
+            used = _amount(used_entry)
+            planned = _amount(books.planned)  # type: ignore[arg-type]
+            total = max(0, used + sum(r.amount for r in refunds))
+            admitted, refused = [], []
+            for request in charges:
+                if total + request.amount <= planned:
+                    total += request.amount
+                    admitted.append(request)
+                else:
+                    refused.append(request)
+            if refused and not planned_fresh:
+                # Another daemon's GetToken may have raised planned: look.
+                await self._read(books, used_key, planned_key)
+                planned_fresh = True
+                continue
+            if admitted or refunds:
+                value = encode_amount(total)
+                try:
+                    revision = await self._storage.transaction(
+                        [Condition.unchanged(used_key, used_entry)], [Put(used_key, value)]
+                    )
+                except ConditionFailed as failed:
+                    books.used = failed.current.get(used_key)
+                    continue
+                except StorageTimeout as exc:
+                    # Outcome unknown: our value there means it was written.
+                    books.used = books.planned = _UNREAD
+                    if not await self._written(used_key, value, used_entry):
+                        raise _storage_down(exc) from None
+                except StorageError as exc:
+                    raise _storage_down(exc) from None
+                else:
+                    books.used = Entry(used_key, value, revision, revision, 1)
+            for request in admitted:
+                _settle(request, None)
+            for request in refunds:
+                _settle(request, None)
+            for request in refused:
+                _settle(request, usage_exceeded(channel_id))
+            return []
+        busy = GrpcError(Status.UNAVAILABLE, f"too much contention on prepaid channel {channel_id}; retry")
+        for request in charges:
+            _settle(request, busy)
+        return refunds
+
+    async def _written(self, key: str, value: bytes, before: Entry | None) -> bool:
+        """After a timed-out write: is ``value`` (newly) there?  (Read once.)"""
+        try:
+            current = await self._storage.get(key)
+        except StorageError:
+            return False
+        changed = current is not None and (before is None or current.mod_revision != before.mod_revision)
+        return changed and current is not None and current.value == value
+
+    async def _read(self, books: _Books, used_key: str, planned_key: str) -> None:
+        try:
+            entries = await self._storage.get_many([used_key, planned_key])
+        except StorageError as exc:
+            books.used = books.planned = _UNREAD
+            raise _storage_down(exc) from None
+        books.used, books.planned = entries[used_key], entries[planned_key]
+
+
+def _amount(entry: Entry | None) -> int:
+    try:
+        return decode_amount(entry)
+    except CorruptValue as exc:
+        raise GrpcError(Status.INTERNAL, f"internal error: {exc}") from None
+
+
+def _value_amount(key: str, value: bytes | None) -> int:
+    return _amount(None if value is None else Entry(key, value, 1, 1, 1))
+
+
+def _settle(request: _Request, error: GrpcError | None) -> None:
+    future = request.future
+    if future is None or future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _storage_down(exc: Exception) -> GrpcError:
+    return GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}")
+
+
+# -- TokenService --------------------------------------------------------------------
+
+
+class TokenService:
+    """Answers ``TokenService/GetToken``.
+
+    As in the Go daemon, failures are plain errors (status ``UNKNOWN``)
+    with Go's messages, which clients match on: snet-sdk on
+    ``"Unable to retrieve planned Amount "`` (a channel never prepaid:
+    it then signs a larger amount), the JS examples on "signed amount for
+    token request ...".
+
+    Args:
+        ledger: the escrow ledger (channel state, claimable payments).
+        prepaid: where the planned and used amounts are.
+        keys: their storage keys.
+        tokens: issues the JWTs.
+        chain: the block number.
+        terms: the current payment terms.
+    """
+
+    def __init__(
+        self,
+        ledger: EscrowLedger,
+        prepaid: PrepaidLedger,
+        keys: PrepaidKeys,
+        tokens: PrepaidTokens,
+        chain: ChannelSource,
+        terms: Callable[[], PaymentTerms],
+    ) -> None:
+        self._ledger = ledger
+        self._prepaid = prepaid
+        self._keys = keys
+        self._tokens = tokens
+        self._chain = chain
+        self._terms = terms
+
+    async def get_token(self, request: pb.TokenRequest, call: ServerCall) -> pb.TokenReply:
+        """Accept ``request``'s signed amount and return a token for the channel."""
+        channel_id = request.channel_id
+        amount = request.signed_amount
+        signer: list[bytes] = []
+
+        def precheck(state: ChannelState, info: ChainChannel) -> None:
+            # The Go token service's own checks, in its order.
+            if state.authorized_amount > amount:
+                raise GrpcError(
+                    Status.UNKNOWN, "signed amount for token request needs to be greater than last signed amount"
+                )
+            if info.value - state.claimed_amount < amount:
+                raise GrpcError(
+                    Status.UNKNOWN, "signed amount for token request cannot be greater than full amount in channel"
+                )
+            try:
+                who = signatures.recover(
+                    signatures.token_request(request.claim_signature, request.current_block), request.signature
+                )
+            except (signatures.SignatureError, ValueError):
+                raise GrpcError(Status.UNKNOWN, "incorrect signature") from None
+            allowed = {signatures.address_bytes(a) for a in (info.signer, info.sender, info.recipient)}
+            if who not in allowed:
+                raise GrpcError(Status.UNKNOWN, "only channel signer/sender/receiver can get a Valid Token")
+            check_block(request.current_block, self._chain)
+            signer[:] = [who]
+
+        payment = EscrowPayment(channel_id, request.current_nonce, amount, bytes(request.claim_signature))
+        planned_key = self._keys.prepaid(channel_id, "P")
+        used_key = self._keys.prepaid(channel_id, "U")
+        values = await self._ledger.prepay(payment, planned_key, _add_planned, precheck, also_read=(used_key,))
+        if values[planned_key] is None:
+            # Never prepaid (e.g. only escrow calls so far): snet-sdk then
+            # signs a larger amount.
+            raise GrpcError(Status.UNKNOWN, NO_PLANNED_AMOUNT)
+        planned = _value_amount(planned_key, values[planned_key])
+        used = _value_amount(used_key, values[used_key])
+        token = self._tokens.create(channel_id, signatures.checksum(signer[0]))
+        return pb.TokenReply(channel_id=channel_id, token=token, planned_amount=planned, used_amount=used)
+
+
+def _add_planned(entry: Entry | None, increase: int) -> bytes:
+    return encode_amount(_amount(entry) + increase)
+
+
+__all__: Sequence[str] = (
+    "NO_PLANNED_AMOUNT",
+    "PREPAID_TOKEN",
+    "PrepaidLedger",
+    "TokenService",
+    "decode_amount",
+    "encode_amount",
+    "usage_exceeded",
+)

@@ -1,0 +1,550 @@
+"""Free calls without I/O: token issue, counting, every rejection (``snet-daemon.md`` §6.5).
+
+In-memory storage and a fake chain; messages are signed here exactly as
+snet-sdk signs them (checked against web3's ``solidity_keccak``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from snet_daemon._proto.escrow import state_service_pb2 as pb
+from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.payments import signatures as sig
+from snet_daemon.payments.escrow import metadata_values
+from snet_daemon.payments.freecall import (
+    TOKEN_LIFETIME,
+    UNLIMITED,
+    UNLIMITED_AVAILABLE,
+    FreeCalls,
+    FreeCallSettings,
+    FreeCallTerms,
+    parse_token,
+)
+from snet_daemon.storage.base import StorageUnavailable
+from snet_daemon.storage.keys import KeyLayout
+from snet_daemon.storage.memory import MemoryStorage
+from tests.support.aio import aio_test
+from tests.support.payments import GROUP, MPE, CountingStorage
+
+CALL: Any = None
+ORG, SERVICE, GROUP_NAME = "test-org", "test-service", "default_group"
+GROUP_B64 = base64.b64encode(GROUP).decode()
+DAEMON_KEY = sig.keccak256(b"free-call-signer")
+USER_KEY = sig.keccak256(b"free-call-user")
+OTHER_KEY = sig.keccak256(b"another-user")
+TRUSTED_KEY = sig.keccak256(b"marketplace")
+USER = sig.checksum(sig.address_of(USER_KEY))
+OTHER = sig.checksum(sig.address_of(OTHER_KEY))
+TRUSTED = sig.checksum(sig.address_of(TRUSTED_KEY))
+WHOLE = 10**18
+
+
+@dataclass
+class Chain:
+    block: int = 5000
+    balances: dict[str, int] = field(default_factory=dict)
+    balance_error: Exception | None = None
+    block_error: Exception | None = None
+
+    def current_block(self) -> int:
+        if self.block_error is not None:
+            raise self.block_error
+        return self.block
+
+    async def token_balance(self, address: str) -> int:
+        if self.balance_error is not None:
+            raise self.balance_error
+        return self.balances.get(address, 0)
+
+
+def layout() -> KeyLayout:
+    return KeyLayout(network="test", organization_id=ORG, group_id=GROUP, mpe_address=sig.checksum(MPE))
+
+
+class World:
+    def __init__(
+        self,
+        *,
+        free_calls: int = 2,
+        key: bytes | None = DAEMON_KEY,
+        metadata_signer: bytes | None = None,
+        per_address: dict[bytes, int] | None = None,
+        min_balance: int = 10,
+        storage: Any = None,
+    ) -> None:
+        self.chain = Chain(balances={USER: 10 * WHOLE, OTHER: 10 * WHOLE})
+        self.storage = storage if storage is not None else CountingStorage(MemoryStorage(lambda: 0.0))
+        self.terms = FreeCallTerms(
+            organization_id=ORG,
+            service_id=SERVICE,
+            group_name=GROUP_NAME,
+            group_id=GROUP_B64,
+            free_calls=free_calls,
+            signer_address=metadata_signer or sig.address_of(DAEMON_KEY),
+        )
+        self.settings = FreeCallSettings(
+            signer_key=key,
+            trusted_signers=frozenset({sig.address_of(TRUSTED_KEY)}),
+            min_balance=min_balance,
+            per_address=per_address or {},
+        )
+        self.free = FreeCalls(self.storage, layout(), self.chain, self.settings, lambda: self.terms)
+
+    def token_request(
+        self,
+        key: bytes = USER_KEY,
+        address: str | None = None,
+        user_id: str | None = None,
+        block: int | None = None,
+        lifetime: int | None = None,
+    ) -> pb.GetFreeCallTokenRequest:
+        address = address if address is not None else sig.checksum(sig.address_of(key))
+        block = self.chain.block if block is None else block
+        message = sig.free_call_token_request(address, user_id or "", ORG, SERVICE, GROUP_B64, block)
+        request = pb.GetFreeCallTokenRequest(address=address, signature=sig.sign(message, key), current_block=block)
+        if user_id is not None:
+            request.user_id = user_id
+        if lifetime is not None:
+            request.token_lifetime_in_blocks = lifetime
+        return request
+
+    async def token(self, key: bytes = USER_KEY, **kwargs: Any) -> bytes:
+        reply = await self.free.get_free_call_token(self.token_request(key, **kwargs), CALL)
+        return bytes(reply.token)
+
+    def headers(
+        self,
+        token: bytes,
+        key: bytes = USER_KEY,
+        address: str | None = None,
+        user_id: str = "",
+        block: int | None = None,
+    ) -> dict[str, list[str | bytes]]:
+        address = address if address is not None else sig.checksum(sig.address_of(key))
+        block = self.chain.block if block is None else block
+        signature = sig.sign(sig.free_call(address, user_id, ORG, SERVICE, GROUP_B64, block, token), key)
+        metadata: list[tuple[str, str | bytes]] = [
+            ("snet-free-call-auth-token-bin", token),
+            ("snet-payment-type", "free-call"),
+            ("snet-free-call-user-address", address),
+            ("snet-current-block-number", str(block)),
+            ("snet-payment-channel-signature-bin", signature),
+        ]
+        if user_id:
+            metadata.append(("snet-free-call-user-id", user_id))
+        return metadata_values(tuple(metadata))
+
+    async def available(
+        self, token: bytes, key: bytes = USER_KEY, address: str | None = None, user_id: str | None = None
+    ) -> int:
+        address = address if address is not None else sig.checksum(sig.address_of(key))
+        block = self.chain.block
+        message = sig.free_call(address, user_id or "", ORG, SERVICE, GROUP_B64, block, token)
+        request = pb.FreeCallStateRequest(
+            address=address, free_call_token=token, signature=sig.sign(message, key), current_block=block
+        )
+        if user_id is not None:
+            request.user_id = user_id
+        reply = await self.free.get_free_calls_available(request, CALL)
+        return int(reply.free_calls_available)
+
+
+async def refused(awaitable: Any) -> GrpcError:
+    with pytest.raises(GrpcError) as info:
+        await awaitable
+    return info.value
+
+
+# -- messages and tokens ---------------------------------------------------------------
+
+
+def test_messages_match_what_snet_sdk_signs() -> None:
+    """The request and call messages hash as snet-sdk's solidity_keccak of the same fields."""
+    from web3 import Web3
+
+    token = b"\x01" * 65 + b"_12345"
+    request = sig.free_call_token_request(USER, "", ORG, SERVICE, GROUP_B64, 77)
+    sdk = Web3.solidity_keccak(
+        ["string", "string", "string", "string", "string", "uint256"],
+        ["__prefix_free_trial", USER, ORG, SERVICE, GROUP_B64, 77],
+    )
+    assert sig.keccak256(request) == bytes(sdk)
+    call = sig.free_call(USER, "", ORG, SERVICE, GROUP_B64, 77, token)
+    sdk = Web3.solidity_keccak(
+        ["string", "string", "string", "string", "string", "uint256", "bytes32"],
+        ["__prefix_free_trial", USER, ORG, SERVICE, GROUP_B64, 77, token],
+    )
+    assert sig.keccak256(call) == bytes(sdk)
+
+
+@aio_test
+async def test_token_is_go_shaped_and_signed_by_the_metadata_signer() -> None:
+    """A token is the daemon's signature (v 0/1) ‖ "_" ‖ expiry, over org ‖ group name ‖ address ‖ user id ‖ expiry."""
+    world = World()
+    reply = await world.free.get_free_call_token(world.token_request(), CALL)
+    token = bytes(reply.token)
+    signature, expiry = parse_token(token)
+    assert expiry == world.chain.block + TOKEN_LIFETIME == reply.token_expiration_block
+    assert token == signature + b"_" + str(expiry).encode()
+    assert reply.token_hex == token.hex()
+    assert len(signature) == 65
+    assert signature[64] in (0, 1)
+    message = sig.free_call_token(ORG, GROUP_NAME, sig.address_of(USER_KEY), "", expiry)
+    assert sig.recover(message, signature) == sig.address_of(DAEMON_KEY)
+
+
+@pytest.mark.parametrize(
+    ("asked", "lifetime"), [(100, 100), (0, 0), (TOKEN_LIFETIME, TOKEN_LIFETIME), (10**9, TOKEN_LIFETIME)]
+)
+@aio_test
+async def test_token_lifetime_is_capped(asked: int, lifetime: int) -> None:
+    """The requested lifetime is used up to 172800 blocks; longer requests get 172800."""
+    world = World()
+    reply = await world.free.get_free_call_token(world.token_request(lifetime=asked), CALL)
+    assert reply.token_expiration_block == world.chain.block + lifetime
+
+
+# -- counting ---------------------------------------------------------------------------
+
+
+@aio_test
+async def test_two_free_calls_then_the_limit() -> None:
+    """With free_calls 2 in metadata, two calls pass, the third is refused; availability follows."""
+    world = World()
+    token = await world.token()
+    assert await world.available(token) == 2
+    for left in (1, 0):
+        counted = await world.free.authorize(world.headers(token))
+        assert counted.user_address == USER
+        assert await world.available(token) == left
+    error = await refused(world.free.authorize(world.headers(token)))
+    assert error.status == Status.RESOURCE_EXHAUSTED
+    assert error.message == "free call limit has been exceeded, calls made = 2, total free calls eligible = 2"
+
+
+@aio_test
+async def test_each_call_is_one_read_and_one_conditional_write() -> None:
+    """Counting a free call costs two storage round trips."""
+    world = World()
+    token = await world.token()
+    world.storage.calls.clear()
+    await world.free.authorize(world.headers(token))
+    assert world.storage.calls == ["get", "transaction"]
+
+
+@aio_test
+async def test_changing_the_address_case_does_not_reset_the_count() -> None:
+    """The counter key uses the checksummed address (Go's bug: the text as sent)."""
+    world = World()
+    token = await world.token()
+    await world.free.authorize(world.headers(token))
+    await world.free.authorize(world.headers(token))
+    lower = USER.lower()
+    token_lower = await world.token(address=lower)
+    assert await world.available(token_lower, address=lower) == 0
+    error = await refused(world.free.authorize(world.headers(token_lower, address=lower)))
+    assert error.status == Status.RESOURCE_EXHAUSTED
+
+
+@aio_test
+async def test_a_failed_call_stays_free() -> None:
+    """Releasing a counted call gives it back."""
+    world = World()
+    token = await world.token()
+    counted = await world.free.authorize(world.headers(token))
+    await world.free.release(counted)
+    assert await world.available(token) == 2
+
+
+@aio_test
+async def test_concurrent_calls_never_exceed_the_limit() -> None:
+    """Ten simultaneous free calls of one user: exactly the allowed two pass."""
+    world = World()
+    token = await world.token()
+    results = await asyncio.gather(
+        *(world.free.authorize(world.headers(token)) for _ in range(10)), return_exceptions=True
+    )
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 2
+    assert all(r.status == Status.RESOURCE_EXHAUSTED for r in results if isinstance(r, GrpcError))
+
+
+@aio_test
+async def test_daemons_sharing_storage_count_together() -> None:
+    """Two daemons of a group on one storage share a user's count."""
+    storage = MemoryStorage(lambda: 0.0)
+    first, second = World(storage=storage), World(storage=storage)
+    token = await first.token()
+    await first.free.authorize(first.headers(token))
+    await second.free.authorize(second.headers(token))
+    assert await first.available(token) == 0
+    error = await refused(second.free.authorize(second.headers(token)))
+    assert error.status == Status.RESOURCE_EXHAUSTED
+
+
+@aio_test
+async def test_per_address_limits_and_unlimited() -> None:
+    """free_calls_per_address overrides the metadata; unlimited answers 99999999 and never refuses."""
+    world = World(per_address={sig.address_of(USER_KEY): UNLIMITED, sig.address_of(OTHER_KEY): 3})
+    token = await world.token()
+    for _ in range(5):
+        await world.free.authorize(world.headers(token))
+    assert await world.available(token) == UNLIMITED_AVAILABLE
+    other = await world.token(OTHER_KEY)
+    assert await world.available(other, OTHER_KEY) == 3
+
+
+@aio_test
+async def test_trusted_signer_binds_a_user_id() -> None:
+    """A trusted backend gets a token for a user id without a balance; it counts per user id."""
+    world = World()
+    token = await world.token(TRUSTED_KEY, user_id="alice")
+    assert await world.available(token, TRUSTED_KEY, user_id="alice") == 2
+    await world.free.authorize(world.headers(token, TRUSTED_KEY, user_id="alice"))
+    assert await world.available(token, TRUSTED_KEY, user_id="alice") == 1
+    bob = await world.token(TRUSTED_KEY, user_id="bob")
+    assert await world.available(bob, TRUSTED_KEY, user_id="bob") == 2
+    # Alice's token does not work for Bob.
+    error = await refused(world.free.authorize(world.headers(token, TRUSTED_KEY, user_id="bob")))
+    assert (error.status, error.message) == (Status.UNAUTHENTICATED, "token sign is not valid")
+
+
+@aio_test
+async def test_the_service_receives_the_checksummed_address() -> None:
+    """The counted call names the user by its checksummed address."""
+    world = World()
+    token = await world.token(address=USER.lower())
+    counted = await world.free.authorize(world.headers(token, address=USER.lower()))
+    assert counted.user_address == USER
+
+
+# -- no key: answers snet-sdk survives ----------------------------------------------------
+
+
+@aio_test
+async def test_without_a_key_the_token_is_empty_and_no_free_calls_are_available() -> None:
+    """No private_key_for_free_calls: an empty token, and 0 free calls for it (no errors)."""
+    world = World(key=None)
+    reply = await world.free.get_free_call_token(world.token_request(), CALL)
+    assert (reply.token, reply.token_hex, reply.token_expiration_block) == (b"", "", 0)
+    assert await world.available(b"") == 0
+    assert world.free.key_problem() is None
+
+
+@aio_test
+async def test_a_key_that_is_not_the_metadata_signer_issues_nothing() -> None:
+    """A key whose address is not free_call_signer_address issues no tokens, and says why."""
+    world = World(metadata_signer=sig.address_of(OTHER_KEY))
+    reply = await world.free.get_free_call_token(world.token_request(), CALL)
+    assert reply.token == b""
+    problem = world.free.key_problem()
+    assert problem is not None
+    assert OTHER in problem
+    assert "no free-call tokens are issued" in problem
+
+
+@aio_test
+async def test_tokens_of_another_daemon_of_the_group_are_honoured_without_a_key() -> None:
+    """Checking a token needs only the metadata's signer address, not the key."""
+    issuer, checker = World(), World(key=None)
+    token = await issuer.token()
+    assert await checker.available(token) == 2
+    await checker.free.authorize(checker.headers(token))
+
+
+# -- rejections: the call path ---------------------------------------------------------
+
+
+@aio_test
+async def test_expired_token_is_refused() -> None:
+    """A token past its expiry block: UNAUTHENTICATED, Go's text."""
+    world = World()
+    token = await world.token(lifetime=1)
+    world.chain.block += 2
+    error = await refused(world.free.authorize(world.headers(token)))
+    assert error.status == Status.UNAUTHENTICATED
+    assert error.message == "authentication failed as the Free Call Token passed has expired"
+
+
+@aio_test
+async def test_token_of_another_user_is_refused() -> None:
+    """Another user signing a call with my token: the token does not name them."""
+    world = World()
+    token = await world.token()
+    error = await refused(world.free.authorize(world.headers(token, OTHER_KEY)))
+    assert (error.status, error.message) == (Status.UNAUTHENTICATED, "token sign is not valid")
+
+
+@aio_test
+async def test_call_signed_by_someone_else_is_refused() -> None:
+    """The call's signer must be the address it names."""
+    world = World()
+    token = await world.token()
+    error = await refused(world.free.authorize(world.headers(token, OTHER_KEY, address=USER)))
+    assert error.status == Status.UNAUTHENTICATED
+    assert error.message == (
+        f"sign is not valid: unauthorized signer: {USER} not equal {OTHER}, maybe invalid signature struct"
+    )
+
+
+@aio_test
+async def test_token_signed_by_a_wrong_signer_is_refused() -> None:
+    """A token not signed by the metadata's free-call signer is refused."""
+    world = World()
+    expiry = world.chain.block + 100
+    forged = sig.sign(sig.free_call_token(ORG, GROUP_NAME, sig.address_of(USER_KEY), "", expiry), OTHER_KEY)
+    token = forged + b"_" + str(expiry).encode()
+    error = await refused(world.free.authorize(world.headers(token)))
+    assert (error.status, error.message) == (Status.UNAUTHENTICATED, "token sign is not valid")
+
+
+@pytest.mark.parametrize("offset", [-6, 6])
+@aio_test
+async def test_stale_block_number_is_refused(offset: int) -> None:
+    """A signature over a block more than 5 away from ours is refused."""
+    world = World()
+    token = await world.token()
+    error = await refused(world.free.authorize(world.headers(token, block=world.chain.block + offset)))
+    assert error.status == Status.UNAUTHENTICATED
+    assert error.message == "authentication failed as the signature passed has expired"
+
+
+@aio_test
+async def test_block_within_five_is_accepted() -> None:
+    """Five blocks either way is still fresh."""
+    world = World()
+    token = await world.token()
+    await world.free.authorize(world.headers(token, block=world.chain.block - 5))
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [(b"no-underscore", "invalid token: no '_' found"), (b"sig_12a", "invalid token: invalid block number")],
+)
+@aio_test
+async def test_malformed_token_is_an_invalid_argument(token: bytes, message: str) -> None:
+    """A token that does not parse: INVALID_ARGUMENT, Go's text."""
+    world = World()
+    error = await refused(world.free.authorize(world.headers(token)))
+    assert (error.status, error.message) == (Status.INVALID_ARGUMENT, message)
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "snet-free-call-user-address",
+        "snet-current-block-number",
+        "snet-payment-channel-signature-bin",
+        "snet-free-call-auth-token-bin",
+    ],
+)
+@aio_test
+async def test_missing_header_is_an_invalid_argument(missing: str) -> None:
+    """Each required header, when missing, is named."""
+    world = World()
+    values = world.headers(await world.token())
+    del values[missing]
+    error = await refused(world.free.authorize(values))
+    assert (error.status, error.message) == (Status.INVALID_ARGUMENT, f'missing "{missing}"')
+
+
+@aio_test
+async def test_garbage_signature_is_refused() -> None:
+    """A signature that is not 65 bytes: UNAUTHENTICATED "sign is not valid"."""
+    world = World()
+    values = world.headers(await world.token())
+    values["snet-payment-channel-signature-bin"] = [b"\x00" * 10]
+    error = await refused(world.free.authorize(values))
+    assert error.status == Status.UNAUTHENTICATED
+    assert error.message.startswith("sign is not valid: incorrect signature length")
+
+
+@aio_test
+async def test_storage_down_is_unavailable() -> None:
+    """Counting needs the storage: UNAVAILABLE when it is down."""
+    world = World()
+    token = await world.token()
+    world.storage.fail = StorageUnavailable("etcd is down")
+    error = await refused(world.free.authorize(world.headers(token)))
+    assert error.status == Status.UNAVAILABLE
+
+
+# -- rejections: GetFreeCallToken and GetFreeCallsAvailable -----------------------------
+
+
+@aio_test
+async def test_token_request_signed_by_another_address_is_refused() -> None:
+    """The request's signer must be the address it names (plain error, as Go)."""
+    world = World()
+    error = await refused(world.free.get_free_call_token(world.token_request(OTHER_KEY, address=USER), CALL))
+    assert error.status == Status.UNKNOWN
+    assert error.message == f"invalid signer, {USER} (from request) is not equal to {OTHER} (signer)"
+
+
+@aio_test
+async def test_token_request_with_a_stale_block_is_refused() -> None:
+    """A token request over an old block is refused."""
+    world = World()
+    error = await refused(world.free.get_free_call_token(world.token_request(block=world.chain.block - 6), CALL))
+    assert (error.status, error.message) == (
+        Status.UNKNOWN,
+        "authentication failed as the signature passed has expired",
+    )
+
+
+@aio_test
+async def test_untrusted_address_may_not_name_a_user_id() -> None:
+    """Only trusted signers may bind a user id."""
+    world = World()
+    error = await refused(world.free.get_free_call_token(world.token_request(user_id="alice"), CALL))
+    assert (error.status, error.message) == (
+        Status.UNKNOWN,
+        "your address is not trusted by this service provider, the use of user_id is not allowed",
+    )
+
+
+@pytest.mark.parametrize(
+    ("minimum", "balance", "ok"), [(10, 10 * WHOLE, True), (10, 10 * WHOLE - 1, False), (0, 0, True)]
+)
+@aio_test
+async def test_balance_threshold_is_whole_tokens_times_ten_to_the_eighteen(
+    minimum: int, balance: int, ok: bool
+) -> None:
+    """min_balance_for_free_call counts whole FET (18 decimals) of the token balance."""
+    world = World(min_balance=minimum)
+    world.chain.balances[USER] = balance
+    request = world.token_request()
+    if ok:
+        assert (await world.free.get_free_call_token(request, CALL)).token
+    else:
+        error = await refused(world.free.get_free_call_token(request, CALL))
+        assert error.status == Status.PERMISSION_DENIED
+        assert error.message == f"you must have at least {minimum} FET (ASI) in your balance to use free calls"
+
+
+@aio_test
+async def test_unreadable_balance_is_unavailable() -> None:
+    """When the balance cannot be read, the answer is UNAVAILABLE (retry), not a denial."""
+    world = World()
+    world.chain.balance_error = ConnectionError("rpc down")
+    error = await refused(world.free.get_free_call_token(world.token_request(), CALL))
+    assert error.status == Status.UNAVAILABLE
+
+
+@aio_test
+async def test_availability_rejections_are_plain_errors() -> None:
+    """GetFreeCallsAvailable refuses what the call path refuses, as UNKNOWN with the same text."""
+    world = World()
+    token = await world.token()
+    error = await refused(world.available(token, OTHER_KEY))
+    assert (error.status, error.message) == (Status.UNKNOWN, "token sign is not valid")
+    error = await refused(world.available(b"garbage"))
+    assert (error.status, error.message) == (Status.UNKNOWN, "no '_' found")
+    world.chain.block += TOKEN_LIFETIME + 1
+    error = await refused(world.available(token))
+    assert error.message == "authentication failed as the Free Call Token passed has expired"

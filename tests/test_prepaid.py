@@ -1,0 +1,547 @@
+"""Prepaid tokens without I/O: GetToken, the planned/used books, the JWTs (``snet-daemon.md`` §6.6).
+
+In-memory storage, a fake chain, the real escrow ledger: prepayments land
+as claimable payments, calls are charged against planned − used with one
+conditional write, never beyond planned, also across two daemons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+from typing import Any
+
+import pytest
+
+from snet_daemon._proto.escrow import control_service_pb2 as cpb
+from snet_daemon._proto.escrow import token_service_pb2 as pb
+from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.payments import signatures as sig
+from snet_daemon.payments.claims import ProviderControl
+from snet_daemon.payments.escrow import EscrowLedger, metadata_values, parse_escrow
+from snet_daemon.payments.prepaid import NO_PLANNED_AMOUNT, PrepaidLedger, TokenService, decode_amount
+from snet_daemon.payments.tokens import PrepaidTokens, TokenError, TokenSettings
+from snet_daemon.storage.base import StorageTimeout, StorageUnavailable
+from snet_daemon.storage.memory import MemoryStorage
+from tests.support.aio import aio_test
+from tests.support.payments import (
+    CLIENT_KEY,
+    GROUP,
+    METHOD,
+    MPE,
+    PRICE,
+    PROVIDER_KEY,
+    SENDER_KEY,
+    CountingStorage,
+    FakeChain,
+    Keys,
+    StorageLease,
+    payment_metadata,
+    terms,
+)
+
+CALL: Any = None
+SECRET = b"a-secret-for-tests-that-is-long-enough"
+GROUP_B64 = base64.b64encode(GROUP).decode()
+STRANGER_KEY = sig.keccak256(b"stranger")
+CLIENT = sig.checksum(sig.address_of(CLIENT_KEY))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Daemon:
+    """One daemon's payment objects on a (possibly shared) storage and chain."""
+
+    def __init__(self, storage: Any, chain: FakeChain, clock: Clock) -> None:
+        self.storage = CountingStorage(storage)
+        self.chain = chain
+        self.keys = Keys()
+        self.ledger = EscrowLedger(self.storage, self.keys, chain, terms, StorageLease(self.storage), "d")
+        self.prepaid = PrepaidLedger(self.storage, self.keys.layout)
+        self.tokens = PrepaidTokens(TokenSettings(SECRET, 60), "test-org", lambda: GROUP_B64, clock)
+        self.service = TokenService(self.ledger, self.prepaid, self.keys.layout, self.tokens, chain, terms)
+        self.control = ProviderControl(self.ledger, self.storage, self.keys, chain, terms)
+
+    def request(
+        self,
+        channel_id: int,
+        amount: int,
+        nonce: int = 0,
+        key: bytes = CLIENT_KEY,
+        outer_key: bytes | None = None,
+        block: int | None = None,
+    ) -> pb.TokenRequest:
+        block = self.chain.block if block is None else block
+        claim = sig.sign(sig.mpe_claim(MPE, channel_id, nonce, amount), key)
+        outer = sig.sign(sig.token_request(claim, block), outer_key or key)
+        return pb.TokenRequest(
+            channel_id=channel_id,
+            current_nonce=nonce,
+            signed_amount=amount,
+            signature=outer,
+            current_block=block,
+            claim_signature=claim,
+        )
+
+    async def get_token(self, channel_id: int, amount: int, **kwargs: Any) -> pb.TokenReply:
+        return await self.service.get_token(self.request(channel_id, amount, **kwargs), CALL)
+
+    async def usage(self, channel_id: int) -> tuple[int | None, int]:
+        return await self.prepaid.usage(channel_id)
+
+
+class World:
+    def __init__(self) -> None:
+        self.memory = MemoryStorage(lambda: 0.0)
+        self.chain = FakeChain()
+        self.clock = Clock()
+        self.chain.open(1)
+        self.a = Daemon(self.memory, self.chain, self.clock)
+
+    def daemon(self) -> Daemon:
+        return Daemon(self.memory, self.chain, self.clock)
+
+
+async def refused(awaitable: Any) -> GrpcError:
+    with pytest.raises(GrpcError) as info:
+        await awaitable
+    return info.value
+
+
+async def escrow_pay(daemon: Daemon, channel_id: int, nonce: int, amount: int) -> None:
+    payment = parse_escrow(metadata_values(payment_metadata(channel_id, nonce, amount)))
+    await daemon.ledger.commit(await daemon.ledger.authorize(METHOD, payment))
+
+
+# -- GetToken ----------------------------------------------------------------------------
+
+
+@aio_test
+async def test_prepayment_becomes_claimable_and_planned() -> None:
+    """GetToken for 4 calls: planned 40, used 0, and the signed amount is the channel's claimable payment."""
+    world = World()
+    reply = await world.a.get_token(1, 4 * PRICE)
+    assert (reply.channel_id, reply.planned_amount, reply.used_amount) == (1, 4 * PRICE, 0)
+    assert world.a.tokens.verify(reply.token, 1) == CLIENT
+    found = await world.a.ledger.channel_state(1)
+    assert found is not None
+    state, _ = found
+    assert state.authorized_amount == 4 * PRICE
+    assert sig.recover(sig.mpe_claim(MPE, 1, 0, 4 * PRICE), state.signature) == sig.address_of(CLIENT_KEY)
+
+
+@aio_test
+async def test_asking_again_for_the_same_amount_changes_nothing() -> None:
+    """Repeated (and concurrent) requests for one amount raise planned once."""
+    world = World()
+    replies = await asyncio.gather(*(world.a.get_token(1, 4 * PRICE) for _ in range(5)))
+    assert {r.planned_amount for r in replies} == {4 * PRICE}
+    assert await world.a.usage(1) == (4 * PRICE, 0)
+
+
+@aio_test
+async def test_never_prepaid_channel_answers_the_text_snet_sdk_swallows() -> None:
+    """An escrow-paid channel asked for its last amount: exactly "Unable to retrieve planned Amount "."""
+    world = World()
+    await escrow_pay(world.a, 1, 0, PRICE)
+    error = await refused(world.a.get_token(1, PRICE))
+    assert (error.status, error.message) == (Status.UNKNOWN, "Unable to retrieve planned Amount ")
+    assert NO_PLANNED_AMOUNT == "Unable to retrieve planned Amount "
+    # snet-sdk then signs last + price × concurrent calls.
+    reply = await world.a.get_token(1, PRICE + 3 * PRICE)
+    assert (reply.planned_amount, reply.used_amount) == (3 * PRICE, 0)
+
+
+@aio_test
+async def test_larger_amount_raises_planned_by_the_difference() -> None:
+    """Each larger prepayment adds its increase to planned."""
+    world = World()
+    await world.a.get_token(1, 2 * PRICE)
+    reply = await world.a.get_token(1, 5 * PRICE)
+    assert reply.planned_amount == 5 * PRICE
+
+
+@aio_test
+async def test_token_signed_by_the_sender_names_the_sender() -> None:
+    """The outer signature may be the sender's; the token then names the sender."""
+    world = World()
+    reply = await world.a.get_token(1, PRICE, key=SENDER_KEY)
+    assert world.a.tokens.verify(reply.token, 1) == sig.checksum(sig.address_of(SENDER_KEY))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"amount": 2000}, "signed amount for token request cannot be greater than full amount in channel"),
+        ({"outer_key": STRANGER_KEY}, "only channel signer/sender/receiver can get a Valid Token"),
+        ({"block": 1000 - 6}, "authentication failed as the signature passed has expired"),
+        ({"nonce": 1}, "incorrect payment channel nonce, latest: 0, sent: 1"),
+        ({"key": STRANGER_KEY, "outer_key": CLIENT_KEY}, "payment is not signed by channel signer/sender"),
+        ({"channel_id": 9}, "channel is not found, channelId: 9"),
+    ],
+)
+@aio_test
+async def test_get_token_rejections(kwargs: dict[str, Any], message: str) -> None:
+    """Each GetToken rejection: a plain error (UNKNOWN) with the Go daemon's text."""
+    world = World()
+    args = {"channel_id": 1, "amount": 4 * PRICE, **kwargs}
+    error = await refused(world.a.get_token(args.pop("channel_id"), args.pop("amount"), **args))
+    assert (error.status, error.message) == (Status.UNKNOWN, message)
+    assert await world.a.usage(1) == (None, 0)
+
+
+@aio_test
+async def test_amount_below_the_last_one_is_refused() -> None:
+    """A smaller amount than already signed: Go's text (JS clients look for it)."""
+    world = World()
+    await world.a.get_token(1, 4 * PRICE)
+    error = await refused(world.a.get_token(1, 3 * PRICE))
+    assert error.message == "signed amount for token request needs to be greater than last signed amount"
+
+
+@aio_test
+async def test_garbage_outer_signature_is_refused() -> None:
+    """An outer signature that does not recover: "incorrect signature"."""
+    world = World()
+    request = world.a.request(1, 4 * PRICE)
+    request.signature = b"\x01" * 10
+    error = await refused(world.a.service.get_token(request, CALL))
+    assert error.message == "incorrect signature"
+
+
+@aio_test
+async def test_channel_near_expiry_is_refused() -> None:
+    """The escrow checks apply: a channel about to expire takes no prepayment."""
+    world = World()
+    world.chain.open(2, expiration=1050)
+    error = await refused(world.a.get_token(2, PRICE))
+    assert error.message.startswith("payment channel is near to be expired")
+
+
+@aio_test
+async def test_prepayment_while_an_escrow_call_holds_the_channel_is_refused() -> None:
+    """An escrow call in flight holds the channel: a larger prepayment waits for it."""
+    world = World()
+    payment = parse_escrow(metadata_values(payment_metadata(1, 0, PRICE)))
+    hold = await world.a.ledger.authorize(METHOD, payment)
+    other = world.daemon()
+    error = await refused(other.get_token(1, 4 * PRICE))
+    assert error.message == "another transaction on channel: {ID: 1} is in progress"
+    await world.a.ledger.release(hold)
+    await other.get_token(1, 4 * PRICE)
+
+
+@aio_test
+async def test_storage_down_is_unavailable() -> None:
+    """GetToken needs the storage."""
+    world = World()
+    world.a.storage.fail = StorageUnavailable("down")
+    error = await refused(world.a.get_token(1, PRICE))
+    assert error.status == Status.UNAVAILABLE
+
+
+# -- charging ------------------------------------------------------------------------------
+
+
+@aio_test
+async def test_calls_are_charged_until_planned_is_used_up() -> None:
+    """Four calls of a 4-call prepayment pass; the fifth: "Usage Exceeded on channel Id 1"."""
+    world = World()
+    await world.a.get_token(1, 4 * PRICE)
+    for _ in range(4):
+        await world.a.prepaid.charge(1, PRICE)
+    error = await refused(world.a.prepaid.charge(1, PRICE))
+    assert (error.status, error.message) == (Status.RESOURCE_EXHAUSTED, "Usage Exceeded on channel Id 1")
+    assert await world.a.usage(1) == (4 * PRICE, 4 * PRICE)
+    reply = await world.a.get_token(1, 4 * PRICE)
+    assert (reply.planned_amount, reply.used_amount) == (4 * PRICE, 4 * PRICE)
+
+
+@aio_test
+async def test_never_prepaid_channel_is_not_charged() -> None:
+    """No planned amount at all: the call is refused."""
+    world = World()
+    error = await refused(world.a.prepaid.charge(1, PRICE))
+    assert error.message == "Usage Exceeded on channel Id 1"
+
+
+@aio_test
+async def test_refund_gives_the_charge_back() -> None:
+    """A failed call's refund brings used back down."""
+    world = World()
+    await world.a.get_token(1, 2 * PRICE)
+    await world.a.prepaid.charge(1, PRICE)
+    await world.a.prepaid.refund(1, PRICE)
+    assert await world.a.usage(1) == (2 * PRICE, 0)
+
+
+@aio_test
+async def test_a_steady_charge_is_one_conditional_write() -> None:
+    """Once the books are known, each charge is one storage round trip."""
+    world = World()
+    await world.a.get_token(1, 10 * PRICE)
+    await world.a.prepaid.charge(1, PRICE)
+    world.a.storage.calls.clear()
+    await world.a.prepaid.charge(1, PRICE)
+    assert world.a.storage.calls == ["transaction"]
+
+
+@aio_test
+async def test_concurrent_charges_are_combined_and_never_exceed_planned() -> None:
+    """64 calls at once on a 50-call prepayment: 50 pass, used is 500, in a few transactions."""
+    world = World()
+    await world.a.get_token(1, 50 * PRICE)
+    world.a.storage.calls.clear()
+    results = await asyncio.gather(*(world.a.prepaid.charge(1, PRICE) for _ in range(64)), return_exceptions=True)
+    passed = [r for r in results if r is None]
+    assert len(passed) == 50
+    assert all(isinstance(r, GrpcError) and r.status == Status.RESOURCE_EXHAUSTED for r in results if r is not None)
+    assert await world.a.usage(1) == (50 * PRICE, 50 * PRICE)
+    assert world.a.storage.calls.count("transaction") <= 4
+
+
+@aio_test
+async def test_two_daemons_never_spend_more_than_planned_together() -> None:
+    """64 calls split over two daemons sharing the storage: used == successes × price <= planned."""
+    world = World()
+    b = world.daemon()
+    await world.a.get_token(1, 40 * PRICE)
+    charges = [d.prepaid.charge(1, PRICE) for _ in range(32) for d in (world.a, b)]
+    results = await asyncio.gather(*charges, return_exceptions=True)
+    passed = sum(1 for r in results if r is None)
+    assert passed == 40
+    planned, used = await world.a.usage(1)
+    assert used == passed * PRICE == planned
+
+
+@aio_test
+async def test_prepayment_made_on_another_daemon_is_seen() -> None:
+    """A daemon whose books say "used up" looks again before refusing."""
+    world = World()
+    b = world.daemon()
+    await world.a.get_token(1, PRICE)
+    await world.a.prepaid.charge(1, PRICE)
+    await b.get_token(1, 3 * PRICE)
+    await world.a.prepaid.charge(1, PRICE)
+    assert await world.a.usage(1) == (3 * PRICE, 2 * PRICE)
+
+
+@aio_test
+async def test_storage_down_refuses_charges() -> None:
+    """No storage, no charge: UNAVAILABLE."""
+    world = World()
+    await world.a.get_token(1, 4 * PRICE)
+    world.a.storage.fail = StorageUnavailable("down")
+    error = await refused(world.a.prepaid.charge(1, PRICE))
+    assert error.status == Status.UNAVAILABLE
+
+
+@aio_test
+async def test_cancelled_charge_is_refunded() -> None:
+    """A call cancelled while its charge is in flight gets the charge back."""
+    world = World()
+    await world.a.get_token(1, 4 * PRICE)
+    task = asyncio.ensure_future(world.a.prepaid.charge(1, PRICE))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert await world.a.usage(1) == (4 * PRICE, 0)
+
+
+@aio_test
+async def test_stored_amount_encoding() -> None:
+    """Planned and used are stored as 0x01 ‖ 32-byte big-endian amounts under Go's keys."""
+    world = World()
+    await world.a.get_token(1, 4 * PRICE)
+    entry = await world.memory.get("test/test-org/" + GROUP_B64 + "//PrePaid/storage/{ID:1/P}")
+    assert entry is not None
+    assert entry.value == b"\x01" + (4 * PRICE).to_bytes(32, "big")
+    assert decode_amount(entry) == 4 * PRICE
+
+
+# -- claims after prepaid use ---------------------------------------------------------------
+
+
+@aio_test
+async def test_prepaid_amounts_are_claimed_and_prepayment_continues_on_the_next_nonce() -> None:
+    """The treasurer claims the GetToken signature; the next prepayment on nonce 1 adds to planned."""
+    world = World()
+    await world.a.get_token(1, 4 * PRICE)
+    for _ in range(4):
+        await world.a.prepaid.charge(1, PRICE)
+    claim = await world.a.control.start_claim(
+        cpb.StartClaimRequest(
+            mpe_address=sig.checksum(MPE),
+            channel_id=(1).to_bytes(32, "big"),
+            signature=sig.sign(sig.start_claim(MPE, 1, 0), PROVIDER_KEY),
+        ),
+        CALL,
+    )
+    assert int.from_bytes(claim.signed_amount, "big") == 4 * PRICE
+    assert sig.recover(sig.mpe_claim(MPE, 1, 0, 4 * PRICE), claim.signature) == sig.address_of(CLIENT_KEY)
+    # The claim lands on chain (nonce 1, value reduced).
+    world.chain.channels[1].nonce = 1
+    world.chain.channels[1].value -= 4 * PRICE
+    world.chain.cached.clear()
+    reply = await world.a.get_token(1, 2 * PRICE, nonce=1)
+    assert (reply.planned_amount, reply.used_amount) == (6 * PRICE, 4 * PRICE)
+    await world.a.prepaid.charge(1, PRICE)
+
+
+# -- the JWTs ---------------------------------------------------------------------------------
+
+
+def _tokens(clock: Clock, secret: bytes = SECRET, org: str = "test-org", group: str = GROUP_B64) -> PrepaidTokens:
+    return PrepaidTokens(TokenSettings(secret, 60), org, lambda: group, clock)
+
+
+def test_token_is_the_go_daemons_jwt() -> None:
+    """HS256 JWT with Go's header and sorted claims: exp, groupId, orgId, payload, userAddress."""
+    clock = Clock()
+    token = _tokens(clock).create(5, CLIENT)
+    header, body, signature = token.split(".")
+    assert header == "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"  # {"alg":"HS256","typ":"JWT"}
+    claims = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+    expected = {
+        "exp": int(clock.now) + 3600,
+        "groupId": GROUP_B64,
+        "orgId": "test-org",
+        "payload": "5",
+        "userAddress": CLIENT,
+    }
+    assert claims == json.dumps(expected, separators=(",", ":"))
+    mac = hmac.new(SECRET, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    assert base64.urlsafe_b64encode(mac).rstrip(b"=").decode() == signature
+
+
+def _refusal(tokens: PrepaidTokens, token: str, channel_id: int = 5) -> str:
+    with pytest.raises(TokenError) as info:
+        tokens.verify(token, channel_id)
+    return str(info.value)
+
+
+def test_token_for_another_channel_is_refused() -> None:
+    """A token names one channel."""
+    tokens = _tokens(Clock())
+    message = _refusal(tokens, tokens.create(6, CLIENT))
+    assert message == "payload 6 used to generate the Token doesnt match expected values"
+
+
+def test_expired_token_is_refused() -> None:
+    """token_expiry_in_minutes later the token is refused."""
+    clock = Clock()
+    tokens = _tokens(clock)
+    token = tokens.create(5, CLIENT)
+    clock.now += 3599
+    assert tokens.verify(token, 5) == CLIENT
+    clock.now += 1
+    assert _refusal(tokens, token) == "token has invalid claims: token is expired"
+
+
+def test_token_of_another_secret_organisation_or_group_is_refused() -> None:
+    """Signature, orgId and groupId are all checked."""
+    clock = Clock()
+    mine = _tokens(clock)
+    assert _refusal(mine, _tokens(clock, secret=b"x" * 40).create(5, CLIENT)) == (
+        "token signature is invalid: signature is invalid"
+    )
+    assert _refusal(mine, _tokens(clock, org="other-org").create(5, CLIENT)) == (
+        "organization other-org is not associated with this Daemon"
+    )
+    assert _refusal(mine, _tokens(clock, group="b3RoZXI=").create(5, CLIENT)) == (
+        "groupId b3RoZXI= is not associated with this Daemon"
+    )
+
+
+def test_malformed_and_unsigned_tokens_are_refused() -> None:
+    """Garbage and alg "none" tokens are refused with golang-jwt's texts."""
+    tokens = _tokens(Clock())
+    assert _refusal(tokens, "not-a-jwt") == "token is malformed: token contains an invalid number of segments"
+    none_header = base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
+    body = tokens.create(5, CLIENT).split(".")[1]
+    assert _refusal(tokens, f"{none_header}.{body}.") == (
+        "token is unverifiable: error while executing keyfunc: unexpected signing method: none"
+    )
+    assert _refusal(tokens, "e30.!!!.x").startswith("token is malformed")
+
+
+def test_settings_repr_hides_the_secret() -> None:
+    """The secret never reaches a log line through a repr."""
+    assert "secret" not in repr(TokenSettings(SECRET, 5)).replace("secret=***", "")
+
+
+# -- storage trouble ---------------------------------------------------------------------------
+
+
+class TimesOutAfterWriting(CountingStorage):
+    """A storage whose next transaction is applied but reported as timed out."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.time_out_next = False
+
+    async def transaction(self, conditions: Any, ops: Any) -> int:
+        revision = await super().transaction(conditions, ops)
+        if self.time_out_next:
+            self.time_out_next = False
+            raise StorageTimeout("deadline exceeded")
+        return revision
+
+
+@aio_test
+async def test_timed_out_charge_that_was_written_counts_as_done() -> None:
+    """A charge whose write timed out but landed is not reported as failed (read back once)."""
+    world = World()
+    await world.a.get_token(1, 4 * PRICE)
+    storage = TimesOutAfterWriting(world.memory)
+    ledger = PrepaidLedger(storage, world.a.keys.layout)
+    await ledger.charge(1, PRICE)
+    storage.time_out_next = True
+    await ledger.charge(1, PRICE)
+    assert await world.a.usage(1) == (4 * PRICE, 2 * PRICE)
+
+
+@aio_test
+async def test_refund_during_a_storage_outage_lands_later() -> None:
+    """A refund that cannot be written is retried in the background until storage is back."""
+    world = World()
+    await world.a.get_token(1, 4 * PRICE)
+    storage = CountingStorage(world.memory)
+    naps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        storage.fail = None  # back after the first nap
+
+    ledger = PrepaidLedger(storage, world.a.keys.layout, sleep=sleep)
+    await ledger.charge(1, PRICE)
+    storage.fail = StorageUnavailable("down")
+    await ledger.refund(1, PRICE)  # returns without waiting for the outage to end
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert naps
+    assert await world.a.usage(1) == (4 * PRICE, 0)
+
+
+def test_a_known_token_is_not_verified_twice_but_its_claims_are() -> None:
+    """The signature check is cached per token; expiry and channel are checked every time."""
+    clock = Clock()
+    tokens = _tokens(clock)
+    token = tokens.create(5, CLIENT)
+    assert tokens.verify(token, 5) == CLIENT
+    assert tokens.verify(token, 5) == CLIENT
+    assert _refusal(tokens, token, channel_id=6) == "payload 5 used to generate the Token doesnt match expected values"
+    clock.now += 3600
+    assert _refusal(tokens, token) == "token has invalid claims: token is expired"
