@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 _log = Logger(namespace="snetd")
 
+#: The placeholder secret of etc/snetd.config.example.*: refused like Go's
+#: published default, so a copied example cannot go live with it.
+EXAMPLE_SECRET_PREFIX = "CHANGE-ME"
+
 #: Seconds running calls get to finish when the daemon stops.
 SHUTDOWN_GRACE = 10.0
 
@@ -141,6 +145,14 @@ def check_token_secret(config: DaemonConfig) -> None:
     Raises:
         ConfigError: blockchain enabled and the secret is Go's default.
     """
+    if config.blockchain_enabled and config.token_secret_key.startswith(EXAMPLE_SECRET_PREFIX):
+        raise ConfigError(
+            "configuration key 'token_secret_key': '***' is the placeholder of the example configuration; "
+            "set it to a random string of at least 32 bytes (e.g. python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(48))')",
+            path="token_secret_key",
+            value="***",
+        )
     if config.blockchain_enabled and config.token_secret_key == GO_DEFAULT_TOKEN_SECRET:
         raise ConfigError(
             "configuration key 'token_secret_key': '***' is the Go daemon's published default, so anyone could "

@@ -84,3 +84,13 @@ def test_settings_handed_to_the_payment_code(tmp_path: Path) -> None:
     assert "4c4c" not in repr(free)
     tokens = _token_settings(config)
     assert (tokens.secret, tokens.expiry_minutes) == (b"s" * 40, 30)
+
+
+def test_example_placeholder_secret_is_refused(tmp_path: Path) -> None:
+    """The example configuration's CHANGE-ME secret cannot go live: --check-config fails on it."""
+    example = Path(__file__).resolve().parents[1] / "etc" / "snetd.config.example.json"
+    result = run_twistd(["snetd", f"--config={example}", "--check-config"], tmp_path)
+    assert result.returncode == 1
+    assert "token_secret_key" in result.stderr
+    assert "placeholder" in result.stderr
+    assert "CHANGE-ME" not in result.stderr  # the secret itself is never printed
