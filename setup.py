@@ -9,6 +9,5 @@ no ``__init__.py`` (Twisted skips plugin directories that are packages), so
 from setuptools import find_packages, setup
 
 setup(
-    packages=find_packages(include=["snet_daemon", "snet_daemon.*"])
-    + ["twisted.plugins"],
+    packages=[*find_packages(include=["snet_daemon", "snet_daemon.*"]), "twisted.plugins"],
 )

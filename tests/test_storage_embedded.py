@@ -230,6 +230,38 @@ async def test_stop_during_startup_leaves_no_process(tmp_path: Path) -> None:
     assert all(not pid_alive(pid) for pid in service.spawned)
 
 
+@requires_etcd
+@aio_test
+async def test_stop_finishes_even_if_the_supervisor_ignores_cancellation(tmp_path: Path) -> None:
+    """A cancellation lost inside supervision (Python 3.11's wait_for could lose
+    one) must not hang stopping: etcd is terminated after the stop timeout."""
+    probes: list[asyncio.Task[object]] = []
+
+    async def stubborn(url: str, seconds: float) -> bool:
+        task = asyncio.current_task()
+        assert task is not None
+        probes.append(task)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(3600)  # the first cancellation is swallowed
+        return False
+
+    service = embedded(tmp_path, stop_timeout=1.0, health=stubborn)
+    service.startService()
+    await wait_for(lambda: probes and service.pid is not None, 10)
+    start = time.monotonic()
+    await asyncio.wait_for(stop(service), 10)
+    assert 0.9 < time.monotonic() - start < 5
+    assert service.spawned
+    assert all(not pid_alive(pid) for pid in service.spawned)
+    with pytest.raises(EmbeddedEtcdError, match="stopped before it was ready"):
+        await service.ready()
+    probes[0].cancel()  # the second cancellation ends the stuck supervisor
+    await asyncio.wait(probes, timeout=5)
+    assert probes[0].done()
+
+
 _SUPERVISOR = """
 import asyncio, json, sys
 from pathlib import Path

@@ -135,7 +135,8 @@ class TcpProbe:
 
     async def __call__(self) -> bool:
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(self._host, self._port), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                _, writer = await asyncio.open_connection(self._host, self._port)
         except (TimeoutError, OSError):
             return False
         writer.close()

@@ -149,9 +149,14 @@ async def http_health(url: str, seconds: float) -> bool:
     host, port = parts.hostname or "127.0.0.1", parts.port or 2379
     writer = None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), seconds)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow
+        # a cancellation that arrives as the inner call completes, and the
+        # supervisor that runs this must stop when cancelled.
+        async with asyncio.timeout(seconds):
+            reader, writer = await asyncio.open_connection(host, port)
         writer.write(f"GET /health HTTP/1.0\r\nHost: {parts.netloc}\r\n\r\n".encode())
-        reply = await asyncio.wait_for(reader.read(65536), seconds)
+        async with asyncio.timeout(seconds):
+            reply = await reader.read(65536)
     except (OSError, TimeoutError):
         return False
     finally:
@@ -375,10 +380,11 @@ class EmbeddedEtcd(Service):
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None and not supervisor.done():
             supervisor.cancel()
-            try:
-                await supervisor
-            except asyncio.CancelledError:
-                pass
+            # Bounded: stopping must finish even if a cancellation were lost
+            # inside the supervisor (etcd is terminated below either way).
+            await asyncio.wait({supervisor}, timeout=self._stop_timeout)
+            if not supervisor.done():
+                _log.warn("embedded etcd supervisor did not stop when asked; terminating etcd anyway")
         if self._process is not None:
             await self._terminate(self._process)
             _log.info("embedded etcd stopped")
@@ -412,6 +418,8 @@ class EmbeddedEtcd(Service):
         while not self._stopping:
             process = self._spawn(etcd)
             healthy = await self._wait_healthy(process)
+            if self._stop_requested():
+                return  # _shutdown terminates the process
             if healthy:
                 started = self._clock.seconds()
                 if not ready.done():

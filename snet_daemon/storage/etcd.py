@@ -332,7 +332,8 @@ class EtcdStorage:
         for _ in self._endpoints:
             conn = self._connection()
             try:
-                await asyncio.wait_for(self._connect(conn), self._connection_timeout)
+                async with asyncio.timeout(self._connection_timeout):
+                    await self._connect(conn)
                 return await self.server_version()
             except TimeoutError:
                 failures.append(f"{conn.endpoint.url}: no connection within {self._connection_timeout:g}s")
@@ -511,7 +512,8 @@ class EtcdStorage:
             self._ready = None
             return
         try:
-            await asyncio.wait_for(asyncio.shield(future), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                await asyncio.shield(future)
         except TimeoutError:
             raise StorageUnavailable(f"etcd is not ready yet (waited {self._timeout:g}s)") from None
         except asyncio.CancelledError:

@@ -141,7 +141,8 @@ class LeaseKeeper(Service):
         if lease is None:
             return
         try:
-            await asyncio.wait_for(self._storage.revoke_lease(lease.id), self._revoke_timeout)
+            async with asyncio.timeout(self._revoke_timeout):
+                await self._storage.revoke_lease(lease.id)
         except (StorageError, TimeoutError) as error:
             # Not fatal: the lease expires by itself within its TTL.
             _log.warn("could not revoke storage lease {lease_id:#x}: {error}", lease_id=lease.id, error=error)

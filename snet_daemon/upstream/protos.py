@@ -224,7 +224,8 @@ async def compile_descriptor_set(
         deferred = getProcessOutputAndValue(python, args, env=env, path=str(root), reactor=reactor)
         loop = asyncio.get_running_loop()
         try:
-            stdout, stderr, code = await asyncio.wait_for(deferred.asFuture(loop), time_limit)
+            async with asyncio.timeout(time_limit):
+                stdout, stderr, code = await deferred.asFuture(loop)
         except TimeoutError:
             raise ProtoError(f"protoc did not finish in {time_limit:g}s") from None
         if code != 0:

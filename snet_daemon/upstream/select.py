@@ -463,7 +463,8 @@ class ServiceUpstream:
             if error:
                 raise GrpcError(Status.UNAVAILABLE, f"service metadata is not loaded: {error}")
             try:
-                await asyncio.wait_for(asyncio.shield(self._source.wait_loaded()), self._first_load_wait)
+                async with asyncio.timeout(self._first_load_wait):
+                    await asyncio.shield(self._source.wait_loaded())
             except TimeoutError:
                 raise GrpcError(Status.UNAVAILABLE, "service metadata is not loaded yet") from None
             self._follow()
