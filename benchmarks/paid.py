@@ -99,6 +99,48 @@ def sig_b64(signature: bytes) -> str:
     return base64.b64encode(signature).decode().rstrip("=")
 
 
+def _prepaid_token(chain: Any, address: str, channel_id: int, amount: int) -> str:
+    """A prepaid token for ``amount`` cogs, asked as snet-sdk asks it."""
+    import grpc
+
+    from snet_daemon._proto.escrow import token_service_pb2 as tpb
+    from snet_daemon._proto.escrow import token_service_pb2_grpc as tpb_grpc
+
+    key = bytes.fromhex(SIGNER.private_key[2:])
+    mpe = sig.address_bytes(chain.mpe.address)
+    block = chain.block_number()
+    claim = sig.sign(sig.mpe_claim(mpe, channel_id, 0, amount), key)
+    request = tpb.TokenRequest(
+        channel_id=channel_id,
+        current_nonce=0,
+        signed_amount=amount,
+        signature=sig.sign(sig.token_request(claim, block), key),
+        current_block=block,
+        claim_signature=claim,
+    )
+    with grpc.insecure_channel(address) as channel:
+        reply = tpb_grpc.TokenServiceStub(channel).GetToken(request, timeout=10)
+    return str(reply.token)
+
+
+def _prepaid_plan(port: int, channel_id: int, token: str, duration: float) -> dict[str, Any]:
+    headers = [
+        ["snet-payment-type", "prepaid-call"],
+        ["snet-payment-channel-id", str(channel_id)],
+        ["snet-payment-channel-nonce", "0"],
+        ["snet-prepaid-auth-token-bin", sig_b64(token.encode())],
+    ]
+    return {
+        "host": "127.0.0.1",
+        "port": port,
+        "path": PATH,
+        "connections": 4,
+        "duration": duration,
+        "cycle": True,
+        "workers": [[[headers, _body()]] for _ in range(_workers)],
+    }
+
+
 def _unpaid_plan(port: int, duration: float) -> dict[str, Any]:
     return {
         "host": "127.0.0.1",
@@ -153,6 +195,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--workers", type=int, default=WORKERS, help="calls in flight (one channel each)")
     parser.add_argument(
+        "--mode",
+        choices=("escrow", "prepaid"),
+        default="escrow",
+        help="escrow: each worker pays per call on its own channel; prepaid: all workers spend one "
+        "prepaid token on ONE channel (the concurrency mode; use --workers 64)",
+    )
+    parser.add_argument(
         "--storage",
         choices=("embedded", "memory"),
         default="embedded",
@@ -188,7 +237,12 @@ def main() -> int:
             # Unpaid first, paid second, then swapped: drift hits both alike.
             order = ["unpaid", "paid"] if round_ % 2 == 0 else ["paid", "unpaid"]
             for kind in order:
-                if kind == "paid":
+                if kind == "paid" and args.mode == "prepaid":
+                    channel_id = chain.open_channel(amount=10**9)
+                    token = _prepaid_token(chain, paid.address, channel_id, amount=10**8)
+                    plan = _prepaid_plan(paid.port, channel_id, token, args.duration)
+                    pids = [paid.process.pid, *_descendants(paid.process.pid), service.process.pid]  # type: ignore[union-attr]
+                elif kind == "paid":
                     channels = [chain.open_channel(amount=10**9) for _ in range(_workers)]
                     plan = _paid_plan(paid.port, mpe, channels, calls=2500, duration=args.duration)
                     pids = [paid.process.pid, *_descendants(paid.process.pid), service.process.pid]  # type: ignore[union-attr]
@@ -226,7 +280,10 @@ def main() -> int:
     added = [p["p50_ms"] - u["p50_ms"] for p, u in zip(results["paid"], results["unpaid"], strict=True)]
     print(f"paid/unpaid calls/s (median of per-round ratios): {statistics.median(ratios):.2f}x")
     print(f"p50 added by payments (median of per-round differences): {statistics.median(added):.2f} ms")
-    print(f"({_workers} calls in flight; each paid worker pays on its own channel, calls sequential per channel)")
+    if args.mode == "prepaid":
+        print(f"({_workers} calls in flight, all on ONE channel with one prepaid token)")
+    else:
+        print(f"({_workers} calls in flight; each paid worker pays on its own channel, calls sequential per channel)")
     return 0
 
 
