@@ -130,6 +130,15 @@ def _prepaid_plan(port: int, channel_id: int, token: str, duration: float) -> di
         ["snet-payment-channel-nonce", "0"],
         ["snet-prepaid-auth-token-bin", sig_b64(token.encode())],
     ]
+    return _repeating_plan(port, headers, duration)
+
+
+def _unpaid_plan(port: int, duration: float) -> dict[str, Any]:
+    return _repeating_plan(port, [], duration)
+
+
+def _repeating_plan(port: int, headers: list[list[str]], duration: float) -> dict[str, Any]:
+    """Every worker sends the same call (same headers) again and again."""
     return {
         "host": "127.0.0.1",
         "port": port,
@@ -138,18 +147,6 @@ def _prepaid_plan(port: int, channel_id: int, token: str, duration: float) -> di
         "duration": duration,
         "cycle": True,
         "workers": [[[headers, _body()]] for _ in range(_workers)],
-    }
-
-
-def _unpaid_plan(port: int, duration: float) -> dict[str, Any]:
-    return {
-        "host": "127.0.0.1",
-        "port": port,
-        "path": PATH,
-        "connections": 4,
-        "duration": duration,
-        "cycle": True,
-        "workers": [[[[], _body()]] for _ in range(_workers)],
     }
 
 
