@@ -277,10 +277,13 @@ class AtomicStorage(Protocol):
     (outcome unknown for writes), and ``ValueError`` / ``TypeError`` for an
     invalid argument (empty key, duplicate keys in one transaction).
 
-    Revisions are store-wide and strictly increasing: each applied write
-    (put, delete of a present key, successful transaction with writes, lease
-    expiry that removes keys) gets a new revision, and every key it touches
-    takes that revision as its ``mod_revision``.
+    Revisions are store-wide and increasing: each applied write (put, delete
+    of a present key, successful transaction with writes, lease expiry that
+    removes keys) gets a revision above every earlier one, and every key it
+    touches takes that revision as its ``mod_revision``.  Transactions that
+    run concurrently may share one revision (etcd sends them together, see
+    :mod:`snet_daemon.storage.batch`); they then touch disjoint keys, so a
+    key's ``mod_revision`` still identifies its last write.
     """
 
     async def get(self, key: str) -> Entry | None:

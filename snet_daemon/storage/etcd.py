@@ -24,6 +24,10 @@ Behaviour the daemon relies on:
   unavailable the next one is used for the following requests.  A failed
   request is not retried here: a retried conditional write that had in fact
   been applied would come back as a spurious condition failure.
+* **Group commit.**  Transactions (and multi-key reads) that arrive while
+  one is in flight are sent together as one etcd transaction of
+  transactions (:mod:`snet_daemon.storage.batch`): under load a request
+  carries many of them, so etcd and the daemon pay per-request costs once.
 * **TLS.**  ``https://`` endpoints use TLS, with the configured CA bundle and
   client certificate/key (``payment_channel_ca_path``, ``_cert_path``,
   ``_key_path``) when given, else the system roots.
@@ -57,6 +61,7 @@ from snet_daemon.storage.base import (
     check_transaction,
     unique_keys,
 )
+from snet_daemon.storage.batch import TxnBatcher
 from snet_daemon.upstream.h2client import H2Upstream
 
 __all__ = [
@@ -274,6 +279,8 @@ class EtcdStorage:
             the first request: the embedded server's "healthy" signal, so
             requests made while it starts wait instead of failing.
         reactor: makes the connections (the global reactor when omitted).
+        batch_limit: transaction requests in flight before further
+            transactions queue and are sent together (:mod:`.batch`).
 
     Raises:
         ValueError: No endpoints, or one cannot be parsed.
@@ -288,6 +295,7 @@ class EtcdStorage:
         tls: EtcdTls | None = None,
         ready: Callable[[], Awaitable[None]] | None = None,
         reactor: Any = None,
+        batch_limit: int = 1,
     ) -> None:
         if not endpoints:
             raise ValueError("EtcdStorage needs at least one endpoint")
@@ -304,6 +312,8 @@ class EtcdStorage:
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
         self._reactor = reactor
+        #: Concurrent transactions share requests (see :mod:`.batch`).
+        self._txns = TxnBatcher(self._send_txn, limit=batch_limit)
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -365,6 +375,7 @@ class EtcdStorage:
 
     async def close(self) -> None:
         self._closed = True
+        self._txns.close()
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.client.close()
@@ -388,7 +399,7 @@ class EtcdStorage:
             return {}
         # A transaction without comparisons: all reads at one revision.
         request = rpc.TxnRequest(success=[_range_op(key) for key in wanted])
-        reply = await self._unary(_TXN, request)
+        reply, _ = await self._txns.submit(request, reads=[_key(key) for key in wanted], writes=(), lease=0)
         return self._ranges(wanted, reply)
 
     async def get_prefix(self, prefix: str) -> list[Entry]:
@@ -444,10 +455,12 @@ class EtcdStorage:
             failure=[_range_op(key) for key in compared],
         )
         lease = next((op.lease for op in ops if isinstance(op, Put) and op.lease), 0)
-        reply = await self._unary(_TXN, request, lease=lease)
+        reply, revision = await self._txns.submit(
+            request, reads=[_key(key) for key in compared], writes=[_key(op.key) for op in ops], lease=lease
+        )
         if not reply.succeeded:
             raise ConditionFailed(self._ranges(compared, reply))
-        return int(reply.header.revision)
+        return revision
 
     # -- leases -------------------------------------------------------------------
 
@@ -473,6 +486,9 @@ class EtcdStorage:
             pass
 
     # -- internals ------------------------------------------------------------------
+
+    def _send_txn(self, request: Any, lease: int) -> Awaitable[Any]:
+        return self._unary(_TXN, request, lease=lease)
 
     @staticmethod
     def _ranges(keys: Sequence[str], reply: Any) -> dict[str, Entry | None]:
