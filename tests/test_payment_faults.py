@@ -6,7 +6,6 @@ external), ``twistd snetd``, grpcio clients.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -21,10 +20,9 @@ from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon._proto import example_service_pb2_grpc as pb_grpc
 from tests.conftest import make_channel
 from tests.support.chain import Chain, anvil_available, chain  # noqa: F401 (fixture)
-from tests.support.daemon import Daemon
 from tests.support.etcd import EtcdServer, etcd_factory  # noqa: F401 (fixture)
 from tests.support.ipfs import IpfsServer, ipfs  # noqa: F401 (fixture)
-from tests.support.paid import PRICE, Deployment, daemon_config, deployed, open_channel, publish, wait_ready
+from tests.support.paid import PRICE, Deployment, deployed, group_on_one_etcd, open_channel, wait_ready
 from tests.support.tcpproxy import TcpProxy
 from tests.support.upstream import Upstream
 
@@ -111,19 +109,7 @@ def test_two_daemons_on_one_etcd_never_accept_more_than_signed(
 ) -> None:
     """The same payments sent to two daemons at once are each accepted at most once."""
     etcd = etcd_factory().start()
-    daemons = []
-    for name in ("a", "b"):
-        workdir = tmp_path / name
-        workdir.mkdir()
-        daemon = Daemon(workdir, {})
-        daemon.config.update(daemon_config(chain, ipfs, upstream, workdir, etcd_endpoint=etcd.url))
-        daemon.config_path.write_text(json.dumps(daemon.config))
-        daemons.append(daemon)
-    publish(chain, ipfs, daemons[0].port, etcd_endpoints=(etcd.url,))
-    try:
-        for daemon in daemons:
-            daemon.start()
-            wait_ready(daemon)
+    with group_on_one_etcd(chain, ipfs, upstream, tmp_path, etcd.url) as daemons:
         deployment = Deployment(chain, ipfs, upstream, daemons[0], etcd.url)
         channel_id = open_channel(chain, amount=10_000)
         upstream.record.reset()
@@ -149,9 +135,6 @@ def test_two_daemons_on_one_etcd_never_accept_more_than_signed(
         assert len(upstream.record.metadata) == accepted  # nothing served unpaid
         for daemon in daemons:
             assert signed_amount(deployment, daemon.address, channel_id) == accepted * PRICE
-    finally:
-        for daemon in daemons:
-            daemon.stop()
 
 
 def test_etcd_down_refuses_paid_calls_and_recovers(

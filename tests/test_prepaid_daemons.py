@@ -8,7 +8,6 @@ answered, and never above the planned amount.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from tests.support.chain import SIGNER, Chain, anvil_available, chain  # noqa: F
 from tests.support.daemon import Daemon
 from tests.support.etcd import EtcdServer, etcd_factory  # noqa: F401 (fixture)
 from tests.support.ipfs import IpfsServer, ipfs  # noqa: F401 (fixture)
-from tests.support.paid import PRICE, daemon_config, open_channel, publish, wait_ready
+from tests.support.paid import PRICE, group_on_one_etcd, open_channel
 from tests.support.upstream import Upstream
 
 pytestmark = pytest.mark.skipif(not anvil_available(), reason="anvil is not installed (run scripts/setup)")
@@ -44,23 +43,8 @@ def two_daemons(
 ) -> Iterator[list[Daemon]]:
     """Two daemons of one group sharing an external etcd."""
     etcd = etcd_factory().start()
-    daemons = []
-    for name in ("a", "b"):
-        workdir = tmp_path / name
-        workdir.mkdir()
-        daemon = Daemon(workdir, {})
-        daemon.config.update(daemon_config(chain, ipfs, upstream, workdir, etcd_endpoint=etcd.url))
-        daemon.config_path.write_text(json.dumps(daemon.config))
-        daemons.append(daemon)
-    publish(chain, ipfs, daemons[0].port, etcd_endpoints=(etcd.url,))
-    try:
-        for daemon in daemons:
-            daemon.start()
-            wait_ready(daemon)
+    with group_on_one_etcd(chain, ipfs, upstream, tmp_path, etcd.url) as daemons:
         yield daemons
-    finally:
-        for daemon in daemons:
-            daemon.stop()
 
 
 def get_token(chain: Chain, address: str, channel_id: int, amount: int, nonce: int = 0) -> tpb.TokenReply:  # noqa: F811

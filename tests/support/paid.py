@@ -195,3 +195,31 @@ def deployed(
         yield Deployment(chain, ipfs, upstream, daemon, etcd_endpoint)
     finally:
         daemon.stop()
+
+
+@contextmanager
+def group_on_one_etcd(
+    chain: Chain, ipfs: IpfsServer, upstream: Upstream, workdir: Path, etcd_endpoint: str, count: int = 2
+) -> Iterator[list[Daemon]]:
+    """``count`` running daemons of one payment group sharing the etcd at ``etcd_endpoint``.
+
+    The group's metadata names that etcd and the first daemon's endpoint.
+    All are stopped on exit.
+    """
+    daemons = []
+    for index in range(count):
+        home = workdir / f"daemon-{index}"
+        home.mkdir(parents=True)
+        daemon = Daemon(home, {})
+        daemon.config.update(daemon_config(chain, ipfs, upstream, home, etcd_endpoint=etcd_endpoint))
+        daemon.config_path.write_text(json.dumps(daemon.config))
+        daemons.append(daemon)
+    publish(chain, ipfs, daemons[0].port, etcd_endpoints=(etcd_endpoint,))
+    try:
+        for daemon in daemons:
+            daemon.start()
+            wait_ready(daemon)
+        yield daemons
+    finally:
+        for daemon in daemons:
+            daemon.stop()
