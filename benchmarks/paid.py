@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,33 +38,13 @@ from tests.support.daemon import Daemon  # noqa: E402
 from tests.support.ipfs import IpfsServer  # noqa: E402
 from tests.support.paid import PRICE, daemon_config, publish, wait_ready  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
+from tests.support.upstream import ExampleServiceProcess  # noqa: E402
 
 WORKERS = 16
 _workers = WORKERS
 PATH = "/example_service.Echo/Unary"
 PROXY_CPU = "0"
 LOAD_CPU = "1"
-
-
-class _Service:
-    """The example service as a process pinned with the daemons."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            ["taskset", "-c", PROXY_CPU, sys.executable, "-m", "snet_daemon.example_service", "--port", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(1.0)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
 
 
 def _body() -> str:
@@ -212,7 +191,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="snetd-paid-bench-"))
     chain = shared_chain()
     ipfs = IpfsServer().start()
-    service = _Service()
+    service = ExampleServiceProcess(free_port(), ("taskset", "-c", PROXY_CPU))
     prefix = ["taskset", "-c", PROXY_CPU]
     (workdir / "paid").mkdir()
     paid = Daemon(workdir / "paid", {}, prefix=prefix)

@@ -18,7 +18,6 @@ it exits after the calls; otherwise the daemon keeps running until Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,26 +32,7 @@ from tests.support.clients import clients_available, proto_tarball, run_sdk  # n
 from tests.support.ipfs import IpfsServer  # noqa: E402
 from tests.support.paid import PRICE, deployed, open_channel  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
-
-
-class _Service:
-    """The example service, the way a provider runs it."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "snet_daemon.example_service", "--port", str(self.port)],
-            stdout=subprocess.DEVNULL,
-        )
-        time.sleep(1.0)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
+from tests.support.upstream import ExampleServiceProcess  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -92,7 +72,7 @@ def main() -> int:
     chain = shared_chain()
     say(f"  chain at {chain.url}; MPE {chain.mpe.address}; Registry {chain.registry.address}")
     ipfs = IpfsServer().start()
-    service = _Service()
+    service = ExampleServiceProcess(free_port())
     say(f"example service on {service.endpoint}")
     say("publishing organization and service metadata (IPFS + Registry), starting snetd with embedded etcd")
     with deployed(chain, ipfs, service, workdir, api_source=proto_tarball()) as deployment:  # type: ignore[arg-type]

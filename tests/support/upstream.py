@@ -9,6 +9,9 @@ that cancellation and backpressure reach the service.
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -191,3 +194,39 @@ class Upstream:
         if self._server is not None:
             self._server.stop(grace=None).wait()
             self._server = None
+
+
+class ExampleServiceProcess:
+    """``python -m snet_daemon.example_service`` in its own process, as a provider runs it.
+
+    Args:
+        port: where it listens (on 127.0.0.1).
+        prefix: put before the command, e.g. ``["taskset", "-c", "0"]``.
+    """
+
+    def __init__(self, port: int, prefix: tuple[str, ...] = ()) -> None:
+        self.port = port
+        argv = [*prefix, sys.executable, "-m", "snet_daemon.example_service", "--port", str(port)]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not _accepts(port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the example service did not start on port {port}")
+            time.sleep(0.05)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
