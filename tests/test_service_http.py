@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,10 +13,11 @@ from snet_daemon.config.sections import ServiceCredential
 from snet_daemon.frontend.call import start_call
 from snet_daemon.frontend.status import Status
 from snet_daemon.upstream.http import HttpClient, HttpUpstream, base_url, excerpt
-from tests.support.aio import aio_fixture, aio_test
+from tests.support.aio import aio_test
 from tests.support.ports import free_port
 from tests.support.services import (
     HttpServer,
+    client,
     demo_protos,
     invoke,
     json_bytes,
@@ -24,6 +25,8 @@ from tests.support.services import (
     parse_reply,
     request_bytes,
 )
+
+__all__ = ["client"]  # fixture, imported for pytest
 
 MIB = 1024 * 1024
 CREDENTIALS = (
@@ -44,16 +47,6 @@ def server() -> Iterator[HttpServer]:
 def _fresh(server: HttpServer) -> None:
     server.record.reset()
     server.mode = "normal"
-
-
-@aio_fixture
-async def client() -> AsyncIterator[HttpClient]:
-    """One HTTP client (connection pool), closed after the test."""
-    from twisted.internet import reactor
-
-    http = HttpClient(reactor)
-    yield http
-    await http.close()
 
 
 def _adapter(client: HttpClient, server: HttpServer, encoding: str = "proto", **kwargs: object) -> HttpUpstream:

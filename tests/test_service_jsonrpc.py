@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -12,16 +12,19 @@ from snet_daemon.frontend.status import Status
 from snet_daemon.upstream.http import HttpClient
 from snet_daemon.upstream.jsonrpc import JsonRpcUpstream, error_status
 from snet_daemon.upstream.protos import ServiceProtos
-from tests.support.aio import aio_fixture, aio_test
+from tests.support.aio import aio_test
 from tests.support.ports import free_port
 from tests.support.services import (
     JsonRpcServer,
+    client,
     demo_protos,
     invoke,
     json_bytes,
     parse_reply,
     request_bytes,
 )
+
+__all__ = ["client"]  # fixture, imported for pytest
 
 MIB = 1024 * 1024
 
@@ -37,16 +40,6 @@ def server() -> Iterator[JsonRpcServer]:
 def _fresh(server: JsonRpcServer) -> None:
     server.record.reset()
     server.mode = "normal"
-
-
-@aio_fixture
-async def client() -> AsyncIterator[HttpClient]:
-    """One HTTP client (connection pool), closed after the test."""
-    from twisted.internet import reactor
-
-    http = HttpClient(reactor)
-    yield http
-    await http.close()
 
 
 def _adapter(

@@ -17,6 +17,7 @@ does not: the daemon starts, reports not-ready with the reason, and retries.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,24 +213,25 @@ def build_chain(
         lighthouse_endpoint=settings.lighthouse_endpoint,
         timeout=settings.ipfs_timeout,
     )
+    # What the metadata source needs with or without a chain.
+    metadata_source = functools.partial(
+        MetadataSource,
+        loader=loader,
+        clock=reactor,
+        organization_id=settings.organization_id,
+        service_id=settings.service_id,
+        group_name=settings.group_name,
+        organization_uri=settings.organization_metadata_uri,
+        service_uri=settings.service_metadata_uri,
+        handle_sighup=handle_sighup,
+        retry_interval=metadata_retry,
+    )
     root = MultiService()
     root.setName("chain")
     if not settings.enabled:
         if not (settings.service_metadata_uri or settings.organization_metadata_uri):
             return ChainComponents(None, None, [], "", settings.network)
-        metadata = MetadataSource(
-            loader=loader,
-            clock=reactor,
-            organization_id=settings.organization_id,
-            service_id=settings.service_id,
-            group_name=settings.group_name,
-            organization_uri=settings.organization_metadata_uri,
-            service_uri=settings.service_metadata_uri,
-            event_interval=0,
-            require_organization=False,
-            handle_sighup=handle_sighup,
-            retry_interval=metadata_retry,
-        )
+        metadata = metadata_source(event_interval=0, require_organization=False)
         metadata.setServiceParent(root)  # type: ignore[no-untyped-call]
         return ChainComponents(None, metadata, [root], "", settings.network)
 
@@ -262,19 +264,10 @@ def build_chain(
         ws_authorization=auth_header(ws, settings.api_key, websocket=True) if ws else None,
     )
     reader = EthereumChainReader(rpc, blocks, clock=reactor, network=network, mpe_address=settings.mpe_address or None)
-    metadata = MetadataSource(
-        loader=loader,
-        clock=reactor,
-        organization_id=settings.organization_id,
-        service_id=settings.service_id,
-        group_name=settings.group_name,
+    metadata = metadata_source(
         registry=RegistryReader(reader, registry) if registry else None,
-        organization_uri=settings.organization_metadata_uri,
-        service_uri=settings.service_metadata_uri,
         blocks=blocks,
         event_interval=settings.metadata_refresh_interval,
-        handle_sighup=handle_sighup,
-        retry_interval=metadata_retry,
     )
 
     def use_mpe(current: DaemonMetadata) -> None:

@@ -33,6 +33,8 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from snet_daemon.varint import encode_varint
+
 __all__ = [
     "DAG_PB",
     "RAW",
@@ -119,18 +121,6 @@ _MULTIBASE: dict[str, Callable[[str], bytes]] = {
     "m": lambda text: _b64decode(text, None),
     "u": lambda text: _b64decode(text, b"-_"),
 }
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
@@ -227,7 +217,7 @@ class Cid:
         """The binary CID."""
         if self.version == 0:
             return self.multihash
-        return _varint(1) + _varint(self.codec) + self.multihash
+        return encode_varint(1) + encode_varint(self.codec) + self.multihash
 
     def __str__(self) -> str:
         if self.version == 0:
@@ -353,12 +343,12 @@ def parse_unixfs(data: bytes) -> UnixFsNode:
 
 def _encode_unixfs(kind: int, data: bytes | None, filesize: int, blocksizes: list[int]) -> bytes:
     """Encode UnixFS ``Data`` exactly as go-unixfs does (field order, unpacked sizes)."""
-    out = bytearray(b"\x08" + _varint(kind))
+    out = bytearray(b"\x08" + encode_varint(kind))
     if data:
-        out += b"\x12" + _varint(len(data)) + data
-    out += b"\x18" + _varint(filesize)
+        out += b"\x12" + encode_varint(len(data)) + data
+    out += b"\x18" + encode_varint(filesize)
     for size in blocksizes:
-        out += b"\x20" + _varint(size)
+        out += b"\x20" + encode_varint(size)
     return bytes(out)
 
 
@@ -368,13 +358,13 @@ def _encode_dag_pb(links: list[PbLink], data: bytes) -> bytes:
     for link in links:
         body = bytearray()
         raw = link.cid.to_bytes()
-        body += b"\x0a" + _varint(len(raw)) + raw
+        body += b"\x0a" + encode_varint(len(raw)) + raw
         name = link.name.encode()
-        body += b"\x12" + _varint(len(name)) + name
+        body += b"\x12" + encode_varint(len(name)) + name
         if link.tsize is not None:
-            body += b"\x18" + _varint(link.tsize)
-        out += b"\x12" + _varint(len(body)) + body
-    out += b"\x0a" + _varint(len(data)) + data
+            body += b"\x18" + encode_varint(link.tsize)
+        out += b"\x12" + encode_varint(len(body)) + body
+    out += b"\x0a" + encode_varint(len(data)) + data
     return bytes(out)
 
 

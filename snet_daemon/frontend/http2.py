@@ -577,7 +577,7 @@ class H2ServerProtocol(Protocol):
             stream.pending.append(data)
             stream.pending_bytes += len(data)
         else:
-            sent = self._send_some(stream, data)
+            sent = send_within_window(self._conn, stream.id, data)
             if sent < len(data):
                 stream.pending.append(data[sent:])
                 stream.pending_bytes += len(data) - sent
@@ -597,32 +597,12 @@ class H2ServerProtocol(Protocol):
         self._conn.acknowledge_received_data(amount, stream.id)
         self._schedule_flush()
 
-    def _send_some(self, stream: _Stream, data: bytes) -> int:
-        """Hand h2 as much of ``data`` as the flow-control windows allow."""
-        conn = self._conn
-        try:
-            window = conn.local_flow_control_window(stream.id)
-        except h2.exceptions.StreamClosedError:
-            return len(data)
-        max_frame = conn.max_outbound_frame_size
-        total = len(data)
-        if total <= window and total <= max_frame:
-            conn.send_data(stream.id, data)
-            return total
-        offset = 0
-        while offset < total and window > 0:
-            size = min(window, max_frame, total - offset)
-            conn.send_data(stream.id, data[offset : offset + size])
-            offset += size
-            window -= size
-        return offset
-
     def _drain(self, stream: _Stream) -> None:
         """Send what a window update now allows; end the stream if all sent."""
         pending = stream.pending
         while pending:
             chunk = pending[0]
-            sent = self._send_some(stream, chunk)
+            sent = send_within_window(self._conn, stream.id, chunk)
             stream.pending_bytes -= sent
             if sent < len(chunk):
                 pending[0] = chunk[sent:]
@@ -702,3 +682,28 @@ def _header(headers: list[tuple[str, str]], name: str) -> str | None:
         if key == name:
             return value
     return None
+
+
+def send_within_window(conn: h2.connection.H2Connection, stream_id: int, data: bytes) -> int:
+    """Hand h2 as much of ``data`` as the flow-control windows allow.
+
+    Shared by the server side and the upstream client.  Returns how many
+    bytes were taken; the caller keeps the rest until a window update.  A
+    stream already closed takes everything (there is no one to send it to).
+    """
+    try:
+        window = conn.local_flow_control_window(stream_id)
+    except h2.exceptions.StreamClosedError:
+        return len(data)
+    max_frame = conn.max_outbound_frame_size
+    total = len(data)
+    if total <= window and total <= max_frame:
+        conn.send_data(stream_id, data)
+        return total
+    offset = 0
+    while offset < total and window > 0:
+        size = min(window, max_frame, total - offset)
+        conn.send_data(stream_id, data[offset : offset + size])
+        offset += size
+        window -= size
+    return offset

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 from twisted.logger import Logger
 
+from snet_daemon.varint import encode_varint
+
 _log = Logger(namespace="snetd.heartbeat")
 
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -169,7 +171,7 @@ class GrpcHealthProbe:
     async def __call__(self) -> bool:
         request = b""
         if self._service:
-            request = b"\x0a" + _varint(len(self._service)) + self._service
+            request = b"\x0a" + encode_varint(len(self._service)) + self._service
         try:
             reply = await self._unary(_HEALTH_CHECK, request, self._timeout)
         except Exception as exc:  # any failure means "not serving"
@@ -204,15 +206,3 @@ def host_port(endpoint: str, default_port: int = 80) -> tuple[str, int]:
     if port is None:
         port = 443 if parts.scheme == "https" else default_port
     return parts.hostname or "127.0.0.1", port
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)

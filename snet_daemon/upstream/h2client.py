@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from snet_daemon import __version__
 from snet_daemon.frontend._hpack_tuning import plain_literals
 from snet_daemon.frontend.call import ServerCall
+from snet_daemon.frontend.http2 import send_within_window
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import (
     MessageDecoder,
@@ -350,7 +351,7 @@ class UpstreamConnection(Protocol):
                 relay.pending.append(data)
                 relay.pending_bytes += len(data)
             else:
-                sent = self._send_some(relay, data)
+                sent = send_within_window(self._conn, relay.sid, data)
                 if sent < len(data):
                     relay.pending.append(data[sent:])
                     relay.pending_bytes += len(data) - sent
@@ -390,25 +391,6 @@ class UpstreamConnection(Protocol):
 
     # -- internals --------------------------------------------------------
 
-    def _send_some(self, relay: _Relay, data: bytes) -> int:
-        conn = self._conn
-        try:
-            window = conn.local_flow_control_window(relay.sid)
-        except h2.exceptions.StreamClosedError:
-            return len(data)
-        max_frame = conn.max_outbound_frame_size
-        total = len(data)
-        if total <= window and total <= max_frame:
-            conn.send_data(relay.sid, data)
-            return total
-        offset = 0
-        while offset < total and window > 0:
-            size = min(window, max_frame, total - offset)
-            conn.send_data(relay.sid, data[offset : offset + size])
-            offset += size
-            window -= size
-        return offset
-
     def _end(self, relay: _Relay) -> None:
         try:
             self._conn.end_stream(relay.sid)
@@ -422,7 +404,7 @@ class UpstreamConnection(Protocol):
             pending = relay.pending
             while pending:
                 chunk = pending[0]
-                sent = self._send_some(relay, chunk)
+                sent = send_within_window(self._conn, relay.sid, chunk)
                 relay.pending_bytes -= sent
                 if sent < len(chunk):
                     pending[0] = chunk[sent:]

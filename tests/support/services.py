@@ -23,7 +23,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,7 +32,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from snet_daemon.frontend.call import Handler, ServerCall, start_call
 from snet_daemon.frontend.wire import Metadata
+from snet_daemon.upstream.http import HttpClient
 from snet_daemon.upstream.protos import ServiceProtos
+from tests.support.aio import aio_fixture
 from tests.support.ports import free_port
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "services"
@@ -43,6 +45,16 @@ PYTHON_SCRIPT = DATA / "demo_process.py"
 
 # --------------------------------------------------------------------------
 # Protos and archives.
+
+
+@aio_fixture
+async def client() -> AsyncIterator[HttpClient]:
+    """Fixture: one HTTP client (connection pool), closed after the test."""
+    from twisted.internet import reactor
+
+    http = HttpClient(reactor)
+    yield http
+    await http.close()
 
 
 def demo_files() -> dict[str, bytes]:
