@@ -69,7 +69,11 @@ def test_daemon_killed_mid_call_frees_the_channel_within_the_lease(
     upstream: Upstream,
     tmp_path: Path,
 ) -> None:
-    """SIGKILL during a paid call: after a restart the channel is usable within the lease TTL, uncharged."""
+    """SIGKILL during a paid call: after a restart the channel is usable within the lease TTL.
+
+    The payment was recorded before the call reached the service, so it stays
+    (the service may have done the work); the next call pays the next amount.
+    """
     with deployed(chain, ipfs, upstream, tmp_path) as deployment:
         channel_id = open_channel(chain)
         daemon = deployment.daemon
@@ -90,14 +94,14 @@ def test_daemon_killed_mid_call_frees_the_channel_within_the_lease(
 
         daemon.start()
         wait_ready(daemon)
+        assert signed_amount(deployment, daemon.address, channel_id) == PRICE
         took, errors = retry_until(
-            lambda: paid_echo(deployment, daemon.address, channel_id, PRICE),
+            lambda: paid_echo(deployment, daemon.address, channel_id, 2 * PRICE),
             timeout=20,
             allowed={grpc.StatusCode.FAILED_PRECONDITION},
         )
         assert took < 15, (took, errors)
-        # The killed call was never charged: the same amount paid this one.
-        assert signed_amount(deployment, daemon.address, channel_id) == PRICE
+        assert signed_amount(deployment, daemon.address, channel_id) == 2 * PRICE
 
 
 def test_two_daemons_on_one_etcd_never_accept_more_than_signed(

@@ -47,7 +47,7 @@ class World:
 
     async def pay(self, channel_id: int, nonce: int, amount: int) -> None:
         payment = parse_escrow(metadata_values(payment_metadata(channel_id, nonce, amount)))
-        await self.ledger.commit(await self.ledger.authorize(METHOD, payment))
+        self.ledger.commit(await self.ledger.authorize(METHOD, payment))
 
     async def get_state(
         self, channel_id: int, key: bytes = CLIENT_KEY, block: int | None = None, width: int = 0

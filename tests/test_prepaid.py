@@ -119,7 +119,7 @@ async def refused(awaitable: Any) -> GrpcError:
 
 async def escrow_pay(daemon: Daemon, channel_id: int, nonce: int, amount: int) -> None:
     payment = parse_escrow(metadata_values(payment_metadata(channel_id, nonce, amount)))
-    await daemon.ledger.commit(await daemon.ledger.authorize(METHOD, payment))
+    daemon.ledger.commit(await daemon.ledger.authorize(METHOD, payment))
 
 
 # -- GetToken ----------------------------------------------------------------------------

@@ -163,6 +163,7 @@ class ProviderControl:
         keys = self._keys
         state_key = keys.channel_state(channel_id)
         hold_key = keys.channel_hold(channel_id)
+        await self._ledger.quiesce(channel_id)
         for _ in range(3):
             found = await self._ledger.channel_state(channel_id)
             if found is None:

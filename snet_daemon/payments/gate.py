@@ -2,13 +2,14 @@
 
 Every call that is not for one of the daemon's own services comes here.
 The ``snet-payment-type`` metadata chooses how it is paid (absent means
-``escrow``, as in the Go daemon); the payment is held before the call is
-forwarded, recorded when the service answers OK, and released otherwise,
-so a failed call costs the client nothing.  The service receives the
+``escrow``, as in the Go daemon); the payment is taken before the call is
+forwarded and given back if the call does not end OK, so a failed call
+costs the client nothing.  The service receives the
 client's metadata plus ``snet-user-address`` (the paying address).
 
-* ``escrow``: :class:`~snet_daemon.payments.escrow.EscrowLedger` (hold,
-  then commit or release);
+* ``escrow``: :class:`~snet_daemon.payments.escrow.EscrowLedger` (the
+  payment is recorded and the channel held, then the hold is dropped, or
+  the previous state put back if the call failed);
 * ``free-call``: :class:`~snet_daemon.payments.freecall.FreeCalls` (the
   user's count goes up before the call, down again if it fails);
 * ``prepaid-call``: the token is checked
@@ -100,7 +101,7 @@ class PaymentGate:
             await self._upstream.forward(call, metadata)
         except BaseException:
             # Failed, cancelled or timed out: the client is not charged.  The
-            # release must run even though this task is being cancelled.
+            # refund must run even though this task is being cancelled.
             await _finish(ledger.release(hold))
             raise
         if call.finished:
@@ -109,7 +110,7 @@ class PaymentGate:
             # not charged.
             await _finish(ledger.release(hold))
             return
-        await _finish(ledger.commit(hold))
+        ledger.commit(hold)
 
     async def _free_call(self, call: ServerCall, values: dict[str, list[str | bytes]], free_calls: FreeCalls) -> None:
         counted = await free_calls.authorize(values)

@@ -168,6 +168,8 @@ class PaymentStack:
         """Stop the storage (after calls have drained: commits go through it)."""
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self._parts is not None:
+            self._parts.ledger.close()  # lingering holds go with our lease's revoke
         if self._storage_task is not None and not self._storage_task.done():
             self._storage_task.cancel()
         if self._storage is not None and self._storage.service.running:

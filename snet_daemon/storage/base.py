@@ -11,10 +11,11 @@ a write can be made conditional on those revisions.  A payment is then
    keys changed since" (and "this hold key is still absent"), writing the
    new state only if they hold.
 
-That is two round trips per paid call in steady state, and two daemons can
-never both accept a payment computed from the same state: the second
-transaction fails with :class:`ConditionFailed`, which carries the fresh
-values so the caller can re-check without a third read.
+With the state cached from the caller's own last write, step 1 is skipped
+in steady state (the escrow ledger makes one round trip per paid call), and
+two daemons can never both accept a payment computed from the same state:
+the second transaction fails with :class:`ConditionFailed`, which carries
+the fresh values so the caller can re-check without a third read.
 
 Leases make "held while this daemon is alive" possible: a key put with a
 lease disappears when the lease expires, so an in-flight payment held by a

@@ -1,14 +1,16 @@
 """Group commit: concurrent etcd transactions sent as one request.
 
-Every paid call makes two etcd transactions (hold, then record).  With
-many calls in flight, most of their cost is per *request*, not per
-operation: in the daemon, HTTP/2 framing, HPACK and a socket write and read
-per request; in etcd, a gRPC call, a Raft proposal and a WAL write per
-request.  etcd (3.3 and later) accepts a transaction whose operations are
-themselves transactions, each with its own comparisons, outcome and reads,
-applied together at one revision.  So while ``limit`` requests are in
-flight, further transactions wait in a queue, and when a request comes back
-everything queued goes out as one such transaction of transactions.
+Every paid call makes an etcd transaction (record the payment and hold the
+channel), and a finished call's hold is deleted by another unless the
+channel's next call takes it over.  With many calls in flight, most of
+their cost is per *request*, not per operation: in the daemon, HTTP/2
+framing, HPACK and a socket write and read per request; in etcd, a gRPC
+call, a Raft proposal and a WAL write per request.  etcd (3.3 and later)
+accepts a transaction whose operations are themselves transactions, each
+with its own comparisons, outcome and reads, applied together at one
+revision.  So while ``limit`` requests are in flight, further transactions
+wait in a queue, and when a request comes back everything queued goes out
+as one such transaction of transactions.
 
 A transaction that finds nothing in flight is sent at once as itself, so a
 lone call pays no extra latency; under load the queue forms by itself and

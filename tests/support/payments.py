@@ -9,7 +9,7 @@ from typing import Any
 from snet_daemon.payments import signatures as sig
 from snet_daemon.payments.escrow import PaymentTerms
 from snet_daemon.payments.keys import PaymentKeys
-from snet_daemon.storage.base import AtomicStorage, Condition, Entry, Lease, Op
+from snet_daemon.storage.base import AtomicStorage, Condition, Entry, Lease, Op, StorageTimeout
 from snet_daemon.storage.keys import KeyLayout
 
 MPE = sig.address_bytes("0x5e7d000000000000000000000000000000000e5c")
@@ -109,6 +109,9 @@ class CountingStorage:
         self.inner = inner
         self.calls: list[str] = []
         self.fail: Exception | None = None
+        #: This many next transactions apply, then raise StorageTimeout (the
+        #: reply was lost: the outcome a timed-out write leaves unknown).
+        self.timeout_after_apply = 0
 
     def __getattr__(self, name: str) -> Any:
         target = getattr(self.inner, name)
@@ -127,7 +130,11 @@ class CountingStorage:
         self.calls.append("transaction")
         if self.fail is not None:
             raise self.fail
-        return await self.inner.transaction(conditions, ops)
+        revision = await self.inner.transaction(conditions, ops)
+        if self.timeout_after_apply:
+            self.timeout_after_apply -= 1
+            raise StorageTimeout("reply lost")
+        return revision
 
     async def get(self, key: str) -> Entry | None:
         self.calls.append("get")
