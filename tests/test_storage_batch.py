@@ -24,7 +24,7 @@ from snet_daemon.storage.base import (
     StorageTimeout,
     StorageUnavailable,
 )
-from snet_daemon.storage.batch import TxnBatcher
+from snet_daemon.storage.batch import TxnBatcher, _batch_request, _Member
 from snet_daemon.storage.etcd import EtcdStorage
 from tests.support.aio import aio_test
 from tests.support.etcd import EtcdServer, etcd_server
@@ -39,9 +39,9 @@ class FakeEtcd:
         self.sent: list[tuple[Any, int, asyncio.Future[Any]]] = []
         self._busy: asyncio.Task[Any] | None = None
 
-    async def send(self, request: Any, lease: int) -> Any:
+    async def send(self, data: bytes, lease: int) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.sent.append((request, lease, future))
+        self.sent.append((rpc.TxnRequest.FromString(data), lease, future))
         return await future
 
     def answer(self, index: int, revision: int) -> None:
@@ -340,3 +340,13 @@ async def test_lease_error_in_a_batch_is_only_its_members(etcd_server: EtcdServe
         assert None not in (await storage.get_many(names)).values()
     finally:
         await storage.close()
+
+
+def test_batch_request_is_what_protobuf_would_write() -> None:
+    """The hand-wrapped batch is byte for byte the protobuf message of its members."""
+    members = [
+        _Member(_txn(key, reads=(b"r",), ops=ops), frozenset(), frozenset([key]), 0, None)  # type: ignore[arg-type]
+        for key, ops in ((b"a", 1), (b"b" * 300, 3), (b"c", 2))
+    ]
+    expected = rpc.TxnRequest(success=[rpc.RequestOp(request_txn=member.request) for member in members])
+    assert _batch_request(members) == expected.SerializeToString()
