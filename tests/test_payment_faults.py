@@ -141,6 +141,31 @@ def test_two_daemons_on_one_etcd_never_accept_more_than_signed(
             assert signed_amount(deployment, daemon.address, channel_id) == accepted * PRICE
 
 
+def test_client_alternating_between_two_daemons_pays_call_after_call(
+    chain: Chain,  # noqa: F811
+    ipfs: IpfsServer,  # noqa: F811
+    upstream: Upstream,
+    tmp_path: Path,
+    etcd_factory: Callable[[], EtcdServer],  # noqa: F811
+) -> None:
+    """Calls that alternate between the daemons of a group all go through.
+
+    Each daemon's finished call leaves its hold lingering briefly; the other
+    daemon waits for it instead of refusing the client's next call.
+    """
+    etcd = etcd_factory().start()
+    with group_on_one_etcd(chain, ipfs, upstream, tmp_path, etcd.url) as daemons:
+        deployment = Deployment(chain, ipfs, upstream, daemons[0], etcd.url)
+        channel_id = open_channel(chain, amount=10_000)
+        upstream.record.reset()
+        calls = 8
+        for k in range(1, calls + 1):
+            paid_echo(deployment, daemons[k % 2].address, channel_id, k * PRICE)
+        assert len(upstream.record.metadata) == calls
+        for daemon in daemons:
+            assert signed_amount(deployment, daemon.address, channel_id) == calls * PRICE
+
+
 def test_etcd_down_refuses_paid_calls_and_recovers(
     chain: Chain,  # noqa: F811
     ipfs: IpfsServer,  # noqa: F811
