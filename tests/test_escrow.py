@@ -144,6 +144,33 @@ async def test_finished_call_hold_lingers_then_goes() -> None:
     assert state[0].authorized_amount == PRICE  # the payment stays
 
 
+async def _settle(rounds: int = 10) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+@aio_test
+async def test_unused_lingering_hold_makes_the_next_holds_go_at_once() -> None:
+    """A channel whose lingering hold went unused (its calls go elsewhere) drops its holds as its calls end,
+    until a call comes back while that is under way; then its holds linger again."""
+    ledger, chain, storage = make(linger=0.05)
+    chain.open(1)
+    ledger.commit(await pay(ledger, 1, 0, PRICE))
+    for _ in range(100):
+        if await hold_of(storage, 1) is None:
+            break
+        await asyncio.sleep(0.01)
+    assert await hold_of(storage, 1) is None  # lingered, unused, deleted
+    ledger.commit(await pay(ledger, 1, 0, 2 * PRICE))
+    await _settle()
+    assert await hold_of(storage, 1) is None  # deleted at once, not after 50 ms
+    ledger.commit(await pay(ledger, 1, 0, 3 * PRICE))
+    # The client is back before that deletion landed: its holds linger again.
+    ledger.commit(await pay(ledger, 1, 0, 4 * PRICE))
+    await _settle()
+    assert await hold_of(storage, 1) is not None
+
+
 @aio_test
 async def test_failed_call_is_not_charged() -> None:
     """Releasing puts the channel back as it was; the same payment is then accepted."""

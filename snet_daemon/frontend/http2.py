@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from snet_daemon.frontend import grpcweb
-from snet_daemon.frontend._hpack_tuning import plain_literals
+from snet_daemon.frontend._h2_tuning import plain_literals
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.gateway import Gateway, HttpResponse
 from snet_daemon.frontend.status import GrpcError, Status

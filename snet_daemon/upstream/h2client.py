@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from snet_daemon import __version__
-from snet_daemon.frontend._hpack_tuning import plain_literals
+from snet_daemon.frontend._h2_tuning import plain_literals
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.http2 import send_within_window
 from snet_daemon.frontend.status import GrpcError, Status
