@@ -101,7 +101,7 @@ async def _settle() -> None:
 
 
 @aio_test
-async def test_lone_transaction_is_sent_at_once_as_itself() -> None:
+async def test_lone_transaction_is_sent_as_itself() -> None:
     fake = FakeEtcd()
     batcher = TxnBatcher(fake.send)
     task = _submit(batcher, b"a")
@@ -114,6 +114,19 @@ async def test_lone_transaction_is_sent_at_once_as_itself() -> None:
     assert reply.succeeded
     assert revision == 7
     assert (batcher.requests, batcher.carried) == (1, 1)
+
+
+@aio_test
+async def test_transactions_of_one_loop_turn_go_out_together() -> None:
+    """Transactions submitted in one turn of the event loop share the first request."""
+    fake = FakeEtcd()
+    batcher = TxnBatcher(fake.send)
+    tasks = [_submit(batcher, key) for key in (b"a", b"b", b"c")]
+    await _settle()
+    assert len(fake.sent) == 1
+    assert fake.members(0) == [b"a", b"b", b"c"]
+    fake.answer(0, 5)
+    assert [revision for _, revision in await asyncio.gather(*tasks)] == [5, 5, 5]
 
 
 @aio_test
@@ -315,8 +328,8 @@ async def test_batched_transactions_have_no_write_skew(etcd_server: EtcdServer) 
             other = storage.transaction([], [Put(f"batch/skew/{round_}/other", b"v")])
             results = await asyncio.gather(blocker, a, b, other, return_exceptions=True)
             assert sum(isinstance(result, ConditionFailed) for result in results[1:3]) == 1, results
-        # Each round: the blocker alone, a with other, then b.
-        assert (storage._txns.requests, storage._txns.carried) == (60, 80)
+        # Each round: the blocker, a and other together, then b.
+        assert (storage._txns.requests, storage._txns.carried) == (40, 80)
     finally:
         await storage.close()
 

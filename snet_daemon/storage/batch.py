@@ -12,11 +12,12 @@ revision.  So while ``limit`` requests are in flight, further transactions
 wait in a queue, and when a request comes back everything queued goes out
 as one such transaction of transactions.
 
-A transaction that finds nothing in flight is sent at once as itself, so a
-lone call pays no extra latency; under load the queue forms by itself and
-each request carries as many transactions as arrived during one round trip.
-Measured with ``benchmarks/paid.py`` (16 paid calls in flight over 16
-channels, embedded etcd): see the numbers in ``benchmarks/README.md``.
+Transactions are sent at the end of the event loop's turn in which they
+were submitted, so the calls handled in one turn share a request (and a
+lone transaction goes out as itself, one loop turn later).  Under load the
+one request in flight is the usual case, and each request then carries what
+arrived during one round trip.  Measured with ``benchmarks/paid.py`` (paid
+calls over one channel each, embedded etcd): see ``benchmarks/README.md``.
 
 What a caller sees does not change, with one exception the storage contract
 allows for: transactions that travel together share one revision.
@@ -116,6 +117,7 @@ class TxnBatcher:
         self._queue: deque[_Member] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._flush_scheduled = False
         #: Requests sent, and transactions carried by them (for tests and
         #: benchmarks: ``carried / requests`` is the average batch size).
         self.requests = 0
@@ -138,22 +140,22 @@ class TxnBatcher:
         """
         if self._closed:
             raise StorageUnavailable("etcd storage is closed")
-        if self._running < self._limit and not self._queue:
-            self._running += 1
-            self.requests += 1
-            self.carried += 1
-            try:
-                reply = await self._send(request.SerializeToString(), lease)
-            finally:
-                self._running -= 1
-                self._flush()
-            return reply, int(reply.header.revision)
-        future: asyncio.Future[tuple[Any, int]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Any, int]] = loop.create_future()
         self._queue.append(_Member(request, frozenset(reads), frozenset(writes), lease, future))
+        if not self._flush_scheduled:
+            # Send at the end of this turn of the event loop, together with
+            # whatever else the calls handled in it submit.
+            self._flush_scheduled = True
+            loop.call_soon(self._scheduled_flush)
         # Cancelling the caller cancels ``future``; a cancelled member still
         # queued is skipped, one already sent is not taken back (as with any
         # request: its outcome is then unknown).
         return await future
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
 
     def close(self) -> None:
         """Fail everything still queued; later submissions fail at once."""
