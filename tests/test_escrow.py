@@ -339,6 +339,27 @@ async def test_concurrent_call_on_a_channel_is_refused() -> None:
 
 
 @aio_test
+async def test_call_waiting_for_another_daemons_hold_keeps_the_channel_busy_here() -> None:
+    """While a call waits for another daemon's hold, a second call on the channel here is refused at once."""
+    storage = MemoryStorage(Clock())
+    chain = FakeChain()
+    chain.open(1)
+    a, _, _ = make(storage, chain, linger=0.01)
+    b, _, _ = make(storage, chain, foreign_wait=1.0)
+    in_flight = await pay(a, 1, 0, PRICE)
+    waiting = asyncio.ensure_future(pay(b, 1, 0, 2 * PRICE))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    error = await rejected(b, 1, 0, 2 * PRICE)
+    assert error.status == Status.FAILED_PRECONDITION
+    a.commit(in_flight)
+    b.commit(await waiting)  # a's hold lingered 10 ms, then went
+    state = await b.channel_state(1)
+    assert state is not None
+    assert state[0].authorized_amount == 2 * PRICE
+
+
+@aio_test
 async def test_hold_of_a_dead_daemon_expires_with_its_lease() -> None:
     """A daemon killed mid-call frees the channel within its lease TTL; the payment it accepted stays."""
     clock = Clock()

@@ -213,6 +213,11 @@ def parse_integer(key: str, value: str) -> int:
     Raises:
         GrpcError: ``INVALID_ARGUMENT`` with Go's message.
     """
+    if value.isascii() and value.isdigit() and (value[0] != "0" or len(value) == 1):
+        # Plain decimal, what every client sends: no need for the pattern.
+        number = int(value)
+        if number < 1 << 256:
+            return number
     text = value.strip()
     try:
         if not _GO_INT.match(text) or "__" in text or text.endswith("_"):
@@ -347,6 +352,17 @@ class EscrowLedger:
         channel_id = payment.channel_id
         if channel_id in self._busy:
             raise _in_progress(channel_id)
+        # Busy from here on, so that no other call on the channel through
+        # this daemon starts meanwhile (nor takes our hold for a leftover).
+        self._busy.add(channel_id)
+        try:
+            return await self._authorize(method, payment)
+        except BaseException:
+            self._busy.discard(channel_id)
+            raise
+
+    async def _authorize(self, method: str, payment: EscrowPayment) -> Hold:
+        channel_id = payment.channel_id
         terms = self._terms()
         try:
             price = terms.price(method)
@@ -384,11 +400,9 @@ class EscrowLedger:
             if error is not None:
                 raise error.grpc
             value = ChannelState(state.nonce, payment.amount, payment.signature, state.claimed_amount).encode()
-            self._busy.add(channel_id)
             try:
                 revision = await self._record(channel_id, state_key, hold_key, entry, value)
             except ConditionFailed as failed:
-                self._busy.discard(channel_id)
                 entry = failed.current.get(state_key)
                 entry_fresh = True
                 self._remember(channel_id, entry)
@@ -408,15 +422,10 @@ class EscrowLedger:
                 continue
             except LeaseNotFound as gone:
                 # Our lease expired, and with it every hold we had.
-                self._busy.discard(channel_id)
                 self._lease.lost(gone.lease_id)
                 continue
             except StorageError as exc:
-                self._busy.discard(channel_id)
                 raise _storage_down(exc) from None
-            except BaseException:
-                self._busy.discard(channel_id)
-                raise
             self._remember(channel_id, Entry(state_key, value, revision, revision, 1))
             return Hold(channel_id, payment, state_key, hold_key, entry, revision, value, info.sender)
         raise GrpcError(Status.UNAVAILABLE, f"too much contention on channel {channel_label(channel_id)}; retry")
