@@ -500,6 +500,30 @@ async def test_timed_out_write_that_applied_goes_on() -> None:
 
 
 @aio_test
+async def test_lingering_hold_lost_with_the_lease_is_not_taken_over() -> None:
+    """A taken-over hold is not written again, so its lease must still be alive: when the lease
+    expired (and the hold with it), the next call holds the channel anew under a new lease."""
+    clock = Clock()
+    storage = MemoryStorage(clock)
+    chain = FakeChain()
+    chain.open(1)
+    ledger, _, counting = make(storage, chain, linger=60)
+    first = await pay(ledger, 1, 0, PRICE)
+    ledger.commit(first)
+    taken = await pay(ledger, 1, 0, 2 * PRICE)
+    assert taken.hold_revision == first.hold_revision < taken.revision  # taken over as it was
+    ledger.commit(taken)
+    clock.now += 11  # our 10 s lease runs out: the hold goes with it
+    assert await hold_of(counting, 1) is None
+    again = await pay(ledger, 1, 0, 3 * PRICE)
+    held = await hold_of(counting, 1)
+    assert held is not None
+    assert held.mod_revision == again.hold_revision == again.revision
+    assert held.lease != 0
+    ledger.commit(again)
+
+
+@aio_test
 async def test_our_leftover_hold_is_taken_over() -> None:
     """A hold of ours that the ledger lost track of does not block the channel."""
     ledger, chain, storage = make(linger=60)
@@ -509,7 +533,7 @@ async def test_our_leftover_hold_is_taken_over() -> None:
     hold = await pay(ledger, 1, 0, 2 * PRICE)
     held = await hold_of(storage, 1)
     assert held is not None
-    assert held.mod_revision == hold.revision
+    assert held.mod_revision == hold.hold_revision
     ledger.commit(hold)
 
 

@@ -182,8 +182,9 @@ class Hold:
     Attributes:
         previous: the channel state entry before this payment (what
             :meth:`EscrowLedger.release` puts back; None: there was none).
-        revision: the revision at which the new state and the hold were
-            written.
+        revision: the revision at which the new state was written.
+        hold_revision: the hold's (``revision``, or that of the earlier
+            call's hold this call took over).
         value: the new state, encoded.
         sender: the channel's sender (forwarded as ``snet-user-address``).
     """
@@ -194,6 +195,7 @@ class Hold:
     hold_key: str
     previous: Entry | None
     revision: int
+    hold_revision: int
     value: bytes
     sender: str
 
@@ -401,7 +403,7 @@ class EscrowLedger:
                 raise error.grpc
             value = ChannelState(state.nonce, payment.amount, payment.signature, state.claimed_amount).encode()
             try:
-                revision = await self._record(channel_id, state_key, hold_key, entry, value)
+                revision, hold_revision = await self._record(channel_id, state_key, hold_key, entry, value)
             except ConditionFailed as failed:
                 entry = failed.current.get(state_key)
                 entry_fresh = True
@@ -427,7 +429,7 @@ class EscrowLedger:
             except StorageError as exc:
                 raise _storage_down(exc) from None
             self._remember(channel_id, Entry(state_key, value, revision, revision, 1))
-            return Hold(channel_id, payment, state_key, hold_key, entry, revision, value, info.sender)
+            return Hold(channel_id, payment, state_key, hold_key, entry, revision, hold_revision, value, info.sender)
         raise GrpcError(Status.UNAVAILABLE, f"too much contention on channel {channel_label(channel_id)}; retry")
 
     def commit(self, hold: Hold) -> None:
@@ -440,9 +442,9 @@ class EscrowLedger:
         channel_id = hold.channel_id
         self._busy.discard(channel_id)
         if channel_id in self._hasty:
-            self._release_now(channel_id, hold.revision)
+            self._release_now(channel_id, hold.hold_revision)
         else:
-            self._linger(channel_id, hold.revision)
+            self._linger(channel_id, hold.hold_revision)
 
     async def release(self, hold: Hold) -> None:
         """The call failed: put the channel state back as it was, drop the hold.
@@ -483,7 +485,7 @@ class EscrowLedger:
                     if waited >= _REFUND_PATIENCE:
                         self._cache.pop(channel_id, None)
                         # Our hold is still there: delete it when storage is back.
-                        self._linger(channel_id, hold.revision)
+                        self._linger(channel_id, hold.hold_revision)
                         _log.warn(
                             "the payment for a failed call on channel {channel} stays recorded: "
                             "storage unavailable ({error})",
@@ -692,11 +694,18 @@ class EscrowLedger:
             self._cache.clear()
         self._cache[channel_id] = entry
 
-    async def _record(self, channel_id: int, state_key: str, hold_key: str, entry: Entry | None, value: bytes) -> int:
-        """Write the new state and our hold in one transaction; its revision.
+    async def _record(
+        self, channel_id: int, state_key: str, hold_key: str, entry: Entry | None, value: bytes
+    ) -> tuple[int, int]:
+        """Write the new state and hold the channel in one transaction.
 
-        Conditions: the state is still ``entry``, and the channel is free or
-        held by our lingering hold, which is then taken over.
+        Conditions: the state is still ``entry``, and the channel is free,
+        or held by our lingering hold, which is then taken over as it is
+        (it already names us and our lease; if the lease was lost, the hold
+        went with it and the condition fails).
+
+        Returns:
+            The transaction's revision and the hold's.
 
         Raises:
             ConditionFailed, LeaseNotFound, StorageError: from the storage.
@@ -707,14 +716,20 @@ class EscrowLedger:
             # came back before it did: let the channel's holds linger again.
             self._hasty.discard(channel_id)
             await asyncio.shield(releasing)
-        lease = await self._lease.current()
         lingering = self._lingering.pop(channel_id, None)
-        free = Condition.absent(hold_key) if lingering is None else Condition(hold_key, mod_revision=lingering)
         try:
-            return await self._storage.transaction(
-                [Condition.unchanged(state_key, entry), free],
+            if lingering is not None:
+                revision = await self._storage.transaction(
+                    [Condition.unchanged(state_key, entry), Condition(hold_key, mod_revision=lingering)],
+                    [Put(state_key, value)],
+                )
+                return revision, lingering
+            lease = await self._lease.current()
+            revision = await self._storage.transaction(
+                [Condition.unchanged(state_key, entry), Condition.absent(hold_key)],
                 [Put(state_key, value), Put(hold_key, self._instance, lease=lease)],
             )
+            return revision, revision
         except StorageTimeout:
             # The write may have applied: if so, the payment is ours and the
             # call goes on.  If it cannot be told, the call is refused; a
@@ -730,9 +745,9 @@ class EscrowLedger:
                 and held is not None
                 and state.value == value
                 and held.value == self._instance
-                and state.mod_revision == held.mod_revision
+                and (lingering is not None or state.mod_revision == held.mod_revision)
             ):
-                return state.mod_revision
+                return state.mod_revision, held.mod_revision
             raise
         except (ConditionFailed, LeaseNotFound):
             raise  # the caller learns from it whether a hold is still there
