@@ -1,4 +1,4 @@
-"""The upstream HTTP/2 client's connection, driven frame by frame (no sockets)."""
+"""The upstream HTTP/2 client: its connection driven frame by frame (no sockets), and its own unary calls."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import pytest
 from twisted.internet.testing import StringTransport
 
+from snet_daemon._proto import example_service_pb2 as pb
+from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.upstream.h2client import H2Upstream, UpstreamConnection
 from tests.support.aio import aio_test
+from tests.support.upstream import Upstream
 
 
 class _Pool:
@@ -82,3 +86,53 @@ def test_authority_omits_default_ports() -> None:
         assert H2Upstream(None, "svc", 5000, "http://svc:5000", loop)._authority == "svc:5000"
     finally:
         loop.close()
+
+
+# ---------------------------------------------------------------------------
+# unary calls of the daemon's own, against a real grpcio service
+
+
+def _upstream_client(port: int) -> H2Upstream:
+    from twisted.internet import reactor
+
+    return H2Upstream(reactor, "127.0.0.1", port, f"http://127.0.0.1:{port}", asyncio.get_event_loop())
+
+
+@aio_test
+async def test_unary_returns_the_reply(upstream: Upstream) -> None:
+    client = _upstream_client(upstream.port)
+    try:
+        request = pb.EchoRequest(payload=b"ping").SerializeToString()
+        for _ in range(3):  # the headers built once per method serve every call
+            reply = pb.EchoReply.FromString(await client.unary("/example_service.Echo/Unary", request, 10))
+            assert reply.payload == b"ping"
+    finally:
+        await client.close()
+
+
+@aio_test
+async def test_unary_raises_the_service_status(upstream: Upstream) -> None:
+    client = _upstream_client(upstream.port)
+    try:
+        request = pb.EchoRequest(fail_code=5, fail_message="no such thing").SerializeToString()
+        with pytest.raises(GrpcError) as info:
+            await client.unary("/example_service.Echo/Unary", request, 10)
+        assert (info.value.status, info.value.message) == (Status.NOT_FOUND, "no such thing")
+    finally:
+        await client.close()
+
+
+@aio_test
+async def test_unary_past_its_deadline_is_cancelled_at_the_service(upstream: Upstream) -> None:
+    client = _upstream_client(upstream.port)
+    try:
+        request = pb.EchoRequest(delay_ms=5_000).SerializeToString()
+        with pytest.raises(TimeoutError):
+            await client.unary("/example_service.Echo/Unary", request, 0.2)
+        for _ in range(100):
+            if upstream.record.cancelled:
+                break
+            await asyncio.sleep(0.05)
+        assert upstream.record.cancelled == 1
+    finally:
+        await client.close()
