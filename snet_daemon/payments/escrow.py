@@ -19,11 +19,12 @@ without the Go daemon's faults:
 * **No lock outlives its daemon.**  The hold is a storage key attached to
   this daemon instance's lease: if the daemon dies mid-call, the channel is
   free again within the lease TTL, with no manual unlock.  A hold is also
-  what makes a second call on a busy channel fail at once with
-  ``FAILED_PRECONDITION``, on this daemon and on the others of the group.
+  what makes a second call on a busy channel fail with
+  ``FAILED_PRECONDITION``: at once on this daemon, after a short wait (see
+  below) on the others of the group.
 * **One storage round trip per call** in steady state, on the call's path:
   the conditional write above (the state is as we last saw it and the
-  channel is not held).  The state we compare against is cached from our
+  channel is not held, or only by our own finished call).  The state we compare against is cached from our
   own last write; when another daemon changed it, the failed transaction
   returns the fresh value and we check again with it.  A finished call's
   hold lingers for :data:`_LINGER` before it is deleted in the background,

@@ -2,7 +2,8 @@
 
 :class:`~snet_daemon.storage.keys.KeyLayout` names every key as the Go
 daemon does.  The payment code adds one key of its own, the *hold* of a
-channel while a paid call is in flight.  It is deliberately not Go's lock
+channel while a paid call is in flight (and briefly after it, see
+:mod:`snet_daemon.payments.escrow`).  It is deliberately not Go's lock
 key: the Go daemon leaves ``locked``/``unlocked`` values there forever, and
 ours must be absent when free (a hold is attached to a lease and vanishes
 with it).

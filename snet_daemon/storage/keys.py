@@ -34,10 +34,10 @@ public models              ``P//model-user/publicModelStorage/{ID:<org>|<svc>|<g
 (Note the space in the channel keys' ``{ID: <id>}`` and its absence
 elsewhere: that is Go's ``fmt`` formatting of each key type, kept as is.)
 
-The channel lock key is also where this daemon keeps its in-flight hold of
-a channel, attached to its lease: a Go daemon sharing the etcd sees a held
-channel as ``locked``, and the hold vanishes with the lease if this daemon
-dies, which is the one improvement over Go's unleased lock.
+The channel lock key is named here for completeness but not used: this
+daemon holds a channel with a key of its own, attached to its lease
+(:mod:`snet_daemon.payments.keys`), since Go leaves ``locked``/``unlocked``
+values in its lock key forever while a hold must vanish with its daemon.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class KeyLayout:
         return _join(self.mpe, _CHANNEL_STORAGE, "")
 
     def channel_lock(self, channel_id: int) -> str:
-        """The channel's lock (Go: ``locked``/``unlocked``; ours: a leased hold)."""
+        """The Go daemon's channel lock (``locked``/``unlocked``; not used here)."""
         return _join(self.mpe, _CHANNEL_LOCK, f"{{ID: {channel_id}}}")
 
     def payment(self, channel_id: int, nonce: int) -> str:
