@@ -150,6 +150,33 @@ async def _settle(rounds: int = 10) -> None:
 
 
 @aio_test
+async def test_each_lingering_hold_goes_when_its_own_time_is_up() -> None:
+    """A hold lingers its full time even when another, older one is deleted meanwhile."""
+    now = [0.0]
+
+    async def sleep(delay: float) -> None:
+        await asyncio.sleep(0)  # the test moves the clock
+
+    chain = FakeChain()
+    chain.open(1)
+    chain.open(2)
+    storage = CountingStorage(MemoryStorage(Clock()))
+    ledger = EscrowLedger(
+        storage, Keys(), chain, terms, StorageLease(storage), "d", sleep=sleep, clock=lambda: now[0], linger=0.02
+    )
+    ledger.commit(await pay(ledger, 1, 0, PRICE))
+    now[0] = 0.015
+    ledger.commit(await pay(ledger, 2, 0, PRICE))
+    now[0] = 0.02
+    await _settle()
+    assert await hold_of(storage, 1) is None
+    assert await hold_of(storage, 2) is not None  # due at 0.035
+    now[0] = 0.035
+    await _settle()
+    assert await hold_of(storage, 2) is None
+
+
+@aio_test
 async def test_unused_lingering_hold_makes_the_next_holds_go_at_once() -> None:
     """A channel whose lingering hold went unused (its calls go elsewhere) drops its holds as its calls end,
     until a call comes back while that is under way; then its holds linger again."""

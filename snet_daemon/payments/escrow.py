@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -98,6 +99,8 @@ _LINGER: Final = 0.02
 #: between looks (doubling, up to ``_LINGER``).
 _FOREIGN_WAIT: Final = 0.1
 _FOREIGN_POLL: Final = 0.002
+#: When deleting a hold failed (storage unavailable), the next try.
+_RELEASE_RETRY: Final = 0.5
 
 
 class ChainChannel(Protocol):
@@ -305,6 +308,8 @@ class EscrowLedger:
             stored in its holds (a hold with our name and no call of ours in
             flight on its channel is a leftover of ours, safe to take over).
         sleep: ``asyncio.sleep`` (injected for tests).
+        clock: the time ``sleep`` sleeps by (``time.monotonic``, the event
+            loop's clock).
         linger: how long a finished call's hold stays (:data:`_LINGER`).
         foreign_wait: how long a call waits for another daemon's hold to go
             (:data:`_FOREIGN_WAIT`).
@@ -319,6 +324,7 @@ class EscrowLedger:
         lease: LeaseSource,
         instance: str,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
         linger: float = _LINGER,
         foreign_wait: float = _FOREIGN_WAIT,
     ) -> None:
@@ -329,14 +335,16 @@ class EscrowLedger:
         self._lease = lease
         self._instance = instance.encode("utf-8")
         self._sleep = sleep
+        self._clock = clock
         self._linger_time = linger
         self._foreign_wait = foreign_wait
         #: Last known state entry per channel (None: known absent).
         self._cache: dict[int, Entry | None] = {}
         #: Channels with a call in flight through this daemon.
         self._busy: set[int] = set()
-        #: Our holds whose call is over, by channel: their revision.
-        self._lingering: dict[int, int] = {}
+        #: Our holds whose call is over, by channel: their revision and
+        #: when they are due for deletion (``clock`` time).
+        self._lingering: dict[int, tuple[int, float]] = {}
         #: Deletions of our holds under way, by channel.
         self._releasing: dict[int, asyncio.Future[bool]] = {}
         #: Channels whose holds are deleted as soon as their calls end.
@@ -413,7 +421,7 @@ class EscrowLedger:
                 if held is not None and held.value == self._instance:
                     # A hold of ours whose call is over (its deletion not
                     # known here yet): take it over.
-                    self._lingering[channel_id] = held.mod_revision
+                    self._lingering[channel_id] = (held.mod_revision, self._clock() + self._linger_time)
                 elif held is not None:
                     # Another daemon's call, in flight or just finished.
                     if waited >= self._foreign_wait:
@@ -516,9 +524,9 @@ class EscrowLedger:
         releasing = self._releasing.get(channel_id)
         if releasing is not None:
             await asyncio.shield(releasing)
-        revision = self._lingering.pop(channel_id, None)
-        if revision is not None:
-            await self._release(channel_id, revision)
+        lingering = self._lingering.pop(channel_id, None)
+        if lingering is not None:
+            await self._release(channel_id, lingering[0])
 
     def close(self) -> None:
         """Stop deleting lingering holds (the daemon stops; its lease goes with them)."""
@@ -717,7 +725,8 @@ class EscrowLedger:
             # came back before it did: let the channel's holds linger again.
             self._hasty.discard(channel_id)
             await asyncio.shield(releasing)
-        lingering = self._lingering.pop(channel_id, None)
+        taken = self._lingering.pop(channel_id, None)
+        lingering = None if taken is None else taken[0]
         try:
             if lingering is not None:
                 revision = await self._storage.transaction(
@@ -757,29 +766,28 @@ class EscrowLedger:
                 self._linger(channel_id, lingering)
             raise
 
-    def _linger(self, channel_id: int, revision: int) -> None:
+    def _linger(self, channel_id: int, revision: int, delay: float | None = None) -> None:
         """Let our hold at ``revision`` linger, then delete it in the background."""
-        self._lingering[channel_id] = revision
+        self._lingering[channel_id] = (revision, self._clock() + (self._linger_time if delay is None else delay))
         if self._sweeper is None:
             self._sweeper = asyncio.ensure_future(self._sweep())
 
     async def _sweep(self) -> None:
-        """Delete lingering holds, ``linger`` after they started lingering (roughly).
-
-        While storage fails, the pause between rounds grows up to a second.
-        """
-        pause = self._linger_time
+        """Delete each lingering hold when it is due, while there are any."""
         try:
             while self._lingering:
-                await self._sleep(pause)
-                due, self._lingering = self._lingering, {}
+                now = self._clock()
+                wake = min(due for _, due in self._lingering.values())
+                if wake > now:
+                    await self._sleep(wake - now)
+                    continue
+                due = {channel_id: revision for channel_id, (revision, at) in self._lingering.items() if at <= now}
+                for channel_id in due:
+                    del self._lingering[channel_id]
                 if len(self._hasty) + len(due) > _CACHE_LIMIT:
                     self._hasty.clear()
                 self._hasty.update(due)  # nobody took these holds over
-                done = await asyncio.gather(
-                    *(self._release_now(channel_id, revision) for channel_id, revision in due.items())
-                )
-                pause = self._linger_time if all(done) else min(max(pause * 2, 0.05), 1.0)
+                await asyncio.gather(*(self._release_now(channel_id, revision) for channel_id, revision in due.items()))
         finally:
             self._sweeper = None
 
@@ -795,14 +803,14 @@ class EscrowLedger:
             del self._releasing[channel_id]
 
     async def _release(self, channel_id: int, revision: int) -> bool:
-        """Delete our hold at ``revision``; False if storage failed (it lingers again)."""
+        """Delete our hold at ``revision``; False if storage failed (it is tried again later)."""
         hold_key = self._keys.channel_hold(channel_id)
         try:
             await self._storage.transaction([Condition(hold_key, mod_revision=revision)], [Delete(hold_key)])
         except ConditionFailed:
             pass  # gone already (our lease was lost)
         except StorageError as exc:
-            self._linger(channel_id, revision)
+            self._linger(channel_id, revision, delay=_RELEASE_RETRY)
             _log.debug("could not delete the hold on channel {channel} yet: {error}", channel=channel_id, error=exc)
             return False
         return True
