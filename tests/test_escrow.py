@@ -8,6 +8,7 @@ daemon's lease, one round trip per call, no double acceptance.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
@@ -548,6 +549,40 @@ async def test_lingering_hold_lost_with_the_lease_is_not_taken_over() -> None:
     assert held.mod_revision == again.hold_revision == again.revision
     assert held.lease != 0
     ledger.commit(again)
+
+
+class _ReadsFail(CountingStorage):
+    """Reads fail while ``fail_reads`` > 0."""
+
+    fail_reads = 0
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Entry | None]:
+        self.calls.append("get_many")
+        if self.fail_reads:
+            self.fail_reads -= 1
+            raise StorageUnavailable("down")
+        return await self.inner.get_many(keys)
+
+
+@aio_test
+async def test_hold_left_by_a_timed_out_write_that_cannot_be_read_back_goes() -> None:
+    """A write that timed out and cannot be read back refuses the call; the hold it may have left goes later."""
+    chain = FakeChain()
+    chain.open(1)
+    storage = _ReadsFail(MemoryStorage(Clock()))
+    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", linger=0.01)
+    storage.timeout_after_apply = 1
+    storage.fail_reads = 1
+    error = await rejected(ledger, 1, 0, PRICE)
+    assert error.status == Status.UNAVAILABLE
+    assert await hold_of(storage, 1) is not None  # it did apply
+    for _ in range(100):
+        if await hold_of(storage, 1) is None:
+            break
+        await asyncio.sleep(0.01)
+    assert await hold_of(storage, 1) is None
+    # The payment stayed recorded (the client was told the call failed).
+    ledger.commit(await pay(ledger, 1, 0, 2 * PRICE))
 
 
 @aio_test

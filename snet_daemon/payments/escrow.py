@@ -342,11 +342,12 @@ class EscrowLedger:
         self._cache: dict[int, Entry | None] = {}
         #: Channels with a call in flight through this daemon.
         self._busy: set[int] = set()
-        #: Our holds whose call is over, by channel: their revision and
-        #: when they are due for deletion (``clock`` time).
-        self._lingering: dict[int, tuple[int, float]] = {}
+        #: Our holds whose call is over, by channel: their revision (None:
+        #: not known, after a write that timed out) and when they are due
+        #: for deletion (``clock`` time).
+        self._lingering: dict[int, tuple[int | None, float]] = {}
         #: Deletions of our holds under way, by channel.
-        self._releasing: dict[int, asyncio.Future[bool]] = {}
+        self._releasing: dict[int, asyncio.Future[None]] = {}
         #: Channels whose holds are deleted as soon as their calls end.
         self._hasty: set[int] = set()
         #: The background task deleting lingering holds (None: idle).
@@ -742,9 +743,9 @@ class EscrowLedger:
             return revision, revision
         except StorageTimeout:
             # The write may have applied: if so, the payment is ours and the
-            # call goes on.  If it cannot be told, the call is refused; a
-            # hold of ours left behind is taken over by the channel's next
-            # call here (and the client may find this payment recorded).
+            # call goes on.  If not, or if that cannot be told, the call is
+            # refused (and the client may find this payment recorded), and
+            # a hold of ours that may be there is left to linger and go.
             try:
                 found = await self._storage.get_many([state_key, hold_key])
             except StorageError:
@@ -758,16 +759,26 @@ class EscrowLedger:
                 and (lingering is not None or state.mod_revision == held.mod_revision)
             ):
                 return state.mod_revision, held.mod_revision
+            if lingering is not None:
+                self._linger(channel_id, lingering)  # the takeover writes no hold: it is as it was
+            elif held is not None and held.value == self._instance:
+                self._linger(channel_id, held.mod_revision)
+            elif not found:
+                self._linger(channel_id, None)
             raise
         except (ConditionFailed, LeaseNotFound):
             raise  # the caller learns from it whether a hold is still there
         except BaseException:
-            if lingering is not None:
-                self._linger(channel_id, lingering)
+            if taken is not None:
+                self._linger(channel_id, taken[0])
             raise
 
-    def _linger(self, channel_id: int, revision: int, delay: float | None = None) -> None:
-        """Let our hold at ``revision`` linger, then delete it in the background."""
+    def _linger(self, channel_id: int, revision: int | None, delay: float | None = None) -> None:
+        """Let our hold at ``revision`` linger, then delete it in the background.
+
+        ``revision`` None: a hold of ours may be there (a write timed out);
+        it is deleted if it names us and no call of ours holds the channel.
+        """
         self._lingering[channel_id] = (revision, self._clock() + (self._linger_time if delay is None else delay))
         if self._sweeper is None:
             self._sweeper = asyncio.ensure_future(self._sweep())
@@ -791,29 +802,34 @@ class EscrowLedger:
         finally:
             self._sweeper = None
 
-    def _release_now(self, channel_id: int, revision: int) -> asyncio.Future[bool]:
+    def _release_now(self, channel_id: int, revision: int | None) -> asyncio.Future[None]:
         """Start deleting our hold at ``revision`` (see :meth:`_release`)."""
         release = asyncio.ensure_future(self._release(channel_id, revision))
         self._releasing[channel_id] = release
         release.add_done_callback(functools.partial(self._released, channel_id))
         return release
 
-    def _released(self, channel_id: int, release: asyncio.Future[bool]) -> None:
+    def _released(self, channel_id: int, release: asyncio.Future[None]) -> None:
         if self._releasing.get(channel_id) is release:
             del self._releasing[channel_id]
 
-    async def _release(self, channel_id: int, revision: int) -> bool:
-        """Delete our hold at ``revision``; False if storage failed (it is tried again later)."""
+    async def _release(self, channel_id: int, revision: int | None) -> None:
+        """Delete our hold at ``revision`` (see :meth:`_linger`); storage
+        failures are tried again later."""
         hold_key = self._keys.channel_hold(channel_id)
+        if revision is None:
+            if channel_id in self._busy:
+                return  # a call of ours holds the channel now: the hold is its own
+            ours = Condition.has_value(hold_key, self._instance)
+        else:
+            ours = Condition(hold_key, mod_revision=revision)
         try:
-            await self._storage.transaction([Condition(hold_key, mod_revision=revision)], [Delete(hold_key)])
+            await self._storage.transaction([ours], [Delete(hold_key)])
         except ConditionFailed:
-            pass  # gone already (our lease was lost)
+            pass  # gone already (our lease was lost), or not ours
         except StorageError as exc:
             self._linger(channel_id, revision, delay=_RELEASE_RETRY)
             _log.debug("could not delete the hold on channel {channel} yet: {error}", channel=channel_id, error=exc)
-            return False
-        return True
 
 
 _MISSING: Final = object()
