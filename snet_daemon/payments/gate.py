@@ -4,8 +4,8 @@ Every call that is not for one of the daemon's own services comes here.
 The ``snet-payment-type`` metadata chooses how it is paid (absent means
 ``escrow``, as in the Go daemon); the payment is taken before the call is
 forwarded and given back if the call does not end OK, so a failed call
-costs the client nothing.  The service receives the
-client's metadata plus ``snet-user-address`` (the paying address).
+costs the client nothing.  The service receives the client's metadata
+plus ``snet-user-address`` (the paying address).
 
 * ``escrow``: :class:`~snet_daemon.payments.escrow.EscrowLedger` (the
   payment is recorded and the channel held, then the hold is dropped, or

@@ -165,7 +165,7 @@ class PaymentStack:
             self._on_metadata(self._metadata.current)
 
     async def stop(self) -> None:
-        """Stop the storage (after calls have drained: commits go through it)."""
+        """Stop the storage (after calls have drained: refunds go through it)."""
         if self._unsubscribe is not None:
             self._unsubscribe()
         if self._parts is not None:
