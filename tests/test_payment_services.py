@@ -239,6 +239,19 @@ async def test_list_requests_are_authenticated() -> None:
 
 
 @aio_test
+async def test_start_claim_waits_for_another_daemons_lingering_hold() -> None:
+    """Right after a call through another daemon of the group (its hold lingers), a claim here goes through."""
+    world = World()
+    world.chain.open(1)
+    other = EscrowLedger(world.storage, world.keys, world.chain, terms, StorageLease(world.storage), "other")
+    payment = parse_escrow(metadata_values(payment_metadata(1, 0, PRICE)))
+    other.commit(await other.authorize(METHOD, payment))
+    assert await world.storage.get(world.keys.channel_hold(1)) is not None  # lingering at the other daemon
+    reply = await world.start_claim(1, 0)
+    assert int.from_bytes(reply.signed_amount, "big") == PRICE
+
+
+@aio_test
 async def test_start_claim_for_multiple_channels() -> None:
     """Several channels are claimed with one signature over the sorted ids."""
     world = World()

@@ -164,7 +164,10 @@ class ProviderControl:
         state_key = keys.channel_state(channel_id)
         hold_key = keys.channel_hold(channel_id)
         await self._ledger.quiesce(channel_id)
-        for _ in range(3):
+        waited = 0.0
+        attempts = 0
+        while attempts < 3:
+            attempts += 1
             found = await self._ledger.channel_state(channel_id)
             if found is None:
                 raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}")
@@ -187,10 +190,10 @@ class ProviderControl:
                 )
             except ConditionFailed as failed:
                 if failed.current.get(hold_key) is not None:
-                    raise GrpcError(
-                        Status.FAILED_PRECONDITION,
-                        f"another transaction on channel: {channel_label(channel_id)} is in progress",
-                    ) from None
+                    # A call holds the channel, or another daemon's hold is
+                    # lingering: wait a little for it (then FAILED_PRECONDITION).
+                    waited = await self._ledger.wait_for_hold(channel_id, waited)
+                    attempts -= 1
                 continue  # a payment landed meanwhile: claim it too
             except StorageError as exc:
                 raise GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}") from None

@@ -390,7 +390,7 @@ class EscrowLedger:
         # entry may be stale if another daemon changed the channel).
         entry_fresh = False
         chain_fresh = False
-        waited = pause = 0.0
+        waited = 0.0
         attempts = 0
         while attempts < _MAX_ATTEMPTS:
             attempts += 1
@@ -425,11 +425,7 @@ class EscrowLedger:
                     self._lingering[channel_id] = (held.mod_revision, self._clock() + self._linger_time)
                 elif held is not None:
                     # Another daemon's call, in flight or just finished.
-                    if waited >= self._foreign_wait:
-                        raise _in_progress(channel_id) from None
-                    pause = max(_FOREIGN_POLL, min(2 * pause, self._linger_time, self._foreign_wait - waited))
-                    await self._sleep(pause)
-                    waited += pause
+                    waited = await self.wait_for_hold(channel_id, waited)
                     attempts -= 1  # waiting is not contention
                 continue
             except LeaseNotFound as gone:
@@ -514,6 +510,28 @@ class EscrowLedger:
                 delay = min(delay * 2, 1.0)
         finally:
             self._busy.discard(channel_id)
+
+    async def wait_for_hold(self, channel_id: int, waited: float) -> float:
+        """Pause before looking again at a channel another daemon holds.
+
+        Its call may have just finished, its hold lingering.  Pauses start
+        at :data:`_FOREIGN_POLL` and double, up to the linger time.
+
+        Args:
+            waited: how long the caller has waited so far.
+
+        Returns:
+            How long it has waited now.
+
+        Raises:
+            GrpcError: ``FAILED_PRECONDITION`` once ``foreign_wait`` has
+                passed: the hold belongs to a call in flight.
+        """
+        if waited >= self._foreign_wait:
+            raise _in_progress(channel_id) from None
+        pause = max(_FOREIGN_POLL, min(waited, self._linger_time, self._foreign_wait - waited))
+        await self._sleep(pause)
+        return waited + pause
 
     async def quiesce(self, channel_id: int) -> None:
         """Delete our lingering hold on the channel now, if there is one.
