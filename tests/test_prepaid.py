@@ -241,6 +241,16 @@ async def test_prepayment_while_an_escrow_call_holds_the_channel_is_refused() ->
 
 
 @aio_test
+async def test_prepayment_right_after_an_escrow_call_elsewhere_waits_for_its_hold() -> None:
+    """An escrow call that just finished on another daemon leaves its hold lingering: GetToken waits for it."""
+    world = World()
+    payment = parse_escrow(metadata_values(payment_metadata(1, 0, PRICE)))
+    world.a.ledger.commit(await world.a.ledger.authorize(METHOD, payment))
+    other = world.daemon()
+    await other.get_token(1, 4 * PRICE)
+
+
+@aio_test
 async def test_storage_down_is_unavailable() -> None:
     """GetToken needs the storage."""
     world = World()

@@ -625,7 +625,10 @@ class EscrowLedger:
         chain_fresh = False
         await self.quiesce(channel_id)
         read_keys = [state_key, hold_key, planned_key, *also_read]
-        for _ in range(_MAX_ATTEMPTS):
+        waited = 0.0
+        attempts = 0
+        while attempts < _MAX_ATTEMPTS:
+            attempts += 1
             try:
                 entries = await self._storage.get_many(read_keys)
             except StorageError as exc:
@@ -648,7 +651,15 @@ class EscrowLedger:
             increase = payment.amount - state.authorized_amount
             if increase == 0:
                 return values
-            if entries[hold_key] is not None or channel_id in self._busy:
+            if entries[hold_key] is not None and channel_id not in self._busy:
+                # Another daemon's call, or its hold lingering: wait a little.
+                try:
+                    waited = await self.wait_for_hold(channel_id, waited)
+                except GrpcError as busy:
+                    raise GrpcError(Status.UNKNOWN, busy.message) from None
+                attempts -= 1
+                continue
+            if channel_id in self._busy:
                 raise GrpcError(
                     Status.UNKNOWN, f"another transaction on channel: {channel_label(channel_id)} is in progress"
                 )
