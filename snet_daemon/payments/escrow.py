@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -346,6 +347,9 @@ class EscrowLedger:
         #: not known, after a write that timed out) and when they are due
         #: for deletion (``clock`` time).
         self._lingering: dict[int, tuple[int | None, float]] = {}
+        #: The same entries as ``(due, channel, revision)``, earliest first;
+        #: one no longer in ``_lingering`` (taken over) is skipped when due.
+        self._due: list[tuple[float, int, int | None]] = []
         #: Deletions of our holds under way, by channel.
         self._releasing: dict[int, asyncio.Future[None]] = {}
         #: Channels whose holds are deleted as soon as their calls end.
@@ -422,7 +426,7 @@ class EscrowLedger:
                 if held is not None and held.value == self._instance:
                     # A hold of ours whose call is over (its deletion not
                     # known here yet): take it over.
-                    self._lingering[channel_id] = (held.mod_revision, self._clock() + self._linger_time)
+                    self._linger(channel_id, held.mod_revision)
                 elif held is not None:
                     # Another daemon's call, in flight or just finished.
                     waited = await self.wait_for_hold(channel_id, waited)
@@ -808,22 +812,27 @@ class EscrowLedger:
         ``revision`` None: a hold of ours may be there (a write timed out);
         it is deleted if it names us and no call of ours holds the channel.
         """
-        self._lingering[channel_id] = (revision, self._clock() + (self._linger_time if delay is None else delay))
+        due = self._clock() + (self._linger_time if delay is None else delay)
+        self._lingering[channel_id] = (revision, due)
+        heapq.heappush(self._due, (due, channel_id, revision))
         if self._sweeper is None:
             self._sweeper = asyncio.ensure_future(self._sweep())
 
     async def _sweep(self) -> None:
         """Delete each lingering hold when it is due, while there are any."""
+        lingering, queue = self._lingering, self._due
         try:
-            while self._lingering:
+            while queue:
                 now = self._clock()
-                wake = min(due for _, due in self._lingering.values())
-                if wake > now:
-                    await self._sleep(wake - now)
+                if queue[0][0] > now:
+                    await self._sleep(queue[0][0] - now)
                     continue
-                due = {channel_id: revision for channel_id, (revision, at) in self._lingering.items() if at <= now}
-                for channel_id in due:
-                    del self._lingering[channel_id]
+                due: dict[int, int | None] = {}
+                while queue and queue[0][0] <= now:
+                    at, channel_id, revision = heapq.heappop(queue)
+                    if lingering.get(channel_id) == (revision, at):  # not taken over or lingering anew
+                        del lingering[channel_id]
+                        due[channel_id] = revision
                 if len(self._hasty) + len(due) > _CACHE_LIMIT:
                     self._hasty.clear()
                 self._hasty.update(due)  # nobody took these holds over
