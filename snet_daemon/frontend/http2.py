@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from snet_daemon.frontend import grpcweb
-from snet_daemon.frontend._h2_tuning import plain_literals
+from snet_daemon.frontend._h2_tuning import fast_hpack
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.gateway import Gateway, HttpResponse
 from snet_daemon.frontend.status import GrpcError, Status
@@ -199,7 +199,7 @@ class H2ServerProtocol(Protocol):
         self.write_buffer = limits.write_buffer
         self._max_message = limits.max_message_size
         self._conn = h2.connection.H2Connection(config=_H2_CONFIG)
-        plain_literals(self._conn)
+        fast_hpack(self._conn)
         self._streams: dict[int, _Stream] = {}
         self._blocked: set[_Stream] = set()
         self._starting: list[_Stream] = []

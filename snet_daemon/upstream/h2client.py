@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from snet_daemon import __version__
-from snet_daemon.frontend._h2_tuning import plain_literals
+from snet_daemon.frontend._h2_tuning import fast_hpack
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.http2 import send_within_window
 from snet_daemon.frontend.status import GrpcError, Status
@@ -225,7 +225,7 @@ class UpstreamConnection(Protocol):
     def __init__(self, pool: H2Upstream) -> None:
         self._pool = pool
         self._conn = h2.connection.H2Connection(config=_CONFIG)
-        plain_literals(self._conn)
+        fast_hpack(self._conn)
         self._relays: dict[int, _Relay] = {}
         self._blocked: set[_Relay] = set()
         self._flush_scheduled = False
