@@ -15,7 +15,6 @@ from hpack.exceptions import (
     OversizedHeaderListError,
 )
 
-from snet_daemon.frontend import hpack_codec
 from snet_daemon.frontend.hpack_codec import Decoder, Encoder, decode_huffman
 
 Headers = list[tuple[bytes, bytes]]
@@ -313,10 +312,3 @@ def test_encoder_takes_str_and_header_tuples() -> None:
     for _ in range(3):
         block = encoder.encode([("x-name", "välue"), HeaderTuple(b"x-b", b"1"), [b"x-c", b"2"]])  # type: ignore[list-item]
         assert decoder.decode(block, raw=True) == [(b"x-name", "välue".encode()), (b"x-b", b"1"), (b"x-c", b"2")]
-
-
-def test_huffman_table_is_built_once() -> None:
-    decode_huffman(bytes.fromhex("1f"))
-    table = hpack_codec._BYTE_TABLE
-    decode_huffman(bytes.fromhex("1f"))
-    assert hpack_codec._BYTE_TABLE is table is not None
