@@ -64,6 +64,8 @@ def test_fast_hpack_connections_talk_to_stock_h2() -> None:
 
 def test_character_check_accepts_and_refuses_exactly_as_h2() -> None:
     """Random names and values, rich in the octets the rules name: same verdict, same message."""
+    assert _h2_reject_illegal_characters is not None  # the h2 this project installs has the check
+    assert h2.utilities._reject_illegal_characters is _reject_illegal_characters
     rnd = random.Random(7)
     every_octet = bytes(range(256))
     refused = 0

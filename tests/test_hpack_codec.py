@@ -298,6 +298,22 @@ def test_encoder_indexes_a_field_the_second_time_and_never_a_unique_one() -> Non
     assert len(encoder._entries) == 1
 
 
+def test_encoder_never_indexes_nor_remembers_a_large_field() -> None:
+    encoder = Encoder()
+    big = (b"x-big-bin", b"b" * 2000)  # over a quarter of the 4096-octet table
+    blocks = [encoder.encode([big]) for _ in range(3)]
+    assert all(block[0] == 0x00 for block in blocks)  # literal without indexing, new name
+    assert not encoder._seen
+    assert not encoder._entries
+    encoder.header_table_size = 0  # the peer allows no table at all: nothing is indexed
+    field = (b"content-type", b"application/grpc")
+    blocks = [encoder.encode([field]) for _ in range(3)]
+    assert blocks[0][:1] == b"\x20"  # the size update to 0 comes first
+    assert blocks[1][0] & 0xF0 == 0x00  # then literals without indexing, always
+    assert blocks[2] == blocks[1]
+    assert hpack.Decoder().decode(blocks[0], raw=True) == [field]
+
+
 def test_encoder_announces_table_size_changes() -> None:
     encoder = Encoder()
     encoder.header_table_size = 0

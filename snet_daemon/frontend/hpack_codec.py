@@ -60,8 +60,8 @@ _DEFAULT_TABLE_SIZE: Final = 4096
 #: hpack's default limit on a decoded header list (h2 lowers it further).
 _DEFAULT_MAX_HEADER_LIST_SIZE: Final = 2**16
 #: Continuation octets of an integer beyond which it is refused (RFC 7541
-#: section 5.1 leaves the limit to the implementation; hpack uses 5 octets
-#: in all, enough for 32 bits).
+#: section 5.1 leaves the limit to the implementation): four carry 28 bits,
+#: more than any length or index in a header block can need.
 _VARINT_MAX_OCTETS: Final = 4
 
 _STATIC: Final[tuple[Header, ...]] = tuple(HeaderTable.STATIC_TABLE)
@@ -358,8 +358,9 @@ class Encoder:
     the newest, and eviction drops the oldest, as the peer's decoder does.
     """
 
-    #: Fields seen once, remembered to be indexed when seen again; forgotten
-    #: all at once when full, so never-repeating values cost little memory.
+    #: Fields seen once (of at most a quarter of the table), remembered to be
+    #: indexed when seen again; forgotten all at once when full, so values
+    #: that never repeat cost little memory.
     _SEEN_LIMIT: Final = 512
 
     def __init__(self) -> None:
@@ -424,7 +425,10 @@ class Encoder:
             return self._odd(header)
         header = (name, value)
         size = len(name) + len(value) + _ENTRY_OVERHEAD
-        if header in self._seen and size <= self._maxsize // 4:
+        if size > self._maxsize // 4:
+            # Too big to stay in the table a while: never indexed, nor remembered.
+            return _literal(name, value, 4, 0x00)
+        if header in self._seen:
             self._add(header, size)
             return _literal(name, value, 6, 0x40)
         if len(self._seen) >= self._SEEN_LIMIT:
