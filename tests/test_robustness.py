@@ -171,6 +171,30 @@ def test_oversized_headers_http2(daemon: Daemon) -> None:
     bystander.close()
 
 
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"\x80",  # an indexed field with index 0
+        b"\xbe",  # index 62: the dynamic table is empty
+        b"\x00\x81\xff\x01v",  # a Huffman-coded name of 8 padding bits
+        b"\x00\x05ab",  # a name said to be 5 octets long, with 2
+    ],
+    ids=["index-0", "empty-table", "huffman-padding", "truncated"],
+)
+def test_malformed_header_block_is_a_compression_error(daemon: Daemon, block: bytes) -> None:
+    """A header block HPACK cannot decode ends that connection with COMPRESSION_ERROR; others keep working."""
+    client = H2Client(daemon.address)
+    # A HEADERS frame (type 1, END_STREAM | END_HEADERS) on stream 1, written by hand.
+    client.sock.sendall(len(block).to_bytes(3, "big") + b"\x01\x05" + (1).to_bytes(4, "big") + block)
+    deadline = time.monotonic() + 5
+    while client.goaway is None and not client.closed and time.monotonic() < deadline:
+        client.pump(0.2)
+    assert client.goaway is not None
+    assert client.goaway.error_code == h2.errors.ErrorCodes.COMPRESSION_ERROR
+    client.close()
+    assert_still_serving(daemon)
+
+
 def test_oversized_headers_http1(daemon: Daemon) -> None:
     """An HTTP/1.1 request with huge headers is refused with a 4xx."""
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:

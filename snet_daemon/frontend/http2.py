@@ -39,6 +39,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
@@ -491,6 +492,10 @@ class H2ServerProtocol(Protocol):
     def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
         _log.info("HTTP/2 protocol error from {peer}: {error}", peer=self._peer, error=exc)
         code = getattr(exc, "error_code", None) or h2.errors.ErrorCodes.PROTOCOL_ERROR
+        if isinstance(exc.__cause__, HPACKError) and not isinstance(exc, h2.exceptions.DenialOfServiceError):
+            # h2 reports an undecodable header block as a protocol error;
+            # RFC 9113 section 4.3 names it a COMPRESSION_ERROR.
+            code = h2.errors.ErrorCodes.COMPRESSION_ERROR
         try:
             self._conn.close_connection(error_code=code)
         except h2.exceptions.ProtocolError:
