@@ -8,9 +8,12 @@ separate process pinned to its own CPU: ``python -m benchmarks._loadgen
 <plan.json>``; it prints one JSON line of results.
 
 The plan (JSON): ``{"host", "port", "path", "connections", "duration",
-"cycle", "workers": [[[headers...], body_hex], ...]]}``; with ``cycle`` each
-worker repeats its list, otherwise it stops at its end (a paid worker's
-list never repeats: each call pays a new cumulative amount).
+"cycle", "rate", "workers": [[[headers...], body_hex], ...]]}``; with
+``cycle`` each worker repeats its list, otherwise it stops at its end (a
+paid worker's list never repeats: each call pays a new cumulative amount).
+With ``rate`` (calls/s, all workers together) each worker waits for its
+next slot before sending, so the load is offered at that rate instead of as
+fast as calls return; two servers then compare at the same load.
 """
 
 from __future__ import annotations
@@ -98,6 +101,9 @@ async def run(plan: dict[str, Any]) -> dict[str, Any]:
     stop_at = time.monotonic() + plan["duration"]
     authority = f"{host}:{port}"
     cycle = bool(plan.get("cycle"))
+    rate = plan.get("rate")
+    # Each worker's slots: one every workers / rate seconds, staggered.
+    interval = len(plan["workers"]) / rate if rate else 0.0
 
     async def worker(index: int, requests: list[Any]) -> None:
         conn = conns[index % len(conns)]
@@ -109,7 +115,13 @@ async def run(plan: dict[str, Any]) -> dict[str, Any]:
             for hs, b in requests
         ]
         i = 0
+        next_at = time.monotonic() + index * interval / len(plan["workers"])
         while time.monotonic() < stop_at and (cycle or i < len(prepared)):
+            if interval:
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                next_at += interval
             headers, body = prepared[i % len(prepared)]
             i += 1
             start = time.monotonic()

@@ -11,6 +11,10 @@ pre-signed cumulative amounts.  Daemons, etcd and the service share CPU 0.
     .venv/bin/python benchmarks/paid.py [--rounds 3] [--duration 4]
 
 Prints calls/s, p50, p99 and daemon CPU per call for both, and the ratios.
+With ``--rate N`` both daemons are offered N calls/s instead of as many as
+they can serve: below both capacities the p50 difference is the latency the
+payment check adds at equal load, without the queueing that a lower
+capacity brings at 16 calls in flight.
 Requires anvil (``scripts/setup``: npm) and etcd (``etcd-server``).
 """
 
@@ -42,6 +46,8 @@ from tests.support.upstream import ExampleServiceProcess  # noqa: E402
 
 WORKERS = 16
 _workers = WORKERS
+#: Offered calls/s (``--rate``); None: each worker sends as soon as its last call returns.
+_rate: float | None = None
 PATH = "/example_service.Echo/Unary"
 PROXY_CPU = "0"
 LOAD_CPU = "1"
@@ -69,7 +75,15 @@ def _paid_plan(port: int, mpe: bytes, channels: list[int], calls: int, duration:
             ]
             requests.append([headers, body])
         workers.append(requests)
-    return {"host": "127.0.0.1", "port": port, "path": PATH, "connections": 4, "duration": duration, "workers": workers}
+    return {
+        "host": "127.0.0.1",
+        "port": port,
+        "path": PATH,
+        "connections": 4,
+        "duration": duration,
+        "rate": _rate,
+        "workers": workers,
+    }
 
 
 def sig_b64(signature: bytes) -> str:
@@ -125,6 +139,7 @@ def _repeating_plan(port: int, headers: list[list[str]], duration: float) -> dic
         "connections": 4,
         "duration": duration,
         "cycle": True,
+        "rate": _rate,
         "workers": [[[headers, _body()]] for _ in range(_workers)],
     }
 
@@ -171,6 +186,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--workers", type=int, default=WORKERS, help="calls in flight (one channel each)")
     parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="offer this many calls/s (all workers together) to both daemons instead of sending as fast as "
+        "calls return; below both capacities, the p50 difference is what the payment check adds at equal load",
+    )
+    parser.add_argument(
         "--mode",
         choices=("escrow", "prepaid"),
         default="escrow",
@@ -185,8 +207,9 @@ def main() -> int:
         "(isolates the daemon's own payment cost from etcd's)",
     )
     args = parser.parse_args()
-    global _workers
+    global _workers, _rate
     _workers = args.workers
+    _rate = args.rate
 
     workdir = Path(tempfile.mkdtemp(prefix="snetd-paid-bench-"))
     chain = shared_chain()
@@ -260,6 +283,8 @@ def main() -> int:
         print(f"({_workers} calls in flight, all on ONE channel with one prepaid token)")
     else:
         print(f"({_workers} calls in flight; each paid worker pays on its own channel, calls sequential per channel)")
+    if _rate:
+        print(f"(offered {_rate:g} calls/s to each daemon: at equal load compare p50, not calls/s)")
     return 0
 
 
