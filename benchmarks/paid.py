@@ -75,15 +75,7 @@ def _paid_plan(port: int, mpe: bytes, channels: list[int], calls: int, duration:
             ]
             requests.append([headers, body])
         workers.append(requests)
-    return {
-        "host": "127.0.0.1",
-        "port": port,
-        "path": PATH,
-        "connections": 4,
-        "duration": duration,
-        "rate": _rate,
-        "workers": workers,
-    }
+    return _plan(port, duration, workers)
 
 
 def sig_b64(signature: bytes) -> str:
@@ -132,15 +124,20 @@ def _unpaid_plan(port: int, duration: float) -> dict[str, Any]:
 
 def _repeating_plan(port: int, headers: list[list[str]], duration: float) -> dict[str, Any]:
     """Every worker sends the same call (same headers) again and again."""
+    return _plan(port, duration, [[[headers, _body()]] for _ in range(_workers)], cycle=True)
+
+
+def _plan(port: int, duration: float, workers: list[Any], cycle: bool = False) -> dict[str, Any]:
+    """A ``_loadgen.py`` plan against the daemon on ``port``."""
     return {
         "host": "127.0.0.1",
         "port": port,
         "path": PATH,
         "connections": 4,
         "duration": duration,
-        "cycle": True,
+        "cycle": cycle,
         "rate": _rate,
-        "workers": [[[headers, _body()]] for _ in range(_workers)],
+        "workers": workers,
     }
 
 

@@ -61,11 +61,9 @@ def test_invalid_http2_frames_get_goaway(daemon: Daemon) -> None:
     client = H2Client(daemon.address)
     # A DATA frame on stream 0 is a connection error (PROTOCOL_ERROR).
     client.sock.sendall(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
-    deadline = time.monotonic() + 5
-    while client.goaway is None and not client.closed and time.monotonic() < deadline:
-        client.pump(0.2)
-    assert client.goaway is not None
-    assert client.goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    goaway = client.wait_for_goaway()
+    assert goaway is not None
+    assert goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
     client.close()
     assert_still_serving(daemon)
 
@@ -162,9 +160,7 @@ def test_oversized_headers_http2(daemon: Daemon) -> None:
     client = H2Client(daemon.address)
     huge = [(f"x-big-{i}", "v" * 4000) for i in range(40)]
     client.request(ECHO, grpc_headers(extra=huge), frame(b""))
-    deadline = time.monotonic() + 5
-    while client.goaway is None and not client.closed and time.monotonic() < deadline:
-        client.pump(0.2)
+    client.wait_for_goaway()
     assert client.goaway is not None or client.closed
     client.close()
     assert calc.add(pb.Numbers(a=2, b=2), timeout=10).value == 4
@@ -186,11 +182,9 @@ def test_malformed_header_block_is_a_compression_error(daemon: Daemon, block: by
     client = H2Client(daemon.address)
     # A HEADERS frame (type 1, END_STREAM | END_HEADERS) on stream 1, written by hand.
     client.sock.sendall(len(block).to_bytes(3, "big") + b"\x01\x05" + (1).to_bytes(4, "big") + block)
-    deadline = time.monotonic() + 5
-    while client.goaway is None and not client.closed and time.monotonic() < deadline:
-        client.pump(0.2)
-    assert client.goaway is not None
-    assert client.goaway.error_code == h2.errors.ErrorCodes.COMPRESSION_ERROR
+    goaway = client.wait_for_goaway()
+    assert goaway is not None
+    assert goaway.error_code == h2.errors.ErrorCodes.COMPRESSION_ERROR
     client.close()
     assert_still_serving(daemon)
 
@@ -264,9 +258,7 @@ def test_rapid_reset_closes_the_connection(daemon: Daemon) -> None:
         client.flush()
     except OSError:
         pass
-    deadline = time.monotonic() + 5
-    while client.goaway is None and not client.closed and time.monotonic() < deadline:
-        client.pump(0.2)
+    client.wait_for_goaway()
     assert client.goaway is not None or client.closed
     if client.goaway is not None:
         assert client.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM

@@ -25,7 +25,7 @@ accepted and refused), and the header list size limit.
 time it sends it, so values that never repeat (the payment headers a
 daemon forwards) are sent as plain literals without touching the table,
 while the fields every call repeats (``:path``, ``content-type``, ``te``,
-``grpc-status: 0``...) cost one or two bytes from their second use on.  It
+``grpc-status: 0``...) cost one or two bytes from their third use on.  It
 finds a field with one dictionary lookup, never Huffman-codes (the links a
 daemon uses are not short of bytes; hpack's Huffman coder is the slowest
 part of it), and answers a change of the peer's table size with a table
@@ -49,6 +49,8 @@ from hpack.huffman_table import HUFFMAN_COMPLETE, HUFFMAN_EMIT_SYMBOL, HUFFMAN_F
 from hpack.struct import HeaderTuple, NeverIndexedHeaderTuple
 from hpack.table import HeaderTable
 
+from snet_daemon.varint import encode_varint
+
 Header = tuple[bytes, bytes]
 #: What the encoder accepts: str is encoded as UTF-8, as hpack does.
 AnyHeader = tuple[bytes | str, bytes | str]
@@ -66,16 +68,13 @@ _VARINT_MAX_OCTETS: Final = 4
 
 _STATIC: Final[tuple[Header, ...]] = tuple(HeaderTable.STATIC_TABLE)
 _STATIC_COUNT: Final = len(_STATIC)  # 61
-#: Full matches and first name matches of the static table, 1-based.
-_STATIC_FIELDS: Final[dict[Header, int]] = {}
+#: The one-octet indexed form of each field in the static table, and the
+#: first index of each name there.
+_STATIC_BLOCKS: Final[dict[AnyHeader, bytes]] = {}
 _STATIC_NAMES: Final[dict[bytes, int]] = {}
 for _index, _field in enumerate(_STATIC, start=1):
-    _STATIC_FIELDS.setdefault(_field, _index)
+    _STATIC_BLOCKS.setdefault(_field, bytes((0x80 | _index,)))
     _STATIC_NAMES.setdefault(_field[0], _index)
-#: The one-octet indexed form of each static field.
-_STATIC_BLOCKS: Final[dict[AnyHeader, bytes]] = {
-    field: bytes((0x80 | index,)) for field, index in _STATIC_FIELDS.items()
-}
 
 
 # -- Huffman -----------------------------------------------------------------------
@@ -330,13 +329,8 @@ def _encode_integer(value: int, prefix_bits: int, flags: int) -> bytes:
     top = (1 << prefix_bits) - 1
     if value < top:
         return bytes((flags | value,))
-    out = bytearray((flags | top,))
-    value -= top
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    # The rest follows as an unsigned LEB128 varint.
+    return bytes((flags | top,)) + encode_varint(value - top)
 
 
 def _literal(name: bytes, value: bytes, prefix_bits: int, flags: int) -> bytes:
@@ -443,9 +437,6 @@ class Encoder:
         value_bytes = value.encode("utf-8") if isinstance(value, str) else bytes(value)
         if isinstance(header, NeverIndexedHeaderTuple):
             return _literal(name_bytes, value_bytes, 4, 0x10)
-        if type(name) is bytes and type(value) is bytes:
-            # A tuple subclass of plain bytes: encode it as a plain tuple.
-            return self.encode([(name, value)])
         return self.encode([(name_bytes, value_bytes)])
 
     def _add(self, header: Header, size: int) -> None:

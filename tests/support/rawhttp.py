@@ -235,6 +235,13 @@ class H2Client:
             self.pump(0.2)
         return reply
 
+    def wait_for_goaway(self, timeout: float = 5.0) -> h2.events.ConnectionTerminated | None:
+        """Pump until the server sent GOAWAY or closed (or ``timeout``); the GOAWAY if any."""
+        end = time.monotonic() + timeout
+        while self.goaway is None and not self.closed and time.monotonic() < end:
+            self.pump(0.2)
+        return self.goaway
+
     def close(self) -> None:
         try:
             self.conn.close_connection()
