@@ -15,7 +15,7 @@ import pytest
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments.channel import ChannelState
 from snet_daemon.payments.escrow import EscrowLedger, Hold, metadata_values, parse_escrow
-from snet_daemon.storage.base import Entry, StorageUnavailable
+from snet_daemon.storage.base import Condition, Entry, Op, StorageTimeout, StorageUnavailable
 from snet_daemon.storage.memory import MemoryStorage
 from tests.support.aio import aio_test
 from tests.support.payments import (
@@ -49,6 +49,7 @@ def make(
     chain: FakeChain | None = None,
     linger: float = 0.02,
     foreign_wait: float = 0.1,
+    late_write_grace: float = 2.0,
     **term_args: int,
 ) -> tuple[EscrowLedger, FakeChain, CountingStorage]:
     """A ledger (a daemon instance with a name of its own) on ``storage``."""
@@ -63,12 +64,24 @@ def make(
         f"test-daemon-{next(_daemons)}",
         linger=linger,
         foreign_wait=foreign_wait,
+        late_write_grace=late_write_grace,
     )
     return ledger, chain, counting
 
 
 async def hold_of(storage: MemoryStorage | CountingStorage, channel_id: int) -> Entry | None:
     return await storage.get(Keys().channel_hold(channel_id))
+
+
+async def hold_gone(
+    storage: MemoryStorage | CountingStorage, channel_id: int, ledger: EscrowLedger | None = None, wait: float = 1.0
+) -> bool:
+    """Whether the channel's hold is gone (and ``ledger`` done with the channel) within ``wait`` seconds."""
+    for _ in range(round(wait / 0.01)):
+        if await hold_of(storage, channel_id) is None and (ledger is None or channel_id not in ledger._busy):
+            return True
+        await asyncio.sleep(0.01)
+    return False
 
 
 async def pay(ledger: EscrowLedger, channel_id: int, nonce: int, amount: int, key: bytes = CLIENT_KEY) -> Hold:
@@ -135,11 +148,7 @@ async def test_finished_call_hold_lingers_then_goes() -> None:
     chain.open(1)
     ledger.commit(await pay(ledger, 1, 0, PRICE))
     assert await hold_of(storage, 1) is not None
-    for _ in range(100):
-        if await hold_of(storage, 1) is None:
-            break
-        await asyncio.sleep(0.01)
-    assert await hold_of(storage, 1) is None
+    assert await hold_gone(storage, 1)
     state = await ledger.channel_state(1)
     assert state is not None
     assert state[0].authorized_amount == PRICE  # the payment stays
@@ -184,11 +193,7 @@ async def test_unused_lingering_hold_makes_the_next_holds_go_at_once() -> None:
     ledger, chain, storage = make(linger=0.05)
     chain.open(1)
     ledger.commit(await pay(ledger, 1, 0, PRICE))
-    for _ in range(100):
-        if await hold_of(storage, 1) is None:
-            break
-        await asyncio.sleep(0.01)
-    assert await hold_of(storage, 1) is None  # lingered, unused, deleted
+    assert await hold_gone(storage, 1)  # lingered, unused, deleted
     ledger.commit(await pay(ledger, 1, 0, 2 * PRICE))
     await _settle()
     assert await hold_of(storage, 1) is None  # deleted at once, not after 50 ms
@@ -490,11 +495,7 @@ async def test_refund_retries_briefly_then_leaves_the_payment() -> None:
     await ledger.release(hold)  # does not raise: the call has failed already
     assert sum(sleeps) >= 3.0
     storage.fail = None
-    for _ in range(100):
-        if await hold_of(storage, 1) is None:
-            break
-        await asyncio.sleep(0.01)
-    assert await hold_of(storage, 1) is None  # the lingering hold was deleted once storage was back
+    assert await hold_gone(storage, 1)  # the lingering hold was deleted once storage was back
     ledger.commit(await ledger.authorize(METHOD, parse_escrow(metadata_values(payment_metadata(1, 0, 2 * PRICE)))))
 
 
@@ -570,19 +571,158 @@ async def test_hold_left_by_a_timed_out_write_that_cannot_be_read_back_goes() ->
     chain = FakeChain()
     chain.open(1)
     storage = _ReadsFail(MemoryStorage(Clock()))
-    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", linger=0.01)
+    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", linger=0.01, late_write_grace=0.05)
     storage.timeout_after_apply = 1
     storage.fail_reads = 1
     error = await rejected(ledger, 1, 0, PRICE)
     assert error.status == Status.UNAVAILABLE
     assert await hold_of(storage, 1) is not None  # it did apply
-    for _ in range(100):
-        if await hold_of(storage, 1) is None:
-            break
-        await asyncio.sleep(0.01)
-    assert await hold_of(storage, 1) is None
+    assert await hold_gone(storage, 1)
     # The payment stayed recorded (the client was told the call failed).
     ledger.commit(await pay(ledger, 1, 0, 2 * PRICE))
+
+
+@aio_test
+async def test_call_cancelled_while_its_payment_is_written_is_refunded() -> None:
+    """A call cancelled (client gone, deadline passed) while its payment write is on its way:
+    the write, which applied, is undone once its reply comes, and the channel is free for
+    every daemon (its hold would otherwise stay on our live lease)."""
+    storage = MemoryStorage(Clock())
+    chain = FakeChain()
+    chain.open(1)
+    ledger, _, counting = make(storage, chain, linger=0.01)
+    other, _, _ = make(storage, chain, foreign_wait=0.05)
+    ledger.commit(await pay(ledger, 1, 0, PRICE))
+    await ledger.quiesce(1)
+    counting.reply_after = reply = asyncio.Event()
+    call = asyncio.ensure_future(pay(ledger, 1, 0, 2 * PRICE))
+    await counting.applied.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    # Until the write's outcome is known the channel stays busy here.
+    assert (await rejected(ledger, 1, 0, 2 * PRICE)).status == Status.FAILED_PRECONDITION
+    reply.set()
+    assert await hold_gone(storage, 1, ledger)
+    state = await ledger.channel_state(1)
+    assert state is not None
+    assert state[0].authorized_amount == PRICE  # the cancelled call's payment was given back
+    other.commit(await pay(other, 1, 0, 2 * PRICE))  # another daemon takes the channel at once
+
+
+@aio_test
+async def test_call_cancelled_while_its_write_fails_frees_the_channel() -> None:
+    """A cancelled call whose payment write then fails leaves nothing behind."""
+    ledger, chain, counting = make(linger=0.01, late_write_grace=0.05)
+    chain.open(1)
+    counting.reply_after = reply = asyncio.Event()
+    call = asyncio.ensure_future(pay(ledger, 1, 0, PRICE))
+    await counting.applied.wait()
+    counting.timeout_after_apply = 1  # the reply that comes is a timeout ...
+    counting.fail = StorageUnavailable("down")  # ... and the read-back fails: outcome unknown
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    reply.set()
+    await _settle()
+    counting.fail = None
+    assert await hold_gone(counting, 1, ledger)
+    # The payment stayed recorded (outcome unknown when the call ended): the next one goes on from it.
+    ledger.commit(await pay(ledger, 1, 0, 2 * PRICE))
+
+
+class _LateWrites(CountingStorage):
+    """The next ``late`` transactions time out at once and apply ``delay`` seconds later."""
+
+    late = 0
+    delay = 0.05
+
+    async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+        if not self.late:
+            return await super().transaction(conditions, ops)
+        self.late -= 1
+        self.calls.append("transaction")
+
+        async def land() -> None:
+            await asyncio.sleep(self.delay)
+            await self.inner.transaction(conditions, ops)
+
+        self.landing = asyncio.ensure_future(land())
+        raise StorageTimeout("no reply")
+
+
+@aio_test
+async def test_hold_left_by_a_write_that_lands_after_its_read_back_goes() -> None:
+    """A write that timed out, was not found by the read-back and landed later: the call was
+    refused, and the hold the write left is deleted after a grace (it does not block the channel)."""
+    chain = FakeChain()
+    chain.open(1)
+    storage = _LateWrites(MemoryStorage(Clock()))
+    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", linger=0.01, late_write_grace=0.2)
+    other, _, _ = make(storage.inner, chain, foreign_wait=0.01)
+    storage.late = 1
+    assert (await rejected(ledger, 1, 0, PRICE)).status == Status.UNAVAILABLE
+    await storage.landing
+    held = await hold_of(storage, 1)
+    assert held is not None
+    assert held.value == b"d"  # the late write's hold
+    assert await hold_gone(storage, 1)
+    # The late write recorded the payment (as a timed-out write may): the next one goes on from it.
+    other.commit(await pay(other, 1, 0, 2 * PRICE))
+
+
+@aio_test
+async def test_refund_gives_up_when_storage_times_out() -> None:
+    """A refund whose tries all time out gives up after its patience, counting the time the tries
+    took (the failed call's status waits for it); the payment stays recorded, the hold goes later."""
+    clock = Clock()
+
+    class _SlowTimeouts(CountingStorage):
+        timing_out = False
+
+        async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+            if self.timing_out:
+                clock.now += 1.0  # each try takes a whole request timeout
+                raise StorageTimeout("timed out")
+            return await super().transaction(conditions, ops)
+
+    chain = FakeChain()
+    chain.open(1)
+    storage = _SlowTimeouts(MemoryStorage(clock))
+    sleeps: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        sleeps.append(delay)
+        await asyncio.sleep(0)
+
+    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", sleep=fake_sleep, clock=clock)
+    hold = await ledger.authorize(METHOD, parse_escrow(metadata_values(payment_metadata(1, 0, PRICE))))
+    storage.timing_out = True
+    await asyncio.wait_for(ledger.release(hold), 5)  # returns: it did not retry for ever
+    # Gave up on the third try, three (request) seconds in; then only the sweeper's naps.
+    assert sleeps[:2] == [0.05, 0.1]
+    assert all(delay <= 0.02 for delay in sleeps[2:])
+    assert 1 not in ledger._busy
+    ledger.close()
+    storage.timing_out = False
+    state = await ledger.channel_state(1)
+    assert state is not None
+    assert state[0].authorized_amount == PRICE  # stays recorded
+
+
+@aio_test
+async def test_lingering_hold_due_before_a_retry_is_not_held_up_by_it() -> None:
+    """A retried deletion (due later) at the head of the queue does not delay a hold lingering after it."""
+    storage = MemoryStorage(Clock())
+    chain = FakeChain()
+    chain.open(1)
+    chain.open(2)
+    ledger, _, counting = make(storage, chain, linger=0.02)
+    ledger._linger(2, None, delay=5.0)  # as after a failed deletion: tried again much later
+    await asyncio.sleep(0)  # the sweeper sleeps now
+    ledger.commit(await pay(ledger, 1, 0, PRICE))
+    assert await hold_gone(counting, 1, wait=0.5)
+    ledger.close()
 
 
 @aio_test

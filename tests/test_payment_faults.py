@@ -141,6 +141,48 @@ def test_two_daemons_on_one_etcd_never_accept_more_than_signed(
             assert signed_amount(deployment, daemon.address, channel_id) == accepted * PRICE
 
 
+def test_call_cut_short_while_its_payment_is_written_is_not_charged(
+    chain: Chain,  # noqa: F811
+    ipfs: IpfsServer,  # noqa: F811
+    upstream: Upstream,
+    tmp_path: Path,
+    etcd_factory: Callable[[], EtcdServer],  # noqa: F811
+) -> None:
+    """etcd's replies come 0.1 s late, so a call with a 30 ms deadline ends while its payment
+    write (applied) is on its way back.  The payment is given back once the reply comes, and no
+    hold is left behind: another daemon of the group takes the channel at once afterwards."""
+    etcd = etcd_factory().start()
+    host, port = etcd.url.removeprefix("http://").split(":")
+    proxy = TcpProxy((host, int(port)))
+    proxy.reply_delay = 0.1
+    proxy.up()
+    try:
+        with group_on_one_etcd(chain, ipfs, upstream, tmp_path, proxy.url) as daemons:
+            deployment = Deployment(chain, ipfs, upstream, daemons[0], proxy.url)
+            channel_id = open_channel(chain, amount=10_000)
+            paid_echo(deployment, daemons[0].address, channel_id, PRICE)  # served and charged
+            upstream.record.reset()
+            channel = make_channel(daemons[0].address)
+            try:
+                for _ in range(3):
+                    with pytest.raises(grpc.RpcError) as info:
+                        pb_grpc.EchoStub(channel).Unary(
+                            pb.EchoRequest(), metadata=deployment.payment(channel_id, 0, 2 * PRICE), timeout=0.03
+                        )
+                    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    time.sleep(0.5)  # the write's reply, then the refund's
+            finally:
+                channel.close()
+            assert upstream.record.metadata == []  # none of them was served ...
+            assert signed_amount(deployment, daemons[1].address, channel_id) == PRICE  # ... nor charged
+            started = time.monotonic()
+            paid_echo(deployment, daemons[1].address, channel_id, 2 * PRICE)
+            assert time.monotonic() - started < 2  # no hold of daemon 0 left on the channel
+            assert signed_amount(deployment, daemons[1].address, channel_id) == 2 * PRICE
+    finally:
+        proxy.down()
+
+
 def test_client_alternating_between_two_daemons_pays_call_after_call(
     chain: Chain,  # noqa: F811
     ipfs: IpfsServer,  # noqa: F811

@@ -252,6 +252,45 @@ async def test_start_claim_waits_for_another_daemons_lingering_hold() -> None:
 
 
 @aio_test
+async def test_payment_accepted_while_a_claim_starts_is_claimed_too() -> None:
+    """Another daemon accepts a payment just after the claim read the channel: the claim's write,
+    conditioned on what it read, fails and the claim is made again with that payment in it
+    (a claim written from an older read would drop the accepted payment)."""
+    world = World()
+    world.chain.open(1, value=1000)
+    await world.pay(1, 0, PRICE)
+    other = EscrowLedger(world.storage, world.keys, world.chain, terms, StorageLease(world.storage), "other")
+    state_key = world.keys.channel_state(1)
+    storage = world.storage
+    reads = 0
+
+    class _PaymentAfterFirstRead:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(storage, name)
+
+        async def get(self, key: str) -> Any:
+            nonlocal reads
+            entry = await storage.get(key)
+            if key == state_key:
+                reads += 1
+                if reads == 2:  # the claim's own read (the first is start_claim's signature check)
+                    payment = parse_escrow(metadata_values(payment_metadata(1, 0, 2 * PRICE)))
+                    other.commit(await other.authorize(METHOD, payment))
+                    await other.quiesce(1)
+            return entry
+
+    hooked: Any = _PaymentAfterFirstRead()
+    world.ledger = EscrowLedger(hooked, world.keys, world.chain, terms, StorageLease(storage), "d")
+    world.control = ProviderControl(world.ledger, hooked, world.keys, world.chain, terms)
+    reply = await world.start_claim(1, 0)
+    assert reads >= 3  # the claim read again after its write failed
+    assert n(reply.signed_amount) == 2 * PRICE
+    state = await world.ledger.channel_state(1)
+    assert state is not None
+    assert (state[0].nonce, state[0].claimed_amount, state[0].authorized_amount) == (1, 2 * PRICE, 0)
+
+
+@aio_test
 async def test_start_claim_for_multiple_channels() -> None:
     """Several channels are claimed with one signature over the sorted ids."""
     world = World()

@@ -168,10 +168,12 @@ class ProviderControl:
         attempts = 0
         while attempts < 3:
             attempts += 1
-            found = await self._ledger.channel_state(channel_id)
+            # State and write condition from one read: a payment accepted
+            # after it makes the write fail, and is claimed on the next try.
+            found = await self._ledger.stored_channel(channel_id)
             if found is None:
                 raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}")
-            state, info = found
+            state, info, entry = found
             if state.nonce != info.nonce:
                 raise GrpcError(
                     Status.FAILED_PRECONDITION,
@@ -180,7 +182,6 @@ class ProviderControl:
                 )
             if state.authorized_amount == 0:
                 raise GrpcError(Status.UNKNOWN, f"channel {channel_label(channel_id)} has no payment to claim")
-            entry = await self._get(state_key)
             claimed = ClaimedPayment(channel_id, state.nonce, state.authorized_amount, state.signature)
             after = ChannelState(state.nonce + 1, claimed_amount=state.authorized_amount)
             try:

@@ -13,9 +13,10 @@ without the Go daemon's faults:
   so none can be lost.  :meth:`EscrowLedger.commit` (the service answered
   OK) writes nothing; :meth:`EscrowLedger.release` (the call failed, was
   cancelled or timed out) puts the previous state back, so a failed call
-  costs the client nothing.  A call cut short by the daemon's own death is
-  the one case left charged: the payment was accepted and the service may
-  have done the work.
+  costs the client nothing.  A call cancelled while its payment is being
+  written is refunded the same way once the write's reply comes.  A call
+  cut short by the daemon's own death is the one case left charged: the
+  payment was accepted and the service may have done the work.
 * **No lock outlives its daemon.**  The hold is a storage key attached to
   this daemon instance's lease: if the daemon dies mid-call, the channel is
   free again within the lease TTL, with no manual unlock.  A hold is also
@@ -102,6 +103,10 @@ _FOREIGN_WAIT: Final = 0.1
 _FOREIGN_POLL: Final = 0.002
 #: When deleting a hold failed (storage unavailable), the next try.
 _RELEASE_RETRY: Final = 0.5
+#: How long a hold of ours that a write of unknown outcome (timed out) may
+#: have left is given before it is deleted: such a write can still land
+#: after the read that found no trace of it.
+_LATE_WRITE_GRACE: Final = 2.0
 
 
 class ChainChannel(Protocol):
@@ -314,6 +319,9 @@ class EscrowLedger:
         linger: how long a finished call's hold stays (:data:`_LINGER`).
         foreign_wait: how long a call waits for another daemon's hold to go
             (:data:`_FOREIGN_WAIT`).
+        late_write_grace: how long a write of unknown outcome is given to
+            land before a hold of ours it may leave is deleted
+            (:data:`_LATE_WRITE_GRACE`).
     """
 
     def __init__(
@@ -328,6 +336,7 @@ class EscrowLedger:
         clock: Callable[[], float] = time.monotonic,
         linger: float = _LINGER,
         foreign_wait: float = _FOREIGN_WAIT,
+        late_write_grace: float = _LATE_WRITE_GRACE,
     ) -> None:
         self._storage = storage
         self._keys = keys
@@ -339,6 +348,7 @@ class EscrowLedger:
         self._clock = clock
         self._linger_time = linger
         self._foreign_wait = foreign_wait
+        self._late_write_grace = late_write_grace
         #: Last known state entry per channel (None: known absent).
         self._cache: dict[int, Entry | None] = {}
         #: Channels with a call in flight through this daemon.
@@ -354,6 +364,12 @@ class EscrowLedger:
         self._releasing: dict[int, asyncio.Future[None]] = {}
         #: Channels whose holds are deleted as soon as their calls end.
         self._hasty: set[int] = set()
+        #: Channels whose call was cancelled while its payment was being
+        #: recorded: busy until that write is over (see :meth:`_abandon`).
+        self._abandoned: set[int] = set()
+        #: Background refunds and hold deletions under way (asyncio keeps
+        #: only weak references to tasks).
+        self._background: set[asyncio.Future[None]] = set()
         #: The background task deleting lingering holds (None: idle).
         self._sweeper: asyncio.Future[None] | None = None
 
@@ -374,8 +390,48 @@ class EscrowLedger:
         try:
             return await self._authorize(method, payment)
         except BaseException:
-            self._busy.discard(channel_id)
+            if channel_id not in self._abandoned:
+                self._busy.discard(channel_id)
             raise
+
+    def _abandon(
+        self,
+        payment: EscrowPayment,
+        state_key: str,
+        hold_key: str,
+        previous: Entry | None,
+        value: bytes,
+        sender: str,
+        record: asyncio.Future[tuple[int, int]],
+    ) -> None:
+        """The call was cancelled while its payment was being recorded; the write is now over.
+
+        A payment recorded for a call that will not be served is refunded,
+        exactly as a failed call's (:meth:`release`, which also frees the
+        channel); a hold of ours the write may have left is deleted.
+        Without this, a cancelled call would keep the client's payment and
+        leave its hold on our live lease, blocking the channel (for other
+        daemons and for claims) until this daemon stopped.
+        """
+        channel_id = payment.channel_id
+        self._abandoned.discard(channel_id)
+        error = None if record.cancelled() else record.exception()
+        if record.cancelled() or error is not None:
+            self._busy.discard(channel_id)
+            if isinstance(error, ConditionFailed):
+                self._cache.pop(channel_id, None)
+                held = error.current.get(hold_key)
+                if held is not None and held.value == self._instance:
+                    self._linger(channel_id, held.mod_revision)
+            elif not isinstance(error, LeaseNotFound):
+                self._linger(channel_id, None, delay=self._late_write_grace)  # outcome unknown
+            return
+        revision, hold_revision = record.result()
+        self._remember(channel_id, Entry(state_key, value, revision, revision, 1))
+        hold = Hold(channel_id, payment, state_key, hold_key, previous, revision, hold_revision, value, sender)
+        refund = asyncio.ensure_future(self.release(hold))
+        self._background.add(refund)
+        refund.add_done_callback(self._background.discard)
 
     async def _authorize(self, method: str, payment: EscrowPayment) -> Hold:
         channel_id = payment.channel_id
@@ -416,8 +472,19 @@ class EscrowLedger:
             if error is not None:
                 raise error.grpc
             value = ChannelState(state.nonce, payment.amount, payment.signature, state.claimed_amount).encode()
+            # The write is carried to its end even if the call is cancelled
+            # meanwhile (the client went away, its deadline passed): its
+            # outcome decides what there is to undo (see :meth:`_abandon`).
+            record = asyncio.ensure_future(self._record(channel_id, state_key, hold_key, entry, value))
             try:
-                revision, hold_revision = await self._record(channel_id, state_key, hold_key, entry, value)
+                revision, hold_revision = await asyncio.shield(record)
+            except asyncio.CancelledError:
+                if not record.cancelled():
+                    self._abandoned.add(channel_id)  # busy until _abandon is done
+                    record.add_done_callback(
+                        functools.partial(self._abandon, payment, state_key, hold_key, entry, value, info.sender)
+                    )
+                raise
             except ConditionFailed as failed:
                 entry = failed.current.get(state_key)
                 entry_fresh = True
@@ -472,6 +539,7 @@ class EscrowLedger:
         ops: list[Put | Delete] = [restore, Delete(hold.hold_key)]
         waited = 0.0
         delay = 0.05
+        started = self._clock()
         try:
             while True:
                 try:
@@ -489,10 +557,12 @@ class EscrowLedger:
                         channel=channel_id,
                     )
                     return
-                except StorageTimeout:
-                    pass  # outcome unknown: trying again tells (see ConditionFailed)
                 except StorageError as exc:
-                    if waited >= _REFUND_PATIENCE:
+                    # A timeout's outcome is unknown: trying again tells (see
+                    # ConditionFailed).  Patience counts the time the tries
+                    # took too: each timeout takes the whole request timeout,
+                    # and the failed call's status waits for this refund.
+                    if max(waited, self._clock() - started) >= _REFUND_PATIENCE:
                         self._cache.pop(channel_id, None)
                         # Our hold is still there: delete it when storage is back.
                         self._linger(channel_id, hold.hold_revision)
@@ -565,6 +635,15 @@ class EscrowLedger:
         Raises:
             GrpcError: ``UNAVAILABLE`` when storage is down.
         """
+        found = await self.stored_channel(channel_id)
+        return None if found is None else (found[0], found[1])
+
+    async def stored_channel(self, channel_id: int) -> tuple[ChannelState, ChainChannel, Entry | None] | None:
+        """:meth:`channel_state`, with the stored entry it was merged from.
+
+        For writers that change the state: a write conditioned on this
+        entry is sure to change the state they computed from.
+        """
         terms = self._terms()
         try:
             info = await self._channel_info(channel_id, terms)
@@ -575,7 +654,7 @@ class EscrowLedger:
         except StorageError as exc:
             raise _storage_down(exc) from None
         self._remember(channel_id, entry)
-        return merge(_decode(entry, channel_id), info.nonce), info
+        return merge(_decode(entry, channel_id), info.nonce), info, entry
 
     async def prepay(
         self,
@@ -796,8 +875,10 @@ class EscrowLedger:
                 self._linger(channel_id, lingering)  # the takeover writes no hold: it is as it was
             elif held is not None and held.value == self._instance:
                 self._linger(channel_id, held.mod_revision)
-            elif not found:
-                self._linger(channel_id, None)
+            else:
+                # No trace of the write (or it could not be read): it may
+                # still land, leaving a hold of ours.
+                self._linger(channel_id, None, delay=self._late_write_grace)
             raise
         except (ConditionFailed, LeaseNotFound):
             raise  # the caller learns from it whether a hold is still there
@@ -825,7 +906,10 @@ class EscrowLedger:
             while queue:
                 now = self._clock()
                 if queue[0][0] > now:
-                    await self._sleep(queue[0][0] - now)
+                    # A hold lingering anew is due one linger time from now,
+                    # which may be sooner than a retry or a grace at the head
+                    # of the queue: never sleep longer than that.
+                    await self._sleep(min(queue[0][0] - now, self._linger_time))
                     continue
                 due: dict[int, int | None] = {}
                 while queue and queue[0][0] <= now:
@@ -836,7 +920,10 @@ class EscrowLedger:
                 if len(self._hasty) + len(due) > _CACHE_LIMIT:
                     self._hasty.clear()
                 self._hasty.update(due)  # nobody took these holds over
-                await asyncio.gather(*(self._release_now(channel_id, revision) for channel_id, revision in due.items()))
+                # Not waited for: a deletion held up by slow storage must not
+                # hold up the next ones that come due.
+                for channel_id, revision in due.items():
+                    self._release_now(channel_id, revision)
         finally:
             self._sweeper = None
 
@@ -844,6 +931,8 @@ class EscrowLedger:
         """Start deleting our hold at ``revision`` (see :meth:`_release`)."""
         release = asyncio.ensure_future(self._release(channel_id, revision))
         self._releasing[channel_id] = release
+        self._background.add(release)
+        release.add_done_callback(self._background.discard)
         release.add_done_callback(functools.partial(self._released, channel_id))
         return release
 

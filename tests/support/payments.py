@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -112,6 +113,11 @@ class CountingStorage:
         #: This many next transactions apply, then raise StorageTimeout (the
         #: reply was lost: the outcome a timed-out write leaves unknown).
         self.timeout_after_apply = 0
+        #: When set, the next transaction applies, then its reply waits for
+        #: this event (the reply is on its way while the caller is cancelled).
+        self.reply_after: asyncio.Event | None = None
+        #: Set once that transaction has applied.
+        self.applied = asyncio.Event()
 
     def __getattr__(self, name: str) -> Any:
         target = getattr(self.inner, name)
@@ -131,6 +137,10 @@ class CountingStorage:
         if self.fail is not None:
             raise self.fail
         revision = await self.inner.transaction(conditions, ops)
+        if self.reply_after is not None:
+            reply_after, self.reply_after = self.reply_after, None
+            self.applied.set()
+            await reply_after.wait()
         if self.timeout_after_apply:
             self.timeout_after_apply -= 1
             raise StorageTimeout("reply lost")

@@ -7,8 +7,10 @@ connections and dropping the open ones) and reopened on the same port.
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
+import time
 
 
 class TcpProxy:
@@ -16,6 +18,9 @@ class TcpProxy:
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
+        #: Seconds every reply (target to client) is held back: a request
+        #: gets where it goes at once, its answer comes late.
+        self.reply_delay = 0.0
         self._listener: socket.socket | None = None
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -71,8 +76,11 @@ class TcpProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+            if self.reply_delay:
+                threading.Thread(target=self._delayed_pipe, args=(upstream, client), daemon=True).start()
+            else:
+                threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
 
     @staticmethod
     def _pipe(source: socket.socket, sink: socket.socket) -> None:
@@ -82,7 +90,38 @@ class TcpProxy:
         except OSError:
             pass
         finally:
+            _shut(sink)
+
+    def _delayed_pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        """Like :meth:`_pipe`, each chunk sent ``reply_delay`` after it came (order kept)."""
+        chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
+
+        def send() -> None:
             try:
-                sink.shutdown(socket.SHUT_WR)
+                while True:
+                    due, data = chunks.get()
+                    time.sleep(max(0.0, due - time.monotonic()))
+                    if not data:
+                        return
+                    sink.sendall(data)
             except OSError:
                 pass
+            finally:
+                _shut(sink)
+
+        threading.Thread(target=send, daemon=True).start()
+        data = b""
+        try:
+            while data := source.recv(65536):
+                chunks.put((time.monotonic() + self.reply_delay, data))
+        except OSError:
+            pass
+        finally:
+            chunks.put((time.monotonic() + self.reply_delay, b""))
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
