@@ -263,6 +263,26 @@ async def test_a_failed_call_stays_free() -> None:
 
 
 @aio_test
+async def test_a_call_cancelled_while_being_counted_stays_free() -> None:
+    """A call cancelled (client gone, deadline) while its count is being written is given back."""
+    world = World()
+    token = await world.token()
+    world.storage.reply_after = reply = asyncio.Event()
+    call = asyncio.ensure_future(world.free.authorize(world.headers(token)))
+    await world.storage.applied.wait()
+    assert await world.available(token) == 1  # counted ...
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    reply.set()
+    for _ in range(100):
+        if await world.available(token) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert await world.available(token) == 2  # ... and given back
+
+
+@aio_test
 async def test_concurrent_calls_never_exceed_the_limit() -> None:
     """Ten simultaneous free calls of one user: exactly the allowed two pass."""
     world = World()

@@ -48,6 +48,8 @@ What differs from Go, on purpose:
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -219,6 +221,9 @@ class FreeCalls:
         self._settings = settings
         self._terms = terms
         self._key_address = None if settings.signer_key is None else signatures.address_of(settings.signer_key)
+        #: Give-backs of calls cancelled while being counted (asyncio keeps
+        #: only weak references to tasks).
+        self._releases: set[asyncio.Future[None]] = set()
 
     def issuing_key(self) -> bytes | None:
         """The key tokens are signed with, if it is the metadata's free-call signer."""
@@ -327,15 +332,33 @@ class FreeCalls:
                     Status.RESOURCE_EXHAUSTED,
                     f"free call limit has been exceeded, calls made = {made}, total free calls eligible = {allowed}",
                 )
+            counted = FreeCall(key, signatures.checksum(signer))
+            # Carried to its end if the call is cancelled meanwhile: a call
+            # counted but never made is then given back.
+            write = asyncio.ensure_future(
+                self._storage.transaction([Condition.unchanged(key, entry)], [Put(key, encode_count(made + 1))])
+            )
             try:
-                await self._storage.transaction([Condition.unchanged(key, entry)], [Put(key, encode_count(made + 1))])
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                if not write.cancelled():
+                    write.add_done_callback(functools.partial(self._abandon, counted))
+                raise
             except ConditionFailed as failed:
                 entry = failed.current.get(key)
                 continue
             except StorageError as exc:
                 raise _storage_down(exc) from None
-            return FreeCall(key, signatures.checksum(signer))
+            return counted
         raise GrpcError(Status.UNAVAILABLE, "too much contention on this user's free calls; retry")
+
+    def _abandon(self, counted: FreeCall, write: asyncio.Future[int]) -> None:
+        """The call was cancelled while it was being counted; the count is now written or not."""
+        if write.cancelled() or write.exception() is not None:
+            return
+        release = asyncio.ensure_future(self.release(counted))
+        self._releases.add(release)
+        release.add_done_callback(self._releases.discard)
 
     async def release(self, free_call: FreeCall) -> None:
         """Give back a counted call that failed (best effort: a lost refund costs the user one call)."""
