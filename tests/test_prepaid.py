@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ from snet_daemon.payments.claims import ProviderControl
 from snet_daemon.payments.escrow import EscrowLedger, metadata_values, parse_escrow
 from snet_daemon.payments.prepaid import NO_PLANNED_AMOUNT, PrepaidLedger, TokenService, decode_amount
 from snet_daemon.payments.tokens import PrepaidTokens, TokenError, TokenSettings
-from snet_daemon.storage.base import StorageTimeout, StorageUnavailable
+from snet_daemon.storage.base import Condition, Delete, Op, StorageTimeout, StorageUnavailable
 from snet_daemon.storage.memory import MemoryStorage
 from tests.support.aio import aio_test
 from tests.support.payments import (
@@ -285,6 +286,17 @@ async def test_never_prepaid_channel_is_not_charged() -> None:
 
 
 @aio_test
+async def test_a_free_method_is_neither_charged_nor_refused() -> None:
+    """A method priced 0 (metadata allows it) passes at once, even with nothing planned."""
+    world = World()
+    await asyncio.wait_for(world.a.prepaid.charge(1, 0), 1.0)
+    await asyncio.wait_for(world.a.prepaid.refund(1, 0), 1.0)
+    await world.a.get_token(1, 2 * PRICE)
+    await asyncio.wait_for(world.a.prepaid.charge(1, 0), 1.0)
+    assert await world.a.usage(1) == (2 * PRICE, 0)
+
+
+@aio_test
 async def test_refund_gives_the_charge_back() -> None:
     """A failed call's refund brings used back down."""
     world = World()
@@ -331,6 +343,63 @@ async def test_two_daemons_never_spend_more_than_planned_together() -> None:
     assert passed == 40
     planned, used = await world.a.usage(1)
     assert used == passed * PRICE == planned
+
+
+class _StalledDeletes(CountingStorage):
+    """Deletions wait for ``go`` while ``stall`` is set (as behind an etcd request in flight)."""
+
+    stall = False
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.go = asyncio.Event()
+
+    async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+        if self.stall and any(isinstance(op, Delete) for op in ops):
+            await self.go.wait()
+        return await super().transaction(conditions, ops)
+
+
+@pytest.mark.parametrize("writer", ["get_token", "start_claim"])
+@aio_test
+async def test_writer_cancelled_while_our_lingering_hold_goes_leaves_no_hold(writer: str) -> None:
+    """GetToken and StartClaim first delete our lingering hold; cancelled meanwhile (deadline),
+    the deletion still happens, so no hold of ours is left blocking the channel."""
+    world = World()
+    storage = _StalledDeletes(world.memory)
+    daemon = world.a
+    daemon.ledger = EscrowLedger(storage, daemon.keys, world.chain, terms, StorageLease(storage), "a", linger=60)
+    daemon.service = TokenService(daemon.ledger, daemon.prepaid, daemon.keys.layout, daemon.tokens, world.chain, terms)
+    daemon.control = ProviderControl(daemon.ledger, storage, daemon.keys, world.chain, terms)
+    await escrow_pay(daemon, 1, 0, PRICE)  # our hold lingers (a minute)
+    hold_key = daemon.keys.channel_hold(1)
+    storage.stall = True
+    task: asyncio.Future[Any]
+    if writer == "get_token":
+        task = asyncio.ensure_future(daemon.get_token(1, 5 * PRICE))
+    else:
+        task = asyncio.ensure_future(
+            daemon.control.start_claim(
+                cpb.StartClaimRequest(
+                    mpe_address=sig.checksum(MPE),
+                    channel_id=(1).to_bytes(32, "big"),
+                    signature=sig.sign(sig.start_claim(MPE, 1, 0), PROVIDER_KEY),
+                ),
+                CALL,
+            )
+        )
+    for _ in range(20):
+        await asyncio.sleep(0)
+    task.cancel()  # the client's deadline passes while the deletion waits
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    storage.go.set()
+    for _ in range(100):
+        if await world.memory.get(hold_key) is None:
+            break
+        await asyncio.sleep(0.01)
+    assert await world.memory.get(hold_key) is None
+    await world.daemon().get_token(1, 5 * PRICE)  # another daemon prepays at once
 
 
 @aio_test

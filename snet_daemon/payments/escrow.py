@@ -619,7 +619,9 @@ class EscrowLedger:
             await asyncio.shield(releasing)
         lingering = self._lingering.pop(channel_id, None)
         if lingering is not None:
-            await self._release(channel_id, lingering[0])
+            # Carried to its end if the caller is cancelled meanwhile: the
+            # sweeper no longer knows of this hold.
+            await asyncio.shield(self._release_now(channel_id, lingering[0]))
 
     def close(self) -> None:
         """Stop deleting lingering holds (the daemon stops; its lease goes with them)."""

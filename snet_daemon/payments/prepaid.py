@@ -168,6 +168,8 @@ class PrepaidLedger:
                 ``UNAVAILABLE`` when storage is down or too busy,
                 ``INTERNAL`` for unreadable stored amounts.
         """
+        if price == 0:
+            return  # a free method (metadata allows price 0): nothing to charge or to refuse
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         request = _Request(price, future)
         books = self._enqueue(channel_id, request)
@@ -188,6 +190,8 @@ class PrepaidLedger:
         refund that still cannot be written is logged (the client then paid
         for a failed call, never the other way round).
         """
+        if price == 0:
+            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._enqueue(channel_id, _Request(-price, future))
         await future
