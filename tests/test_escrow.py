@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import pytest
 
 from snet_daemon.frontend.status import GrpcError, Status
-from snet_daemon.payments.channel import ChannelState
+from snet_daemon.payments.channel import ChannelState, merge, spendable
 from snet_daemon.payments.escrow import EscrowLedger, Hold, metadata_values, parse_escrow
 from snet_daemon.storage.base import Condition, Entry, Op, StorageTimeout, StorageUnavailable
 from snet_daemon.storage.memory import MemoryStorage
@@ -726,6 +726,55 @@ async def test_lingering_hold_due_before_a_retry_is_not_held_up_by_it() -> None:
 
 
 @aio_test
+async def test_daemon_whose_chain_view_predates_a_landed_claim_spends_only_what_is_left() -> None:
+    """A claim of 60 on a channel of 100 landed (chain: nonce 1, value 40), and a daemon that saw
+    it paid on the new nonce.  Another daemon, whose cached view is from before the claim
+    (nonce 0, value 100), must still count the claimed 60 and stop at 40."""
+    storage = MemoryStorage(Clock())
+    chain = FakeChain()
+    channel = chain.open(1, value=100)
+    fresh, _, _ = make(storage, chain)
+    stale_chain = FakeChain(channels=chain.channels)
+    stale, _, _ = make(storage, stale_chain)
+    await stale_chain.channel(1)  # cached: nonce 0, value 100
+    for k in range(1, 7):
+        fresh.commit(await pay(fresh, 1, 0, k * PRICE))
+    await fresh.quiesce(1)
+    state_key = Keys().channel_state(1)
+    # A claim of 60 starts (what ProviderControl writes) and lands on chain.
+    await storage.put(state_key, ChannelState(1, claimed_amount=6 * PRICE).encode())
+    channel.nonce, channel.value = 1, 40
+    fresh.forget(1)
+    chain.cached.clear()
+    fresh.commit(await pay(fresh, 1, 1, PRICE))  # the fresh daemon writes the nonce-1 state
+    await fresh.quiesce(1)
+    for k in range(2, 5):
+        stale.commit(await pay(stale, 1, 1, k * PRICE))
+    error = await rejected(stale, 1, 1, 5 * PRICE)
+    assert error.status == Status.UNAUTHENTICATED
+    assert error.message.startswith("not enough tokens on payment channel")
+
+
+@aio_test
+async def test_state_two_claims_ahead_of_the_chain_view_makes_it_read_the_chain() -> None:
+    """Stored nonce 2 against a cached view at nonce 0: the first claim's amount is unknown, so
+    the view is read afresh (nonce 2, value 40) before anything is accepted."""
+    storage = MemoryStorage(Clock())
+    chain = FakeChain()
+    channel = chain.open(1, value=100)
+    ledger, _, _ = make(storage, chain)
+    await chain.channel(1)  # cached: nonce 0, value 100
+    await storage.put(Keys().channel_state(1), ChannelState(2, claimed_amount=30).encode())
+    channel.nonce, channel.value = 2, 40
+    reads = chain.fresh_reads
+    for k in range(1, 5):
+        ledger.commit(await pay(ledger, 1, 2, k * PRICE))
+    assert chain.fresh_reads == reads + 1
+    error = await rejected(ledger, 1, 2, 5 * PRICE)
+    assert error.message.startswith("not enough tokens on payment channel, channel amount: 40")
+
+
+@aio_test
 async def test_our_leftover_hold_is_taken_over() -> None:
     """A hold of ours that the ledger lost track of does not block the channel."""
     ledger, chain, storage = make(linger=60)
@@ -762,6 +811,17 @@ async def test_price_not_defined_is_internal() -> None:
         await ledger.authorize(METHOD, parse_escrow(metadata_values(payment_metadata(1, 0, PRICE))))
     assert info.value.status == Status.INTERNAL
     assert info.value.message.startswith("internal error: price is not defined")
+
+
+def test_claimed_amount_counts_while_the_chain_view_is_behind() -> None:
+    """The amount of the last claim is spent from the chain's value until the view shows it landed."""
+    claimed = ChannelState(3, 10, b"s", claimed_amount=60)
+    assert merge(claimed, 2) == claimed  # in progress (or our view is stale)
+    assert merge(claimed, 3) == claimed  # landed: kept, for daemons whose view is older
+    assert merge(claimed, 4) == ChannelState(4)  # another claim landed since
+    assert merge(None, 5) == ChannelState(5)
+    assert spendable(claimed, 2, 100) == 40
+    assert spendable(claimed, 3, 40) == 40
 
 
 def _md(**overrides: str | bytes | None) -> tuple[tuple[str, str | bytes], ...]:

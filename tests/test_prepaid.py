@@ -403,6 +403,33 @@ async def test_writer_cancelled_while_our_lingering_hold_goes_leaves_no_hold(wri
 
 
 @aio_test
+async def test_prepayment_on_a_daemon_whose_chain_view_predates_a_landed_claim() -> None:
+    """60 of a channel of 100 were claimed and the claim landed (value 40); a daemon that saw it
+    paid on nonce 1.  A daemon whose cached view is from before (value 100) refuses a prepayment
+    of 100 on nonce 1: the channel holds 40."""
+    world = World()
+    world.chain.channels[1].value = 100
+    a = world.a
+    stale = Daemon(world.memory, FakeChain(channels=world.chain.channels), world.clock)
+    await a.get_token(1, 60)
+    await stale.get_token(1, 60)  # its view: nonce 0, value 100
+    await a.control.start_claim(
+        cpb.StartClaimRequest(
+            mpe_address=sig.checksum(MPE),
+            channel_id=(1).to_bytes(32, "big"),
+            signature=sig.sign(sig.start_claim(MPE, 1, 0), PROVIDER_KEY),
+        ),
+        CALL,
+    )
+    world.chain.channels[1].nonce, world.chain.channels[1].value = 1, 40  # the claim landed
+    world.chain.cached.clear()
+    await escrow_pay(a, 1, 1, PRICE)
+    error = await refused(stale.get_token(1, 100, nonce=1))
+    assert error.message == "signed amount for token request cannot be greater than full amount in channel"
+    await stale.get_token(1, 40, nonce=1)  # what is left is fine
+
+
+@aio_test
 async def test_prepayment_made_on_another_daemon_is_seen() -> None:
     """A daemon whose books say "used up" looks again before refusing."""
     world = World()

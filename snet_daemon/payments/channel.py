@@ -40,10 +40,14 @@ class ChannelState:
         authorized_amount: The last cumulative amount accepted under this
             nonce (0 when none yet).
         signature: The client's signature of that amount (empty when none).
-        claimed_amount: While a claim is in progress (``nonce`` is one ahead
-            of the chain): the amount being claimed, which the chain still
-            counts in the channel's value until the claim lands.  Payments
-            under the new nonce may only spend what is left.
+        claimed_amount: The amount claimed when the channel moved to
+            ``nonce`` (0 before any claim).  Until the claim lands, and for
+            as long as a daemon's view of the chain is older than that, the
+            chain's value still counts it: payments under the new nonce may
+            only spend what is left (:func:`spendable`).  It is kept after
+            the claim landed for those daemons' sake: one whose cached
+            chain view predates the landing would otherwise see the whole
+            old value as spendable.
     """
 
     nonce: int
@@ -104,14 +108,24 @@ def merge(stored: ChannelState | None, chain_nonce: int) -> ChannelState:
     * stored nonce behind the chain: the claim landed (or the channel was
       claimed by other means); payments restart from zero at the chain's
       nonce;
-    * equal: the stored state.
+    * equal: the stored state (its claim, if any, landed: see
+      :func:`spendable`).
     """
     if stored is None or stored.nonce < chain_nonce:
         return ChannelState(chain_nonce)
-    if stored.nonce == chain_nonce and stored.claimed_amount:
-        # The claim landed: the chain's value no longer includes it.
-        return ChannelState(stored.nonce, stored.authorized_amount, stored.signature)
     return stored
+
+
+def spendable(state: ChannelState, chain_nonce: int, chain_value: int) -> int:
+    """What payments under ``state.nonce`` may add up to, given a view of the chain.
+
+    While the chain's nonce is behind the state's, the chain's value still
+    includes the amount claimed when the state moved on, whether that
+    claim is in progress or landed after the view was taken.
+    """
+    if state.nonce > chain_nonce:
+        return chain_value - state.claimed_amount
+    return chain_value
 
 
 def _encode(nonce: int, amount: int, signature: bytes, claimed: int) -> bytes:

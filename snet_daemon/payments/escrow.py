@@ -61,7 +61,7 @@ from twisted.logger import Logger
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
 from snet_daemon.payments import signatures
-from snet_daemon.payments.channel import ChannelState, CorruptValue, merge
+from snet_daemon.payments.channel import ChannelState, CorruptValue, merge, spendable
 from snet_daemon.storage.base import (
     AtomicStorage,
     Condition,
@@ -1029,7 +1029,12 @@ def _check(
             ),
             refreshable=True,
         )
-    available = info.value - state.claimed_amount
+    if state.nonce > info.nonce + 1:
+        # Two claims ahead of our view of the chain: the earlier claim's
+        # amount is not in the state any more.  Only a fresher view helps.
+        label = channel_label(payment.channel_id)
+        return _Rejection(GrpcError(Status.UNAVAILABLE, f"payment channel {label} is being claimed; retry"), True)
+    available = spendable(state, info.nonce, info.value)
     if available < payment.amount:
         return _Rejection(
             GrpcError(

@@ -49,7 +49,7 @@ from snet_daemon._proto.escrow import token_service_pb2 as pb
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures
-from snet_daemon.payments.channel import ChannelState, CorruptValue
+from snet_daemon.payments.channel import ChannelState, CorruptValue, spendable
 from snet_daemon.payments.escrow import (
     ChainChannel,
     ChannelSource,
@@ -428,7 +428,7 @@ class TokenService:
                 raise GrpcError(
                     Status.UNKNOWN, "signed amount for token request needs to be greater than last signed amount"
                 )
-            if info.value - state.claimed_amount < amount:
+            if spendable(state, info.nonce, info.value) < amount:
                 raise GrpcError(
                     Status.UNKNOWN, "signed amount for token request cannot be greater than full amount in channel"
                 )
