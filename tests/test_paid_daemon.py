@@ -48,15 +48,17 @@ def test_paid_calls_and_channel_state(deployment: Deployment) -> None:
 
 
 def test_service_receives_the_payers_address(deployment: Deployment) -> None:
-    """The service gets snet-user-address (the channel's sender) with the call."""
+    """The service gets snet-user-address (the channel's sender) with the call, and only that:
+    one the client sent is dropped (services trust it to say who paid)."""
+    from tests.support.chain import CLIENT
+
     channel_id = open_channel(deployment.chain)
     channel = make_channel(deployment.daemon.address)
     deployment.upstream.record.reset()
-    pb_grpc.EchoStub(channel).Unary(pb.EchoRequest(), metadata=deployment.payment(channel_id, 0, PRICE), timeout=10)
-    seen = dict(deployment.upstream.record.metadata[-1])
-    from tests.support.chain import CLIENT
-
-    assert seen["snet-user-address"] == CLIENT.address
+    spoofed = [*deployment.payment(channel_id, 0, PRICE), ("snet-user-address", "0x" + "ab" * 20)]
+    pb_grpc.EchoStub(channel).Unary(pb.EchoRequest(), metadata=spoofed, timeout=10)
+    seen = [value for key, value in deployment.upstream.record.metadata[-1] if key == "snet-user-address"]
+    assert seen == [CLIENT.address]
     channel.close()
 
 

@@ -115,6 +115,35 @@ def test_decompressed_size_is_limited() -> None:
     assert info.value.status == Status.RESOURCE_EXHAUSTED
 
 
+def test_decompression_bomb_is_refused_without_inflating_it() -> None:
+    """A 64 KB message that would inflate to 64 MB is refused after inflating about the limit."""
+    import tracemalloc
+
+    payload = zlib.compress(b"\x00" * (64 << 20), 9)
+    message = b"\x01" + len(payload).to_bytes(4, "big") + payload
+    tracemalloc.start()
+    try:
+        with pytest.raises(GrpcError) as info:
+            MessageDecoder(1 << 20, "deflate").feed(message)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.status == Status.RESOURCE_EXHAUSTED
+    assert info.value.message == f"received message after decompression larger than max ({1 << 20})"
+    assert peak < 8 << 20
+
+
+def test_gzip_members_and_truncation() -> None:
+    """Concatenated gzip members are one message; a truncated stream or trailing bytes are refused."""
+    payload = gzip.compress(b"abc") + gzip.compress(b"def")
+    message = b"\x01" + len(payload).to_bytes(4, "big") + payload
+    assert MessageDecoder(1000, "gzip").feed(message) == [b"abcdef"]
+    for encoding, bad in [("gzip", gzip.compress(b"abc")[:-3]), ("deflate", zlib.compress(b"abc") + b"x")]:
+        with pytest.raises(GrpcError) as info:
+            MessageDecoder(1000, encoding).feed(b"\x01" + len(bad).to_bytes(4, "big") + bad)
+        assert info.value.status == Status.INTERNAL
+
+
 def test_corrupt_compressed_message() -> None:
     """A message that does not decompress fails with INTERNAL."""
     with pytest.raises(GrpcError) as info:

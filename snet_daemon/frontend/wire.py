@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import re
 import zlib
 from collections.abc import Iterable, Iterator
@@ -160,12 +159,30 @@ class MessageDecoder:
                 Status.INTERNAL,
                 "compressed message received without a grpc-encoding header",
             )
+        # Inflated piece by piece, never past the limit: a small message can
+        # expand a thousandfold, and must not be allowed to before it is
+        # refused.  gzip may hold several members, one after another.
+        wbits = 16 + zlib.MAX_WBITS if self._encoding == "gzip" else zlib.MAX_WBITS
+        out = bytearray()
+        data = payload
         try:
-            out = gzip.decompress(payload) if self._encoding == "gzip" else zlib.decompress(payload)
-        except (OSError, zlib.error, EOFError) as exc:
+            while True:
+                inflater = zlib.decompressobj(wbits)
+                out += inflater.decompress(data, self._max + 1 - len(out))
+                if len(out) > self._max:
+                    raise GrpcError(
+                        Status.RESOURCE_EXHAUSTED,
+                        f"received message after decompression larger than max ({self._max})",
+                    )
+                if not inflater.eof:
+                    raise zlib.error("incomplete or truncated stream")
+                data = inflater.unused_data
+                if not data:
+                    return bytes(out)
+                if self._encoding != "gzip":
+                    raise zlib.error("data after the end of the stream")
+        except zlib.error as exc:
             raise GrpcError(Status.INTERNAL, f"could not decompress message ({self._encoding}): {exc}") from exc
-        self._check_length(len(out))
-        return out
 
 
 def check_encoding(value: str | None) -> str:

@@ -96,7 +96,7 @@ class PaymentGate:
         payment = parse_escrow(values)
         ledger = self._escrow
         hold = await ledger.authorize(call.method, payment)
-        metadata = (*call.metadata, (USER_ADDRESS, hold.sender))
+        metadata = _with_payer(call.metadata, hold.sender)
         try:
             await self._upstream.forward(call, metadata)
         except BaseException:
@@ -114,7 +114,7 @@ class PaymentGate:
 
     async def _free_call(self, call: ServerCall, values: dict[str, list[str | bytes]], free_calls: FreeCalls) -> None:
         counted = await free_calls.authorize(values)
-        metadata = (*call.metadata, (USER_ADDRESS, counted.user_address))
+        metadata = _with_payer(call.metadata, counted.user_address)
         try:
             await self._upstream.forward(call, metadata)
         except BaseException:
@@ -147,7 +147,7 @@ class PaymentGate:
         except TokenError as exc:
             raise GrpcError(Status.UNAUTHENTICATED, str(exc)) from None
         await ledger.charge(channel_id, price)
-        metadata = (*call.metadata, (USER_ADDRESS, holder))
+        metadata = _with_payer(call.metadata, holder)
         try:
             await self._upstream.forward(call, metadata)
         except BaseException:
@@ -155,6 +155,17 @@ class PaymentGate:
             raise
         if call.finished:
             await _finish(ledger.refund(channel_id, price))
+
+
+def _with_payer(metadata: Metadata, address: str) -> Metadata:
+    """The call's metadata for the service, with ``snet-user-address`` set to the payer.
+
+    One the client sent is dropped (as the Go daemon's ``Set`` replaces it):
+    services trust this header to say who paid.
+    """
+    if any(key == USER_ADDRESS for key, _ in metadata):
+        metadata = tuple(entry for entry in metadata if entry[0] != USER_ADDRESS)
+    return (*metadata, (USER_ADDRESS, address))
 
 
 async def _finish(step: Awaitable[None]) -> None:
