@@ -136,3 +136,32 @@ async def test_unary_past_its_deadline_is_cancelled_at_the_service(upstream: Ups
         assert upstream.record.cancelled == 1
     finally:
         await client.close()
+
+
+@aio_test
+async def test_a_reply_that_breaks_the_call_resets_the_stream_at_the_service(upstream: Upstream) -> None:
+    """A reply message over the limit fails the call, and the service's stream is reset too
+    (it would otherwise keep streaming into nowhere and hold one of its stream slots)."""
+    from twisted.internet import reactor
+
+    client = H2Upstream(
+        reactor,
+        "127.0.0.1",
+        upstream.port,
+        f"http://127.0.0.1:{upstream.port}",
+        asyncio.get_event_loop(),
+        max_message_size=1000,
+    )
+    try:
+        request = pb.EchoRequest(reply_size=5000, repeat=100, delay_ms=20).SerializeToString()
+        with pytest.raises(GrpcError) as info:
+            await client.unary("/example_service.Echo/ServerStream", request, 10)
+        assert info.value.status == Status.RESOURCE_EXHAUSTED
+        for _ in range(100):
+            if upstream.record.cancelled:
+                break
+            await asyncio.sleep(0.05)
+        assert upstream.record.cancelled == 1
+        assert upstream.record.replies_sent < 100
+    finally:
+        await client.close()

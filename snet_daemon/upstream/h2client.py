@@ -364,7 +364,7 @@ class UpstreamConnection(Protocol):
         self._schedule_flush()
 
     def cancel(self, relay: _Relay) -> None:
-        """The client went away: reset the stream at the service."""
+        """The call ended early (the client went away, the reply broke): reset the stream at the service."""
         if relay.sid in self._relays and not self.lost:
             self._relays.pop(relay.sid, None)
             try:
@@ -566,7 +566,11 @@ class H2Upstream:
             else:
                 pump = self.loop.create_task(self._pump(call, relay, conn))
             await relay.done
-        except asyncio.CancelledError:
+        except BaseException:
+            # Cancelled, or the reply broke (bad headers, a message over the
+            # limit): the stream may still be open at the service, holding
+            # one of its stream slots and sending on.  (A stream that ended
+            # is no longer registered: nothing to do then.)
             conn.cancel(relay)
             raise
         finally:
