@@ -230,6 +230,34 @@ def test_header_list_over_the_limit_is_refused() -> None:
         Decoder(max_header_list_size=132).decode(block, raw=True)
 
 
+@pytest.mark.parametrize("huffman", [True, False])
+@pytest.mark.parametrize("where", ["name", "value"])
+def test_a_string_that_cannot_fit_is_refused_before_it_is_decoded(
+    monkeypatch: pytest.MonkeyPatch, huffman: bool, where: str
+) -> None:
+    """A huge literal is refused from its length alone: decoding megabytes of Huffman code
+    first would stall the event loop for seconds."""
+    from snet_daemon.frontend import hpack_codec
+
+    decoded: list[int] = []
+    real = hpack_codec.decode_huffman
+
+    def counting(data: bytes) -> bytes:
+        decoded.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(hpack_codec, "decode_huffman", counting)
+    huge = hpack.Encoder().encode([(b"x", b"0" * 1_000_000)], huffman=huffman)
+    if where == "name":
+        huge = hpack.Encoder().encode([(b"0" * 1_000_000, b"x")], huffman=huffman)
+    with pytest.raises(OversizedHeaderListError):
+        Decoder(max_header_list_size=64 * 1024).decode(huge, raw=True)
+    assert all(size < 1000 for size in decoded)
+    # Up to the limit, the same block decodes (the early refusal is never wrong).
+    small = hpack.Encoder().encode([(b"x", b"0" * 60_000)], huffman=huffman)
+    assert Decoder(max_header_list_size=64 * 1024).decode(small, raw=True) == [(b"x", b"0" * 60_000)]
+
+
 def test_table_size_updates_are_checked() -> None:
     decoder = Decoder()
     decoder.max_allowed_table_size = 100

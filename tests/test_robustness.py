@@ -189,6 +189,25 @@ def test_malformed_header_block_is_a_compression_error(daemon: Daemon, block: by
     assert_still_serving(daemon)
 
 
+def test_frames_are_limited_to_16_kib(daemon: Daemon) -> None:
+    """The front end keeps HTTP/2's default frame size: h2 buffers a header block over up to 64
+    CONTINUATION frames, so larger frames would let one connection park 64 MiB."""
+    client = H2Client(daemon.address)
+    for _ in range(20):
+        if not client.pump(0.1):
+            break
+    assert client.conn.max_outbound_frame_size == 16384
+    huge = b"\x00\x01x" + b"\xff\x8f\xfc\x3f"  # a literal with a new name, a value said to be ~1 MB
+    header = len(huge).to_bytes(3, "big") + b"\x01\x00" + (1).to_bytes(4, "big")
+    client.sock.sendall(header + huge + (32768).to_bytes(3, "big") + b"\x09\x04" + (1).to_bytes(4, "big"))
+    client.sock.sendall(b"\x00" * 32768)
+    goaway = client.wait_for_goaway()
+    assert goaway is not None
+    assert goaway.error_code == h2.errors.ErrorCodes.FRAME_SIZE_ERROR  # a 32 KiB CONTINUATION frame
+    client.close()
+    assert_still_serving(daemon)
+
+
 def test_oversized_headers_http1(daemon: Daemon) -> None:
     """An HTTP/1.1 request with huge headers is refused with a 4xx."""
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:

@@ -168,8 +168,14 @@ def _integer(data: bytes, pos: int, number: int) -> tuple[int, int]:
     raise HPACKDecodingError("Integer representation is too long")
 
 
-def _string(data: bytes, pos: int) -> tuple[bytes, int]:
-    """The string literal at ``pos`` and the position after it."""
+def _string(data: bytes, pos: int, budget: int) -> tuple[bytes, int]:
+    """The string literal at ``pos`` and the position after it.
+
+    Raises `OversizedHeaderListError` *before* decoding a string that
+    cannot fit in ``budget`` (what is left of the header list limit): a
+    Huffman string decodes to at least 8/30 of its length, and decoding a
+    huge one would stall the event loop for seconds.
+    """
     if pos >= len(data):
         raise HPACKDecodingError("Truncated header block")
     first = data[pos]
@@ -180,6 +186,8 @@ def _string(data: bytes, pos: int) -> tuple[bytes, int]:
     end = pos + length
     if end > len(data):
         raise HPACKDecodingError("Truncated header block")
+    if (length * 8 // 30 if first & 0x80 else length) > budget:
+        raise OversizedHeaderListError("A header list larger than the limit has been received")
     if first & 0x80:
         return decode_huffman(data[pos:end]), end
     return data[pos:end], end
@@ -262,11 +270,12 @@ class Decoder:
                 index = first & mask
                 if index == mask:
                     index, pos = _integer(data, pos, index)
+                budget = limit - inflated - _ENTRY_OVERHEAD
                 if index:
                     name = get(index)[0]
                 else:
-                    name, pos = _string(data, pos)
-                value, pos = _string(data, pos)
+                    name, pos = _string(data, pos, budget)
+                value, pos = _string(data, pos, budget - len(name))
                 if first & 0x40:
                     header = (name, value)
                     self._add(header)

@@ -227,7 +227,10 @@ class H2ServerProtocol(Protocol):
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: 1024 * 1024,
+                # MAX_FRAME_SIZE stays at its 16 KiB default: h2 buffers a
+                # header block until its END_HEADERS, over up to 64
+                # CONTINUATION frames, so the frame size bounds what one
+                # connection can park (1 MiB, against 64 MiB at 1 MiB frames).
             }
         )
         extra = limits.connection_window - 65535
