@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import grpc
 import h2.errors
@@ -129,6 +130,10 @@ def test_malformed_method_name_is_unimplemented(daemon: Daemon) -> None:
     """A path that is not /package.Service/Method is UNIMPLEMENTED."""
     fields = _grpc_raw(daemon, frame(b""), path="/not-a-method")
     assert fields["grpc-status"] == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+    # A long one is shown cut short: the client must not make the status much larger than its request.
+    fields = _grpc_raw(daemon, frame(b""), path="/a/b/" + "%" * 4000)
+    assert fields["grpc-status"] == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+    assert len(fields["grpc-message"]) < 1000
 
 
 def test_unknown_method_passes_to_the_service(daemon: Daemon) -> None:
@@ -205,6 +210,38 @@ def test_frames_are_limited_to_16_kib(daemon: Daemon) -> None:
     assert goaway is not None
     assert goaway.error_code == h2.errors.ErrorCodes.FRAME_SIZE_ERROR  # a 32 KiB CONTINUATION frame
     client.close()
+    assert_still_serving(daemon)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_client_that_does_not_read_cannot_make_the_daemon_buffer(daemon: Daemon) -> None:
+    """A client that sends PINGs and never reads the answers: the daemon stops reading it once its
+    send buffer is full, instead of queueing the answers in memory (it grew 1:1 with what was
+    sent: 70 MB for 67 MB of PINGs)."""
+    assert daemon.process is not None
+    before = _rss_kib(daemon.process.pid)
+    client = H2Client(daemon.address, timeout=2)
+    pings = (b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678") * 4000
+    sent = 0
+    try:
+        while sent < 32 << 20:
+            client.sock.sendall(pings)
+            sent += len(pings)
+    except (TimeoutError, OSError):
+        pass  # the daemon stopped reading us: the socket buffers filled up
+    grown = 0
+    for _ in range(10):  # what it did read, it answers at once
+        time.sleep(0.1)
+        grown = max(grown, _rss_kib(daemon.process.pid) - before)
+    client.close()
+    assert sent < 32 << 20
+    assert grown < 16 * 1024, f"daemon grew by {grown} KiB for {sent} bytes sent"
     assert_still_serving(daemon)
 
 

@@ -230,7 +230,10 @@ class ServerCall:
                 ``-bin`` value, or an unsupported encoding.
         """
         if not self.method.startswith("/") or self.method.count("/") != 2:
-            raise GrpcError(Status.UNIMPLEMENTED, f"malformed method name {self.method!r}")
+            # Shown cut short: the client chose it, and must not make the
+            # status we write much larger than what it sent.
+            shown = self.method if len(self.method) <= 200 else self.method[:200] + "..."
+            raise GrpcError(Status.UNIMPLEMENTED, f"malformed method name {shown!r}")
         timeout = encoding = None
         for name, value in headers:
             if name == "grpc-timeout":

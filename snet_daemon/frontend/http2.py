@@ -285,10 +285,16 @@ class H2ServerProtocol(Protocol):
     # -- IPushProducer: the transport's own write buffer ------------------
 
     def pauseProducing(self) -> None:
+        # The client is not reading what we send.  Replies wait (``paused``),
+        # and so does reading its requests: each may make us write (an
+        # error's trailers, a PING's answer), and nothing else would bound
+        # what piles up in the transport meanwhile.
         self.paused = True
+        self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self.transport.resumeProducing()  # type: ignore[union-attr]
         for stream in list(self._streams.values()):
             if stream.call is not None:
                 stream.call.writable()
