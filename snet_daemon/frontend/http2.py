@@ -97,6 +97,7 @@ class _Stream:
 
     __slots__ = (
         "call",
+        "decoded_unread",
         "decoder",
         "final",
         "id",
@@ -133,6 +134,9 @@ class _Stream:
         self.local_closed = False
         #: Request bytes received but not yet acknowledged (flow control).
         self.unacked = 0
+        #: grpc-web-text: decoded bytes of messages delivered and not yet
+        #: read, which ``unacked`` (base64 on the wire) pays for.
+        self.decoded_unread = 0
 
     # -- CallSink ---------------------------------------------------------
 
@@ -181,7 +185,18 @@ class _Stream:
         # Acknowledge in the same units h2 counted (frame payload bytes); a
         # message is 5 bytes of prefix plus its body.
         if self.unacked:
-            amount = min(self.unacked, size + 5)
+            if self.text:
+                # The wire carried base64: give back the share of what is
+                # held that this message's decoded bytes stand for (all of
+                # it with the last message read).
+                read = size + 5
+                if read >= self.decoded_unread:
+                    amount, self.decoded_unread = self.unacked, 0
+                else:
+                    amount = self.unacked * read // self.decoded_unread
+                    self.decoded_unread -= read
+            else:
+                amount = min(self.unacked, size + 5)
             self.unacked -= amount
             self.proto.acknowledge(self, amount)
 
@@ -436,7 +451,10 @@ class H2ServerProtocol(Protocol):
         # them (ServerCall.read -> _Stream.consumed); the remainder now.
         held = sum(len(m) + 5 for m in messages)
         if stream.text_decoder is not None:
-            held = 0  # base64 sizes differ; text bodies are small
+            # The messages came as base64: about 4/3 of their decoded size
+            # on the wire (see _Stream.consumed).
+            stream.decoded_unread += held
+            held = (held * 4 + 2) // 3 + 4
         held = min(held, size)
         if size - held:
             self._conn.acknowledge_received_data(size - held, sid)
