@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -25,7 +26,7 @@ from snet_daemon.payments.claims import ProviderControl
 from snet_daemon.payments.escrow import EscrowLedger, metadata_values, parse_escrow
 from snet_daemon.payments.prepaid import NO_PLANNED_AMOUNT, PrepaidLedger, TokenService, decode_amount
 from snet_daemon.payments.tokens import PrepaidTokens, TokenError, TokenSettings
-from snet_daemon.storage.base import Condition, Delete, Op, StorageTimeout, StorageUnavailable
+from snet_daemon.storage.base import Condition, ConditionFailed, Delete, Op, StorageTimeout, StorageUnavailable
 from snet_daemon.storage.memory import MemoryStorage
 from tests.support.aio import aio_test
 from tests.support.payments import (
@@ -475,6 +476,18 @@ async def test_stored_amount_encoding() -> None:
     assert entry is not None
     assert entry.value == b"\x01" + (4 * PRICE).to_bytes(32, "big")
     assert decode_amount(entry) == 4 * PRICE
+    # Used: 0x02 ‖ amount ‖ (tag ‖ parent revision) of each write, newest first, at most 8.
+    for _ in range(3):
+        await world.a.prepaid.charge(1, PRICE)
+    used = await world.memory.get("test/test-org/" + GROUP_B64 + "//PrePaid/storage/{ID:1/U}")
+    assert used is not None
+    assert used.value[:33] == b"\x02" + (3 * PRICE).to_bytes(32, "big")
+    assert len(used.value) == 33 + 3 * 16
+    parents = [int.from_bytes(used.value[i + 8 : i + 16], "big") for i in range(33, len(used.value), 16)]
+    assert parents[-1] == 0  # the first write: the key was absent
+    assert parents == sorted(parents, reverse=True)
+    assert parents[0] < used.mod_revision
+    assert decode_amount(used) == 3 * PRICE
 
 
 # -- claims after prepaid use ---------------------------------------------------------------
@@ -617,6 +630,126 @@ async def test_timed_out_charge_that_was_written_counts_as_done() -> None:
     storage.time_out_next = True
     await ledger.charge(1, PRICE)
     assert await world.a.usage(1) == (4 * PRICE, 2 * PRICE)
+
+
+class _LostReply(CountingStorage):
+    """The next transaction's reply is lost (StorageTimeout).  Around it, as set: ``before`` runs
+    first (another daemon's write), the transaction applies or not (``apply``), ``after`` runs
+    (another daemon's write), or it lands only later, after whatever the caller does next (``late``)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.armed = False
+        self.apply = True
+        self.late = False
+        self.before: Any = None
+        self.after: Any = None
+        self.landing: asyncio.Future[Any] | None = None
+
+    async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+        if not self.armed:
+            return await super().transaction(conditions, ops)
+        self.armed = False
+        if self.before is not None:
+            await self.before()
+        if self.late:
+
+            async def land() -> None:
+                await asyncio.sleep(0.05)
+                with contextlib.suppress(ConditionFailed):
+                    await self.inner.transaction(conditions, ops)
+
+            self.landing = asyncio.ensure_future(land())
+        elif self.apply:
+            with contextlib.suppress(ConditionFailed):
+                await self.inner.transaction(conditions, ops)
+        if self.after is not None:
+            await self.after()
+        raise StorageTimeout("deadline exceeded")
+
+
+async def _lost_reply_world(planned_calls: int) -> tuple[World, Daemon, _LostReply, PrepaidLedger]:
+    world = World()
+    await world.a.get_token(1, planned_calls * PRICE)
+    storage = _LostReply(world.memory)
+    ledger = PrepaidLedger(storage, world.a.keys.layout, sleep=lambda _: asyncio.sleep(0))
+    await ledger.charge(1, PRICE)  # our books are warm: one call used
+    return world, world.daemon(), storage, ledger
+
+
+@aio_test
+async def test_lost_reply_of_a_charge_beaten_by_another_daemon_is_not_taken_as_ours() -> None:
+    """Two calls planned, one used.  Our charge's reply is lost; it did not apply, because another
+    daemon charged the last call first, leaving the very amount ours would have.  Ours is then
+    tried again and refused: two calls served, not three."""
+    world, other, storage, ledger = await _lost_reply_world(2)
+
+    async def other_charges() -> None:
+        await other.prepaid.charge(1, PRICE)
+
+    storage.armed, storage.before = True, other_charges
+    error = await refused(ledger.charge(1, PRICE))
+    assert error.status == Status.RESOURCE_EXHAUSTED
+    assert await world.a.usage(1) == (2 * PRICE, 2 * PRICE)
+
+
+@aio_test
+async def test_lost_reply_of_a_charge_written_over_by_another_daemon_counts_as_done() -> None:
+    """Our charge applied, its reply was lost, and another daemon charged on top before we looked:
+    ours is recognised as done (the call is served, and charged once)."""
+    world, other, storage, ledger = await _lost_reply_world(4)
+
+    async def other_charges() -> None:
+        await other.prepaid.charge(1, PRICE)
+
+    storage.armed, storage.after = True, other_charges
+    await ledger.charge(1, PRICE)
+    assert await world.a.usage(1) == (4 * PRICE, 3 * PRICE)
+
+
+@aio_test
+async def test_lost_reply_of_a_refund_written_over_by_another_daemon_is_not_given_twice() -> None:
+    """Our refund applied, its reply was lost, another daemon charged on top: the refund is not
+    tried again (it would give the call back twice)."""
+    world, other, storage, ledger = await _lost_reply_world(4)
+    await ledger.charge(1, PRICE)  # two used
+
+    async def other_charges() -> None:
+        await other.prepaid.charge(1, PRICE)
+
+    storage.armed, storage.after = True, other_charges
+    await ledger.refund(1, PRICE)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert await world.a.usage(1) == (4 * PRICE, 2 * PRICE)  # 2 - 1 + 1
+
+
+@aio_test
+async def test_lost_write_that_would_land_late_is_fenced_off() -> None:
+    """Our charge's reply was lost and it had not applied yet: a write conditioned on the same
+    revision makes sure it never does; the charge is then made again, once."""
+    world, _, storage, ledger = await _lost_reply_world(4)
+    storage.armed, storage.late = True, True
+    await ledger.charge(1, PRICE)
+    assert storage.landing is not None
+    await storage.landing  # the late write comes, and finds the revision moved on
+    assert await world.a.usage(1) == (4 * PRICE, 2 * PRICE)
+
+
+@aio_test
+async def test_lost_reply_beyond_the_history_refuses_the_call() -> None:
+    """When more writes followed ours than a used amount remembers, its outcome cannot be told:
+    the call is refused (it may have been charged), nothing is retried."""
+    world, other, storage, ledger = await _lost_reply_world(20)
+
+    async def others_charge() -> None:
+        for _ in range(9):
+            await other.prepaid.charge(1, PRICE)
+
+    storage.armed, storage.after = True, others_charge
+    error = await refused(ledger.charge(1, PRICE))
+    assert error.status == Status.UNAVAILABLE
+    assert await world.a.usage(1) == (20 * PRICE, 11 * PRICE)  # 1 + ours + 9: ours did apply
 
 
 @aio_test
