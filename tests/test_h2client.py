@@ -77,6 +77,82 @@ async def test_start_on_a_closed_connection_reports_failure() -> None:
     assert conn.idle()
 
 
+class _Sink:
+    """A client's side of a call: reading (or not)."""
+
+    def __init__(self, reading: bool) -> None:
+        self.reading = reading
+
+    def send_headers(self, metadata: Any) -> None:
+        pass
+
+    def send_message(self, message: bytes) -> None:
+        pass
+
+    def send_trailers(self, *args: Any) -> None:
+        pass
+
+    def can_write(self) -> bool:
+        return self.reading
+
+    def consumed(self, size: int) -> None:
+        pass
+
+
+@aio_test
+async def test_clients_that_do_not_read_hold_only_their_own_streams() -> None:
+    """Seventeen calls whose clients stopped reading, each with a reply as large as the service's
+    stream window: the service can still answer another client (its connection window towards us
+    is not used up), and only those streams wait."""
+    from snet_daemon.frontend.call import ServerCall
+
+    loop = asyncio.get_event_loop()
+    pool = H2Upstream(None, "svc", 5000, "http://svc:5000", loop)
+    conn = UpstreamConnection(pool)
+    transport = StringTransport()
+    conn.makeConnection(transport)  # type: ignore[no-untyped-call]
+    pool._conn = conn
+    service = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    service.initiate_connection()
+
+    def exchange() -> list[Any]:
+        conn._flush()
+        data = transport.value()
+        transport.clear()
+        events = service.receive_data(data) if data else []
+        out = service.data_to_send()
+        if out:
+            conn.dataReceived(out)
+        return events
+
+    async def start(reading: bool) -> tuple[asyncio.Task[None], list[int]]:
+        call = ServerCall("/pkg.Svc/M", (), _Sink(reading), loop)
+        call.deliver(b"request")
+        call.end_input()
+        task = loop.create_task(pool.forward(call, ()))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return task, [e.stream_id for e in exchange() if isinstance(e, h2.events.RequestReceived)]
+
+    exchange()
+    tasks = []
+    chunk = b"\x00" + (16 * 1024 - 5).to_bytes(4, "big") + b"x" * (16 * 1024 - 5)
+    for _ in range(17):
+        task, (sid,) = await start(reading=False)
+        tasks.append(task)
+        service.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+        while service.local_flow_control_window(sid) >= len(chunk):
+            service.send_data(sid, chunk)
+        exchange()
+        assert service.local_flow_control_window(sid) < len(chunk)  # this stream waits
+    task, (sid,) = await start(reading=True)
+    tasks.append(task)
+    assert service.local_flow_control_window(sid) >= 1024 * 1024 - 16 * 1024
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def test_authority_omits_default_ports() -> None:
     """The :authority header carries the port only when it is not the scheme's default."""
     loop = asyncio.new_event_loop()

@@ -280,6 +280,14 @@ class UpstreamConnection(Protocol):
             ack = size if relay is None else relay.on_data(event.data or b"", size)  # type: ignore[attr-defined]
             if ack:
                 self._conn.acknowledge_received_data(ack, event.stream_id)  # type: ignore[attr-defined]
+            elif size:
+                # Held for a client that is not reading: only this stream's
+                # window waits for it.  The connection's is given back now,
+                # or a few slow clients would hold the whole connection and
+                # stall every other call's reply.  (When the stream's bytes
+                # are acknowledged later, h2 adds no more to the connection
+                # than its window lacks.)
+                self._conn.increment_flow_control_window(size)
         elif kind is _ResponseReceived or kind is _TrailersReceived:
             relay = self._relays.get(event.stream_id)  # type: ignore[attr-defined]
             if relay is not None:
