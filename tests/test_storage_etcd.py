@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from snet_daemon.storage.base import (
     Condition,
+    Entry,
     Put,
     StorageError,
     StorageTimeout,
@@ -32,6 +33,7 @@ from snet_daemon.storage.etcd import EtcdStorage, EtcdTls, parse_endpoint, prefi
 from tests.support.aio import aio_test
 from tests.support.etcd import EtcdServer, etcd_factory, etcd_server
 from tests.support.ports import free_port
+from tests.support.tcpproxy import TcpProxy
 
 __all__ = ["etcd_factory", "etcd_server"]  # fixtures, imported for pytest
 
@@ -174,6 +176,62 @@ async def test_hung_etcd_times_out_within_request_timeout(etcd_factory: Callable
         finally:
             os.kill(pid, signal.SIGCONT)
         await _until_ok(lambda: storage.get("hung/a"), within=5.0)
+    finally:
+        await storage.close()
+
+
+@aio_test
+async def test_write_whose_answer_is_lost_with_the_connection_is_of_unknown_outcome(etcd_server: EtcdServer) -> None:
+    """etcd applied a transaction, then the connection died before its answer came: that is a
+    StorageTimeout (outcome unknown: callers read back), never StorageUnavailable (not applied)."""
+    host, port = etcd_server.url.removeprefix("http://").split(":")
+    proxy = TcpProxy((host, int(port)))
+    proxy.reply_delay = 30.0  # answers are held back ...
+    proxy.up()
+    storage = EtcdStorage([proxy.url], request_timeout=10.0)
+    try:
+        txn = asyncio.ensure_future(storage.transaction([Condition.absent("lost/k")], [Put("lost/k", b"mine")]))
+        for _ in range(100):  # ... until etcd has applied it
+            if await _direct_get(etcd_server, "lost/k") is not None:
+                break
+            await asyncio.sleep(0.05)
+        proxy.down()  # and the connection dies
+        with pytest.raises(StorageTimeout):
+            await txn
+    finally:
+        await storage.close()
+        proxy.down()
+
+
+@aio_test
+async def test_requests_on_a_connection_dropped_for_a_timeout_are_of_unknown_outcome(
+    etcd_server: EtcdServer,
+) -> None:
+    """One request times out and its connection is dropped: a transaction sent on it meanwhile,
+    which etcd applied, is a StorageTimeout too (not "not applied")."""
+    host, port = etcd_server.url.removeprefix("http://").split(":")
+    proxy = TcpProxy((host, int(port)))
+    proxy.reply_delay = 30.0
+    proxy.up()
+    storage = EtcdStorage([proxy.url], request_timeout=1.0)
+    try:
+        slow = asyncio.ensure_future(storage.get("lost2/x"))
+        await asyncio.sleep(0.5)
+        txn = asyncio.ensure_future(storage.transaction([Condition.absent("lost2/k")], [Put("lost2/k", b"mine")]))
+        with pytest.raises(StorageTimeout):
+            await slow
+        with pytest.raises(StorageTimeout):
+            await txn
+        assert await _direct_get(etcd_server, "lost2/k") is not None  # it had applied
+    finally:
+        await storage.close()
+        proxy.down()
+
+
+async def _direct_get(server: EtcdServer, key: str) -> Entry | None:
+    storage = EtcdStorage([server.url])
+    try:
+        return await storage.get(key)
     finally:
         await storage.close()
 

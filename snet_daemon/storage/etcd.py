@@ -62,7 +62,7 @@ from snet_daemon.storage.base import (
     unique_keys,
 )
 from snet_daemon.storage.batch import TxnBatcher
-from snet_daemon.upstream.h2client import H2Upstream
+from snet_daemon.upstream.h2client import AnswerLost, H2Upstream
 
 __all__ = [
     "DEFAULT_CONNECTION_TIMEOUT",
@@ -578,6 +578,16 @@ class EtcdStorage:
         url = conn.endpoint.url
         if code == Status.DEADLINE_EXCEEDED:
             return StorageTimeout(f"etcd at {url} did not answer within {self._timeout:g}s")
+        if isinstance(error, AnswerLost):
+            # Sent, and no answer: it may have been applied (a write's
+            # outcome is unknown, as after a timeout).
+            if code == Status.UNAVAILABLE:
+                self._rotate(conn)
+            return StorageTimeout(f"etcd at {url} gave no answer: {details}")
+        if code == Status.UNAVAILABLE and ("timed out" in details or "leader changed" in details):
+            # etcd's own "request timed out" and "leader changed": the
+            # proposal may still be committed.
+            return StorageTimeout(f"etcd at {url}: {details}")
         if code == Status.NOT_FOUND and _LEASE_NOT_FOUND in details:
             return LeaseNotFound(lease)
         if code == Status.INVALID_ARGUMENT:

@@ -90,6 +90,16 @@ _RemoteSettingsChanged = h2.events.RemoteSettingsChanged
 _ConnectionTerminated = h2.events.ConnectionTerminated
 
 
+class AnswerLost(GrpcError):
+    """A request went out but its answer never came: the connection was
+    lost, or the service reset the stream.  The service may have processed
+    it (unlike a refused stream, or one above a GOAWAY's last stream id).
+
+    Clients see its status (``UNAVAILABLE``, ``CANCELLED``, ``INTERNAL``);
+    the etcd client tells it apart, as a write of unknown outcome.
+    """
+
+
 class _Relay:
     """One upstream stream, relaying the service's reply into a client call."""
 
@@ -213,9 +223,9 @@ class _Relay:
         if code == h2.errors.ErrorCodes.REFUSED_STREAM:
             error = GrpcError(Status.UNAVAILABLE, "the service refused the call (REFUSED_STREAM)")
         elif code == h2.errors.ErrorCodes.CANCEL:
-            error = GrpcError(Status.CANCELLED, "the service cancelled the call")
+            error = AnswerLost(Status.CANCELLED, "the service cancelled the call")
         else:
-            error = GrpcError(Status.INTERNAL, f"the service reset the call (HTTP/2 error {code})")
+            error = AnswerLost(Status.INTERNAL, f"the service reset the call (HTTP/2 error {code})")
         self.finish(error)
 
 
@@ -318,7 +328,7 @@ class UpstreamConnection(Protocol):
         self._relays.clear()
         self._blocked.clear()
         for relay in relays:
-            relay.finish(GrpcError(Status.UNAVAILABLE, f"lost the connection to the service at {self._pool.endpoint}"))
+            relay.finish(AnswerLost(Status.UNAVAILABLE, f"lost the connection to the service at {self._pool.endpoint}"))
         self._pool.connection_lost(self)
 
     # -- for the pool -----------------------------------------------------
