@@ -17,6 +17,7 @@ never serves a call it cannot charge for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -172,6 +173,8 @@ class PaymentStack:
             self._parts.ledger.close()  # lingering holds go with our lease's revoke
         if self._storage_task is not None and not self._storage_task.done():
             self._storage_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._storage_task
         if self._storage is not None and self._storage.service.running:
             await self._storage.service.stopService().asFuture(asyncio.get_running_loop())
 
@@ -262,6 +265,12 @@ class PaymentStack:
                 setup.service.startService()
                 await setup.ready()
                 break
+            except asyncio.CancelledError:
+                # The daemon stops before the storage was ready: what was
+                # started (an embedded etcd) stops with it, cleanly.
+                if setup is not None and setup.service.running:
+                    await setup.service.stopService().asFuture(asyncio.get_running_loop())
+                raise
             except Exception as exc:
                 self._storage_error = str(exc)
                 _log.error("payment storage could not start: {error}", error=exc)
