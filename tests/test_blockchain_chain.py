@@ -136,12 +136,21 @@ async def test_channel_read_and_cache(chain: Chain) -> None:  # noqa: F811
 
 @aio_test
 async def test_concurrent_reads_share_one_call(chain: Chain) -> None:  # noqa: F811
-    """Concurrent reads of one uncached channel make one RPC call."""
+    """Concurrent reads of one uncached channel make one RPC call.  The caller that started it
+    going away (its client cancelled) does not cancel it for the others."""
     channel_id = chain.open_channel()
     reader = make_reader(chain.url, mpe=chain.mpe.address)
     try:
-        results = await asyncio.gather(*(reader.channel(channel_id) for _ in range(20)))
+        first = asyncio.ensure_future(reader.channel(channel_id))
+        await asyncio.sleep(0)
+        others = [asyncio.ensure_future(reader.channel(channel_id)) for _ in range(19)]
+        await asyncio.sleep(0)
+        first.cancel()
+        results = await asyncio.gather(*others)
+        assert first.cancelled()
         assert len({id(result) for result in results}) == 1
+        assert results[0] is not None
+        assert results[0].channel_id == channel_id
         assert reader.cache_misses == 1
     finally:
         await reader.rpc.close()

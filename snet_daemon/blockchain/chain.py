@@ -16,6 +16,7 @@ share one RPC call.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -262,23 +263,20 @@ class EthereumChainReader:
                     self.cache_hits += 1
                     return info
         pending = self._inflight.get(channel_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[ChannelInfo | None] = asyncio.get_running_loop().create_future()
-        self._inflight[channel_id] = future
-        try:
-            read = await self._read_channel(channel_id)
-        except BaseException as exc:
-            if not future.done():
-                future.set_exception(exc)
-                # Mark retrieved: only the waiters (if any) care about it.
-                future.exception()
-            raise
-        else:
-            future.set_result(read)
-            return read
-        finally:
-            self._inflight.pop(channel_id, None)
+        if pending is None:
+            # One read per channel at a time, in a task of its own: callers
+            # share it, and one of them going away (its client cancelled)
+            # does not cancel it for the others.
+            pending = asyncio.ensure_future(self._read_channel(channel_id))
+            self._inflight[channel_id] = pending
+            pending.add_done_callback(functools.partial(self._read_done, channel_id))
+        return await asyncio.shield(pending)
+
+    def _read_done(self, channel_id: int, read: asyncio.Future[ChannelInfo | None]) -> None:
+        if self._inflight.get(channel_id) is read:
+            del self._inflight[channel_id]
+        if not read.cancelled():
+            read.exception()  # retrieved: the callers (if any are left) raise it
 
     async def _read_channel(self, channel_id: int) -> ChannelInfo | None:
         mpe = self._mpe
