@@ -152,6 +152,30 @@ async def test_registry_events_trigger_refresh(chain: Chain, ipfs: IpfsServer) -
 
 
 @aio_test
+async def test_registry_event_in_blocks_replaced_after_a_poll_is_seen(chain: Chain, ipfs: IpfsServer) -> None:  # noqa: F811
+    """Blocks already scanned are replaced (a reorganisation, here anvil's revert) by ones with a
+    Registry event: the next polls scan recent blocks again and see it (scanning only blocks
+    after the last one checked never would)."""
+    chain.publish(ipfs)
+    components = build_chain(chain_settings(chain, ipfs), reactor(), handle_sighup=False)
+    source = components.metadata
+    assert source is not None
+    async with Running(components):
+        await wait_for(lambda: price(components) == 10)
+        chain.snapshot()
+        top = chain.mine(3)
+        await wait_for(lambda: (source._last_checked_block or 0) >= top)
+        chain.revert()  # the three blocks are gone ...
+        new_service = "ipfs://" + ipfs.add_json(service_metadata(mpe_address=chain.mpe.address, price=25))
+        chain.set_service_uri(ORG_ID, SERVICE_ID, new_service)  # ... replaced by one with the event
+        chain.mine(3)
+        await wait_for(lambda: price(components) == 25)
+        loads = source.status().loads
+        await asyncio.sleep(0.5)  # polls that scan the event's block again do not load it again
+        assert source.status().loads == loads
+
+
+@aio_test
 async def test_failed_refresh_keeps_previous_metadata(chain: Chain, ipfs: IpfsServer) -> None:  # noqa: F811
     """Broken new metadata is logged and refused; the old stays in use; a fix is picked up."""
     chain.publish(ipfs)

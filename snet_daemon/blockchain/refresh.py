@@ -23,7 +23,7 @@ import asyncio
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -52,6 +52,8 @@ Subscriber = Callable[[DaemonMetadata], object]
 
 _RETRY_FIRST = 2.0
 _RETRY_MAX = 60.0
+#: Blocks scanned again for Registry events on each poll (see _poll_events).
+_RESCAN: Final = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,8 @@ class MetadataSource(Service):
         self._retry = retry_interval
         self._periodic = Periodic("metadata", self._tick, retry_interval, clock)
         self._last_checked_block: int | None = None
+        #: Registry events seen in the blocks that are scanned again.
+        self._seen_events: set[tuple[str, str, int]] = set()
         self._stale = False
         self._sighup_installed = False
         self._previous_sighup: Any = signal.SIG_DFL
@@ -377,17 +381,23 @@ class MetadataSource(Service):
             if latest < self._last_checked_block:
                 self._last_checked_block = latest  # the chain went back (reorg, test revert)
             return
+        # The last _RESCAN blocks already scanned are scanned again: a
+        # reorganisation may have replaced them, or a node behind a load
+        # balancer may not have had them yet.  Events seen before are skipped.
+        start = max(0, self._last_checked_block + 1 - _RESCAN)
         try:
-            events = await self.registry.changes(
-                self.organization_id, self.service_id, self._last_checked_block + 1, latest
-            )
+            events = await self.registry.changes(self.organization_id, self.service_id, start, latest)
         except ChainError as exc:
             _log.warn("cannot read Registry events: {error}", error=exc)
             return
         self._last_checked_block = latest
+        seen = self._seen_events
+        new = [event for event in events if (event.transaction, event.name, event.block) not in seen]
+        window = latest + 1 - _RESCAN
+        self._seen_events = {(e.transaction, e.name, e.block) for e in events if e.block >= window}
         relevant = [
             event
-            for event in events
+            for event in new
             if not (self._org_override and event.name.startswith("Organization"))
             and not (self._service_override and event.name.startswith("Service"))
         ]
