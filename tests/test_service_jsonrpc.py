@@ -226,3 +226,14 @@ async def test_answers_over_the_size_limit_are_refused(client: HttpClient, serve
     adapter = JsonRpcUpstream(client, server.url, protos=demo_protos(), encoding="proto", max_message_size=1024)
     sink = await invoke(adapter, "/demo.Demo/Echo", [request_bytes(options={"reply_size": 8 * MIB})])
     assert sink.status == Status.RESOURCE_EXHAUSTED
+
+
+@aio_test
+async def test_json_nested_too_deep_is_invalid_argument() -> None:
+    """A client's JSON nested 100,000 deep is INVALID_ARGUMENT, not a logged internal error."""
+    from twisted.internet import reactor
+
+    adapter = JsonRpcUpstream(HttpClient(reactor), "http://127.0.0.1:9", protos=None, encoding="json")
+    sink = await invoke(adapter, "/demo.Demo/Echo", [b"[" * 100_000 + b"]" * 100_000])
+    assert sink.status == Status.INVALID_ARGUMENT
+    assert "not JSON" in sink.message

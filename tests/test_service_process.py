@@ -418,3 +418,38 @@ async def test_unknown_methods_are_unimplemented(python: str) -> None:
     sink = await invoke(adapter, "/demo.Demo/Missing", [request_bytes()])
     assert sink.status == Status.UNIMPLEMENTED
     assert adapter.limiter.running == 0
+
+
+@aio_test
+async def test_stream_paused_by_a_slow_client_ends_after_the_executable_exited(tmp_path: Path) -> None:
+    """A server-streaming executable writes all its replies and exits while the client is not
+    reading: once the client reads again, the replies left in the pipe are relayed and the call
+    ends (reading was never resumed after the exit: the call hung until its deadline)."""
+    out_type = demo_protos().require("/demo.Demo/Split").output_type
+    frames = b""
+    for index in range(4):
+        message = out_type(text="x" * 10_000, index=index).SerializeToString()
+        frames += b"\0" + len(message).to_bytes(4, "big") + message
+    payload = tmp_path / "frames.bin"
+    payload.write_bytes(frames)
+    exe = tmp_path / "split.sh"
+    exe.write_text(f"#!/bin/sh\ncat >/dev/null\ncat {payload}\nexit 0\n")
+    exe.chmod(0o755)
+    from twisted.internet import reactor
+
+    adapter = ProcessUpstream(
+        reactor, str(exe), protos=demo_protos(), encoding="proto", limiter=ProcessLimiter(2), environ=dict(os.environ)
+    )
+    call, sink = new_call("/demo.Demo/Split", timeout=5.0)
+    sink.writable = False  # the client's transport buffer is full
+    call.deliver(request_bytes(text="go"))
+    call.end_input()
+    start_call(adapter, call)
+    await asyncio.sleep(1.0)  # the executable writes everything and exits
+    sink.writable = True
+    call.writable()
+    assert call.task is not None
+    await asyncio.wait_for(asyncio.shield(call.task), 3.0)
+    assert sink.status == Status.OK, sink.message
+    assert len(sink.messages) == 4
+    assert adapter.limiter.running == 0

@@ -65,7 +65,15 @@ def test_directories_dot_prefixes_and_other_files_are_handled() -> None:
 
 @pytest.mark.parametrize(
     ("name", "reason"),
-    [("/etc/evil.proto", "absolute"), ("../evil.proto", "'..'"), ("a/../../evil.proto", "'..'")],
+    [
+        ("/etc/evil.proto", "absolute"),
+        ("../evil.proto", "'..'"),
+        ("a/../../evil.proto", "'..'"),
+        # protoc would take these for an option and an argument file.
+        ("--dependency_out=escaped.proto", "may not start with '-' or '@'"),
+        ("@args.proto", "may not start with '-' or '@'"),
+        ("./--x.proto", "may not start with '-' or '@'"),
+    ],
 )
 def test_unsafe_member_names_are_refused(name: str, reason: str) -> None:
     """Absolute paths and '..' components are refused, naming the member."""
@@ -250,3 +258,29 @@ def test_answers_must_be_objects_and_null_is_the_empty_message() -> None:
         with pytest.raises(GrpcError, match="expected a JSON object") as caught:
             method.reply_from_json(bad)
         assert caught.value.status == Status.INTERNAL
+
+
+def test_archive_declaring_a_huge_header_is_refused_without_inflating_it() -> None:
+    """A small .tar.gz whose GNU long-name header declares 200 MB (tarfile reads such headers
+    whole, before any member limit applies) is refused once the content passes the limit."""
+    import tracemalloc
+    import zlib
+
+    info = tarfile.TarInfo("././@LongLink")
+    info.type = tarfile.GNUTYPE_LONGNAME
+    info.size = 200 << 20
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    archive = compressor.compress(info.tobuf(format=tarfile.GNU_FORMAT))
+    zeros = bytes(1 << 20)
+    for _ in range(200):
+        archive += compressor.compress(zeros)
+    archive += compressor.flush()
+    assert len(archive) < 4 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtoError, match="larger than"):
+            extract_proto_files(archive)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 << 20

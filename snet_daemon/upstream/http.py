@@ -493,7 +493,7 @@ class HttpUpstream:
 def _parse(data: bytes, what: str) -> Any:
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise GrpcError(Status.INTERNAL, f"{what} is not JSON: {excerpt(data)}") from None
 
 

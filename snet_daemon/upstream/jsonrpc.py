@@ -160,7 +160,7 @@ class JsonRpcUpstream:
         answer = await self.client.reader(response, self._max_response).read_all()
         try:
             document = json.loads(answer)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             document = None
         if not isinstance(document, dict) or not ("result" in document or "error" in document):
             if not 200 <= response.code < 300:

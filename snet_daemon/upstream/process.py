@@ -174,7 +174,7 @@ class _Codec:
 def _load_json(data: bytes, status: Status, what: str) -> Any:
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise GrpcError(status, f"{what} is not JSON: {exc}") from None
 
 
@@ -517,7 +517,9 @@ class ProcessUpstream:
                 child.transport.pauseProducing()  # type: ignore[attr-defined]
 
         def on_writable() -> None:
-            if child.transport is not None and not child.exited:
+            # Not ``child.exited``: an executable that exited may still have
+            # replies in the pipe, which must be read for the call to end.
+            if child.transport is not None and not child.ended.done():
                 child.transport.resumeProducing()  # type: ignore[attr-defined]
 
         child = _Child(

@@ -26,13 +26,16 @@ service authors.
 from __future__ import annotations
 
 import asyncio
+import bz2
 import io
 import json
+import lzma
 import os
 import posixpath
 import sys
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +129,37 @@ def _safe_name(name: str) -> str:
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if any(part == ".." for part in parts):
         raise ProtoError(f"archive member {name!r}: '..' is not allowed in paths")
+    if parts and parts[0][:1] in ("-", "@"):
+        # protoc would read it as an option (--x_out=...) or an argument file.
+        raise ProtoError(f"archive member {name!r}: a name may not start with '-' or '@'")
     return "/".join(parts)
+
+
+def _decompressed(archive: bytes, limit: int) -> bytes:
+    """The tar inside a gzip, bzip2 or xz ``archive`` (or ``archive`` itself), at most ``limit`` bytes.
+
+    Inflated here, with a hard cap, rather than by ``tarfile``: it reads some
+    headers (GNU long names, pax) whole into memory before any limit of ours
+    applies, and a few hundred compressed bytes can declare gigabytes.
+
+    Raises:
+        ProtoError: the content is larger than ``limit``.
+    """
+    decompressor: Any
+    if archive[:2] == b"\x1f\x8b":
+        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif archive[:3] == b"BZh":
+        decompressor = bz2.BZ2Decompressor()
+    elif archive[:6] == b"\xfd7zXZ\x00":
+        decompressor = lzma.LZMADecompressor()
+    else:
+        raw = archive
+        decompressor = None
+    if decompressor is not None:
+        raw = decompressor.decompress(archive, limit + 1)
+    if len(raw) > limit:
+        raise ProtoError(f"archive content is larger than {limit} bytes")
+    return raw
 
 
 def extract_proto_files(archive: bytes) -> dict[str, bytes]:
@@ -143,8 +176,9 @@ def extract_proto_files(archive: bytes) -> dict[str, bytes]:
             ``.proto`` file at all.
     """
     try:
-        tar = tarfile.open(fileobj=io.BytesIO(archive), mode="r:*")  # noqa: SIM115 - closed by the with below
-    except (tarfile.TarError, EOFError, OSError) as exc:
+        raw = _decompressed(archive, MAX_TOTAL_SIZE + (MAX_ARCHIVE_FILES + 20) * 1024)
+        tar = tarfile.open(fileobj=io.BytesIO(raw), mode="r:")  # noqa: SIM115 - closed by the with below
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         raise ProtoError(f"not a tar archive (tar, tar.gz, tar.bz2 or tar.xz): {exc}") from None
     files: dict[str, bytes] = {}
     total = members = 0
@@ -493,7 +527,7 @@ class JsonMessages:
         if self.client_json:
             try:
                 return json.loads(data)
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                 raise GrpcError(Status.INVALID_ARGUMENT, f"request message is not JSON: {exc}") from None
         assert self.method is not None
         return self.method.request_to_json(data)
