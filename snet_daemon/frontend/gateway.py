@@ -138,12 +138,17 @@ class Gateway:
         self.active.add(call)
         task.add_done_callback(lambda _: self.active.discard(call))
 
-    async def drain(self, grace: float, sleep: Callable[[float], Awaitable[None]] | None = None) -> None:
+    async def drain(
+        self, grace: float, sleep: Callable[[float], Awaitable[None]] | None = None, settle: float = 5.0
+    ) -> None:
         """Stop taking calls and wait up to ``grace`` seconds for running ones.
 
         HTTP/2 clients get GOAWAY (they open no new streams and reconnect
         elsewhere); calls still running after the grace period are ended
-        with UNAVAILABLE, which cancels their upstream calls.
+        with UNAVAILABLE, which cancels their upstream calls.  Their
+        handlers then refund the payments (a storage round trip or a few
+        retries): they are given up to ``settle`` seconds more, so that the
+        payment storage does not close under them.
         """
         pause = sleep or asyncio.sleep
         self.closing = True
@@ -159,6 +164,14 @@ class Gateway:
                 call.finish(Status.UNAVAILABLE, "the daemon is shutting down")
                 call.abort()
             await pause(0)
+            waited = 0.0
+            while waited < settle and self.active:
+                await pause(0.01)
+                waited += 0.01
+            if self.active:
+                _log.warn(
+                    "{count} cancelled call(s) did not end within {settle}s", count=len(self.active), settle=settle
+                )
         for conn in list(self.connections):
             if conn.active_calls():
                 conn.abort()

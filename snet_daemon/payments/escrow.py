@@ -623,6 +623,12 @@ class EscrowLedger:
             # sweeper no longer knows of this hold.
             await asyncio.shield(self._release_now(channel_id, lingering[0]))
 
+    async def settle(self, within: float) -> None:
+        """Wait up to ``within`` seconds for refunds and hold deletions under
+        way in the background (the daemon stops: storage closes next)."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=within)
+
     def close(self) -> None:
         """Stop deleting lingering holds (the daemon stops; its lease goes with them)."""
         if self._sweeper is not None:

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from twisted.logger import Logger
 
@@ -86,6 +86,9 @@ class Reader(ChannelSource, Protocol):
 
 #: Builds the storage from the organization metadata's client settings.
 StorageFactory = Callable[[MetadataStorageClient], StorageSetup]
+
+#: Seconds the stop gives background refunds before the storage closes.
+_SETTLE: Final = 3.0
 
 
 @dataclass
@@ -170,6 +173,9 @@ class PaymentStack:
         if self._unsubscribe is not None:
             self._unsubscribe()
         if self._parts is not None:
+            # Refunds of calls cancelled while their payment was written
+            # (EscrowLedger._abandon) run in the background: let them land.
+            await self._parts.ledger.settle(_SETTLE)
             self._parts.ledger.close()  # lingering holds go with our lease's revoke
         if self._storage_task is not None and not self._storage_task.done():
             self._storage_task.cancel()
