@@ -65,3 +65,32 @@ async def test_requests_wait_for_a_handler_that_is_not_reading(text: bool) -> No
         await asyncio.sleep(0)
     assert calls[0].task is not None
     assert calls[0].task.done()
+
+
+@pytest.mark.parametrize("first", [b"", b"PRI * HTTP/2.0\r\n"], ids=["silent", "partial-preface"])
+@aio_test
+async def test_a_connection_that_never_shows_its_protocol_is_closed(first: bytes) -> None:
+    """A client that sends nothing, or part of the HTTP/2 preface, is cut off after the sniffing
+    timeout (it held its connection, and a file descriptor, for ever); one that does is not."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from snet_daemon.frontend.cors import CorsPolicy
+    from snet_daemon.frontend.gateway import Gateway, Limits, Router
+    from snet_daemon.frontend.listener import PREFACE, OnePortFactory
+
+    async def handler(call: ServerCall) -> None:
+        pass
+
+    gateway = Gateway(Router(handler), None, CorsPolicy(), Limits(), asyncio.get_running_loop())  # type: ignore[arg-type]
+    factory = OnePortFactory(gateway)
+    factory.sniff_timeout = 0.05
+    stalled, speaking = StringTransport(), StringTransport()
+    for transport, data in ((stalled, first), (speaking, PREFACE)):
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5))
+        protocol.makeConnection(transport)
+        if data:
+            protocol.dataReceived(data)
+    await asyncio.sleep(0.2)
+    assert stalled.disconnecting
+    assert not speaking.disconnecting

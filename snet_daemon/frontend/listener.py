@@ -8,6 +8,7 @@ HTTP/1.1 server, which answers garbage with ``400 Bad Request``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory
@@ -35,6 +36,7 @@ class SniffingProtocol(Protocol):
         self._addr = addr
         self._buffer = b""
         self._inner: Protocol | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connectionMade(self) -> None:
         # Replies are written as they become ready, often in several small
@@ -48,6 +50,15 @@ class SniffingProtocol(Protocol):
             self._switch(self._factory.http2())
         elif negotiated == b"http/1.1":
             self._switch(self._factory.http1(self._addr))
+        if self._inner is None:
+            # A client that sends nothing (or a partial preface) would hold
+            # the connection, and a file descriptor, for ever.
+            self._timer = self._factory.gateway.loop.call_later(self._factory.sniff_timeout, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._inner is None:
+            self.transport.abortConnection()  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         inner = self._inner
@@ -72,10 +83,16 @@ class SniffingProtocol(Protocol):
         self._inner.dataReceived(buffered)  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._inner is not None:
             self._inner.connectionLost(reason)
 
     def _switch(self, inner: Protocol) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._inner = inner
         inner.makeConnection(self.transport)
 
@@ -89,6 +106,8 @@ class OnePortFactory(Factory):
     """
 
     noisy = False
+    #: Seconds a connection may take to show which protocol it speaks.
+    sniff_timeout = 30.0
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
