@@ -52,6 +52,7 @@ from snet_daemon.config.sections import ServiceCredential
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
+from snet_daemon.upstream import jsontext
 from snet_daemon.upstream.protos import JsonMessages, ServiceProtos, relay_json
 
 __all__ = [
@@ -492,7 +493,7 @@ class HttpUpstream:
 
 def _parse(data: bytes, what: str) -> Any:
     try:
-        return json.loads(data)
+        return jsontext.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise GrpcError(Status.INTERNAL, f"{what} is not JSON: {excerpt(data)}") from None
 

@@ -39,6 +39,7 @@ from typing import Any, Final
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
+from snet_daemon.upstream import jsontext
 from snet_daemon.upstream.http import HttpClient, base_url, excerpt
 from snet_daemon.upstream.protos import JsonMessages, ServiceProtos, relay_json
 
@@ -159,7 +160,7 @@ class JsonRpcUpstream:
         )
         answer = await self.client.reader(response, self._max_response).read_all()
         try:
-            document = json.loads(answer)
+            document = jsontext.loads(answer)
         except (ValueError, UnicodeDecodeError, RecursionError):
             document = None
         if not isinstance(document, dict) or not ("result" in document or "error" in document):

@@ -60,6 +60,7 @@ from zope.interface import implementer
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
+from snet_daemon.upstream import jsontext
 from snet_daemon.upstream.protos import MethodInfo, ServiceProtos, client_sends_json
 
 __all__ = ["ProcessLimiter", "ProcessUpstream", "child_environment", "default_process_limit", "find_executable"]
@@ -173,7 +174,7 @@ class _Codec:
 
 def _load_json(data: bytes, status: Status, what: str) -> Any:
     try:
-        return json.loads(data)
+        return jsontext.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise GrpcError(status, f"{what} is not JSON: {exc}") from None
 

@@ -50,6 +50,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.upstream import jsontext
 
 __all__ = [
     "MAX_ARCHIVE_FILES",
@@ -526,7 +527,7 @@ class JsonMessages:
         """
         if self.client_json:
             try:
-                return json.loads(data)
+                return jsontext.loads(data)
             except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                 raise GrpcError(Status.INVALID_ARGUMENT, f"request message is not JSON: {exc}") from None
         assert self.method is not None
