@@ -257,16 +257,21 @@ def test_oversized_headers_http1(daemon: Daemon) -> None:
     assert_still_serving(daemon)
 
 
-def test_oversized_grpc_web_body(daemon: Daemon) -> None:
-    """A gRPC-Web body over the message limit is RESOURCE_EXHAUSTED, without buffering it."""
-    body = frame(b"x" * (5 * 1024 * 1024))
+def _post_http1(daemon: Daemon, content_type: str, body: bytes) -> tuple[int, dict[str, str]]:
+    """POST ``body`` to the Echo method over HTTP/1.1; the reply's status and headers."""
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
         head = (
-            f"POST {ECHO} HTTP/1.1\r\nHost: a\r\nContent-Type: application/grpc-web\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
+            f"POST {ECHO} HTTP/1.1\r\nHost: a\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
         sock.sendall(head + body)
         status, headers, _ = read_http1_reply(sock, 30)
+    return status, headers
+
+
+def test_oversized_grpc_web_body(daemon: Daemon) -> None:
+    """A gRPC-Web body over the message limit is RESOURCE_EXHAUSTED, without buffering it."""
+    status, headers = _post_http1(daemon, "application/grpc-web", frame(b"x" * (5 * 1024 * 1024)))
     assert status == 200
     assert headers["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
     assert_still_serving(daemon)
@@ -299,13 +304,7 @@ def test_a_large_body_costs_the_daemon_little_cpu(daemon: Daemon, content_type: 
     time (0.40 s; 0.03 s now)."""
     assert daemon.process is not None
     before = _cpu_seconds(daemon.process.pid)
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
-        head = (
-            f"POST {ECHO} HTTP/1.1\r\nHost: a\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        sock.sendall(head + body)
-        read_http1_reply(sock, 30)
+    _post_http1(daemon, content_type, body)
     spent = _cpu_seconds(daemon.process.pid) - before
     assert spent < 0.2, f"{spent:.2f} s of daemon CPU for one {len(body)}-byte {content_type} body"
     assert_still_serving(daemon)
