@@ -146,18 +146,14 @@ def _decompressed(archive: bytes, limit: int) -> bytes:
     Raises:
         ProtoError: the content is larger than ``limit``.
     """
-    decompressor: Any
+    decompressor: Any = None
     if archive[:2] == b"\x1f\x8b":
         decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
     elif archive[:3] == b"BZh":
         decompressor = bz2.BZ2Decompressor()
     elif archive[:6] == b"\xfd7zXZ\x00":
         decompressor = lzma.LZMADecompressor()
-    else:
-        raw = archive
-        decompressor = None
-    if decompressor is not None:
-        raw = decompressor.decompress(archive, limit + 1)
+    raw = archive if decompressor is None else decompressor.decompress(archive, limit + 1)
     if len(raw) > limit:
         raise ProtoError(f"archive content is larger than {limit} bytes")
     return raw
@@ -177,6 +173,8 @@ def extract_proto_files(archive: bytes) -> dict[str, bytes]:
             ``.proto`` file at all.
     """
     try:
+        # Members' content plus a 512-byte header and padding each, and the
+        # end-of-archive blocks.
         raw = _decompressed(archive, MAX_TOTAL_SIZE + (MAX_ARCHIVE_FILES + 20) * 1024)
         tar = tarfile.open(fileobj=io.BytesIO(raw), mode="r:")  # noqa: SIM115 - closed by the with below
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:

@@ -110,7 +110,6 @@ class TcpProxy:
                 _shut(sink)
 
         threading.Thread(target=send, daemon=True).start()
-        data = b""
         try:
             while data := source.recv(65536):
                 chunks.put((time.monotonic() + self.reply_delay, data))
