@@ -241,3 +241,38 @@ async def test_a_reply_that_breaks_the_call_resets_the_stream_at_the_service(ups
         assert upstream.record.replies_sent < 100
     finally:
         await client.close()
+
+
+@aio_test
+async def test_a_timeout_drops_only_the_connection_it_used(upstream: Upstream) -> None:
+    """A call that times out on a connection the service has retired (GOAWAY) must not
+    close the connection that replaced it: a call running there is doing fine."""
+    upstream.record.reset()
+    client = _upstream_client(upstream.port)
+    method = "/example_service.Echo/Unary"
+    try:
+        stuck = asyncio.ensure_future(
+            client.unary(method, pb.EchoRequest(delay_ms=5_000).SerializeToString(), 0.5, drop_on_timeout=True)
+        )
+        for _ in range(100):
+            if upstream.record.metadata:
+                break
+            await asyncio.sleep(0.01)
+        first = client._conn
+        assert first is not None
+        assert len(upstream.record.metadata) == 1
+        # The service retires the connection, letting its open stream finish
+        # (what a GOAWAY naming the last stream it will serve means).
+        first._on_goaway(2**31 - 1)
+        assert first.draining
+        assert not first.lost
+        # Sent on a new connection; answered about 0.5 s after the stuck call timed out.
+        fine = asyncio.ensure_future(
+            client.unary(method, pb.EchoRequest(payload=b"fine", delay_ms=1_000).SerializeToString(), 10.0)
+        )
+        with pytest.raises(TimeoutError):
+            await stuck
+        assert pb.EchoReply.FromString(await fine).payload == b"fine"
+        assert client._conn is not first
+    finally:
+        await client.close()

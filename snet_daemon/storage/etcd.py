@@ -559,13 +559,15 @@ class EtcdStorage:
             conn = await self._ready_connection()
         path, reply_type = method
         try:
+            # A silently dead peer would keep every request waiting: after a
+            # timeout, the next one goes on a fresh connection.
             data = await conn.client.unary(
-                path, request if isinstance(request, bytes) else request.SerializeToString(), self._timeout
+                path,
+                request if isinstance(request, bytes) else request.SerializeToString(),
+                self._timeout,
+                drop_on_timeout=True,
             )
         except TimeoutError:
-            # A silently dead peer would keep every request waiting: start
-            # the next one on a fresh connection.
-            conn.client.drop_connection()
             raise StorageTimeout(f"etcd at {conn.endpoint.url} did not answer within {self._timeout:g}s") from None
         except GrpcError as error:
             raise self._translate(error, conn, lease) from None

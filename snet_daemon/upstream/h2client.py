@@ -563,15 +563,17 @@ class H2Upstream:
 
     # -- calls ------------------------------------------------------------
 
-    async def forward(self, call: ServerCall, metadata: Metadata) -> None:
-        """Relay ``call`` to the service with ``metadata``.
+    async def forward(self, call: ServerCall, metadata: Metadata, relay: _Relay | None = None) -> None:
+        """Relay ``call`` to the service with ``metadata`` (through ``relay``
+        when given, so the caller can see which connection carried it).
 
         Raises:
             GrpcError: the service's status when not OK; UNAVAILABLE when
                 the service cannot be reached; what the reply's framing
                 breaks (INTERNAL, RESOURCE_EXHAUSTED).
         """
-        relay = _Relay(call, self.loop, self._max_message)
+        if relay is None:
+            relay = _Relay(call, self.loop, self._max_message)
         headers = self._headers(call, metadata)
         conn = await self._stream_slot()
         while not conn.start(relay, headers):
@@ -596,11 +598,25 @@ class H2Upstream:
                 pump.cancel()
             call.on_writable = None
 
-    async def unary(self, method: str, request: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
+    async def unary(
+        self,
+        method: str,
+        request: bytes,
+        timeout: float,  # noqa: ASYNC109
+        *,
+        drop_on_timeout: bool = False,
+    ) -> bytes:
         """Make a unary call of our own (e.g. a health check); return the reply.
+
+        ``drop_on_timeout``: when the call times out, close the connection
+        it was sent on (a silently dead peer would hold every later call
+        too), but only while that is still the connection in use: one the
+        service has already retired (GOAWAY) may still carry this late
+        call, and its successor carries calls that are doing fine.
 
         Raises:
             GrpcError: as :meth:`forward`.
+            TimeoutError: no answer within ``timeout`` seconds.
         """
         sink = _CollectingSink()
         # The deadline is kept here rather than sent (no grpc-timeout): these
@@ -609,8 +625,14 @@ class H2Upstream:
         call = ServerCall(method, (), sink, self.loop)
         call.deliver(request)
         call.end_input()
-        async with asyncio.timeout(timeout):
-            await self.forward(call, ())
+        relay = _Relay(call, self.loop, self._max_message)
+        try:
+            async with asyncio.timeout(timeout):
+                await self.forward(call, (), relay)
+        except TimeoutError:
+            if drop_on_timeout and (relay.conn is None or relay.conn is self._conn):
+                self.drop_connection()
+            raise
         if len(sink.messages) != 1:
             raise GrpcError(Status.INTERNAL, f"expected one reply, got {len(sink.messages)}")
         return sink.messages[0]

@@ -14,9 +14,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -162,10 +163,14 @@ class SyncCalculator(pb_grpc.CalculatorServicer):
 class Upstream:
     """The test service on a fixed port; it can be stopped and started again."""
 
-    def __init__(self, port: int, max_message_size: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self, port: int, max_message_size: int = 64 * 1024 * 1024, options: Sequence[tuple[str, Any]] = ()
+    ) -> None:
         self.port = port
         self.record = Record()
         self._max = max_message_size
+        #: More grpcio server options (e.g. ``grpc.max_connection_age_ms``).
+        self._options = list(options)
         self._server: grpc.Server | None = None
 
     @property
@@ -179,6 +184,7 @@ class Upstream:
                 ("grpc.max_receive_message_length", self._max),
                 ("grpc.max_send_message_length", self._max),
                 ("grpc.so_reuseport", 0),
+                *self._options,
             ],
         )
         pb_grpc.add_EchoServicer_to_server(RecordingEcho(self.record), server)
