@@ -200,3 +200,45 @@ async def test_garbage_answers_are_unavailable(node: tuple[str, Script]) -> None
             await rpc.call("eth_blockNumber")
     finally:
         await rpc.close()
+
+
+_NO_UPSTREAM: tuple[int, Any, dict[str, str]] = (
+    503,
+    {"jsonrpc": "2.0", "id": 1, "error": {"code": -32603, "message": "no healthy upstream"}},
+    {},
+)
+
+
+@aio_test
+async def test_server_errors_with_a_json_rpc_body_are_retried_and_counted(node: tuple[str, Script]) -> None:
+    """A gateway's 503 carrying a JSON-RPC error is the node failing, not the call: retried, and
+    counted against the node's health with the gateway's message."""
+    url, script = node
+    script.answers = [_NO_UPSTREAM, ok("0x2a")]
+    sleeps = Sleeps()
+    rpc = client(url, sleeps)
+    try:
+        assert await rpc.call("eth_blockNumber") == "0x2a"
+        assert len(sleeps.delays) == 1
+        script.answers = [_NO_UPSTREAM]
+        with pytest.raises(ChainUnavailable, match="HTTP 503: no healthy upstream"):
+            await rpc.call("eth_blockNumber")
+        health = rpc.health()
+        assert not health.ok
+        assert "no healthy upstream" in (health.last_error or "")
+    finally:
+        await rpc.close()
+
+
+@aio_test
+async def test_deeply_nested_answers_are_refused_before_decoding(node: tuple[str, Script]) -> None:
+    """Nesting is bounded before json's C decoder recurses (a deep enough answer would crash the
+    daemon under the recursion limit py_ecc sets)."""
+    url, script = node
+    script.answers = [(200, '{"jsonrpc": "2.0", "id": 1, "result": ' + "[" * 1000 + "]" * 1000 + "}", {})]
+    rpc = client(url, Sleeps(), attempts=1)
+    try:
+        with pytest.raises(ChainUnavailable, match="nested deeper than 200"):
+            await rpc.call("eth_blockNumber")
+    finally:
+        await rpc.close()

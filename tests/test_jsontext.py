@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from snet_daemon.upstream import jsontext
+from snet_daemon import jsontext
 
 
 def test_deep_nesting_is_a_value_error_even_with_a_raised_recursion_limit() -> None:

@@ -257,3 +257,12 @@ def test_models_are_frozen() -> None:
     md = load()
     with pytest.raises(Exception):  # noqa: B017 - pydantic's or dataclasses' frozen error
         md.organization.groups[0].payment.payment_expiration_threshold = 1  # type: ignore[misc]
+
+
+def test_deeply_nested_metadata_is_refused_before_decoding() -> None:
+    """Nesting is bounded (200 levels) before json's C decoder recurses: with the recursion limit
+    py_ecc sets (100,000), 100,000 brackets (a 200 KB document) would crash the daemon."""
+    depth = 1_000
+    document = '{"display_name": "x", "media": ' + "[" * depth + "]" * depth + "}"
+    with pytest.raises(MetadataError, match="service metadata is not JSON: JSON nested deeper than 200"):
+        parse_service(document.encode())

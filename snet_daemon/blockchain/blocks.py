@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from snet_daemon import jsontext
 from snet_daemon.blockchain.errors import ChainError, StaleBlockNumber
 from snet_daemon.blockchain.periodic import Periodic, clock_sleep
 from snet_daemon.blockchain.rpc import JsonRpcClient, redact_url
@@ -219,8 +220,10 @@ class BlockNumberService(Service):
 
     def _on_message(self, data: str) -> None:
         try:
-            message = json.loads(data)
+            message = jsontext.loads(data)
         except ValueError:
+            return
+        if not isinstance(message, dict):
             return
         if message.get("id") == 1 and "result" in message:
             self.ws_connected = True

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -33,6 +32,7 @@ from typing import Annotated, Any, TypeVar
 from eth_utils.address import is_checksum_address, to_checksum_address
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from snet_daemon import jsontext
 from snet_daemon.blockchain.contracts import is_address
 from snet_daemon.blockchain.errors import MetadataError, PriceNotDefined
 
@@ -184,7 +184,7 @@ def _location(loc: tuple[int | str, ...]) -> str:
 def _parse(kind: str, model: type[_Model], raw: bytes | str | Mapping[str, Any]) -> Any:
     if isinstance(raw, bytes | str):
         try:
-            data = json.loads(raw)
+            data = jsontext.loads(raw)
         except ValueError as exc:
             raise MetadataError(f"{kind} metadata is not JSON: {exc}") from None
     else:

@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 from twisted.logger import Logger
 
+from snet_daemon import jsontext
 from snet_daemon.blockchain.errors import ChainUnavailable, ContractCallFailed, RateLimited
 
 __all__ = ["JsonRpcClient", "RpcHealth", "auth_header", "redact_url"]
@@ -235,12 +236,17 @@ class JsonRpcClient:
             raise RateLimited(f"{method}: HTTP 429 Too Many Requests", retry_after=retry_after)
         if status in (401, 403):
             raise ChainUnavailable(f"{method}: HTTP {status} (check blockchain_provider_api_key)", permanent=True)
+        if status >= 500:
+            # The node or a gateway in front of it failed, whatever its body
+            # says (e.g. 503 {"error": {"message": "no healthy upstream"}}):
+            # transient, so retried, and counted against the node's health.
+            raise ChainUnavailable(f"{method}: HTTP {status}{_error_text(payload)}")
         if status >= 400 and not payload.strip().startswith(b"{"):
             raise ChainUnavailable(f"{method}: HTTP {status}")
         try:
-            answer = json.loads(payload)
-        except ValueError:
-            raise ChainUnavailable(f"{method}: answer is not JSON (HTTP {status})") from None
+            answer = jsontext.loads(payload)
+        except ValueError as exc:
+            raise ChainUnavailable(f"{method}: answer is not JSON (HTTP {status}): {exc}") from None
         if not isinstance(answer, dict):
             raise ChainUnavailable(f"{method}: unexpected answer {payload[:200]!r}")
         error_obj = answer.get("error")
@@ -261,6 +267,17 @@ class JsonRpcClient:
         session, self._session = self._session, None
         if session is not None and not session.closed:
             await session.close()
+
+
+def _error_text(payload: bytes) -> str:
+    """``": <message>"`` from a JSON-RPC error body, else nothing (for logs)."""
+    try:
+        answer = jsontext.loads(payload)
+    except ValueError:
+        return ""
+    error = answer.get("error") if isinstance(answer, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error
+    return f": {str(message)[:200]}" if message else ""
 
 
 def _retry_after(value: str | None) -> float | None:

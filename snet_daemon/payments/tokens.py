@@ -33,6 +33,8 @@ from typing import Any, Final
 
 from eth_utils.address import to_checksum_address
 
+from snet_daemon import jsontext
+
 _HEADER: Final = b'{"alg":"HS256","typ":"JWT"}'
 _HMAC: Final = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
 _VERIFIED_LIMIT: Final = 10_000
@@ -197,7 +199,7 @@ def _unb64(data: bytes) -> bytes:
 
 def _json_part(data: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(_unb64(data))
+        value = jsontext.loads(_unb64(data))
     except ValueError:
         raise TokenError(f"token is malformed: could not JSON decode {what}") from None
     if not isinstance(value, dict):

@@ -48,11 +48,11 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from snet_daemon import jsontext
 from snet_daemon.config.sections import ServiceCredential
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
-from snet_daemon.upstream import jsontext
 from snet_daemon.upstream.protos import JsonMessages, ServiceProtos, relay_json
 
 __all__ = [

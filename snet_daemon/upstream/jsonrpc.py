@@ -36,10 +36,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
+from snet_daemon import jsontext
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
-from snet_daemon.upstream import jsontext
 from snet_daemon.upstream.http import HttpClient, base_url, excerpt
 from snet_daemon.upstream.protos import JsonMessages, ServiceProtos, relay_json
 

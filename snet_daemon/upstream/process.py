@@ -57,10 +57,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from snet_daemon import jsontext
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
-from snet_daemon.upstream import jsontext
 from snet_daemon.upstream.protos import MethodInfo, ServiceProtos, client_sends_json
 
 __all__ = ["ProcessLimiter", "ProcessUpstream", "child_environment", "default_process_limit", "find_executable"]

@@ -48,9 +48,9 @@ from google.protobuf.message import DecodeError, Message
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.utils import getProcessOutputAndValue
 
+from snet_daemon import jsontext
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
-from snet_daemon.upstream import jsontext
 
 __all__ = [
     "MAX_ARCHIVE_FILES",

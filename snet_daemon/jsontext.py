@@ -1,4 +1,4 @@
-"""``json.loads`` with a bound on nesting, for JSON from clients and services.
+"""``json.loads`` with a bound on nesting, for JSON from outside: clients, services, chain nodes, metadata.
 
 The C decoder recurses once per nesting level and relies on the recursion
 limit to stop; a library that raises that limit (py_ecc sets 100,000 on
