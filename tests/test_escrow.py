@@ -844,10 +844,14 @@ def test_missing_header_is_invalid_argument(header: str) -> None:
     assert (info.value.status, info.value.message) == (Status.INVALID_ARGUMENT, f'missing "{name}"')
 
 
-@pytest.mark.parametrize("value", ["abc", "-5", "1.5", "", "0x", "1__0", str(2**256), "0x1" + "0" * 64, "08", " 1 2"])
+@pytest.mark.parametrize(
+    "value",
+    ["abc", "-5", "1.5", "", "0x", "1__0", str(2**256), "0x1" + "0" * 64, "08", " 1 2", "1" * 4301, "0" * 5000],
+)
 @pytest.mark.parametrize("header", ["id", "nonce", "amount"])
 def test_malformed_integer_is_invalid_argument(header: str, value: str) -> None:
-    """Malformed, negative or beyond-uint256 integers are INVALID_ARGUMENT 'incorrect format'."""
+    """Malformed, negative or beyond-uint256 integers are INVALID_ARGUMENT 'incorrect format'
+    (decimal text of over 4,300 digits too, which int() refuses with an error of its own)."""
     with pytest.raises(GrpcError) as info:
         parse_escrow(metadata_values(_md(**{header: value})))
     name = "snet-payment-channel-" + header

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -24,7 +25,13 @@ from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures as sig
 from snet_daemon.payments.claims import ProviderControl
 from snet_daemon.payments.escrow import EscrowLedger, metadata_values, parse_escrow
-from snet_daemon.payments.prepaid import NO_PLANNED_AMOUNT, PrepaidLedger, TokenService, decode_amount
+from snet_daemon.payments.prepaid import (
+    NO_PLANNED_AMOUNT,
+    PrepaidLedger,
+    TokenService,
+    decode_amount,
+    encode_amount,
+)
 from snet_daemon.payments.tokens import PrepaidTokens, TokenError, TokenSettings
 from snet_daemon.storage.base import Condition, ConditionFailed, Delete, Op, StorageTimeout, StorageUnavailable
 from snet_daemon.storage.memory import MemoryStorage
@@ -139,6 +146,28 @@ async def test_prepayment_becomes_claimable_and_planned() -> None:
     state, _ = found
     assert state.authorized_amount == 4 * PRICE
     assert sig.recover(sig.mpe_claim(MPE, 1, 0, 4 * PRICE), state.signature) == sig.address_of(CLIENT_KEY)
+
+
+@aio_test
+async def test_planned_and_used_past_uint64_are_reported_shifted_alike() -> None:
+    """Planned and used add up over every nonce, and pass 2**64 after some 18.4 tokens of an
+    18-decimal currency: the reply's uint64 fields get both shifted down alike, so what is
+    left (planned - used) stays exact, and GetToken keeps working on the channel."""
+    world = World()
+    world.chain.open(1, value=2**66)
+    assert (await world.a.get_token(1, 2**64 - 1)).planned_amount == 2**64 - 1
+    # The provider claims it: the channel moves to nonce 1, and prepayments start again.
+    world.chain.channels[1] = replace(world.chain.channels[1], nonce=1, value=2**65)
+    world.chain.cached.pop(1, None)
+    reply = await world.a.get_token(1, 10 * PRICE, nonce=1)
+    assert world.a.tokens.verify(reply.token, 1) == CLIENT
+    assert (reply.planned_amount, reply.used_amount) == (2**64 - 1, 0)
+    assert await world.a.usage(1) == (2**64 - 1 + 10 * PRICE, 0)
+    # Seven of the ten prepaid calls left: reported exactly.
+    used_key = world.a.keys.layout.prepaid(1, "U")
+    await world.memory.put(used_key, encode_amount(2**64 - 1 + 3 * PRICE))
+    reply = await world.a.get_token(1, 10 * PRICE, nonce=1)
+    assert (reply.planned_amount, reply.used_amount) == (2**64 - 1, 2**64 - 1 - 7 * PRICE)
 
 
 @aio_test

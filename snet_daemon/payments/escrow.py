@@ -212,6 +212,9 @@ class Hold:
 
 # -- metadata parsing ---------------------------------------------------------
 
+#: Longest integer header text looked at: far more than any uint256 takes
+#: (256 binary digits with separators), far less than costs anything.
+_MAX_INTEGER_TEXT: Final = 1024
 _GO_INT: Final = re.compile(r"^[+]?(0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO]?[0-7_]*|[1-9][0-9_]*)$")
 
 
@@ -225,14 +228,16 @@ def parse_integer(key: str, value: str) -> int:
     Raises:
         GrpcError: ``INVALID_ARGUMENT`` with Go's message.
     """
-    if value.isascii() and value.isdigit() and (value[0] != "0" or len(value) == 1):
-        # Plain decimal, what every client sends: no need for the pattern.
+    if len(value) <= 78 and value.isascii() and value.isdigit() and (value[0] != "0" or len(value) == 1):
+        # Plain decimal, what every client sends: no need for the pattern
+        # (2**256 has 78 digits; longer text goes the careful way, as int()
+        # refuses decimal text of over 4,300 digits with its own error).
         number = int(value)
         if number < 1 << 256:
             return number
     text = value.strip()
     try:
-        if not _GO_INT.match(text) or "__" in text or text.endswith("_"):
+        if len(text) > _MAX_INTEGER_TEXT or not _GO_INT.match(text) or "__" in text or text.endswith("_"):
             raise ValueError(text)
         body = text.lstrip("+")
         if len(body) > 1 and body[0] == "0" and body[1] not in "xXbBoO":

@@ -558,7 +558,24 @@ class TokenService:
         planned = _value_amount(planned_key, values[planned_key])
         used = _value_amount(used_key, values[used_key])
         token = self._tokens.create(channel_id, signatures.checksum(signer[0]))
+        planned, used = _as_uint64(planned, used)
         return pb.TokenReply(channel_id=channel_id, token=token, planned_amount=planned, used_amount=used)
+
+
+_UINT64_MAX: Final = 2**64 - 1
+
+
+def _as_uint64(planned: int, used: int) -> tuple[int, int]:
+    """``planned`` and ``used`` shifted down alike to fit the reply's uint64 fields.
+
+    Both add up over the channel's whole life (every nonce), so with an
+    18-decimal token they pass 2**64 after some 18.4 tokens of prepaid
+    calls; the reply could then not be built at all, after the prepayment
+    was taken.  Clients compare the two (what is left is ``planned - used``),
+    and that difference is kept exact whenever it fits.
+    """
+    excess = max(0, planned - _UINT64_MAX)
+    return planned - excess, min(_UINT64_MAX, max(0, used - excess))
 
 
 def _add_planned(entry: Entry | None, increase: int) -> bytes:
