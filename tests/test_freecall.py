@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +25,11 @@ from snet_daemon.payments.freecall import (
     FreeCalls,
     FreeCallSettings,
     FreeCallTerms,
+    decode_count,
+    encode_count,
     parse_token,
 )
-from snet_daemon.storage.base import StorageUnavailable
+from snet_daemon.storage.base import Condition, Entry, Op, StorageTimeout, StorageUnavailable
 from snet_daemon.storage.keys import KeyLayout
 from snet_daemon.storage.memory import MemoryStorage
 from tests.support.aio import aio_test
@@ -280,6 +283,81 @@ async def test_a_call_cancelled_while_being_counted_stays_free() -> None:
             break
         await asyncio.sleep(0.01)
     assert await world.available(token) == 2  # ... and given back
+
+
+class _LosesReplies(CountingStorage):
+    """Transactions whose replies are lost (StorageTimeout), applied or not."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryStorage(lambda: 0.0))
+        #: What the next transactions do before their reply is lost: "apply"
+        #: it, "drop" it, or let "another" write land first (and drop it).
+        self.plan: list[str] = []
+        self.other: tuple[str, bytes] | None = None
+        #: Reads fail too (storage down while the outcome is looked for).
+        self.fail_gets = False
+
+    async def get(self, key: str) -> Entry | None:
+        if self.fail_gets:
+            raise StorageTimeout("no answer")
+        return await super().get(key)
+
+    async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+        if not self.plan:
+            return await super().transaction(conditions, ops)
+        step = self.plan.pop(0)
+        if step == "apply":
+            await self.inner.transaction(conditions, ops)
+        elif step == "another":
+            assert self.other is not None
+            await self.inner.put(*self.other)
+        raise StorageTimeout("reply lost")
+
+
+@pytest.mark.parametrize(
+    ("plan", "made"),
+    [
+        (["apply"], 1),  # it happened: the call is served, counted once
+        (["drop"], 1),  # it did not: fenced off, written again, served
+        (["drop", "apply"], 1),  # and so on, as long as the outcome is known
+        (["another"], 2),  # another call of the user counted first: ours is counted after it
+    ],
+)
+@aio_test
+async def test_a_count_whose_reply_was_lost_is_settled_not_charged_for_nothing(plan: list[str], made: int) -> None:
+    """A timed-out count may have been written or not; the history of writes in the counter
+    tells which.  Refusing a call whose count landed cost the user one free call."""
+    storage = _LosesReplies()
+    world = World(free_calls=3, storage=storage)
+    token = await world.token()
+    key = world.free._counter_key(sig.address_of(USER_KEY), "")
+    storage.other = (key, encode_count(1, [(b"another!", 0)]))  # another daemon's first count
+    storage.plan = list(plan)
+    counted = await world.free.authorize(world.headers(token))
+    assert counted.key == key
+    assert await world.available(token) == 3 - made
+
+
+@aio_test
+async def test_a_count_whose_outcome_cannot_be_told_is_refused() -> None:
+    """Storage failing all through the settling: the call is refused as storage being down."""
+    storage = _LosesReplies()
+    world = World(storage=storage)
+    token = await world.token()
+    storage.plan = ["drop"]
+    storage.fail_gets = True
+    with pytest.raises(GrpcError) as info:
+        await world.free.authorize(world.headers(token))
+    assert info.value.status == Status.UNAVAILABLE
+
+
+def test_version_1_counters_are_read_and_rewritten_with_history() -> None:
+    """Counters written before the history (version 1) still count."""
+    assert decode_count(Entry("k", b"\x01" + (7).to_bytes(8, "big"), 1, 1, 1)) == 7
+    value = encode_count(8, [(b"T" * 8, 5)])
+    assert decode_count(Entry("k", value, 2, 2, 1)) == 8
+    with pytest.raises(GrpcError, match="unreadable free-call counter"):
+        decode_count(Entry("k", value + b"x", 2, 2, 1))
 
 
 @aio_test

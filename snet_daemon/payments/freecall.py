@@ -28,8 +28,10 @@ What differs from Go, on purpose:
 * **No lock, one conditional write per call**: the counter is incremented
   before the call if it is below the limit, conditional on its revision,
   so daemons sharing the storage count together and never exceed the
-  limit; a call that fails (or is cancelled) is given back.  Go locks the
-  user for the whole call and counts afterwards.
+  limit; a call that fails (or is cancelled) is given back.  A count whose
+  reply was lost is settled by the writes the counter records (see
+  :func:`encode_count`): served if it landed, written again if it did not.
+  Go locks the user for the whole call and counts afterwards.
 * **Without a key to issue tokens** (none configured, or not the
   metadata's signer), ``GetFreeCallToken`` answers an *empty* token and
   ``GetFreeCallsAvailable`` answers 0 for an empty token, where Go answers
@@ -51,7 +53,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -61,7 +63,25 @@ from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures
 from snet_daemon.payments.escrow import SIGNATURE, parse_integer, single
 from snet_daemon.payments.state_service import BLOCK_TOLERANCE
-from snet_daemon.storage.base import AtomicStorage, Condition, ConditionFailed, Entry, Put, StorageError
+from snet_daemon.payments.tagged import (
+    HISTORY,
+    RECORD,
+    UNREAD,
+    History,
+    Tags,
+    decode_history,
+    encode_history,
+    settle,
+)
+from snet_daemon.storage.base import (
+    AtomicStorage,
+    Condition,
+    ConditionFailed,
+    Entry,
+    Put,
+    StorageError,
+    StorageTimeout,
+)
 
 USER_ID: Final = "snet-free-call-user-id"
 USER_ADDRESS: Final = "snet-free-call-user-address"
@@ -78,6 +98,7 @@ UNLIMITED_AVAILABLE: Final = 99_999_999
 TOKEN_DECIMALS: Final = 18
 
 _VERSION_1: Final = 1
+_VERSION_2: Final = 2
 _MAX_ATTEMPTS: Final = 8
 _EXPIRY: Final = re.compile(rb"^[+-]?[0-9]+$")
 
@@ -162,9 +183,22 @@ class _Request:
     token: bytes
 
 
-def encode_count(count: int) -> bytes:
-    """A stored free-call counter."""
-    return bytes((_VERSION_1,)) + count.to_bytes(8, "big")
+def encode_count(count: int, history: Sequence[tuple[bytes, int]] = ()) -> bytes:
+    """A stored free-call counter, with the writes that made it (newest first).
+
+    Version 2: ``0x02 | count (8) | (tag (8) | parent revision (8)) x up to
+    8``, the history settling a count whose write timed out (see
+    :mod:`snet_daemon.payments.tagged`).  Version 1 (``0x01 | count``) is
+    read as well.
+    """
+    return bytes((_VERSION_2,)) + count.to_bytes(8, "big") + encode_history(history)
+
+
+def _history(entry: Entry | None) -> History:
+    """The writes recorded in a counter (none for version 1 or absent)."""
+    if entry is None or entry.value[:1] != bytes((_VERSION_2,)):
+        return []
+    return decode_history(entry.value[9:])
 
 
 def decode_count(entry: Entry | None) -> int:
@@ -176,9 +210,15 @@ def decode_count(entry: Entry | None) -> int:
     if entry is None:
         return 0
     data = entry.value
-    if len(data) != 9 or data[0] != _VERSION_1:
+    size = len(data)
+    if not (
+        (size == 9 and data[0] == _VERSION_1)
+        or (
+            data[:1] == bytes((_VERSION_2,)) and size >= 9 and (size - 9) % RECORD == 0 and size <= 9 + RECORD * HISTORY
+        )
+    ):
         raise GrpcError(Status.INTERNAL, f"internal error: unreadable free-call counter at {entry.key}")
-    return int.from_bytes(data[1:], "big")
+    return int.from_bytes(data[1:9], "big")
 
 
 def parse_token(token: bytes) -> tuple[bytes, int]:
@@ -214,8 +254,12 @@ class FreeCalls:
         chain: FreeCallChain,
         settings: FreeCallSettings,
         terms: Callable[[], FreeCallTerms],
+        sleep: Callable[[float], object] = asyncio.sleep,
     ) -> None:
         self._storage = storage
+        self._sleep = sleep
+        #: Tags of our counter writes (see ``tagged``).
+        self._tags = Tags()
         self._keys = keys
         self._chain = chain
         self._settings = settings
@@ -335,26 +379,62 @@ class FreeCalls:
             counted = FreeCall(key, signatures.checksum(signer))
             # Carried to its end if the call is cancelled meanwhile: a call
             # counted but never made is then given back.
-            write = asyncio.ensure_future(
-                self._storage.transaction([Condition.unchanged(key, entry)], [Put(key, encode_count(made + 1))])
-            )
+            write = asyncio.ensure_future(self._write(key, entry, made + 1))
             try:
-                await asyncio.shield(write)
+                written, after = await asyncio.shield(write)
             except asyncio.CancelledError:
                 if not write.cancelled():
                     write.add_done_callback(functools.partial(self._abandon, counted))
                 raise
-            except ConditionFailed as failed:
-                entry = failed.current.get(key)
-                continue
             except StorageError as exc:
                 raise _storage_down(exc) from None
-            return counted
+            if written:
+                return counted
+            entry = await self._read(key) if after is UNREAD else after  # type: ignore[assignment]
         raise GrpcError(Status.UNAVAILABLE, "too much contention on this user's free calls; retry")
 
-    def _abandon(self, counted: FreeCall, write: asyncio.Future[int]) -> None:
+    async def _write(self, key: str, entry: Entry | None, count: int) -> tuple[bool, object]:
+        """Write ``count`` to ``key`` if it still is ``entry``.
+
+        Returns:
+            True (written), or False (not written, and never will be) and
+            the entry found (``tagged.UNREAD``: read it again).
+
+        Raises:
+            StorageError: storage failed; for a write whose reply was lost,
+                only when whether it happened cannot be told.
+        """
+        tag = self._tags.next()
+        parent = 0 if entry is None else entry.mod_revision
+        value = encode_count(count, [(tag, parent), *_history(entry)])
+        try:
+            await self._storage.transaction([Condition.unchanged(key, entry)], [Put(key, value)])
+        except ConditionFailed as failed:
+            return False, failed.current.get(key)
+        except StorageTimeout:
+            # Applied or not?  A call refused while it stays counted would
+            # cost the user one of their free calls.
+            written, after = await settle(
+                self._storage,
+                key,
+                tag,
+                parent,
+                history=_history,
+                fence=functools.partial(self._fence, parent),
+                sleep=self._sleep,
+            )
+            if written is None:
+                raise
+            return written, after
+        return True, None
+
+    def _fence(self, parent: int, entry: Entry | None) -> bytes:
+        """``entry``'s count again, as a write conditioned on ``parent`` (see ``tagged.settle``)."""
+        return encode_count(decode_count(entry), [(self._tags.next(), parent), *_history(entry)])
+
+    def _abandon(self, counted: FreeCall, write: asyncio.Future[tuple[bool, object]]) -> None:
         """The call was cancelled while it was being counted; the count is now written or not."""
-        if write.cancelled() or write.exception() is not None:
+        if write.cancelled() or write.exception() is not None or not write.result()[0]:
             return
         release = asyncio.ensure_future(self.release(counted))
         self._releases.add(release)
@@ -368,13 +448,10 @@ class FreeCalls:
                 made = decode_count(entry)
                 if made == 0:
                     return
-                try:
-                    await self._storage.transaction(
-                        [Condition.unchanged(free_call.key, entry)], [Put(free_call.key, encode_count(made - 1))]
-                    )
+                written, after = await self._write(free_call.key, entry, made - 1)
+                if written:
                     return
-                except ConditionFailed as failed:
-                    entry = failed.current.get(free_call.key)
+                entry = await self._storage.get(free_call.key) if after is UNREAD else after  # type: ignore[assignment]
         except (StorageError, GrpcError):
             return
 

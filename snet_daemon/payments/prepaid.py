@@ -35,25 +35,19 @@ compare-and-swaps; contention remains only between daemons.
 Values are our own encoding (like the channel state: a payment group runs
 one kind of daemon).  Planned amounts are ``0x01`` followed by the amount as
 32 bytes big-endian.  Used amounts are version 2: ``0x02``, the amount, then
-the last writes that made it, newest first, each an 8-byte tag unique to
-the write and the 8-byte revision it was conditioned on::
+the last writes that made it (see :mod:`snet_daemon.payments.tagged`)::
 
     0x02 | amount (32) | (tag (8) | parent revision (8)) x up to 8
 
-That history settles a write whose reply was lost (timed out): each write
-is conditioned on the revision it read, so the first write after revision
-R is the only one that can have been ours.  If it is ours the write
-happened; if another daemon's, ours never will; and if nothing was written
-since R, a no-op write conditioned on R makes sure ours never lands.  A
-value's amount alone cannot tell (another daemon may have written the same
-amount, or more after ours).  Version 1 used amounts (no history) are read
-as well.
+That history settles a write whose reply was lost (timed out).  A value's
+amount alone cannot tell (another daemon may have written the same amount,
+or more after ours).  Version 1 used amounts (no history) are read as well.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -73,6 +67,7 @@ from snet_daemon.payments.escrow import (
     PaymentTerms,
 )
 from snet_daemon.payments.state_service import check_block
+from snet_daemon.payments.tagged import HISTORY, RECORD, UNREAD, Tags, decode_history, encode_history, settle
 from snet_daemon.payments.tokens import PrepaidTokens
 from snet_daemon.storage.base import (
     AtomicStorage,
@@ -94,10 +89,6 @@ NO_PLANNED_AMOUNT: Final = "Unable to retrieve planned Amount "
 
 _VERSION_1: Final = 1
 _VERSION_2: Final = 2
-#: Writes remembered in a used amount (see the module docstring).
-_HISTORY: Final = 8
-#: Reads (and fencing writes) spent settling a write whose reply was lost.
-_SETTLE_TRIES: Final = 4
 _MAX_ATTEMPTS: Final = 16
 _REFUND_PATIENCE: Final = 10.0
 _IDLE_LIMIT: Final = 100_000
@@ -126,7 +117,7 @@ def decode_amount(entry: Entry | None) -> int:
     size = len(data)
     if not (
         (data[:1] == b"\x01" and size == 33)
-        or (data[:1] == b"\x02" and size >= 33 and (size - 33) % 16 == 0 and size <= 33 + 16 * _HISTORY)
+        or (data[:1] == b"\x02" and size >= 33 and (size - 33) % RECORD == 0 and size <= 33 + RECORD * HISTORY)
     ):
         raise CorruptValue(f"unreadable prepaid amount at {entry.key}")
     return int.from_bytes(data[1:33], "big")
@@ -134,18 +125,14 @@ def decode_amount(entry: Entry | None) -> int:
 
 def encode_used(amount: int, history: Sequence[tuple[bytes, int]]) -> bytes:
     """A stored used amount, with the writes that made it (newest first)."""
-    parts = [bytes((_VERSION_2,)), amount.to_bytes(32, "big")]
-    for tag, parent in history[:_HISTORY]:
-        parts += [tag, parent.to_bytes(8, "big")]
-    return b"".join(parts)
+    return bytes((_VERSION_2,)) + amount.to_bytes(32, "big") + encode_history(history)
 
 
 def _history(entry: Entry | None) -> list[tuple[bytes, int]]:
     """The writes recorded in a used amount (none for version 1 or absent)."""
     if entry is None or entry.value[:1] != b"\x02":
         return []
-    data = entry.value
-    return [(data[i : i + 8], int.from_bytes(data[i + 8 : i + 16], "big")) for i in range(33, len(data), 16)]
+    return decode_history(entry.value[33:])
 
 
 def usage_exceeded(channel_id: int) -> GrpcError:
@@ -162,7 +149,7 @@ class _Request:
     future: asyncio.Future[None] | None
 
 
-_UNREAD: Final = object()
+_UNREAD: Final = UNREAD
 
 
 @dataclass(eq=False)
@@ -195,8 +182,7 @@ class PrepaidLedger:
         self._sleep = sleep
         self._books: dict[int, _Books] = {}
         self._workers: set[asyncio.Future[None]] = set()
-        #: Tags of our writes: a random start, then one more per write.
-        self._tags = int.from_bytes(os.urandom(8), "big")
+        self._tags = Tags()
 
     async def charge(self, channel_id: int, price: int) -> None:
         """Charge one call of ``price``; returns once it is recorded.
@@ -349,7 +335,7 @@ class PrepaidLedger:
                 planned_fresh = True
                 continue
             if admitted or refunds:
-                tag = self._tag()
+                tag = self._tags.next()
                 parent = 0 if used_entry is None else used_entry.mod_revision
                 value = encode_used(total, [(tag, parent), *_history(used_entry)])
                 try:
@@ -362,7 +348,15 @@ class PrepaidLedger:
                 except StorageTimeout as exc:
                     # The reply was lost: find out whether the write happened.
                     books.planned = _UNREAD
-                    written, books.used = await self._settle(used_key, tag, parent)
+                    written, books.used = await settle(
+                        self._storage,
+                        used_key,
+                        tag,
+                        parent,
+                        history=_history,
+                        fence=functools.partial(self._fence, parent),
+                        sleep=self._sleep,
+                    )
                     if written is False:
                         # It did not happen, and now never will: try again.
                         await self._read(books, used_key, planned_key)
@@ -390,45 +384,9 @@ class PrepaidLedger:
             _settle(request, busy)
         return refunds
 
-    def _tag(self) -> bytes:
-        self._tags = (self._tags + 1) & 0xFFFF_FFFF_FFFF_FFFF
-        return self._tags.to_bytes(8, "big")
-
-    async def _settle(self, key: str, tag: bytes, parent: int) -> tuple[bool | None, object]:
-        """Whether our write ``tag`` (conditioned on revision ``parent``, 0:
-        absent) happened, after its reply was lost (see the module docstring).
-
-        Returns:
-            True (it did), False (it did not and never will), or None (could
-            not tell), and the entry last read (``_UNREAD`` if none).
-        """
-        current: object = _UNREAD
-        for attempt in range(_SETTLE_TRIES):
-            if attempt:
-                await self._sleep(0.05 * attempt)  # type: ignore[misc]
-            try:
-                entry = await self._storage.get(key)
-            except StorageError:
-                continue
-            current = entry
-            revision = 0 if entry is None else entry.mod_revision
-            if revision != parent:
-                # Written since: by us if ours is the first write after parent.
-                for written_tag, written_parent in _history(entry):
-                    if written_parent == parent:
-                        return written_tag == tag, entry
-                return None, entry  # more writes since than the history holds
-            # Nothing written since: a write of the same amount, conditioned
-            # on ``parent`` too, makes sure ours never lands.
-            fence = encode_used(_amount(entry), [(self._tag(), parent), *_history(entry)])
-            try:
-                await self._storage.transaction([Condition.unchanged(key, entry)], [Put(key, fence)])
-            except ConditionFailed:
-                continue  # something landed meanwhile (ours, perhaps): look again
-            except StorageError:
-                continue
-            return False, _UNREAD
-        return None, current
+    def _fence(self, parent: int, entry: Entry | None) -> bytes:
+        """``entry``'s amount again, as a write conditioned on ``parent`` (see ``tagged.settle``)."""
+        return encode_used(_amount(entry), [(self._tags.next(), parent), *_history(entry)])
 
     def _unknown(self, channel_id: int, admitted: list[_Request], refunds: list[_Request], error: Exception) -> None:
         """A write whose outcome could not be told: nobody is served, nothing is retried.
