@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from snet_daemon.blockchain.errors import ChainUnavailable
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments.channel import ChannelState, merge, spendable
 from snet_daemon.payments.escrow import EscrowLedger, Hold, metadata_values, parse_escrow
@@ -338,6 +339,29 @@ async def test_unknown_channel_other_group_other_recipient() -> None:
     error = await rejected(ledger, 3, 0, PRICE)
     assert error.status == Status.INTERNAL
     assert "recipient" in error.message
+
+
+@aio_test
+async def test_chain_outage_is_not_an_unknown_channel() -> None:
+    """With the Ethereum node down, a channel the chain reader has not cached is a chain error,
+    never "no such channel": paid calls get Go's INTERNAL "payment channel error", the daemon's
+    own services (``stored_channel``) UNAVAILABLE; None stays for channels the chain does not know."""
+    ledger, chain, _ = make()
+    chain.open(1)
+    chain.channel_error = ChainUnavailable("connection refused")
+    error = await rejected(ledger, 1, 0, PRICE)
+    assert (error.status, error.message) == (Status.INTERNAL, "payment channel error: connection refused")
+    with pytest.raises(GrpcError) as info:
+        await ledger.stored_channel(1)
+    assert (info.value.status, info.value.message) == (
+        Status.UNAVAILABLE,
+        "cannot read channel {ID: 1} from the Ethereum node: connection refused",
+    )
+    chain.channel_error = None
+    assert await ledger.stored_channel(9) is None
+    found = await ledger.stored_channel(1)
+    assert found is not None
+    assert found[0] == ChannelState(0)
 
 
 @aio_test

@@ -251,7 +251,8 @@ def test_chain_rpc_down_serves_known_channels_within_the_staleness_bound(
     tmp_path: Path,
     rpc_proxy: TcpProxy,
 ) -> None:
-    """RPC down: known channels keep working until the cached block is too old; unknown ones are refused."""
+    """RPC down: known channels keep working until the cached block is too old; unknown ones are refused,
+    and GetChannelState says the node is unavailable rather than "channel is not found"."""
     extra = {"ethereum_json_rpc_http_endpoint": rpc_proxy.url, "block_max_age": "4s"}
     with deployed(chain, ipfs, upstream, tmp_path, extra=extra) as deployment:
         address = deployment.daemon.address
@@ -263,6 +264,14 @@ def test_chain_rpc_down_serves_known_channels_within_the_staleness_bound(
         with pytest.raises(grpc.RpcError) as info:
             paid_echo(deployment, address, unknown, PRICE)
         assert info.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+        channel = make_channel(address)
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                deployment.state(channel, unknown)
+        finally:
+            channel.close()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        assert "from the Ethereum node" in info.value.details(), info.value.details()
         time.sleep(5)  # the cached block number is now older than block_max_age
         with pytest.raises(grpc.RpcError) as info:
             paid_echo(deployment, address, known, 3 * PRICE)

@@ -13,6 +13,7 @@ import pytest
 
 from snet_daemon._proto.escrow import control_service_pb2 as cpb
 from snet_daemon._proto.escrow import state_service_pb2 as spb
+from snet_daemon.blockchain.errors import ChainUnavailable
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures as sig
 from snet_daemon.payments.claims import ProviderControl
@@ -308,3 +309,74 @@ async def test_start_claim_for_multiple_channels() -> None:
     assert [n(p.channel_id) for p in reply.payments] == [3, 1]
     assert sorted(n(p.channel_id) for p in (await world.in_progress()).payments) == [1, 3]
     assert [n(p.channel_id) for p in (await world.unclaimed()).payments] == [2]
+
+
+NODE_DOWN = "eth_call: ConnectError: connection refused"
+
+
+@aio_test
+async def test_chain_outage_in_the_control_service_is_unavailable() -> None:
+    """With the Ethereum node down, the control service answers UNAVAILABLE naming the node, and
+    StartClaim does not call the channel unknown; the claim goes through once the node is back.
+
+    (The chain reader's exception used to escape: INTERNAL "internal error" and a traceback in
+    the log; StartClaim said "channel is not found".)"""
+    world = World()
+    world.chain.open(1)
+    await world.pay(1, 0, PRICE)
+    world.chain.cached.clear()  # not cached (TTL, or the channel was paid through another daemon)
+    world.chain.channel_error = ChainUnavailable(NODE_DOWN)
+    for request in (world.unclaimed, lambda: world.start_claim(1, 0)):
+        with pytest.raises(GrpcError) as info:
+            await request()
+        assert (info.value.status, info.value.message) == (
+            Status.UNAVAILABLE,
+            f"cannot read channel {{ID: 1}} from the Ethereum node: {NODE_DOWN}",
+        )
+    world.chain.channel_error = None
+    await world.start_claim(1, 0)
+    # Whether the claim landed is read from the chain itself, cached channel or not.
+    world.chain.channel_error = ChainUnavailable(NODE_DOWN)
+    with pytest.raises(GrpcError) as info:
+        await world.in_progress()
+    assert info.value.status == Status.UNAVAILABLE
+    assert "Ethereum node" in info.value.message
+    world.chain.channel_error = None
+    assert [n(p.signed_amount) for p in (await world.in_progress()).payments] == [PRICE]
+
+
+@aio_test
+async def test_channel_state_during_a_chain_outage_is_unavailable_not_not_found() -> None:
+    """GetChannelState for a channel the chain reader has not cached, with the node down, is
+    UNAVAILABLE "channel error: ..." naming the node, not "channel is not found" (snet-sdk
+    reports that for an existing channel); a cached channel is still answered."""
+    world = World()
+    world.chain.open(1)
+    world.chain.open(2)
+    await world.pay(1, 0, PRICE)
+    world.chain.channel_error = ChainUnavailable(NODE_DOWN)
+    assert n((await world.get_state(1)).current_signed_amount) == PRICE
+    with pytest.raises(GrpcError) as info:
+        await world.get_state(2)
+    assert (info.value.status, info.value.message) == (
+        Status.UNAVAILABLE,
+        f"channel error: cannot read channel {{ID: 2}} from the Ethereum node: {NODE_DOWN}",
+    )
+
+
+@aio_test
+async def test_channel_of_another_group_or_recipient_is_refused_with_the_reason() -> None:
+    """A channel paying another address, or of another group, is refused by GetChannelState and
+    StartClaim with Go's reason as a plain error (it was "channel is not found")."""
+    world = World()
+    world.chain.open(2, group_id=b"\xff" * 32)
+    world.chain.open(3, recipient="0x" + "11" * 20)
+    for channel_id, reason in ((2, "channel received belongs to another group of replicas"), (3, "recipient address")):
+        with pytest.raises(GrpcError) as info:
+            await world.get_state(channel_id)
+        assert info.value.status == Status.UNKNOWN
+        assert info.value.message.startswith(f"channel error: {reason}"), info.value.message
+        with pytest.raises(GrpcError) as info:
+            await world.start_claim(channel_id, 0)
+        assert info.value.status == Status.UNKNOWN
+        assert info.value.message.startswith(reason), info.value.message

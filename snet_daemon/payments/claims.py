@@ -10,10 +10,12 @@ and forgets the record.
 
 Every request is signed by the payment group's payment address.  As in the
 Go daemon (``snet-daemon.md`` §6.3), errors are plain (status UNKNOWN)
-except where noted.  Unlike the Go daemon, ``StartClaim`` refuses unknown
-channels before anything else, and a second claim on a channel whose first
-claim has not landed yet is refused (the amount still counted by the chain
-must be known to keep clients within the channel's funds).
+except where noted; outages of the payment storage or the Ethereum node are
+UNAVAILABLE (the treasurer may retry), never "channel is not found".
+Unlike the Go daemon, ``StartClaim`` refuses unknown channels before
+anything else, and a second claim on a channel whose first claim has not
+landed yet is refused (the amount still counted by the chain must be known
+to keep clients within the channel's funds).
 """
 
 from __future__ import annotations
@@ -21,11 +23,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from snet_daemon._proto.escrow import control_service_pb2 as pb
+from snet_daemon.blockchain.errors import ChainError
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures
 from snet_daemon.payments.channel import ChannelState, ClaimedPayment, CorruptValue
-from snet_daemon.payments.escrow import ChannelSource, EscrowLedger, PaymentTerms, channel_label
+from snet_daemon.payments.escrow import (
+    ChainChannel,
+    ChannelSource,
+    EscrowLedger,
+    PaymentTerms,
+    chain_down,
+    channel_label,
+)
 from snet_daemon.payments.keys import PaymentKeys, channel_id_of_state_key, payment_of_key
 from snet_daemon.payments.state_service import check_block, uint256_bytes
 from snet_daemon.storage.base import AtomicStorage, Condition, ConditionFailed, Entry, Put, StorageError
@@ -99,10 +109,7 @@ class ProviderControl:
         """Start claiming one channel: return its last payment, move it to the next nonce."""
         terms = self._check_mpe(request.mpe_address)
         channel_id = int.from_bytes(request.channel_id, "big")
-        found = await self._ledger.channel_state(channel_id)
-        if found is None:
-            raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}")
-        state, _ = found
+        state, _, _ = await self._stored_channel(channel_id)
         try:
             signer = signatures.recover(
                 signatures.start_claim(terms.mpe_address, channel_id, state.nonce), request.signature
@@ -170,10 +177,7 @@ class ProviderControl:
             attempts += 1
             # State and write condition from one read: a payment accepted
             # after it makes the write fail, and is claimed on the next try.
-            found = await self._ledger.stored_channel(channel_id)
-            if found is None:
-                raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}")
-            state, info, entry = found
+            state, info, entry = await self._stored_channel(channel_id)
             if state.nonce != info.nonce:
                 raise GrpcError(
                     Status.FAILED_PRECONDITION,
@@ -203,6 +207,36 @@ class ProviderControl:
             return claimed
         raise GrpcError(Status.UNAVAILABLE, f"channel {channel_label(channel_id)} is too busy to claim; retry")
 
+    async def _stored_channel(self, channel_id: int) -> tuple[ChannelState, ChainChannel, Entry | None]:
+        """The ledger's merged channel, with this service's errors.
+
+        Raises:
+            GrpcError: ``UNAVAILABLE`` when storage or the Ethereum node is
+                down; otherwise plain: "channel is not found" only when the
+                chain does not know the channel, the ledger's message for a
+                channel of another group.
+        """
+        try:
+            found = await self._ledger.stored_channel(channel_id)
+        except GrpcError as error:
+            if error.status == Status.UNAVAILABLE:
+                raise
+            raise GrpcError(Status.UNKNOWN, error.message) from None
+        if found is None:
+            raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}")
+        return found
+
+    async def _chain_channel(self, channel_id: int, *, fresh: bool = False) -> ChainChannel | None:
+        """The chain reader's channel; an unreachable node is ``UNAVAILABLE``.
+
+        Without this the chain reader's exception would reach the front end
+        as a bug: ``INTERNAL`` "internal error" and a traceback in the log.
+        """
+        try:
+            return await self._chain.channel(channel_id, fresh=fresh)
+        except ChainError as exc:
+            raise chain_down(channel_id, exc) from None
+
     async def _stored_channels(self) -> list[tuple[int, ChannelState]]:
         out = []
         for entry in await self._prefix(self._keys.channel_state_prefix()):
@@ -226,9 +260,9 @@ class ProviderControl:
                 payment = ClaimedPayment.decode(ids[0], entry.value)
             except CorruptValue:
                 continue
-            info = await self._chain.channel(payment.channel_id)
+            info = await self._chain_channel(payment.channel_id)
             if info is not None and info.nonce <= payment.nonce:
-                info = await self._chain.channel(payment.channel_id, fresh=True)
+                info = await self._chain_channel(payment.channel_id, fresh=True)
             if info is not None and info.nonce > payment.nonce:
                 try:
                     await self._storage.delete(entry.key)
@@ -248,7 +282,7 @@ class ProviderControl:
         )
 
     async def _expiry(self, channel_id: int) -> int:
-        info = await self._chain.channel(channel_id)
+        info = await self._chain_channel(channel_id)
         return 0 if info is None else info.expiration
 
     async def _get(self, key: str) -> Entry | None:

@@ -58,6 +58,7 @@ from typing import Final, Protocol
 
 from twisted.logger import Logger
 
+from snet_daemon.blockchain.errors import ChainError
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
 from snet_daemon.payments import signatures
@@ -135,7 +136,12 @@ class ChannelSource(Protocol):
         """The cached block number; raises when it is too old to trust."""
 
     async def channel(self, channel_id: int, *, fresh: bool = False) -> ChainChannel | None:
-        """The channel (None if it does not exist); ``fresh`` skips the cache."""
+        """The channel (None if it does not exist); ``fresh`` skips the cache.
+
+        Raises:
+            ChainError: the Ethereum node could not be read (a cached
+                channel is still served without it).
+        """
 
 
 class LeaseSource(Protocol):
@@ -643,10 +649,8 @@ class EscrowLedger:
     async def channel_state(self, channel_id: int) -> tuple[ChannelState, ChainChannel] | None:
         """The merged state of a channel (None if the chain does not know it).
 
-        Reads the storage (no cache): for the channel state service.
-
-        Raises:
-            GrpcError: ``UNAVAILABLE`` when storage is down.
+        Reads the storage (no cache): for the channel state service.  See
+        :meth:`stored_channel` for the errors.
         """
         found = await self.stored_channel(channel_id)
         return None if found is None else (found[0], found[1])
@@ -656,12 +660,27 @@ class EscrowLedger:
 
         For writers that change the state: a write conditioned on this
         entry is sure to change the state they computed from.
+
+        Returns:
+            None only when the chain does not know the channel.
+
+        Raises:
+            GrpcError: ``UNAVAILABLE`` when storage or the Ethereum node is
+                down (the caller must not take that for "no such channel");
+                ``INTERNAL`` with the reason when the channel pays another
+                address or belongs to another group, or its stored state is
+                unreadable.
         """
         terms = self._terms()
         try:
-            info = await self._channel_info(channel_id, terms)
-        except GrpcError:
+            info = await self._read_channel(channel_id, fresh=False)
+        except ChainError as exc:
+            raise chain_down(channel_id, exc) from None
+        if info is None:
             return None
+        reason = _not_ours(info, terms)
+        if reason is not None:
+            raise GrpcError(Status.INTERNAL, reason)
         try:
             entry = await self._storage.get(self._keys.channel_state(channel_id))
         except StorageError as exc:
@@ -793,27 +812,35 @@ class EscrowLedger:
             return GrpcError(Status.INTERNAL, "cannot determine current block")
 
     async def _channel_info(self, channel_id: int, terms: PaymentTerms, fresh: bool = False) -> ChainChannel:
+        """The chain side of a channel of our group, for a payment.
+
+        Raises:
+            GrpcError: the Go daemon's statuses for a paid call (§6.2):
+                ``INTERNAL`` "payment channel error: ..." when the chain
+                cannot be read or the channel is not the group's,
+                ``UNAUTHENTICATED`` when the chain does not know it.
+        """
         try:
-            info = await self._chain.channel(channel_id, fresh=fresh)
-            if info is None and not fresh:
-                info = await self._chain.channel(channel_id, fresh=True)
+            info = await self._read_channel(channel_id, fresh)
         except Exception as exc:
             raise GrpcError(Status.INTERNAL, f"payment channel error: {exc}") from None
         if info is None:
             raise GrpcError(Status.UNAUTHENTICATED, f'payment channel "{channel_label(channel_id)}" not found')
-        if signatures.address_bytes(info.recipient) != terms.payment_address:
-            raise GrpcError(
-                Status.INTERNAL,
-                "payment channel error: recipient address from blockchain "
-                f"{info.recipient} is not equal to the payment address of the group "
-                f"{signatures.checksum(terms.payment_address)}",
-            )
-        if info.group_id != terms.group_id:
-            raise GrpcError(
-                Status.INTERNAL,
-                "payment channel error: channel received belongs to another group of replicas, "
-                "current group: " + terms.group_id.hex() + ", channel group: " + info.group_id.hex(),
-            )
+        reason = _not_ours(info, terms)
+        if reason is not None:
+            raise GrpcError(Status.INTERNAL, f"payment channel error: {reason}")
+        return info
+
+    async def _read_channel(self, channel_id: int, fresh: bool) -> ChainChannel | None:
+        """The channel from the chain reader; a channel unknown to its cache
+        is looked for on the chain itself (it may have just been opened).
+
+        Raises:
+            ChainError: from the chain reader.
+        """
+        info = await self._chain.channel(channel_id, fresh=fresh)
+        if info is None and not fresh:
+            info = await self._chain.channel(channel_id, fresh=True)
         return info
 
     async def _read_state(self, channel_id: int, state_key: str) -> Entry | None:
@@ -1072,6 +1099,37 @@ def _decode(entry: Entry | None, channel_id: int) -> ChannelState | None:
         raise GrpcError(
             Status.INTERNAL, f"payment channel error: stored state of channel {channel_id} is unreadable: {exc}"
         ) from None
+
+
+def _not_ours(info: ChainChannel, terms: PaymentTerms) -> str | None:
+    """Why the channel is not one this payment group may be paid on (None: it is).
+
+    The Go daemon's reasons: the channel pays another address, or belongs
+    to another group.
+    """
+    if signatures.address_bytes(info.recipient) != terms.payment_address:
+        return (
+            f"recipient address from blockchain {info.recipient} is not equal to the payment address "
+            f"of the group {signatures.checksum(terms.payment_address)}"
+        )
+    if info.group_id != terms.group_id:
+        return (
+            "channel received belongs to another group of replicas, "
+            f"current group: {terms.group_id.hex()}, channel group: {info.group_id.hex()}"
+        )
+    return None
+
+
+def chain_down(channel_id: int, exc: ChainError) -> GrpcError:
+    """The error of the daemon's own services when the Ethereum node cannot be read.
+
+    ``UNAVAILABLE``, as for storage outages (:func:`_storage_down`): the
+    request may succeed when retried, and it is not the client's fault.
+    Paid calls keep the Go daemon's ``INTERNAL`` "payment channel error"
+    instead (see :meth:`EscrowLedger._channel_info`).
+    """
+    label = channel_label(channel_id)
+    return GrpcError(Status.UNAVAILABLE, f"cannot read channel {label} from the Ethereum node: {exc}")
 
 
 def _in_progress(channel_id: int) -> GrpcError:

@@ -5,7 +5,9 @@ the last amount it signed, then signs ``last + price``.  While a claim is
 in progress (the daemon's nonce is one ahead of the chain) the reply also
 carries the last payment under the old nonce, which snet-cli checks.  As
 in the Go daemon (``snet-daemon.md`` §6.4), failures are plain errors
-(status UNKNOWN) with the Go daemon's messages.
+(status UNKNOWN) with the Go daemon's messages, except outages of the
+payment storage or the Ethereum node: UNAVAILABLE, which tells the client
+to retry (and is never "channel is not found").
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class ChannelStateService:
         try:
             found = await self._ledger.channel_state(channel_id)
         except GrpcError as error:
-            raise GrpcError(Status.UNKNOWN, f"channel error: {error.message}") from None
+            raise _channel_error(error) from None
         if found is None:
             raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}")
         state, info = found
@@ -120,3 +122,13 @@ class ChannelStateService:
             return ClaimedPayment.decode(channel_id, entry.value)
         except CorruptValue as exc:
             raise GrpcError(Status.UNKNOWN, f"channel error: {exc}") from None
+
+
+def _channel_error(error: GrpcError) -> GrpcError:
+    """Go's "channel error: ..." for a channel that could not be read.
+
+    An outage (storage or Ethereum node) keeps its ``UNAVAILABLE``; the
+    rest (a channel of another group, unreadable stored state) are plain.
+    """
+    status = Status.UNAVAILABLE if error.status == Status.UNAVAILABLE else Status.UNKNOWN
+    return GrpcError(status, f"channel error: {error.message}")

@@ -51,13 +51,19 @@ class Channel:
 
 @dataclass
 class FakeChain:
-    """A chain reader with a cache that can go stale on purpose."""
+    """A chain reader with a cache that can go stale on purpose.
+
+    ``channel_error``, when set, is raised by every channel read that goes
+    to the "node" (fresh, or not cached), as the real reader raises
+    ``ChainUnavailable`` while still serving its cache.
+    """
 
     block: int = 1000
     channels: dict[int, Channel] = field(default_factory=dict)
     cached: dict[int, Channel] = field(default_factory=dict)
     fresh_reads: int = 0
     block_error: Exception | None = None
+    channel_error: Exception | None = None
 
     def current_block(self) -> int:
         if self.block_error is not None:
@@ -66,6 +72,8 @@ class FakeChain:
 
     async def channel(self, channel_id: int, *, fresh: bool = False) -> Channel | None:
         if fresh or channel_id not in self.cached:
+            if self.channel_error is not None:
+                raise self.channel_error
             self.fresh_reads += 1
             found = self.channels.get(channel_id)
             if found is None:
