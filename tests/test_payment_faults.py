@@ -18,8 +18,11 @@ import pytest
 
 from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon._proto import example_service_pb2_grpc as pb_grpc
+from snet_daemon._proto.escrow import control_service_pb2 as cpb
+from snet_daemon._proto.escrow import control_service_pb2_grpc as cpb_grpc
+from snet_daemon.payments import signatures as sig
 from tests.conftest import make_channel
-from tests.support.chain import Chain, anvil_available, chain  # noqa: F401 (fixture)
+from tests.support.chain import PROVIDER, Chain, anvil_available, chain  # noqa: F401 (fixture)
 from tests.support.etcd import EtcdServer, etcd_factory  # noqa: F401 (fixture)
 from tests.support.ipfs import IpfsServer, ipfs  # noqa: F401 (fixture)
 from tests.support.paid import PRICE, Deployment, deployed, group_on_one_etcd, open_channel, wait_ready
@@ -29,11 +32,11 @@ from tests.support.upstream import Upstream
 pytestmark = pytest.mark.skipif(not anvil_available(), reason="anvil is not installed (run scripts/setup)")
 
 
-def paid_echo(deployment: Deployment, address: str, channel_id: int, amount: int) -> pb.EchoReply:
+def paid_echo(deployment: Deployment, address: str, channel_id: int, amount: int, nonce: int = 0) -> pb.EchoReply:
     channel = make_channel(address)
     try:
         reply: pb.EchoReply = pb_grpc.EchoStub(channel).Unary(
-            pb.EchoRequest(), metadata=deployment.payment(channel_id, 0, amount), timeout=15
+            pb.EchoRequest(), metadata=deployment.payment(channel_id, nonce, amount), timeout=15
         )
         return reply
     finally:
@@ -46,6 +49,63 @@ def signed_amount(deployment: Deployment, address: str, channel_id: int) -> int:
         return int.from_bytes(deployment.state(channel, channel_id).current_signed_amount, "big")
     finally:
         channel.close()
+
+
+def state_of(deployment: Deployment, address: str, channel_id: int) -> tuple[int, int]:
+    """``GetChannelState`` as snet-sdk asks it before a paid call: (current nonce, signed amount)."""
+    channel = make_channel(address)
+    try:
+        reply = deployment.state(channel, channel_id)
+    finally:
+        channel.close()
+    return int.from_bytes(reply.current_nonce, "big"), int.from_bytes(reply.current_signed_amount, "big")
+
+
+class Treasurer:
+    """The provider's side of the claim flow, as ``snet treasurer`` drives it."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+        self.key = bytes.fromhex(PROVIDER.private_key[2:])
+        self.mpe = sig.checksum(deployment.mpe)
+
+    def start_claim(self, address: str, channel_id: int, nonce: int) -> cpb.PaymentReply:
+        request = cpb.StartClaimRequest(
+            mpe_address=self.mpe,
+            channel_id=channel_id.to_bytes(32, "big"),
+            signature=sig.sign(sig.start_claim(self.deployment.mpe, channel_id, nonce), self.key),
+        )
+        with make_channel(address) as channel:
+            reply: cpb.PaymentReply = cpb_grpc.ProviderControlServiceStub(channel).StartClaim(request, timeout=15)
+        return reply
+
+    def in_progress(self, address: str) -> list[cpb.PaymentReply]:
+        block = self.deployment.chain.block_number()
+        request = cpb.GetPaymentsListRequest(
+            mpe_address=self.mpe,
+            current_block=block,
+            signature=sig.sign(sig.list_in_progress(self.deployment.mpe, block), self.key),
+        )
+        with make_channel(address) as channel:
+            reply = cpb_grpc.ProviderControlServiceStub(channel).GetListInProgress(request, timeout=15)
+        return list(reply.payments)
+
+    def claim_on_chain(self, claim: cpb.PaymentReply) -> None:
+        """``channelClaim`` with the payment the daemon handed over (what claim-all sends)."""
+        amount = int.from_bytes(claim.signed_amount, "big")
+        signature = claim.signature
+        self.deployment.chain.transact(
+            self.deployment.chain.mpe,
+            "channelClaim",
+            int.from_bytes(claim.channel_id, "big"),
+            amount,
+            amount,
+            signature[64],
+            signature[:32],
+            signature[32:64],
+            False,
+            sender=PROVIDER.address,
+        )
 
 
 def retry_until(action: Callable[[], object], timeout: float, allowed: set[grpc.StatusCode]) -> tuple[float, list[str]]:
@@ -206,6 +266,32 @@ def test_client_alternating_between_two_daemons_pays_call_after_call(
         assert len(upstream.record.metadata) == calls
         for daemon in daemons:
             assert signed_amount(deployment, daemon.address, channel_id) == calls * PRICE
+
+
+def test_daemon_with_an_older_chain_view_after_a_claim_landed_through_another(
+    chain: Chain,  # noqa: F811
+    ipfs: IpfsServer,  # noqa: F811
+    upstream: Upstream,
+    tmp_path: Path,
+    etcd_factory: Callable[[], EtcdServer],  # noqa: F811
+) -> None:
+    """A claim started through daemon 1 lands on chain and daemon 1 forgets it.  Daemon 2, whose
+    cached view of the channel predates the claim, still answers GetChannelState (snet-sdk asks
+    it before every paid call), takes the next payment and starts the next claim."""
+    etcd = etcd_factory().start()
+    with group_on_one_etcd(chain, ipfs, upstream, tmp_path, etcd.url) as daemons:
+        deployment = Deployment(chain, ipfs, upstream, daemons[0], etcd.url)
+        one, two = (daemon.address for daemon in daemons)
+        treasurer = Treasurer(deployment)
+        channel_id = open_channel(chain)
+        paid_echo(deployment, two, channel_id, PRICE)  # daemon 2 caches the channel at nonce 0
+        treasurer.claim_on_chain(treasurer.start_claim(one, channel_id, 0))
+        assert chain.channel(channel_id)[0] == 1
+        assert treasurer.in_progress(one) == []  # daemon 1 sees the claim landed and forgets it
+        assert state_of(deployment, two, channel_id) == (1, 0)
+        paid_echo(deployment, two, channel_id, PRICE, nonce=1)
+        claim = treasurer.start_claim(two, channel_id, 1)
+        assert (int.from_bytes(claim.channel_nonce, "big"), int.from_bytes(claim.signed_amount, "big")) == (1, PRICE)
 
 
 def test_etcd_down_refuses_paid_calls_and_recovers(

@@ -7,6 +7,7 @@ next nonce, the state service shows the old payment until the claim lands.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -37,18 +38,40 @@ from tests.support.payments import (
 CALL: Any = None  # the services do not use the call object
 
 
+_instances = itertools.count()
+
+
 class World:
-    def __init__(self) -> None:
-        self.storage = MemoryStorage(lambda: 0.0)
-        self.chain = FakeChain()
+    """A daemon of the payment group on fakes.
+
+    Args:
+        group_of: another daemon of that one's group: same storage and
+            chain, but a chain reader cache of its own.
+    """
+
+    def __init__(self, group_of: World | None = None) -> None:
+        if group_of is None:
+            self.storage = MemoryStorage(lambda: 0.0)
+            self.chain = FakeChain()
+        else:
+            self.storage = group_of.storage
+            self.chain = FakeChain(block=group_of.chain.block, channels=group_of.chain.channels)
         self.keys = Keys()
-        self.ledger = EscrowLedger(self.storage, self.keys, self.chain, terms, StorageLease(self.storage), "d")
+        lease = StorageLease(self.storage)
+        self.ledger = EscrowLedger(self.storage, self.keys, self.chain, terms, lease, f"d{next(_instances)}")
         self.state = ChannelStateService(self.ledger, self.storage, self.keys, self.chain, terms)
         self.control = ProviderControl(self.ledger, self.storage, self.keys, self.chain, terms)
 
     async def pay(self, channel_id: int, nonce: int, amount: int) -> None:
         payment = parse_escrow(metadata_values(payment_metadata(channel_id, nonce, amount)))
         self.ledger.commit(await self.ledger.authorize(METHOD, payment))
+
+    async def land_claim(self, channel_id: int, amount: int) -> None:
+        """The claim started on the channel lands on chain; this daemon notices and forgets its record."""
+        channel = self.chain.channels[channel_id]
+        channel.nonce += 1
+        channel.value -= amount
+        assert list((await self.in_progress()).payments) == []
 
     async def get_state(
         self, channel_id: int, key: bytes = CLIENT_KEY, block: int | None = None, width: int = 0
@@ -380,3 +403,58 @@ async def test_channel_of_another_group_or_recipient_is_refused_with_the_reason(
             await world.start_claim(channel_id, 0)
         assert info.value.status == Status.UNKNOWN
         assert info.value.message.startswith(reason), info.value.message
+
+
+@aio_test
+async def test_channel_state_on_another_daemon_after_a_claim_landed() -> None:
+    """Daemon 2 of the group has the channel cached at nonce 0; a claim started through daemon 1
+    lands and daemon 1 forgets its record.  Daemon 2 reads the chain once and answers the new
+    nonce (it refused, "old payment is not found in storage", failing every snet-sdk call on the
+    channel there until its cache expired).  A claim in progress costs it no chain read."""
+    world = World()
+    other = World(group_of=world)
+    world.chain.open(1, value=1000)
+    await other.pay(1, 0, PRICE)  # daemon 2 caches the channel at nonce 0
+    await other.ledger.quiesce(1)
+    await world.start_claim(1, 0)
+    reads = other.chain.fresh_reads
+    state = await other.get_state(1)
+    assert (n(state.current_nonce), n(state.old_nonce_signed_amount)) == (1, PRICE)
+    assert other.chain.fresh_reads == reads
+
+    await world.land_claim(1, PRICE)
+    state = await other.get_state(1)
+    assert n(state.current_nonce) == 1
+    assert state.current_signed_amount == b""
+    assert state.old_nonce_signed_amount == b""
+    assert other.chain.fresh_reads == reads + 1
+    await other.get_state(1)
+    assert other.chain.fresh_reads == reads + 1  # the fresh view is cached
+    await other.pay(1, 1, PRICE)  # what snet-sdk sends next
+    assert n((await other.get_state(1)).current_signed_amount) == PRICE
+
+
+@aio_test
+async def test_start_claim_on_another_daemon_after_a_claim_landed() -> None:
+    """After a claim started through daemon 1 landed and was forgotten, the next claim reaches
+    daemon 2, whose cached chain view is older: it reads the chain and starts the claim (it
+    refused: "a claim ... is already in progress").  A claim that has not landed is still refused."""
+    world = World()
+    other = World(group_of=world)
+    world.chain.open(1, value=1000)
+    await other.pay(1, 0, PRICE)  # daemon 2 caches the channel at nonce 0
+    await other.ledger.quiesce(1)
+    await world.start_claim(1, 0)
+    await world.land_claim(1, PRICE)
+    await other.pay(1, 1, PRICE)  # on the new nonce, through daemon 2
+    await other.ledger.quiesce(1)
+    claim = await other.start_claim(1, 1)
+    assert (n(claim.channel_nonce), n(claim.signed_amount)) == (1, PRICE)
+    assert sig.recover(sig.mpe_claim(MPE, 1, 1, PRICE), claim.signature) == sig.address_of(CLIENT_KEY)
+
+    await other.pay(1, 2, PRICE)
+    await other.ledger.quiesce(1)
+    with pytest.raises(GrpcError) as info:
+        await other.start_claim(1, 2)
+    assert info.value.status == Status.FAILED_PRECONDITION
+    assert "already in progress" in info.value.message

@@ -15,7 +15,9 @@ UNAVAILABLE (the treasurer may retry), never "channel is not found".
 Unlike the Go daemon, ``StartClaim`` refuses unknown channels before
 anything else, and a second claim on a channel whose first claim has not
 landed yet is refused (the amount still counted by the chain must be known
-to keep clients within the channel's funds).
+to keep clients within the channel's funds); whether it landed is read from
+the chain itself before refusing, as another daemon of the group may have
+started it, seen it land and forgotten it while our cached view is older.
 """
 
 from __future__ import annotations
@@ -173,11 +175,19 @@ class ProviderControl:
         await self._ledger.quiesce(channel_id)
         waited = 0.0
         attempts = 0
+        chain_read = False
         while attempts < 3:
             attempts += 1
             # State and write condition from one read: a payment accepted
             # after it makes the write fail, and is claimed on the next try.
             state, info, entry = await self._stored_channel(channel_id)
+            if state.nonce != info.nonce and not chain_read:
+                # The chain reader's cache may predate the landing of the
+                # last claim (started through another daemon of the group,
+                # which may have forgotten it since): read the chain once
+                # before calling this one a second claim.
+                chain_read = True
+                state, info, entry = await self._stored_channel(channel_id, fresh_chain=True)
             if state.nonce != info.nonce:
                 raise GrpcError(
                     Status.FAILED_PRECONDITION,
@@ -207,8 +217,10 @@ class ProviderControl:
             return claimed
         raise GrpcError(Status.UNAVAILABLE, f"channel {channel_label(channel_id)} is too busy to claim; retry")
 
-    async def _stored_channel(self, channel_id: int) -> tuple[ChannelState, ChainChannel, Entry | None]:
-        """The ledger's merged channel, with this service's errors.
+    async def _stored_channel(
+        self, channel_id: int, *, fresh_chain: bool = False
+    ) -> tuple[ChannelState, ChainChannel, Entry | None]:
+        """The ledger's merged channel (see :meth:`EscrowLedger.stored_channel`), with this service's errors.
 
         Raises:
             GrpcError: ``UNAVAILABLE`` when storage or the Ethereum node is
@@ -217,7 +229,7 @@ class ProviderControl:
                 channel of another group.
         """
         try:
-            found = await self._ledger.stored_channel(channel_id)
+            found = await self._ledger.stored_channel(channel_id, fresh_chain=fresh_chain)
         except GrpcError as error:
             if error.status == Status.UNAVAILABLE:
                 raise

@@ -646,20 +646,31 @@ class EscrowLedger:
             self._sweeper.cancel()
             self._sweeper = None
 
-    async def channel_state(self, channel_id: int) -> tuple[ChannelState, ChainChannel] | None:
+    async def channel_state(
+        self, channel_id: int, *, fresh_chain: bool = False
+    ) -> tuple[ChannelState, ChainChannel] | None:
         """The merged state of a channel (None if the chain does not know it).
 
         Reads the storage (no cache): for the channel state service.  See
-        :meth:`stored_channel` for the errors.
+        :meth:`stored_channel` for ``fresh_chain`` and the errors.
         """
-        found = await self.stored_channel(channel_id)
+        found = await self.stored_channel(channel_id, fresh_chain=fresh_chain)
         return None if found is None else (found[0], found[1])
 
-    async def stored_channel(self, channel_id: int) -> tuple[ChannelState, ChainChannel, Entry | None] | None:
+    async def stored_channel(
+        self, channel_id: int, *, fresh_chain: bool = False
+    ) -> tuple[ChannelState, ChainChannel, Entry | None] | None:
         """:meth:`channel_state`, with the stored entry it was merged from.
 
         For writers that change the state: a write conditioned on this
         entry is sure to change the state they computed from.
+
+        Args:
+            fresh_chain: read the channel from the chain itself, not from the
+                chain reader's cache.  For answers that depend on whether a
+                claim has landed, once the cached nonce disagrees with the
+                stored one: the cache may predate a claim that landed through
+                another daemon of the group (up to ``channel_ttl``).
 
         Returns:
             None only when the chain does not know the channel.
@@ -673,7 +684,7 @@ class EscrowLedger:
         """
         terms = self._terms()
         try:
-            info = await self._read_channel(channel_id, fresh=False)
+            info = await self._read_channel(channel_id, fresh=fresh_chain)
         except ChainError as exc:
             raise chain_down(channel_id, exc) from None
         if info is None:

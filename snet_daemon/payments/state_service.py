@@ -20,7 +20,7 @@ from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures
 from snet_daemon.payments.channel import ChannelState, ClaimedPayment, CorruptValue
-from snet_daemon.payments.escrow import ChannelSource, EscrowLedger, PaymentTerms
+from snet_daemon.payments.escrow import ChainChannel, ChannelSource, EscrowLedger, PaymentTerms
 from snet_daemon.storage.base import AtomicStorage, StorageError
 
 #: How far the client's block number may be from ours (as in Go).
@@ -87,37 +87,77 @@ class ChannelStateService:
             )
         except (signatures.SignatureError, ValueError):
             raise GrpcError(Status.UNKNOWN, "incorrect signature") from None
-        try:
-            found = await self._ledger.channel_state(channel_id)
-        except GrpcError as error:
-            raise _channel_error(error) from None
-        if found is None:
-            raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}")
-        state, info = found
+        state, info = await self._channel(channel_id)
         allowed = {signatures.address_bytes(a) for a in (info.signer, info.sender, info.recipient)}
         if signer not in allowed:
             raise GrpcError(Status.UNKNOWN, "only channel signer/sender/receiver can get latest channel state")
         check_block(request.current_block, self._chain)
+        old = None
+        if state.nonce != info.nonce:
+            state, info, old = await self._claim_in_progress(channel_id, state, info)
         reply = pb.ChannelStateReply(current_nonce=uint256_bytes(state.nonce))
         if state.signature:
             reply.current_signed_amount = uint256_bytes(state.authorized_amount)
             reply.current_signature = state.signature
-        if state.nonce != info.nonce:
-            old = await self._old_payment(channel_id, state)
+        if old is not None:
             reply.old_nonce_signed_amount = uint256_bytes(old.amount)
             reply.old_nonce_signature = old.signature
         return reply
 
-    async def _old_payment(self, channel_id: int, state: ChannelState) -> ClaimedPayment:
+    async def _claim_in_progress(
+        self, channel_id: int, state: ChannelState, info: ChainChannel
+    ) -> tuple[ChannelState, ChainChannel, ClaimedPayment | None]:
+        """The payment being claimed, for a stored nonce ahead of the chain's.
+
+        The Go daemon reads the chain's nonce on every request; this one
+        trusts the chain reader's cache, which may predate a claim that
+        landed through another daemon of the group, and that daemon may have
+        deleted its record of the claim since.  So a missing record makes
+        the chain be read once before the request is refused: snet-sdk asks
+        for the state before every paid call, and refusing would fail them
+        all on this daemon until the cache expires.  A claim really in
+        progress has its record and costs no RPC.
+
+        Returns:
+            The state and chain view to answer with, and the claimed
+            payment (None: the chain has caught up, the claim landed).
+
+        Raises:
+            GrpcError: Go's error when the nonces still differ and there is
+                no record.
+        """
+        old = await self._old_payment(channel_id, state)
+        if old is not None:
+            return state, info, old
+        state, info = await self._channel(channel_id, fresh_chain=True)
+        if state.nonce == info.nonce:
+            return state, info, None
+        old = await self._old_payment(channel_id, state)
+        if old is None:
+            raise GrpcError(
+                Status.UNKNOWN,
+                "channel has different nonce in local storage and blockchain and old payment is not found in storage",
+            )
+        return state, info, old
+
+    async def _channel(self, channel_id: int, *, fresh_chain: bool = False) -> tuple[ChannelState, ChainChannel]:
+        """The merged channel, with Go's errors ("channel error: ...", "channel is not found")."""
+        try:
+            found = await self._ledger.channel_state(channel_id, fresh_chain=fresh_chain)
+        except GrpcError as error:
+            raise _channel_error(error) from None
+        if found is None:
+            raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}")
+        return found
+
+    async def _old_payment(self, channel_id: int, state: ChannelState) -> ClaimedPayment | None:
+        """The payment of the claim that moved the channel to ``state.nonce`` (None: no record)."""
         try:
             entry = await self._storage.get(self._keys.payment(channel_id, state.nonce - 1))
         except StorageError as exc:
             raise GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}") from None
         if entry is None:
-            raise GrpcError(
-                Status.UNKNOWN,
-                "channel has different nonce in local storage and blockchain and old payment is not found in storage",
-            )
+            return None
         try:
             return ClaimedPayment.decode(channel_id, entry.value)
         except CorruptValue as exc:
