@@ -288,6 +288,7 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     from snet_daemon.frontend.services import unary
     from snet_daemon.ops import logging as oplog
     from snet_daemon.ops.heartbeat import GrpcHealthProbe, Heartbeat, HeartbeatIdentity, TcpProbe, host_port
+    from snet_daemon.ops.reload import SighupReload
     from snet_daemon.payments.stack import (
         PaymentStack,
         disabled_free_call_service,
@@ -314,6 +315,12 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     chain = build_chain(config.chain, reactor)
     for child in chain.services:
         child.setServiceParent(root)
+    # SIGHUP must never stop the daemon, whatever this configuration builds.
+    reloads = []
+    if chain.metadata is not None:
+        metadata_source = chain.metadata
+        reloads.append(("metadata", lambda: metadata_source.request_refresh("SIGHUP")))
+    SighupReload(reactor, reloads).setServiceParent(root)  # type: ignore[no-untyped-call]
 
     # -- the service behind the daemon ----------------------------------------------
     upstream_settings = config.upstream

@@ -16,6 +16,7 @@ from snet_daemon.blockchain.build import ChainComponents, build_chain
 from snet_daemon.blockchain.metadata import DaemonMetadata
 from snet_daemon.config.errors import ConfigError
 from snet_daemon.config.model import DaemonConfig
+from snet_daemon.ops.reload import SighupReload
 from tests.support.aio import aio_test
 from tests.support.chain import (  # noqa: F401 - fixtures
     ORG_ID,
@@ -97,7 +98,7 @@ def chain_settings(chain: Chain, ipfs: IpfsServer, **keys: Any) -> Any:  # noqa:
 async def test_metadata_from_registry_and_ipfs(chain: Chain, ipfs: IpfsServer) -> None:  # noqa: F811
     """Registry URIs resolve through IPFS; the group, pricing and MPE reach the chain reader; ready."""
     org_uri, service_uri = chain.publish(ipfs)
-    components = build_chain(chain_settings(chain, ipfs), reactor(), handle_sighup=False)
+    components = build_chain(chain_settings(chain, ipfs), reactor())
     assert components.reader is not None
     assert components.metadata is not None
     async with Running(components):
@@ -121,7 +122,7 @@ async def test_metadata_from_registry_and_ipfs(chain: Chain, ipfs: IpfsServer) -
 async def test_registry_events_trigger_refresh(chain: Chain, ipfs: IpfsServer) -> None:  # noqa: F811
     """A new service or organisation URI in the Registry is loaded without restart and announced."""
     chain.publish(ipfs)
-    components = build_chain(chain_settings(chain, ipfs), reactor(), handle_sighup=False)
+    components = build_chain(chain_settings(chain, ipfs), reactor())
     assert components.metadata is not None
     seen: list[DaemonMetadata] = []
     components.metadata.subscribe(seen.append)
@@ -157,7 +158,7 @@ async def test_registry_event_in_blocks_replaced_after_a_poll_is_seen(chain: Cha
     Registry event: the next polls scan recent blocks again and see it (scanning only blocks
     after the last one checked never would)."""
     chain.publish(ipfs)
-    components = build_chain(chain_settings(chain, ipfs), reactor(), handle_sighup=False)
+    components = build_chain(chain_settings(chain, ipfs), reactor())
     source = components.metadata
     assert source is not None
     async with Running(components):
@@ -179,7 +180,7 @@ async def test_registry_event_in_blocks_replaced_after_a_poll_is_seen(chain: Cha
 async def test_failed_refresh_keeps_previous_metadata(chain: Chain, ipfs: IpfsServer) -> None:  # noqa: F811
     """Broken new metadata is logged and refused; the old stays in use; a fix is picked up."""
     chain.publish(ipfs)
-    components = build_chain(chain_settings(chain, ipfs), reactor(), handle_sighup=False)
+    components = build_chain(chain_settings(chain, ipfs), reactor())
     assert components.metadata is not None
     async with Running(components):
         await wait_for(lambda: price(components) == 10)
@@ -215,7 +216,6 @@ async def test_not_ready_until_chain_and_metadata_appear(chain: Chain, ipfs: Ipf
             ipfs_endpoint=ipfs.url,
         ),
         reactor(),
-        handle_sighup=False,
         metadata_retry=0.05,
     )
     assert components.metadata is not None
@@ -240,7 +240,7 @@ async def test_not_ready_until_chain_and_metadata_appear(chain: Chain, ipfs: Ipf
 
 @aio_test
 async def test_sighup_reloads_local_files(tmp_path: Path) -> None:
-    """With blockchain disabled, local metadata files load, and SIGHUP reloads them."""
+    """With blockchain disabled, local metadata files load, and SIGHUP (the daemon's handler) reloads them."""
     org_path, service_path = tmp_path / "org.json", tmp_path / "service.json"
     mpe = "0x" + "11" * 20
     org_path.write_text(json.dumps(org_metadata()))
@@ -254,19 +254,26 @@ async def test_sighup_reloads_local_files(tmp_path: Path) -> None:
         reactor(),
     )
     assert components.reader is None
-    assert components.metadata is not None
+    metadata = components.metadata
+    assert metadata is not None
+    # What tap.build_daemon registers with the daemon's SIGHUP handler.
+    sighup = SighupReload(reactor(), [("metadata", lambda: metadata.request_refresh("SIGHUP"))])
     previous = signal.getsignal(signal.SIGHUP)
-    async with Running(components):
-        await wait_for(lambda: price(components) == 5)
-        assert components.readiness().ready
-        service_path.write_text(json.dumps(service_metadata(mpe_address=mpe, price=6)))
-        os.kill(os.getpid(), signal.SIGHUP)
-        await wait_for(lambda: price(components) == 6)
-        service_path.write_text("{not json")
-        os.kill(os.getpid(), signal.SIGHUP)
-        await wait_for(lambda: components.metadata is not None and components.metadata.status().error is not None)
-        assert price(components) == 6
-        assert "service metadata is not JSON" in (components.metadata.status().error or "")
+    sighup.startService()
+    try:
+        async with Running(components):
+            await wait_for(lambda: price(components) == 5)
+            assert components.readiness().ready
+            service_path.write_text(json.dumps(service_metadata(mpe_address=mpe, price=6)))
+            os.kill(os.getpid(), signal.SIGHUP)
+            await wait_for(lambda: price(components) == 6)
+            service_path.write_text("{not json")
+            os.kill(os.getpid(), signal.SIGHUP)
+            await wait_for(lambda: metadata.status().error is not None)
+            assert price(components) == 6
+            assert "service metadata is not JSON" in (metadata.status().error or "")
+    finally:
+        sighup.stopService()
     assert signal.getsignal(signal.SIGHUP) == previous
 
 
@@ -277,9 +284,7 @@ async def test_service_only_metadata_when_blockchain_disabled(tmp_path: Path) ->
     document = service_metadata(mpe_address="0x" + "22" * 20)
     document["encoding"] = "json"
     path.write_text(json.dumps(document))
-    components = build_chain(
-        settings(blockchain_enabled=False, service_metadata_uri=str(path)), reactor(), handle_sighup=False
-    )
+    components = build_chain(settings(blockchain_enabled=False, service_metadata_uri=str(path)), reactor())
     assert components.metadata is not None
     async with Running(components):
         await asyncio.wait_for(components.metadata.wait_loaded(), 5)
@@ -297,7 +302,6 @@ async def test_org_from_registry_service_from_http(chain: Chain, ipfs: IpfsServe
     components = build_chain(
         chain_settings(chain, ipfs, service_metadata_uri=f"{ipfs.url}/local/service.json"),
         reactor(),
-        handle_sighup=False,
     )
     async with Running(components):
         await wait_for(lambda: price(components) == 77)

@@ -225,6 +225,28 @@ def test_sigterm_lets_running_calls_finish(upstream: Upstream, tmp_path: Path) -
         channel.close()
 
 
+def test_sighup_does_not_stop_an_unpaid_daemon(upstream: Upstream, tmp_path: Path) -> None:
+    """SIGHUP to a daemon with nothing to reload (no blockchain, no metadata) is logged and survived.
+
+    Its default action would end the process at once, without draining, and
+    systemd counts that as a clean exit (Restart=on-failure does not help).
+    """
+    with Daemon(tmp_path, {"service_endpoint": upstream.endpoint}) as daemon:
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "SIGHUP: nothing to reload" not in daemon.log_path.read_text():
+            assert daemon.process.poll() is None, f"snetd died of SIGHUP:\n{daemon.log_tail()}"
+            assert time.monotonic() < deadline, daemon.log_tail()
+            time.sleep(0.05)
+        channel = make_channel(daemon.address)
+        try:
+            assert pb_grpc.CalculatorStub(channel).add(pb.Numbers(a=2, b=3), timeout=10).value == 5
+        finally:
+            channel.close()
+        assert daemon.process.poll() is None
+
+
 def test_startup_heap_is_frozen_out_of_full_collections() -> None:
     """What ``twistd snetd`` does once the reactor runs: full collections skip the startup heap."""
     import gc

@@ -193,7 +193,6 @@ def build_chain(
     settings: ChainSettings,
     reactor: IReactorTime,
     *,
-    handle_sighup: bool = True,
     metadata_retry: float = 2.0,
 ) -> ChainComponents:
     """Build the chain reader, the metadata source and their services.
@@ -201,7 +200,6 @@ def build_chain(
     Args:
         settings: ``config.chain``.
         reactor: The (asyncio) reactor: clock and scheduler.
-        handle_sighup: Reload metadata on ``SIGHUP`` (tests turn it off).
         metadata_retry: Seconds before the first retry of a failed metadata
             load (doubling up to 60 s).
 
@@ -223,7 +221,6 @@ def build_chain(
         group_name=settings.group_name,
         organization_uri=settings.organization_metadata_uri,
         service_uri=settings.service_metadata_uri,
-        handle_sighup=handle_sighup,
         retry_interval=metadata_retry,
     )
     root = MultiService()

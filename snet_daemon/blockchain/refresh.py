@@ -9,9 +9,11 @@
 * when that fails, does **not** stop the daemon (the Go daemon dies, its
   issue #242): it reports not-ready with the reason and tries again with
   backoff (2 s doubling to 60 s);
-* reloads on ``SIGHUP`` and when the Registry emits ``OrganizationModified``
-  or a service-metadata event for our organisation and service (found by
-  polling ``eth_getLogs`` every ``metadata_refresh_interval``);
+* reloads when the Registry emits ``OrganizationModified`` or a
+  service-metadata event for our organisation and service (found by
+  polling ``eth_getLogs`` every ``metadata_refresh_interval``), and when
+  :meth:`request_refresh` is called (the daemon's ``SIGHUP`` handler,
+  :mod:`snet_daemon.ops.reload`, does);
 * keeps the previous metadata when a refresh fails, logs why, and retries
   on the next poll;
 * tells subscribers (:meth:`subscribe`) about every newly loaded metadata.
@@ -20,10 +22,9 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -97,7 +98,6 @@ class MetadataSource(Service):
         require_organization: False when payments are off: only the service
             document is then needed (:attr:`service`), :attr:`current` stays
             None unless both URIs are configured.
-        handle_sighup: Install a ``SIGHUP`` handler while running.
         retry_interval: First delay before loading again after a failed
             load; it doubles up to 60 s.
     """
@@ -118,7 +118,6 @@ class MetadataSource(Service):
         blocks: BlockNumber | None = None,
         event_interval: float = 30.0,
         require_organization: bool = True,
-        handle_sighup: bool = True,
         retry_interval: float = _RETRY_FIRST,
     ) -> None:
         self.loader = loader
@@ -132,7 +131,6 @@ class MetadataSource(Service):
         self._clock = clock
         self._event_interval = event_interval
         self._require_org = require_organization
-        self._handle_sighup = handle_sighup
         self._subscribers: list[Subscriber] = []
         self._lock = asyncio.Lock()
         self._retry_first = retry_interval
@@ -142,8 +140,6 @@ class MetadataSource(Service):
         #: Registry events seen in the blocks that are scanned again.
         self._seen_events: set[tuple[str, str, int]] = set()
         self._stale = False
-        self._sighup_installed = False
-        self._previous_sighup: Any = signal.SIG_DFL
         self._pending: set[asyncio.Task[bool]] = set()
         self._loaded = asyncio.Event()
         #: The resolved metadata for our group, or None before the first load.
@@ -256,23 +252,9 @@ class MetadataSource(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._periodic.start()
-        if self._handle_sighup:
-            # A plain signal handler, not loop.add_signal_handler: asyncio's
-            # version replaces the signal wakeup fd through which Twisted
-            # learns that child processes exited (service executables,
-            # embedded etcd), and it needs a running loop, which twistd has
-            # not started yet at this point.
-            try:
-                self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup_signal)
-                self._sighup_installed = True
-            except (ValueError, OSError) as exc:  # not the main thread
-                _log.warn("cannot handle SIGHUP ({error}); metadata reloads on Registry events only", error=exc)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
-        if self._sighup_installed:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
-            self._sighup_installed = False
         return Deferred.fromFuture(asyncio.ensure_future(self._stop()))
 
     async def _stop(self) -> None:
@@ -283,14 +265,6 @@ class MetadataSource(Service):
         await self.loader.close()
 
     # -- internals -----------------------------------------------------------------
-
-    def _sighup_signal(self, signum: int, frame: object) -> None:
-        """The signal handler: hand over to the reactor thread safely."""
-        self._clock.callFromThread(self._on_sighup)  # type: ignore[attr-defined]
-
-    def _on_sighup(self) -> None:
-        _log.info("SIGHUP: reloading metadata")
-        self.request_refresh("SIGHUP")
 
     def request_refresh(self, reason: str) -> None:
         """Start a refresh in the background (signal handlers, callbacks)."""
