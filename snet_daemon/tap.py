@@ -42,6 +42,9 @@ EXAMPLE_SECRET_PREFIX = "CHANGE-ME"
 #: Seconds running calls get to finish when the daemon stops.
 SHUTDOWN_GRACE = 10.0
 
+#: Seconds an http/https heartbeat probe may take: /heartbeat waits for it.
+HTTP_PROBE_TIMEOUT = 5.0
+
 
 class Options(usage.Options):
     """Options of ``twistd snetd``.
@@ -287,7 +290,15 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     from snet_daemon.frontend.routes import DaemonRoutes
     from snet_daemon.frontend.services import unary
     from snet_daemon.ops import logging as oplog
-    from snet_daemon.ops.heartbeat import GrpcHealthProbe, Heartbeat, HeartbeatIdentity, TcpProbe, host_port
+    from snet_daemon.ops.heartbeat import (
+        GrpcHealthProbe,
+        Heartbeat,
+        HeartbeatIdentity,
+        HttpGet,
+        HttpProbe,
+        TcpProbe,
+        host_port,
+    )
     from snet_daemon.ops.reload import SighupReload
     from snet_daemon.payments.stack import (
         PaymentStack,
@@ -407,6 +418,10 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     probe: Any
     if heartbeat_settings.probe_type == "grpc":
         probe = GrpcHealthProbe(grpc_client.unary, service="")
+    elif heartbeat_settings.probe_type in ("http", "https"):
+        # As Go: GET heartbeat_endpoint (an http(s) URL, checked at load),
+        # serving when it answers 200 with a body.
+        probe = HttpProbe(heartbeat_settings.endpoint, HttpGet(reactor, timeout=HTTP_PROBE_TIMEOUT))
     else:
         probe_host, probe_port = host_port(heartbeat_settings.endpoint or upstream_settings.endpoint)
         probe = _ServiceProbe(service, TcpProbe(probe_host, probe_port))

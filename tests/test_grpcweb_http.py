@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -202,6 +205,48 @@ def test_heartbeat_reports_offline_service(workdir: Path) -> None:
         assert status == 200
         assert report["status"] == "Offline"
         assert json.loads(report["serviceheartbeat"])["status"] == "NOT_SERVING"
+
+
+class _Health(BaseHTTPRequestHandler):
+    """A health URL answering ``status`` (a class attribute the test changes)."""
+
+    status = 503
+
+    def do_GET(self) -> None:
+        body = b"OK" if self.status == 200 else b"down"
+        self.send_response(self.status)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_http_heartbeat_type_gets_the_health_url(upstream: Upstream, workdir: Path) -> None:
+    """service_heartbeat_type http GETs heartbeat_endpoint: 503 is NOT_SERVING although the port
+    accepts connections, 200 with a body is SERVING (a TCP connect would call both serving)."""
+    health = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=health.serve_forever, daemon=True).start()
+    config = {
+        "service_endpoint": upstream.endpoint,
+        "service_heartbeat_type": "http",
+        "heartbeat_endpoint": f"http://127.0.0.1:{health.server_address[1]}/health",
+    }
+    try:
+        with Daemon(workdir, config) as daemon:
+            _Health.status = 503
+            report = json.loads(http1_request(daemon.address, "GET", "/heartbeat")[2])
+            assert json.loads(report["serviceheartbeat"])["status"] == "NOT_SERVING"
+            assert report["status"] == "Offline"
+            _Health.status = 200
+            time.sleep(1.1)  # past the heartbeat's probe cache
+            report = json.loads(http1_request(daemon.address, "GET", "/heartbeat")[2])
+            assert json.loads(report["serviceheartbeat"])["status"] == "SERVING"
+            assert report["status"] == "Online"
+    finally:
+        health.shutdown()
+        health.server_close()
 
 
 def test_encoding_and_not_found_http1(daemon: Daemon) -> None:

@@ -15,10 +15,17 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from hyperlink import EncodedURL
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, RedirectAgent, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
 
 from snet_daemon.varint import encode_varint
 
@@ -195,6 +202,104 @@ class HttpProbe:
             _log.debug("heartbeat probe of {url} failed: {error}", url=self._url, error=exc)
             return False
         return status == 200 and bool(body)
+
+
+#: Most bytes of a health answer read: enough to tell "empty" from "not".
+HTTP_PROBE_BODY_LIMIT = 64 * 1024
+
+#: The pool's connection factory, without the "Starting factory" log line
+#: each probe's new connection would write.
+_QUIET_FACTORY: Any = type("_QuietFactory", (HTTPConnectionPool._factory,), {"noisy": False})
+
+
+class HttpGet:
+    """``GET url`` for :class:`HttpProbe`: ``(status, body)``, bounded in time and size.
+
+    Twisted's ``Agent`` on the injected reactor (the client the HTTP service
+    type uses too), following redirects as Go's ``http.Get`` does.  Each
+    probe opens a new connection: a kept-alive one would go on answering
+    for a service that no longer accepts connections.
+
+    Args:
+        reactor: the reactor (TCP, TLS, time).
+        timeout: seconds the whole exchange may take, body included; a
+            health URL that hangs must not hang the heartbeat with it.
+        body_limit: most bytes of the body read; the rest is not awaited.
+    """
+
+    def __init__(self, reactor: Any, timeout: float = 5.0, body_limit: int = HTTP_PROBE_BODY_LIMIT) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+        self._body_limit = body_limit
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        pool._factory = _QUIET_FACTORY
+        self._agent = RedirectAgent(Agent(reactor, pool=pool), redirectLimit=10)
+
+    async def __call__(self, url: str) -> tuple[int, bytes]:
+        """Fetch ``url``.
+
+        Returns:
+            The status code and the start of the body (at most ``body_limit`` bytes).
+
+        Raises:
+            TimeoutError: no complete answer within ``timeout`` seconds.
+            Exception: whatever the connection fails with (refused, TLS, reset).
+        """
+        # hyperlink (Twisted's URL library) percent-encodes what an HTTP request line cannot carry.
+        target = EncodedURL.from_text(url).to_uri().to_text().encode("ascii")
+        exchange = self._agent.request(b"GET", target, Headers({b"user-agent": [b"snetd-heartbeat"]}))
+        exchange.addCallback(self._read)
+        timer = self._reactor.callLater(self._timeout, exchange.cancel)
+        try:
+            result: tuple[int, bytes] = await exchange.asFuture(asyncio.get_running_loop())
+        except Exception:
+            # Cancelled before the answer's headers, the Agent reports
+            # ResponseNeverReceived rather than CancelledError.
+            if timer.active():
+                raise
+            raise TimeoutError(f"no complete answer in {self._timeout:g} s") from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        return result
+
+    def _read(self, response: Any) -> Deferred[tuple[int, bytes]]:
+        reader = _BodyStart(self._body_limit)
+        response.deliverBody(reader)
+        return reader.done.addCallback(lambda body: (int(response.code), body))
+
+
+class _BodyStart(protocol.Protocol):
+    """Collects the first ``limit`` bytes of a response body, then stops reading."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        # Cancelling (the probe's timeout) closes the connection.
+        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
+
+    def _stop(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        room = self._limit - self._size
+        self._chunks.append(data[:room])
+        self._size += min(len(data), room)
+        if self._size >= self._limit:
+            self.done.callback(b"".join(self._chunks))
+            self._stop()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
 
 
 def host_port(endpoint: str, default_port: int = 80) -> tuple[str, int]:

@@ -1,0 +1,100 @@
+"""The http/https heartbeat probe: GET the health URL, serving only on 200 with a body."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+
+from snet_daemon.ops.heartbeat import HttpGet, HttpProbe
+from tests.support.aio import aio_fixture, aio_test
+from tests.support.ports import free_port
+
+
+@dataclass
+class Health:
+    """What the stub health endpoint answers."""
+
+    url: str
+    status: int = 200
+    body: bytes = b"OK"
+    hang: bool = False
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@aio_fixture
+async def health() -> AsyncIterator[Health]:
+    """A scriptable health endpoint on a free port (``/health``; ``/moved`` redirects there)."""
+    state = Health(url="")
+
+    async def handle(request: web.Request) -> web.Response:
+        if state.hang:
+            await state.released.wait()
+        return web.Response(status=state.status, body=state.body)
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/health")
+
+    app = web.Application()
+    app.router.add_get("/health", handle)
+    app.router.add_get("/moved", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}/health"
+    yield state
+    state.released.set()
+    await runner.cleanup()
+
+
+def _reactor() -> object:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+@aio_test
+async def test_http_probe_needs_200_with_a_body(health: Health) -> None:
+    """200 with a body is serving; 503, or 200 with an empty body, is not (Go's rule)."""
+    probe = HttpProbe(health.url, HttpGet(_reactor()))
+    assert await probe()
+    health.status, health.body = 503, b"down"
+    assert not await probe()
+    health.status, health.body = 200, b""
+    assert not await probe()
+
+
+@aio_test
+async def test_http_probe_follows_redirects(health: Health) -> None:
+    """A redirect is followed, as Go's http.Get does."""
+    assert await HttpProbe(health.url.replace("/health", "/moved"), HttpGet(_reactor()))()
+
+
+@aio_test
+async def test_http_probe_refused_connection_is_not_serving() -> None:
+    """Nothing listening at the health URL means not serving, not an exception."""
+    assert not await HttpProbe(f"http://127.0.0.1:{free_port()}/health", HttpGet(_reactor()))()
+
+
+@aio_test
+async def test_http_get_times_out(health: Health) -> None:
+    """A health URL that never answers fails the probe after the timeout instead of hanging the heartbeat."""
+    health.hang = True
+    get = HttpGet(_reactor(), timeout=0.2)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TimeoutError):
+        await get(health.url)
+    assert asyncio.get_running_loop().time() - started < 2
+    assert not await HttpProbe(health.url, get)()
+
+
+@aio_test
+async def test_http_get_reads_only_the_start_of_a_large_body(health: Health) -> None:
+    """A huge health answer is not read whole: the first body_limit bytes are enough."""
+    health.body = b"x" * (4 * 1024 * 1024)
+    status, body = await HttpGet(_reactor(), body_limit=1000)(health.url)
+    assert (status, body) == (200, b"x" * 1000)
