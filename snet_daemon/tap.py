@@ -26,7 +26,14 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from snet_daemon import __version__
-from snet_daemon.config import ConfigError, DaemonConfig, LoadedConfig, load_config, render_effective_config
+from snet_daemon.config import (
+    ConfigError,
+    ConfigProblem,
+    DaemonConfig,
+    LoadedConfig,
+    load_config,
+    render_effective_config,
+)
 from snet_daemon.config.model import GO_DEFAULT_TOKEN_SECRET
 
 if TYPE_CHECKING:
@@ -109,10 +116,7 @@ class Options(usage.Options):
                 self.overrides[key] = self[flag]
         try:
             loaded = load_config(self["config"], overrides=self.overrides)
-            check_supported(loaded.config)
-            if self["check-config"]:
-                # Otherwise checked while building, after the chain settings.
-                check_token_secret(loaded.config)
+            check_config(loaded.config)
         except ConfigError as error:
             print(f"snetd: configuration error: {error}", file=self.stderr)
             raise SystemExit(1) from None
@@ -123,6 +127,39 @@ class Options(usage.Options):
             raise SystemExit(0)
         install_asyncio_reactor(self.stderr)
         self.loaded = loaded
+
+
+def check_config(config: DaemonConfig) -> None:
+    """Every check startup makes on a loaded configuration, short of connecting anywhere.
+
+    ``--check-config`` (the systemd unit's ``ExecStartPre``) and startup
+    (:meth:`Options.postOptions`, :func:`build_daemon`) both run exactly this,
+    so a configuration reported valid cannot then be refused at startup for a
+    reason that was visible in the file.
+
+    Raises:
+        ConfigError: listing every problem: settings not supported yet
+            (:func:`check_supported`), chain settings no retry can fix
+            (``snet_daemon.blockchain.build.plan_chain``), an unsafe
+            ``token_secret_key`` (:func:`check_token_secret`).
+    """
+    problems: list[ConfigProblem] = []
+    for check in (check_supported, _check_chain, check_token_secret):
+        try:
+            check(config)
+        except ConfigError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise ConfigError(problems=tuple(problems))
+
+
+def _check_chain(config: DaemonConfig) -> None:
+    """The chain settings resolve (endpoint, Registry), as :func:`build_chain` will need."""
+    if config.blockchain_enabled:
+        # Imported here: the chain modules are heavy, and --help needs none of them.
+        from snet_daemon.blockchain.build import plan_chain
+
+        plan_chain(config.chain)
 
 
 def check_supported(config: DaemonConfig) -> None:
@@ -274,9 +311,8 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
             None when not run by twistd.
 
     Raises:
-        ConfigError: for settings that only show up as wrong when the
-            pieces are put together (e.g. a custom network without an
-            endpoint).
+        ConfigError: what :func:`check_config` finds (e.g. a custom
+            network without an endpoint).
     """
     # Imports here keep ``twistd --help`` fast and reactor-free.
     from snet_daemon._proto.escrow import control_service_pb2 as cpb
@@ -312,6 +348,8 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     from snet_daemon.upstream.select import ServiceUpstream
 
     config = loaded.config
+    # Again (postOptions ran it), for callers that build without twistd.
+    check_config(config)
     root = _Daemon()
     stream = oplog.destination(twistd_options)
     if stream is not None:
@@ -356,7 +394,6 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     # -- payments -------------------------------------------------------------------
     router: Router
     payments: PaymentStack | None = None
-    check_token_secret(config)
     if identity.blockchain_enabled:
         assert chain.reader is not None
         assert chain.metadata is not None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -12,9 +14,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from twisted.internet.task import Clock
 
 from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon._proto import example_service_pb2_grpc as pb_grpc
+from snet_daemon.blockchain.build import build_chain
+from snet_daemon.config import ConfigError, load_config
+from snet_daemon.tap import Options
 from tests.conftest import make_channel
 from tests.support.daemon import REPO, Daemon, run_twistd
 from tests.support.ports import free_port
@@ -104,6 +110,61 @@ def test_check_config_reports_errors_with_exit_1(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "max_message_size_in_mb" in result.stderr
     assert "daemon_endpoint" in result.stderr  # the suggestion for the typo
+
+
+def _check_config(args: list[str]) -> tuple[int, str, str]:
+    """``twistd snetd ARGS --check-config`` in process: exit status, stdout, stderr."""
+    options = Options()
+    options.stdout, options.stderr = io.StringIO(), io.StringIO()
+    with pytest.raises(SystemExit) as exit_info:
+        options.parseOptions([*args, "--check-config"])  # type: ignore[no-untyped-call]
+    assert isinstance(exit_info.value.code, int)
+    return exit_info.value.code, options.stdout.getvalue(), options.stderr.getvalue()
+
+
+SECRET = "s" * 48
+
+
+@pytest.mark.parametrize(
+    ("keys", "key"),
+    [
+        # A typo of "main": a custom network, which has no default endpoint.
+        ({"blockchain_network_selected": "mainnet"}, "ethereum_json_rpc_http_endpoint"),
+        ({"blockchain_provider_api_key": ""}, "blockchain_provider_api_key"),
+        ({"ethereum_json_rpc_http_endpoint": "http://127.0.0.1:1", "registry_address_key": "0x1234"}, "0x1234"),
+        (
+            {"blockchain_network_selected": "private", "ethereum_json_rpc_http_endpoint": "http://127.0.0.1:1"},
+            "registry_address_key' is required",
+        ),
+    ],
+)
+def test_check_config_refuses_what_startup_refuses(tmp_path: Path, keys: dict[str, object], key: str) -> None:
+    """--check-config runs the chain checks startup runs: what the daemon would refuse, it reports (exit 1)."""
+    config = _write(tmp_path / "c.json", {"token_secret_key": SECRET, **keys})
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        build_chain(load_config(str(config), environ={}).config.chain, Clock())
+    status, stdout, stderr = _check_config([f"--config={config}"])
+    assert status == 1, stdout
+    assert key in stderr
+
+
+def test_check_config_reports_chain_and_secret_problems_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Go's defaults (sepolia, no endpoint or key, Go's published secret): both problems in one report."""
+    monkeypatch.chdir(tmp_path)
+    status, _, stderr = _check_config(["--set", "daemon_endpoint=127.0.0.1:1"])
+    assert status == 1
+    assert "blockchain_provider_api_key" in stderr
+    assert "published default" in stderr
+
+
+def test_check_config_accepts_a_resolvable_chain(tmp_path: Path) -> None:
+    """A known network with an API key resolves without any network access: valid."""
+    config = _write(tmp_path / "c.json", {"token_secret_key": SECRET, "blockchain_provider_api_key": "k" * 32})
+    status, stdout, stderr = _check_config([f"--config={config}"])
+    assert status == 0, stderr
+    assert json.loads(stdout)["blockchain_network_selected"] == "sepolia"
 
 
 def test_bad_config_stops_startup_before_binding(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ The composition root calls :func:`build_chain` once::
     # heartbeat:    chain.readiness(), chain.status()
 
 Configuration mistakes that no retry can fix (a custom network without an
-endpoint or a Registry address) raise :class:`ConfigError` here, at startup.
+endpoint or a Registry address) raise :class:`ConfigError` here, at startup;
+:func:`plan_chain` finds them without building anything, for
+``--check-config``.
 Everything that can fail at run time (RPC down, IPFS down, bad metadata)
 does not: the daemon starts, reports not-ready with the reason, and retries.
 """
@@ -28,7 +30,7 @@ from twisted.logger import Logger
 
 from snet_daemon.blockchain.blocks import BlockNumber, BlockNumberService
 from snet_daemon.blockchain.chain import EthereumChainReader
-from snet_daemon.blockchain.contracts import is_address, network_info
+from snet_daemon.blockchain.contracts import NetworkInfo, is_address, network_info
 from snet_daemon.blockchain.errors import ChainError
 from snet_daemon.blockchain.loader import MetadataLoader
 from snet_daemon.blockchain.metadata import DaemonMetadata
@@ -36,10 +38,10 @@ from snet_daemon.blockchain.periodic import Periodic
 from snet_daemon.blockchain.refresh import MetadataSource
 from snet_daemon.blockchain.registry import RegistryReader
 from snet_daemon.blockchain.rpc import JsonRpcClient, auth_header, redact_url
-from snet_daemon.config.errors import ConfigError
+from snet_daemon.config.errors import ConfigError, ConfigProblem
 from snet_daemon.config.sections import ChainSettings
 
-__all__ = ["ChainComponents", "Readiness", "build_chain"]
+__all__ = ["ChainComponents", "ChainPlan", "Readiness", "build_chain", "plan_chain"]
 
 _log = Logger(namespace="snetd.chain")
 
@@ -165,28 +167,89 @@ class _Closer(Service):
         return Deferred.fromFuture(asyncio.ensure_future(self._rpc.close()))
 
 
-def _endpoint(settings: ChainSettings) -> tuple[str, bool]:
-    """The HTTP endpoint, and whether the API key goes in a header (not the path)."""
+@dataclass(frozen=True, slots=True)
+class ChainPlan:
+    """What the chain settings resolve to, before anything connects.
+
+    Attributes:
+        network: The network's known addresses (none for a custom network).
+        endpoint: The JSON-RPC HTTP URL.
+        key_in_header: The API key goes in a header (not in the URL's path).
+        registry: The Registry address ("" when local metadata URIs replace it).
+    """
+
+    network: NetworkInfo
+    endpoint: str
+    key_in_header: bool
+    registry: str
+
+
+def plan_chain(settings: ChainSettings) -> ChainPlan:
+    """Resolve the chain settings, or say why no retry could ever make them work.
+
+    Pure (no I/O).  :func:`build_chain` uses it, and so does the daemon's
+    configuration check (``snet_daemon.tap.check_config``), which
+    ``--check-config`` runs: a configuration ``--check-config`` passes
+    cannot then be refused at startup for a reason it could have seen.
+
+    Args:
+        settings: ``config.chain``, with ``blockchain_enabled`` true.
+
+    Raises:
+        ConfigError: listing every problem (no usable JSON-RPC endpoint, a
+            Registry address that is not one, no Registry at all).
+    """
+    problems: list[ConfigProblem] = []
+    network = network_info(settings.network)
+    endpoint, key_in_header = "", True
     if settings.http_endpoint:
-        return settings.http_endpoint, True
-    if settings.network in _INFURA:
-        if not settings.api_key:
-            raise ConfigError(
-                "configuration key 'ethereum_json_rpc_http_endpoint' is empty and there is no "
-                "'blockchain_provider_api_key' for the default Infura endpoint of network "
-                f"{settings.network!r}; set one of them",
-                path="ethereum_json_rpc_http_endpoint",
-                value="",
+        endpoint = settings.http_endpoint
+    elif settings.network in _INFURA:
+        if settings.api_key:
+            endpoint, key_in_header = _INFURA[settings.network] + settings.api_key, False
+        else:
+            problems.append(
+                ConfigProblem(
+                    "configuration key 'ethereum_json_rpc_http_endpoint' is empty and there is no "
+                    "'blockchain_provider_api_key' for the default Infura endpoint of network "
+                    f"{settings.network!r}; set one of them",
+                    "ethereum_json_rpc_http_endpoint",
+                    "",
+                )
             )
-        return _INFURA[settings.network] + settings.api_key, False
-    if settings.network == "local":
-        return _LOCAL_DEFAULT, True
-    raise ConfigError(
-        f"configuration key 'ethereum_json_rpc_http_endpoint' is required for network {settings.network!r} "
-        "(only 'main' and 'sepolia' have defaults)",
-        path="ethereum_json_rpc_http_endpoint",
-        value="",
-    )
+    elif settings.network == "local":
+        endpoint = _LOCAL_DEFAULT
+    else:
+        problems.append(
+            ConfigProblem(
+                f"configuration key 'ethereum_json_rpc_http_endpoint' is required for network {settings.network!r} "
+                "(only 'main' and 'sepolia' have defaults)",
+                "ethereum_json_rpc_http_endpoint",
+                "",
+            )
+        )
+    registry = settings.registry_address or network.registry or ""
+    if registry and not is_address(registry):
+        problems.append(
+            ConfigProblem(
+                f"configuration key 'registry_address_key': {registry!r} is not an Ethereum address",
+                "registry_address_key",
+                registry,
+            )
+        )
+    elif not registry and not (settings.organization_metadata_uri and settings.service_metadata_uri):
+        problems.append(
+            ConfigProblem(
+                f"configuration key 'registry_address_key' is required for network {settings.network!r} "
+                "(its Registry address is not known), unless both 'organization_metadata_uri' and "
+                "'service_metadata_uri' are set",
+                "registry_address_key",
+                "",
+            )
+        )
+    if problems:
+        raise ConfigError(problems=tuple(problems))
+    return ChainPlan(network=network, endpoint=endpoint, key_in_header=key_in_header, registry=registry)
 
 
 def build_chain(
@@ -204,7 +267,8 @@ def build_chain(
             load (doubling up to 60 s).
 
     Raises:
-        ConfigError: the configuration cannot work whatever the network does.
+        ConfigError: the configuration cannot work whatever the network does
+            (:func:`plan_chain`).
     """
     loader = MetadataLoader(
         ipfs_endpoint=settings.ipfs_endpoint,
@@ -232,23 +296,8 @@ def build_chain(
         metadata.setServiceParent(root)  # type: ignore[no-untyped-call]
         return ChainComponents(None, metadata, [root], "", settings.network)
 
-    network = network_info(settings.network)
-    endpoint, key_in_header = _endpoint(settings)
-    registry = settings.registry_address or network.registry or ""
-    if registry and not is_address(registry):
-        raise ConfigError(
-            f"configuration key 'registry_address_key': {registry!r} is not an Ethereum address",
-            path="registry_address_key",
-            value=registry,
-        )
-    if not registry and not (settings.organization_metadata_uri and settings.service_metadata_uri):
-        raise ConfigError(
-            f"configuration key 'registry_address_key' is required for network {settings.network!r} "
-            "(its Registry address is not known), unless both 'organization_metadata_uri' and "
-            "'service_metadata_uri' are set",
-            path="registry_address_key",
-            value="",
-        )
+    plan = plan_chain(settings)
+    network, endpoint, key_in_header, registry = plan.network, plan.endpoint, plan.key_in_header, plan.registry
     rpc = JsonRpcClient(endpoint, now=reactor.seconds, api_key=settings.api_key if key_in_header else "")
     blocks = BlockNumber(reactor, settings.block_max_age)
     ws = settings.ws_endpoint or None
