@@ -157,13 +157,49 @@ def test_integer_and_float_strings() -> None:
             ("https://a.example.com", "https://b.example.com"),
         ),
         ("*", ("*",)),
-        ("", ()),
         ("[]", ()),
+        (" ", ()),
     ],
 )
 def test_list_strings(text: str, expected: tuple[str, ...]) -> None:
-    """Lists come from a JSON array or comma-separated items; empty means an empty list."""
+    """Lists come from a JSON array or comma-separated items; `[]` (or blanks) is the empty list."""
     assert _env({"SNET_CORS_ALLOWED_ORIGINS": text}).config.cors_allowed_origins == expected
+
+
+def test_empty_variables_are_ignored_like_viper(tmp_path: Path) -> None:
+    """A set-but-empty SNET_* variable leaves the file's value (Viper's AllowEmptyEnv is off in Go)."""
+    key = "0x" + "11" * 32
+    path = _file(
+        tmp_path,
+        {
+            "private_key_for_free_calls": key,
+            "daemon_endpoint": "127.0.0.1:9000",
+            "cors_allowed_origins": ["https://a.example.com"],
+            "log": {"level": "debug"},
+        },
+    )
+    environ = {
+        "SNET_PRIVATE_KEY_FOR_FREE_CALLS": "",
+        "SNET_DAEMON_ENDPOINT": "",
+        "SNET_PASSTHROUGH_ENABLED": "",
+        "SNET_CORS_ALLOWED_ORIGINS": "",
+        "SNET_LOG": "",
+        "SNET_FREE_CALLS_PER_ADDRESS": "",
+    }
+    loaded = load_config(path, environ=environ)
+    config = loaded.config
+    assert config.private_key_for_free_calls == key
+    assert config.daemon_endpoint == "127.0.0.1:9000"
+    assert config.passthrough_enabled is True
+    assert config.cors_allowed_origins == ("https://a.example.com",)
+    assert config.log.level == "debug"
+    assert loaded.warnings == ()
+
+
+def test_empty_override_is_not_ignored(tmp_path: Path) -> None:
+    """An empty command-line override is explicit: it sets the empty list."""
+    path = _file(tmp_path, {"cors_allowed_origins": ["https://a.example.com"]})
+    assert load_config(path, environ={}, overrides={"cors_allowed_origins": ""}).config.cors_allowed_origins == ()
 
 
 def test_map_strings_are_json_objects() -> None:

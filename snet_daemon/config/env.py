@@ -9,6 +9,10 @@ dot in the variable name: ``SNET_LOG__LEVEL`` is ``log.level``,
 Other tools share the prefix (snet-cli and snet-sdk read ``SNET_PRIVATE_KEY``
 and friends), so a variable that names no configuration key is ignored
 without a word: the daemon must start in a shell set up for those tools.
+A variable that is set but empty is ignored too, as Go's Viper ignores it
+(``AllowEmptyEnv`` is off in snetd): ``SNET_PRIVATE_KEY_FOR_FREE_CALLS=``
+left in a unit file or a ``docker run -e`` must not wipe the file's key.
+An empty list is written ``[]``.
 
 Environment variables and command-line overrides are strings; both are
 turned into configuration values by :func:`coerce`, according to the shape of
@@ -47,14 +51,15 @@ def environment_keys(environ: Mapping[str, str]) -> Iterator[tuple[str, tuple[st
         environ: The process environment (or a test's stand-in).
 
     Yields:
-        ``(variable name, key path, shape)`` for every ``SNET_*`` variable
-        whose name resolves to a known key, deprecated alias or stale key.
+        ``(variable name, key path, shape)`` for every non-empty ``SNET_*``
+        variable whose name resolves to a known key, deprecated alias or
+        stale key.
         ``log.<hook>`` sections are out of reach: hook names are free-form,
         so claiming ``SNET_LOG__<ANY>`` would break the "other tools' SNET_
         variables are ignored" promise.
     """
     for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or environ[name] == "":
             continue
         path = tuple(name[len(ENV_PREFIX) :].lower().split(NESTING_SEPARATOR))
         if not all(path):
@@ -74,9 +79,10 @@ def coerce(text: str, shape: Shape) -> object:
     Returns:
         ``text`` itself for scalars (pydantic converts it to the field type);
         a list for lists -- from a JSON array (``'["a", "b"]'``) or, failing
-        a leading ``[``, from comma-separated items (``"a, b"``; ``""`` is the
-        empty list); a dict for maps and sections, from a JSON object
-        (``""`` is the empty map).
+        a leading ``[``, from comma-separated items (``"a, b"``); a dict for
+        maps and sections, from a JSON object.  An empty ``text`` (which only
+        a command-line override can give: empty variables are skipped) is
+        the empty list or map.
 
     Raises:
         CoercionError: A list or map value is not valid JSON of the right kind;
