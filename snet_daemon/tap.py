@@ -52,6 +52,11 @@ SHUTDOWN_GRACE = 10.0
 #: Seconds an http/https heartbeat probe may take: /heartbeat waits for it.
 HTTP_PROBE_TIMEOUT = 5.0
 
+#: The file read from the working directory when ``--config`` is not given,
+#: as Go's ``snetd serve`` does: a Go deployment that relies on it keeps its
+#: configuration instead of silently running on the defaults.
+DEFAULT_CONFIG_FILE = "snetd.config.json"
+
 
 class Options(usage.Options):
     """Options of ``twistd snetd``.
@@ -69,7 +74,12 @@ class Options(usage.Options):
     )
 
     optParameters = [
-        ["config", "c", None, "Configuration file (.json, .yaml or .yml)."],
+        [
+            "config",
+            "c",
+            None,
+            f"Configuration file (.json, .yaml or .yml); default: ./{DEFAULT_CONFIG_FILE} if it exists.",
+        ],
         ["blockchain", "b", None, "Set blockchain_enabled (true/false)."],
         ["passthrough", None, None, "Set passthrough_enabled (true/false)."],
         ["type", "t", None, "Set daemon_type."],
@@ -100,6 +110,9 @@ class Options(usage.Options):
         super().__init__()  # type: ignore[no-untyped-call]
         self.overrides: dict[str, str] = {}
         self.loaded: LoadedConfig | None = None
+        #: Said at startup (and by --check-config) when the file was found
+        #: in the working directory rather than given with --config.
+        self.config_note: str | None = None
         self.stdout: TextIO = sys.stdout
         self.stderr: TextIO = sys.stderr
 
@@ -114,13 +127,21 @@ class Options(usage.Options):
         for flag, key in self._flag_keys.items():
             if self[flag] is not None:
                 self.overrides[key] = self[flag]
+        path = self["config"]
+        if path is None and Path(DEFAULT_CONFIG_FILE).exists():
+            path = DEFAULT_CONFIG_FILE
+            self.config_note = (
+                f"no --config given: using {Path(DEFAULT_CONFIG_FILE).resolve()} from the working directory"
+            )
         try:
-            loaded = load_config(self["config"], overrides=self.overrides)
+            loaded = load_config(path, overrides=self.overrides)
             check_config(loaded.config)
         except ConfigError as error:
             print(f"snetd: configuration error: {error}", file=self.stderr)
             raise SystemExit(1) from None
         if self["check-config"]:
+            if self.config_note is not None:
+                print(f"snetd: {self.config_note}", file=self.stderr)
             for warning in loaded.warnings:
                 print(f"snetd: warning: {warning}", file=self.stderr)
             print(render_effective_config(loaded.config), file=self.stdout)
@@ -236,6 +257,8 @@ def makeService(options: Options) -> IService:
 
     assert options.loaded is not None
     twistd_options = getattr(options, "parent", None)
+    if options.config_note is not None:
+        _log.info("{note}", note=options.config_note)
     try:
         daemon = build_daemon(options.loaded, reactor, twistd_options)
     except ConfigError as error:

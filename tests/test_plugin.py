@@ -167,6 +167,38 @@ def test_check_config_accepts_a_resolvable_chain(tmp_path: Path) -> None:
     assert json.loads(stdout)["blockchain_network_selected"] == "sepolia"
 
 
+def test_default_config_file_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --config, ./snetd.config.json is read (as Go's serve does) and --check-config says so."""
+    _write(tmp_path / "snetd.config.json", {"blockchain_enabled": False, "daemon_endpoint": "127.0.0.1:9999"})
+    monkeypatch.chdir(tmp_path)
+    status, stdout, stderr = _check_config([])
+    assert status == 0, stderr
+    assert json.loads(stdout)["daemon_endpoint"] == "127.0.0.1:9999"
+    assert f"no --config given: using {tmp_path / 'snetd.config.json'}" in stderr
+
+
+def test_explicit_config_beats_the_working_directory_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--config wins over ./snetd.config.json, without a note."""
+    _write(tmp_path / "snetd.config.json", {"blockchain_enabled": False, "daemon_endpoint": "127.0.0.1:9999"})
+    other = _write(tmp_path / "other.json", {"blockchain_enabled": False, "daemon_endpoint": "127.0.0.1:9998"})
+    monkeypatch.chdir(tmp_path)
+    status, stdout, stderr = _check_config([f"--config={other}"])
+    assert status == 0, stderr
+    assert json.loads(stdout)["daemon_endpoint"] == "127.0.0.1:9998"
+    assert "no --config given" not in stderr
+
+
+def test_daemon_starts_from_the_working_directory_file(upstream: Upstream, tmp_path: Path) -> None:
+    """``twistd -n snetd`` with no --config serves with ./snetd.config.json and logs that it used it."""
+    with Daemon(tmp_path, {"service_endpoint": upstream.endpoint}, default_config_file=True) as daemon:
+        channel = make_channel(daemon.address)
+        try:
+            assert pb_grpc.CalculatorStub(channel).add(pb.Numbers(a=2, b=3), timeout=10).value == 5
+        finally:
+            channel.close()
+        assert "no --config given: using" in daemon.log_path.read_text()
+
+
 def test_bad_config_stops_startup_before_binding(tmp_path: Path) -> None:
     """A validation error exits non-zero before any port is bound."""
     port = free_port()

@@ -39,6 +39,8 @@ class Daemon:
         config: configuration keys; ``daemon_endpoint`` is filled in.
         env: extra environment variables.
         prefix: a command to run twistd under (e.g. ``["taskset", "-c", "0"]``).
+        default_config_file: write the config to ``workdir/snetd.config.json``
+            and give no ``--config`` (the daemon finds it in its working directory).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class Daemon:
         config: dict[str, Any],
         env: dict[str, str] | None = None,
         prefix: list[str] | None = None,
+        default_config_file: bool = False,
     ) -> None:
         self.prefix = prefix or []
         self.port = free_port()
@@ -57,7 +60,8 @@ class Daemon:
             "payment_channel_storage_type": "memory",
             **config,
         }
-        self.config_path = workdir / f"snetd-{self.port}.json"
+        self.config_path = workdir / ("snetd.config.json" if default_config_file else f"snetd-{self.port}.json")
+        self._config_args = [] if default_config_file else [f"--config={self.config_path}"]
         self.config_path.write_text(json.dumps(self.config))
         self.log_path = workdir / f"snetd-{self.port}.log"
         self._env = env
@@ -71,7 +75,7 @@ class Daemon:
         """Start the daemon and wait until it answers ``/heartbeat``."""
         log = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child, closed below)
         self.process = subprocess.Popen(
-            [*self.prefix, TWISTD, "-n", "--pidfile=", "snetd", f"--config={self.config_path}"],
+            [*self.prefix, TWISTD, "-n", "--pidfile=", "snetd", *self._config_args],
             cwd=self.workdir,
             env=daemon_env(self._env),
             stdout=log,
