@@ -129,6 +129,28 @@ def test_keys_are_case_insensitive(tmp_path: Path) -> None:
     assert config.log.level == "debug"
 
 
+def test_service_credential_keys_are_case_insensitive(tmp_path: Path) -> None:
+    """`Key`/`VALUE`/`Location` work in service_credentials items (Go: mapstructure ignores case);
+    the keys of a JSON value are sent as written."""
+    items = [
+        {"Key": "x-api-key", "Value": "s3cret", "Location": "Header"},
+        {"KEY": "data", "VALUE": {"Token": "t"}, "LOCATION": "body"},
+    ]
+    config = _load(tmp_path, {"service_credentials": items}).config
+    first, second = config.service_credentials
+    assert (first.key, first.value, first.location) == ("x-api-key", "s3cret", "header")
+    assert (second.key, second.value, second.location) == ("data", {"Token": "t"}, "body")
+    from_env = load_config(None, environ={"SNET_SERVICE_CREDENTIALS": json.dumps(items)}).config
+    assert from_env.service_credentials == config.service_credentials
+
+
+def test_service_credential_key_given_twice_is_reported_without_the_secret(tmp_path: Path) -> None:
+    """`Key` and `key` in one item: the extra spelling is an unknown key; the item's value is not shown."""
+    error = _error(tmp_path, {"service_credentials": [{"Key": "a", "key": "b", "value": "s3cret", "location": "body"}]})
+    assert "unknown configuration key 'service_credentials[0].Key'" in str(error)
+    assert "s3cret" not in str(error)
+
+
 def test_null_means_default(tmp_path: Path) -> None:
     """A `null` value leaves the key at its default (Viper treats it as unset)."""
     config = _load(tmp_path, {"max_message_size_in_mb": None, "rate_limit_per_minute": None}).config

@@ -526,6 +526,26 @@ class ServiceCredentialConfig(Section):
         description="Where to put it: `query`, `header` or `body`."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lower_case_item_keys(cls, data: object) -> object:
+        """``"Key"``, ``"VALUE"``... work, as in Go.
+
+        Viper lower-cases map keys but not the keys of maps inside lists, and
+        Go reads this list with mapstructure, whose field names match case-
+        insensitively.  Only the item's own keys are lower-cased: a JSON
+        ``value`` is sent as written.  A key given twice in different cases
+        keeps its spelling and is reported as unknown (naming the key, never
+        the item, whose value is a secret).
+        """
+        if not isinstance(data, Mapping):
+            return data
+        names = [str(key).lower() for key in data]
+        return {
+            (name if names.count(name) == 1 or key == name else key): value
+            for (key, value), name in zip(data.items(), names, strict=True)
+        }
+
 
 # Names of the cached section views; model_copy must forget them.
 _VIEWS = ("listen", "frontend", "upstream", "heartbeat", "identity", "log_settings", "storage", "chain")
