@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -80,8 +81,6 @@ class Options(usage.Options):
             None,
             f"Configuration file (.json, .yaml or .yml); default: ./{DEFAULT_CONFIG_FILE} if it exists.",
         ],
-        ["blockchain", "b", None, "Set blockchain_enabled (true/false)."],
-        ["passthrough", None, None, "Set passthrough_enabled (true/false)."],
         ["type", "t", None, "Set daemon_type."],
         ["ssl-cert", None, None, "Set ssl_cert."],
         ["ssl-key", None, None, "Set ssl_key."],
@@ -89,6 +88,9 @@ class Options(usage.Options):
         ["auto-ssl-cache", None, None, "Set auto_ssl_cache_dir."],
     ]
     optFlags = [
+        # Go's bool flags; parseOptions also takes =true/=false after them.
+        ["blockchain", "b", "Set blockchain_enabled: true, or --blockchain=false (-b=false)."],
+        ["passthrough", None, "Set passthrough_enabled: true, or --passthrough=false."],
         [
             "check-config",
             None,
@@ -97,8 +99,6 @@ class Options(usage.Options):
     ]
 
     _flag_keys = {
-        "blockchain": "blockchain_enabled",
-        "passthrough": "passthrough_enabled",
         "type": "daemon_type",
         "ssl-cert": "ssl_cert",
         "ssl-key": "ssl_key",
@@ -109,12 +109,46 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.overrides: dict[str, str] = {}
+        self._bool_values: dict[str, str] = {}
         self.loaded: LoadedConfig | None = None
         #: Said at startup (and by --check-config) when the file was found
         #: in the working directory rather than given with --config.
         self.config_note: str | None = None
         self.stdout: TextIO = sys.stdout
         self.stderr: TextIO = sys.stderr
+
+    #: Go's bool flags (pflag) by spelling: a bare flag means true, and
+    #: ``--flag=value`` sets the value.
+    _bool_flags = {
+        "--blockchain": "blockchain_enabled",
+        "-b": "blockchain_enabled",
+        "--passthrough": "passthrough_enabled",
+    }
+    _bool_flag_names = {"blockchain": "blockchain_enabled", "passthrough": "passthrough_enabled"}
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Parse the options, Go's bool flags with their optional value included.
+
+        pflag lets a bool flag stand alone (true) or carry ``=value``; getopt,
+        under ``usage.Options``, has no optional values.  So ``--blockchain``,
+        ``-b``, ``--passthrough`` and their ``=value`` forms are taken out
+        here, in order (the last one wins), and the rest goes to getopt.  As
+        in Go, ``--passthrough false`` is not a value: the stray ``false`` is
+        a usage error.
+        """
+        args = list(sys.argv[1:] if options is None else options)
+        rest: list[str] = []
+        for index, arg in enumerate(args):
+            if arg == "--":
+                rest.extend(args[index:])
+                break
+            name, sep, value = arg.partition("=")
+            key = self._bool_flags.get(name)
+            if key is None:
+                rest.append(arg)
+            else:
+                self._bool_values[key] = value if sep else "true"
+        super().parseOptions(rest)  # type: ignore[no-untyped-call]
 
     def opt_set(self, value: str) -> None:
         """Set any configuration key: --set key=value (repeatable)."""
@@ -127,6 +161,11 @@ class Options(usage.Options):
         for flag, key in self._flag_keys.items():
             if self[flag] is not None:
                 self.overrides[key] = self[flag]
+        for flag, key in self._bool_flag_names.items():
+            # Set here only when getopt saw the flag: an abbreviation (--pass).
+            if self[flag] and key not in self._bool_values:
+                self._bool_values[key] = "true"
+        self.overrides.update(self._bool_values)
         path = self["config"]
         if path is None and Path(DEFAULT_CONFIG_FILE).exists():
             path = DEFAULT_CONFIG_FILE

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from twisted.internet.task import Clock
+from twisted.python import usage
 
 from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon._proto import example_service_pb2_grpc as pb_grpc
@@ -117,7 +118,7 @@ def _check_config(args: list[str]) -> tuple[int, str, str]:
     options = Options()
     options.stdout, options.stderr = io.StringIO(), io.StringIO()
     with pytest.raises(SystemExit) as exit_info:
-        options.parseOptions([*args, "--check-config"])  # type: ignore[no-untyped-call]
+        options.parseOptions([*args, "--check-config"])
     assert isinstance(exit_info.value.code, int)
     return exit_info.value.code, options.stdout.getvalue(), options.stderr.getvalue()
 
@@ -197,6 +198,59 @@ def test_daemon_starts_from_the_working_directory_file(upstream: Upstream, tmp_p
         finally:
             channel.close()
         assert "no --config given: using" in daemon.log_path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "blockchain", "passthrough"),
+    [
+        (["--passthrough"], True, True),
+        (["--passthrough=false"], True, False),
+        (["--passthrough=0", "--passthrough"], True, True),  # the last one wins
+        (["--blockchain=false"], False, False),
+        (["-b=false", "--passthrough=true"], False, True),
+        (["--blockchain", "--blockchain=False"], False, False),
+        (["-b"], True, False),
+        ([], True, False),
+    ],
+)
+def test_go_bool_flags_alone_or_with_a_value(
+    tmp_path: Path, args: list[str], blockchain: bool, passthrough: bool
+) -> None:
+    """--blockchain/-b and --passthrough work bare (true) or with =value, as Go's bool flags do."""
+    config = _write(
+        tmp_path / "c.json",
+        {"passthrough_enabled": False, "token_secret_key": SECRET, "blockchain_provider_api_key": "k" * 32},
+    )
+    status, stdout, stderr = _check_config([f"--config={config}", *args])
+    assert status == 0, stderr
+    effective = json.loads(stdout)
+    assert (effective["blockchain_enabled"], effective["passthrough_enabled"]) == (blockchain, passthrough)
+
+
+def test_go_bool_flag_value_must_be_attached(tmp_path: Path) -> None:
+    """``--passthrough false`` is not a value (pflag agrees): the stray word is a usage error, not ignored."""
+    config = _write(tmp_path / "c.json", {"blockchain_enabled": False})
+    options = Options()
+    with pytest.raises(usage.UsageError):
+        options.parseOptions([f"--config={config}", "--passthrough", "false", "--check-config"])
+
+
+def test_go_bool_flag_bad_value_is_a_configuration_error(tmp_path: Path) -> None:
+    """``--passthrough=maybe`` is refused, naming the key."""
+    config = _write(tmp_path / "c.json", {"blockchain_enabled": False})
+    status, _, stderr = _check_config([f"--config={config}", "--passthrough=maybe"])
+    assert status == 1
+    assert "passthrough_enabled" in stderr
+    assert "'maybe'" in stderr
+
+
+def test_go_bool_flags_through_twistd(tmp_path: Path) -> None:
+    """The same through twistd's own command line, which hands snetd its arguments."""
+    config = _write(tmp_path / "c.json", {"passthrough_enabled": False})
+    result = run_twistd(["snetd", f"--config={config}", "--passthrough", "-b=false", "--check-config"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert (effective["blockchain_enabled"], effective["passthrough_enabled"]) == (False, True)
 
 
 def test_bad_config_stops_startup_before_binding(tmp_path: Path) -> None:
