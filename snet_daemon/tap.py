@@ -82,9 +82,10 @@ class Options(usage.Options):
             f"Configuration file (.json, .yaml or .yml); default: ./{DEFAULT_CONFIG_FILE} if it exists.",
         ],
         ["type", "t", None, "Set daemon_type."],
-        ["ssl-cert", None, None, "Set ssl_cert."],
-        ["ssl-key", None, None, "Set ssl_key."],
-        ["auto-ssl-domain", None, None, "Set auto_ssl_domain."],
+        # TLS is not implemented yet: check_supported refuses the first three.
+        ["ssl-cert", None, None, "Set ssl_cert (TLS: not implemented yet, refused)."],
+        ["ssl-key", None, None, "Set ssl_key (TLS: not implemented yet, refused)."],
+        ["auto-ssl-domain", None, None, "Set auto_ssl_domain (TLS: not implemented yet, refused)."],
         ["auto-ssl-cache", None, None, "Set auto_ssl_cache_dir."],
     ]
     optFlags = [
@@ -225,16 +226,57 @@ def _check_chain(config: DaemonConfig) -> None:
 def check_supported(config: DaemonConfig) -> None:
     """Refuse settings this version cannot honour, rather than run unsafely.
 
+    Most keys that are not implemented yet only earn a warning: ignoring
+    them leaves the daemon doing less, not less safely.  Ignoring these
+    would leave it less safe than its operator asked for -- serving
+    plaintext where TLS was configured, serving every caller where an
+    allow-list was -- so the daemon does not start until they are removed.
+
     Raises:
-        ConfigError: for ``daemon_type: http`` (the Go daemon's development
-            proxy, not built here).
+        ConfigError: listing each of ``daemon_type: http`` (the Go daemon's
+            development proxy, not built here), ``ssl_cert``/``ssl_key``,
+            ``auto_ssl_domain`` (TLS) and ``allowed_user_flag: true``.
     """
+    problems: list[ConfigProblem] = []
     if config.daemon_type != "grpc":
-        raise ConfigError(
-            f"configuration key 'daemon_type': {config.daemon_type!r} is not supported yet (only 'grpc')",
-            path="daemon_type",
-            value=config.daemon_type,
+        problems.append(
+            ConfigProblem(
+                f"configuration key 'daemon_type': {config.daemon_type!r} is not supported yet (only 'grpc')",
+                "daemon_type",
+                config.daemon_type,
+            )
         )
+    without_tls = "to serve without TLS (e.g. behind a proxy that terminates TLS)"
+    if config.ssl_cert or config.ssl_key:
+        problems.append(
+            ConfigProblem(
+                "configuration keys 'ssl_cert' and 'ssl_key': TLS is not implemented yet, and this daemon would "
+                f"serve plaintext where TLS was asked for; remove both keys {without_tls}",
+                "ssl_cert",
+                config.ssl_cert,
+            )
+        )
+    if config.auto_ssl_domain:
+        problems.append(
+            ConfigProblem(
+                f"configuration key 'auto_ssl_domain': {config.auto_ssl_domain!r} asks for Let's Encrypt TLS, which "
+                f"is not implemented yet; remove the key {without_tls}",
+                "auto_ssl_domain",
+                config.auto_ssl_domain,
+            )
+        )
+    if config.allowed_user_flag:
+        problems.append(
+            ConfigProblem(
+                "configuration key 'allowed_user_flag': true (serve only 'allowed_user_addresses') is not "
+                "implemented yet, and this daemon would serve every caller; remove the key (or set it to false) "
+                "to serve without the allow-list",
+                "allowed_user_flag",
+                True,
+            )
+        )
+    if problems:
+        raise ConfigError(problems=tuple(problems))
 
 
 def check_token_secret(config: DaemonConfig) -> None:

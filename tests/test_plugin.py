@@ -21,7 +21,7 @@ from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon._proto import example_service_pb2_grpc as pb_grpc
 from snet_daemon.blockchain.build import build_chain
 from snet_daemon.config import ConfigError, load_config
-from snet_daemon.tap import Options
+from snet_daemon.tap import Options, check_supported
 from tests.conftest import make_channel
 from tests.support.daemon import REPO, Daemon, run_twistd
 from tests.support.ports import free_port
@@ -166,6 +166,51 @@ def test_check_config_accepts_a_resolvable_chain(tmp_path: Path) -> None:
     status, stdout, stderr = _check_config([f"--config={config}"])
     assert status == 0, stderr
     assert json.loads(stdout)["blockchain_network_selected"] == "sepolia"
+
+
+ADDRESS = "0x3Bb9b2499c283cec176e7C707Ecb495B7a961ebf"
+
+
+@pytest.mark.parametrize(
+    ("keys", "path", "words"),
+    [
+        ({"ssl_cert": "/etc/cert.pem", "ssl_key": "/etc/key.pem"}, "ssl_cert", ("TLS", "plaintext", "remove")),
+        ({"auto_ssl_domain": "daemon.example.org"}, "auto_ssl_domain", ("Let's Encrypt", "remove")),
+        (
+            {"allowed_user_flag": True, "allowed_user_addresses": [ADDRESS]},
+            "allowed_user_flag",
+            ("every caller", "remove"),
+        ),
+    ],
+)
+def test_unimplemented_security_keys_stop_startup(
+    tmp_path: Path, keys: dict[str, object], path: str, words: tuple[str, ...]
+) -> None:
+    """TLS and the caller allow-list are refused, not just warned about: ignoring them would serve
+    plaintext, or every caller, where the operator asked for less."""
+    config = _write(tmp_path / "c.json", {"blockchain_enabled": False, **keys})
+    with pytest.raises(ConfigError) as info:
+        check_supported(load_config(str(config), environ={}).config)
+    assert info.value.path == path
+    assert "not implemented yet" in str(info.value)
+    for word in words:
+        assert word in str(info.value)
+    status, _, stderr = _check_config([f"--config={config}"])
+    assert status == 1
+    assert "not implemented yet" in stderr
+
+
+def test_security_keys_at_their_defaults_are_accepted() -> None:
+    """A Go ``init-full`` file restates ssl_cert "", auto_ssl_cache_dir ".certs", allowed_user_flag false: fine."""
+    full = REPO / "tests" / "data" / "config" / "snetd.config.full.json"
+    check_supported(load_config(str(full), environ={}).config)
+    check_supported(load_config(None, environ={}, overrides={"auto_ssl_cache_dir": "/var/cache/certs"}).config)
+
+
+def test_example_configurations_ask_for_nothing_refused() -> None:
+    """The production examples in etc/ pass check_supported (no TLS keys until TLS exists)."""
+    for name in ("snetd.config.example.json", "snetd.config.example.yaml", "snetd.demo.json"):
+        check_supported(load_config(str(REPO / "etc" / name), environ={}).config)
 
 
 def test_default_config_file_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

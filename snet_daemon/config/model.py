@@ -689,17 +689,27 @@ class DaemonConfig(Section):
     payment_channel_ca_path: str = Field("", description="CA bundle for etcd over https.")
 
     # -- TLS --------------------------------------------------------------------
-    ssl_cert: str = Field("", description="TLS certificate file (with `ssl_key`).")
+    ssl_cert: str = Field(
+        "", description="TLS certificate file (with `ssl_key`). Not implemented yet: setting it stops startup."
+    )
     # Declared after ssl_cert for its check.
-    ssl_key: str = Field("", description="TLS private key file (with `ssl_cert`).")
-    auto_ssl_domain: str = Field("", description="Domain for a Let's Encrypt certificate (binds port 80).")
+    ssl_key: str = Field(
+        "", description="TLS private key file (with `ssl_cert`). Not implemented yet: setting it stops startup."
+    )
+    auto_ssl_domain: str = Field(
+        "",
+        description="Domain for a Let's Encrypt certificate (binds port 80). "
+        "Not implemented yet: setting it stops startup.",
+    )
     auto_ssl_cache_dir: str = Field(".certs", description="Let's Encrypt certificate cache directory.")
 
     # -- access control -----------------------------------------------------------
     allowed_user_addresses: AddressList = Field((), description="Callers allowed when `allowed_user_flag` is true.")
     # Declared after allowed_user_addresses and blockchain_network_selected for its check.
     allowed_user_flag: bool = Field(
-        False, description="Only `allowed_user_addresses` may call (not allowed on `main`)."
+        False,
+        description="Only `allowed_user_addresses` may call (not allowed on `main`). "
+        "Not implemented yet: `true` stops startup.",
     )
     authentication_addresses: AddressList = Field((), description="Signers allowed to use the ConfigurationService.")
 
