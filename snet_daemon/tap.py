@@ -15,14 +15,14 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorSocket
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
@@ -345,6 +345,15 @@ def makeService(options: Options) -> IService:
     except ConfigError as error:
         print(f"snetd: configuration error: {error}", file=options.stderr)
         raise SystemExit(1) from None
+    # Bound now, while a failure can still be one line on the terminal (see _PublicPort).
+    port = daemon.getServiceNamed("listener")
+    assert isinstance(port, _PublicPort)
+    try:
+        port.bind()
+    except CannotListenError as error:
+        reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+        print(f"snetd: cannot listen on {port.address}: {reason}", file=options.stderr)
+        raise SystemExit(1) from None
     reactor.callWhenRunning(freeze_startup_heap)
     return daemon
 
@@ -621,24 +630,125 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
             await payments.stop()
 
     _AsyncService("calls", start=start, stop=stop).setServiceParent(root)  # type: ignore[no-untyped-call]
+
+    def announce(address: str) -> None:
+        _log.info(
+            "snetd {version} listening on {address}, forwarding to {service}{payments}",
+            version=__version__,
+            address=address,
+            service=upstream_settings.endpoint if upstream_settings.passthrough_enabled else "(echo)",
+            payments=", with payments" if payments is not None else ", without payments (blockchain disabled)",
+        )
+
     listen = config.listen
-    endpoint_type = TCP6ServerEndpoint if ":" in listen.host else TCP4ServerEndpoint
-    listener = StreamServerEndpointService(
-        endpoint_type(reactor, listen.port, interface=listen.host), OnePortFactory(gateway)
-    )
-    # Fail startup (twistd exits non-zero) when the port cannot be bound.
-    listener._raiseSynchronously = True
-    listener.setName("listener")
-    listener.setServiceParent(root)
-    _log.info(
-        "snetd {version} listening on {host}:{port}, forwarding to {service}{payments}",
-        version=__version__,
-        host=listen.host,
-        port=listen.port,
-        service=upstream_settings.endpoint if upstream_settings.passthrough_enabled else "(echo)",
-        payments=", with payments" if payments is not None else ", without payments (blockchain disabled)",
-    )
+    public_port = _PublicPort(reactor, listen.host, listen.port, OnePortFactory(gateway), announce)
+    public_port.setServiceParent(root)  # type: ignore[no-untyped-call]
     return root
+
+
+def _address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _PublicPort(Service):
+    """The daemon's one port: bound by :func:`makeService`, served once the service starts.
+
+    Why bind that early: twistd calls ``makeService`` before it daemonizes,
+    writes its pid file and starts logging.  A port that cannot be bound is
+    then one line on the operator's terminal and exit status 1, with
+    nothing left behind, instead of a traceback after a "listening" log
+    line.  The bound socket survives twistd's fork; the reactor adopts it
+    when the service starts.  Like ``privilegedStartService``, this binds
+    before twistd sheds privileges (``--uid``), so ports below 1024 work.
+
+    Args:
+        reactor: adopts the bound socket (``IReactorSocket``).
+        host: interface (``""``: all; IPv6 without brackets).
+        port: TCP port (0: any free one; the log shows which).
+        factory: the protocol factory of every connection.
+        announce: called with ``host:port`` once the port is bound: the
+            "listening" line is only ever logged when it is true.
+    """
+
+    name = "listener"
+
+    #: Pending connections the kernel queues (Twisted's listenTCP default).
+    BACKLOG = 50
+
+    def __init__(
+        self,
+        reactor: IReactorSocket,
+        host: str,
+        port: int,
+        factory: IProtocolFactory,
+        announce: Callable[[str], None],
+    ) -> None:
+        self._reactor = reactor
+        self._host = host
+        self._port = port
+        self._factory = factory
+        self._announce = announce
+        self._socket: socket.socket | None = None
+        self._listening: IListeningPort | None = None
+
+    @property
+    def address(self) -> str:
+        """The configured ``host:port``, for messages."""
+        return _address(self._host, self._port)
+
+    def bind(self) -> None:
+        """Bind and listen now, unless done already.
+
+        Raises:
+            CannotListenError: the address is in use, not local, or not
+                allowed (``socketError`` says which).
+        """
+        if self._socket is not None or self._listening is not None:
+            return
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sockaddr: Any = (self._host, self._port)
+            if family == socket.AF_INET6:
+                # Scope ids (fe80::1%eth0) need the resolved form, as in Twisted.
+                sockaddr = socket.getaddrinfo(self._host, self._port, family, 0, 0, socket.AI_NUMERICHOST)[0][4]
+            # As Twisted's listenTCP: a restart must not wait for TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(self.BACKLOG)
+            sock.setblocking(False)
+        except OSError as error:
+            sock.close()
+            raise CannotListenError(self._host, self._port, error) from None
+        self._socket = sock
+        self._announce(_address(self._host, sock.getsockname()[1]))
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.bind()  # when makeService did not (embedded use)
+        sock, self._socket = self._socket, None
+        assert sock is not None
+        try:
+            # Annotated as taking a ServerFactory; any IProtocolFactory works, as with endpoints.
+            self._listening = self._reactor.adoptStreamPort(
+                sock.fileno(),
+                sock.family,
+                self._factory,  # type: ignore[arg-type]
+            )
+        finally:
+            sock.close()  # the reactor holds its own duplicate
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        listening, self._listening = self._listening, None
+        if listening is None:
+            return None
+        stopped: Deferred[None] | None = listening.stopListening()
+        return stopped
 
 
 def _free_call_settings(config: DaemonConfig) -> FreeCallSettings:

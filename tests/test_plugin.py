@@ -23,7 +23,7 @@ from snet_daemon.blockchain.build import build_chain
 from snet_daemon.config import ConfigError, load_config
 from snet_daemon.tap import Options, check_supported
 from tests.conftest import make_channel
-from tests.support.daemon import REPO, Daemon, run_twistd
+from tests.support.daemon import REPO, Daemon, daemon_env, run_twistd
 from tests.support.ports import free_port
 from tests.support.upstream import Upstream
 
@@ -378,7 +378,7 @@ def test_log_level_and_json_format(upstream: Upstream, tmp_path: Path) -> None:
 
 
 def test_port_in_use_fails_startup(tmp_path: Path) -> None:
-    """A daemon_endpoint that cannot be bound makes twistd exit non-zero."""
+    """A daemon_endpoint that cannot be bound: one clear line, exit 1, no traceback, never "listening"."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -392,8 +392,60 @@ def test_port_in_use_fails_startup(tmp_path: Path) -> None:
             },
         )
         result = run_twistd(["-n", "--pidfile=", "snetd", f"--config={config}"], tmp_path)
-    assert result.returncode != 0
-    assert "Address already in use" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert result.stderr.strip().splitlines()[-1:] == [
+        f"snetd: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+    assert "Traceback" not in output
+    assert "listening on" not in output
+
+
+def test_port_in_use_fails_startup_when_daemonizing(tmp_path: Path) -> None:
+    """Without -n the port is bound before twistd forks: the same line on the terminal, exit 1, no pid file."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = _write(tmp_path / "c.json", {"daemon_endpoint": f"127.0.0.1:{port}", "blockchain_enabled": False})
+        pidfile = tmp_path / "snetd.pid"
+        result = run_twistd([f"--pidfile={pidfile}", "snetd", f"--config={config}"], tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"snetd: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert not pidfile.exists()
+
+
+def test_port_zero_logs_the_port_it_got(upstream: Upstream, tmp_path: Path) -> None:
+    """The "listening" line is logged once bound, with the real port (daemon_endpoint port 0 picks one)."""
+    config = _write(
+        tmp_path / "c.json",
+        {"daemon_endpoint": "127.0.0.1:0", "blockchain_enabled": False, "service_endpoint": upstream.endpoint},
+    )
+    log = tmp_path / "snetd.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=", "snetd", f"--config={config}"],
+            cwd=tmp_path,
+            env=daemon_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while (match := re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())) is None:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        port = int(match.group(1))
+        assert port != 0
+        channel = make_channel(f"127.0.0.1:{port}")
+        try:
+            assert pb_grpc.CalculatorStub(channel).add(pb.Numbers(a=2, b=3), timeout=10).value == 5
+        finally:
+            channel.close()
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 def test_sigterm_lets_running_calls_finish(upstream: Upstream, tmp_path: Path) -> None:
