@@ -491,6 +491,21 @@ def test_sighup_does_not_stop_an_unpaid_daemon(upstream: Upstream, tmp_path: Pat
         assert daemon.process.poll() is None
 
 
+def test_systemd_unit_installs_from_the_source_tree_like_readme() -> None:
+    """etc/snetd.service tells to install the way README does (from the source tree: the package
+    is not on PyPI), and runs the twistd of that install with the same config for both commands."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    unit = (REPO / "etc" / "snetd.service").read_text(encoding="utf-8")
+    install = re.search(r"^(python3 -m venv /opt/snetd && /opt/snetd/bin/pip install \.)\s", readme, re.MULTILINE)
+    assert install is not None, "README no longer shows the install command"
+    assert f"#   {install.group(1)}\n" in unit
+    assert "pip install snet-daemon" not in unit
+    commands = dict(re.findall(r"^(ExecStart|ExecStartPre)=(.*)$", unit, re.MULTILINE))
+    config = "--config=/etc/snetd/snetd.config.json"
+    assert commands["ExecStart"] == f"/opt/snetd/bin/twistd -n --pidfile= snetd {config}"
+    assert commands["ExecStartPre"] == f"/opt/snetd/bin/twistd snetd {config} --check-config"
+
+
 def test_startup_heap_is_frozen_out_of_full_collections() -> None:
     """What ``twistd snetd`` does once the reactor runs: full collections skip the startup heap."""
     import gc
