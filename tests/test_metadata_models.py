@@ -66,6 +66,29 @@ def test_unknown_keys_are_kept() -> None:
     assert parsed.model_extra["dynamic_pricing"] == {"/a.B/c": "/a.B/price"}
 
 
+def test_null_means_the_default() -> None:
+    """A JSON null in a field with a default is that default, as Go reads it: the publisher portal
+    writes ``"free_call_signer_address": null`` for a group without a signer, and a null in a field
+    the daemon does not use must not make the document unusable."""
+    service = service_metadata(mpe_address=MPE)
+    group = service["groups"][0]
+    group.update(free_call_signer_address=None, free_calls=None, endpoints=None, daemon_addresses=None, group_id=None)
+    group["pricing"][0].update(package_name=None, details=None)
+    group["pricing"].append({"price_model": "fixed_price", "price_in_cogs": None, "default": None})
+    service.update(display_name=None, encoding=None, service_type=None)
+    org = org_metadata()
+    org["groups"][0]["payment"]["payment_channel_storage_client"] = None
+    org["groups"][0]["license_server_endpoints"] = None
+    md = load(org=org, service=service)
+    assert md.free_call_signer_address is None
+    assert md.free_calls == 0
+    assert md.price("/a.B/c") == 10
+    assert (md.encoding, md.service_type) == ("proto", "grpc")
+    assert md.storage_client.endpoints == ()
+    assert md.service.groups[0].endpoints == ()
+    assert md.service.groups[0].pricing[1].default is False
+
+
 def test_fixed_price_per_method() -> None:
     """Per-method prices are keyed by the full gRPC method name; an unpriced method is an error."""
     pricing = [
@@ -222,6 +245,13 @@ MALFORMED: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None, str]] =
         r"groups\[0\]\.payment\.payment_expiration_threshold",
     ),
     ("groups not a list", {"org_name": "x", "groups": {"a": 1}}, None, r"organization metadata groups"),
+    (
+        "payment address null",
+        _org(payment_address=None),
+        None,
+        r"organization metadata groups\[0\]\.payment\.payment_address: is null; a value is required",
+    ),
+    ("service group name null", None, _service(group_name=None), r"service metadata groups\[0\]\.group_name: is null"),
     ("payment section missing", {"groups": [{"group_name": GROUP, "group_id": "x"}]}, None, r"groups\[0\]\.payment"),
 ]
 

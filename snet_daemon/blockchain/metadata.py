@@ -18,6 +18,13 @@ prices each full gRPC method name (``/package.Service/Method``, the package
 coming from the entry's ``package_name``).  Stricter than Go: no default
 entry, two default entries, or one method priced twice with different
 prices is an error, not "first one wins".
+
+A JSON ``null`` in a field that has a default means that default, as Go's
+``encoding/json`` reads a null into a string as ``""``: the publisher portal
+writes ``"free_call_signer_address": null`` for a group without a signer,
+and a null in a field the daemon does not even use (``endpoints``) must not
+make the whole document unusable.  A null in a field without a default
+(``payment_address``, ``group_name``) is still refused, naming the field.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from types import MappingProxyType
 from typing import Annotated, Any, TypeVar
 
 from eth_utils.address import is_checksum_address, to_checksum_address
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from snet_daemon import jsontext
 from snet_daemon.blockchain.contracts import is_address
@@ -77,6 +84,22 @@ class _Model(BaseModel):
     """Frozen, keeps unknown keys, no coercion surprises beyond the declared ones."""
 
     model_config = ConfigDict(frozen=True, extra="allow", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: object) -> object:
+        """Drop ``null`` values of fields that have a default, so the default applies.
+
+        Publishers write nulls for "not set" (see the module docstring); a
+        required field keeps its null and fails validation, naming the field.
+        """
+        if not isinstance(data, dict) or None not in data.values():
+            return data
+        return {
+            key: value
+            for key, value in data.items()
+            if not (value is None and key in cls.model_fields and not cls.model_fields[key].is_required())
+        }
 
 
 # --------------------------------------------------------------------------
@@ -194,7 +217,11 @@ def _parse(kind: str, model: type[_Model], raw: bytes | str | Mapping[str, Any])
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{_location(error['loc'])}: {error['msg']}" for error in exc.errors())
+        problems = "; ".join(
+            f"{_location(error['loc'])}: "
+            + ("is null; a value is required" if error.get("input", ...) is None else error["msg"])
+            for error in exc.errors()
+        )
         raise MetadataError(f"{kind} metadata {problems}") from None
 
 
