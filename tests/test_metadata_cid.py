@@ -12,8 +12,12 @@ from snet_daemon.blockchain.cid import (
     Cid,
     CidError,
     CidMismatch,
+    PbLink,
+    _encode_dag_pb,
+    _encode_unixfs,
     build_dag,
     fetch_verified,
+    max_blocks,
     parse_dag_pb,
     verify_content,
 )
@@ -105,12 +109,15 @@ def test_verify_content_detects_mismatch() -> None:
 class Blocks:
     """A block store that counts fetches."""
 
-    def __init__(self, blocks: dict[str, bytes]) -> None:
+    def __init__(self, blocks: dict[str, bytes], limit: int = 100_000) -> None:
         self.blocks = dict(blocks)
         self.fetched: list[str] = []
+        self.limit = limit
 
     async def get(self, cid: Cid) -> bytes:
         self.fetched.append(str(cid))
+        if len(self.fetched) > self.limit:
+            raise AssertionError(f"more than {self.limit} block fetches")
         return self.blocks[str(cid)]
 
 
@@ -122,7 +129,9 @@ async def test_fetch_verified_multi_block_dag() -> None:
         built = build_dag(content, cid_version=version)
         store = Blocks(built.blocks)
         assert await fetch_verified(built.root, store.get, max_size=10**6) == content
-        assert len(store.fetched) == 4  # root + 3 leaves
+        # Root + 2 leaves: the first two 256 KiB chunks of the pattern are equal, one block fetched once.
+        assert sorted(store.fetched) == sorted(built.blocks)
+        assert len(store.fetched) == 3
 
 
 @aio_test
@@ -163,3 +172,57 @@ async def test_fetch_verified_refuses_a_directory() -> None:
     cid = Cid.of_block(directory, codec=DAG_PB, version=0)
     with pytest.raises(CidError, match="directory"):
         await fetch_verified(cid, Blocks({str(cid): directory}).get, max_size=100)
+
+
+def _file_node(links: list[Cid], filesize: int = 0) -> bytes:
+    """A dag-pb UnixFS file node linking ``links`` in order."""
+    return _encode_dag_pb([PbLink(cid, "", 0) for cid in links], _encode_unixfs(2, None, filesize, []))
+
+
+@aio_test
+async def test_fetch_verified_bounds_the_nodes_of_a_fanout_dag() -> None:
+    """Links to an empty block add no bytes: three levels of 300 (a 12 KB root, every block valid)
+    would be 27 million visits of a 0-byte file.  The walk stops at max_blocks(max_size) nodes, and
+    each distinct block is fetched once."""
+    blocks: dict[str, bytes] = {}
+    node = Cid.of_block(b"", codec=RAW, version=1)
+    blocks[str(node)] = b""
+    for _level in range(3):
+        block = _file_node([node] * 300)
+        node = Cid.of_block(block, codec=DAG_PB, version=1)
+        blocks[str(node)] = block
+    store = Blocks(blocks, limit=10_000)
+    max_size = 4 * 1024 * 1024
+    with pytest.raises(CidError, match=f"more than {max_blocks(max_size)} nodes"):
+        await fetch_verified(node, store.get, max_size=max_size)
+    assert len(store.fetched) == 4
+
+
+@aio_test
+async def test_fetch_verified_small_chunks_and_repeated_blocks_within_the_bounds() -> None:
+    """A 4 MiB file in 1 KiB chunks (4,096 leaves and 25 inner nodes) is within max_blocks; its
+    repeated chunks (the pattern repeats every 64 KiB) are fetched once and placed every time."""
+    max_size = 4 * 1024 * 1024
+    content = pattern(max_size)
+    built = build_dag(content, chunk_size=1024)
+    store = Blocks(built.blocks)
+    assert await fetch_verified(built.root, store.get, max_size=max_size) == content
+    assert sorted(store.fetched) == sorted(built.blocks)
+    assert len(store.fetched) < 200
+
+
+@aio_test
+async def test_fetch_verified_bounds_the_bytes_of_blocks() -> None:
+    """Blocks whose bytes are not content (here unused UnixFS block sizes) count too: at most
+    twice max_size of blocks is fetched."""
+    padding = _encode_unixfs(2, None, 0, [1] * 30_000)  # 60 KB of blocksizes, no content
+    blocks: dict[str, bytes] = {}
+    chain: list[Cid] = []
+    for level in range(20):
+        block = _encode_dag_pb([PbLink(chain[-1], "", 0)] if chain else [], padding + bytes([0x28, level]))
+        chain.append(Cid.of_block(block, codec=DAG_PB, version=1))
+        blocks[str(chain[-1])] = block
+    store = Blocks(blocks)
+    with pytest.raises(CidError, match="bytes of blocks for 100000 bytes of content"):
+        await fetch_verified(chain[-1], store.get, max_size=100_000)
+    assert len(store.fetched) <= 5

@@ -12,7 +12,9 @@ nothing.  Here content is accepted only if it hashes to the CID:
   children, in order, each child checked against the CID in the link.  This
   covers every file layout (kubo's balanced DAG, trickle DAGs, raw or dag-pb
   leaves, any chunk size): :func:`fetch_verified` walks the DAG block by
-  block.
+  block, fetching each distinct block once and visiting a bounded number
+  of nodes (:func:`max_blocks`), so a small DAG of links to empty blocks
+  cannot make it fetch without end.
 
 Where only whole content is available (an HTTP gateway), :func:`verify_content`
 rebuilds the DAG the way ``ipfs add`` does by default (256 KiB chunks, a
@@ -45,6 +47,7 @@ __all__ = [
     "UnixFsNode",
     "build_dag",
     "fetch_verified",
+    "max_blocks",
     "parse_dag_pb",
     "verify_block",
     "verify_content",
@@ -374,8 +377,28 @@ def _encode_dag_pb(links: list[PbLink], data: bytes) -> bytes:
 GetBlock = Callable[[Cid], Awaitable[bytes]]
 
 
+def max_blocks(max_size: int) -> int:
+    """Most DAG nodes :func:`fetch_verified` walks for content of at most ``max_size`` bytes.
+
+    A link to an empty block adds nothing to the size, so bounding bytes
+    alone does not bound the walk: three levels of 300 links (a 12 KB root)
+    are 27 million visits of a 0-byte file.  One node per KiB of content is
+    far more than any real layout needs (kubo's default is one per 256 KiB;
+    even 1 KiB chunks need ~1.01 per KiB), plus room for the inner nodes of
+    a small file.
+    """
+    return max_size // 1024 + 64
+
+
 async def fetch_verified(cid: Cid, get_block: GetBlock, *, max_size: int) -> bytes:
     """Fetch the file named by ``cid``, checking every block against its CID.
+
+    The walk is bounded three ways, so that a small hostile DAG cannot keep
+    the loader (and the metadata refresh lock) busy: at most
+    :func:`max_blocks` nodes are visited, counting a block linked twice
+    twice; each distinct block is fetched, verified and parsed once (a file
+    may link one chunk many times); and the blocks fetched may total at most
+    twice ``max_size`` (content plus links, which take a few percent).
 
     Args:
         cid: The root.
@@ -388,27 +411,56 @@ async def fetch_verified(cid: Cid, get_block: GetBlock, *, max_size: int) -> byt
 
     Raises:
         CidMismatch: a block does not hash to its CID.
-        CidError: a block is malformed, not a file, or too large.
+        CidError: a block is malformed, not a file, or too large, or the DAG
+            has too many nodes or blocks for ``max_size``.
         Exception: whatever ``get_block`` raises.
     """
     out = bytearray()
+    node_limit = max_blocks(max_size)
+    byte_limit = 2 * max_size + 64 * 1024
+    # Each block once, as content (raw) or parsed (links, UnixFS data).
+    parsed: dict[Cid, bytes | tuple[list[PbLink], UnixFsNode]] = {}
+    visits = 0
+    fetched = 0
 
-    async def walk(node_cid: Cid, depth: int) -> None:
-        if depth > 64:
-            raise CidError("UnixFS DAG is too deep")
+    async def node(node_cid: Cid) -> bytes | tuple[list[PbLink], UnixFsNode]:
+        nonlocal fetched
+        known = parsed.get(node_cid)
+        if known is not None:
+            return known
         block = await get_block(node_cid)
         verify_block(node_cid, block)
+        fetched += len(block)
+        if fetched > byte_limit:
+            raise CidError(f"DAG of {cid} has more than {byte_limit} bytes of blocks for {max_size} bytes of content")
+        result: bytes | tuple[list[PbLink], UnixFsNode]
         if node_cid.codec == RAW:
-            out.extend(block)
+            result = block
         else:
             links, data = parse_dag_pb(block)
-            node = parse_unixfs(data or b"")
-            if node.type not in (_UNIXFS_FILE, _UNIXFS_RAW):
-                name = _UNIXFS_TYPE_NAMES.get(node.type, str(node.type))
+            unixfs = parse_unixfs(data or b"")
+            if unixfs.type not in (_UNIXFS_FILE, _UNIXFS_RAW):
+                name = _UNIXFS_TYPE_NAMES.get(unixfs.type, str(unixfs.type))
                 raise CidError(f"{node_cid} is a UnixFS {name}, not a file")
-            if node.filesize is not None and node.filesize > max_size - len(out):
+            result = (links, unixfs)
+        parsed[node_cid] = result
+        return result
+
+    async def walk(node_cid: Cid, depth: int) -> None:
+        nonlocal visits
+        if depth > 64:
+            raise CidError("UnixFS DAG is too deep")
+        visits += 1
+        if visits > node_limit:
+            raise CidError(f"DAG of {cid} has more than {node_limit} nodes, too many for {max_size} bytes of content")
+        found = await node(node_cid)
+        if isinstance(found, bytes):
+            out.extend(found)
+        else:
+            links, unixfs = found
+            if unixfs.filesize is not None and unixfs.filesize > max_size - len(out):
                 raise CidError(f"content of {node_cid} is larger than {max_size} bytes")
-            out.extend(node.data)
+            out.extend(unixfs.data)
             for link in links:
                 await walk(link.cid, depth + 1)
         if len(out) > max_size:
