@@ -171,6 +171,38 @@ async def test_json_rpc_error_is_not_retried(node: tuple[str, Script]) -> None:
         await rpc.close()
 
 
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (
+            -32602,
+            "Log response size exceeded. You can make eth_getLogs requests with up to a 2K block range "
+            "and no limit on the response size",
+        ),
+        (-32005, "query returned more than 10000 results. Try with this block range [0x1, 0x2]."),
+    ],
+    ids=["alchemy", "infura"],
+)
+@aio_test
+async def test_log_range_refusal_is_not_a_rate_limit(node: tuple[str, Script], code: int, message: str) -> None:
+    """Providers refuse an eth_getLogs range in words or codes of a rate limit (Alchemy, Infura):
+    waiting does not help, a smaller range does, so it is a ContractCallFailed at once (which
+    RegistryReader.changes answers by halving the range), not retried as RateLimited."""
+    url, script = node
+    script.answers = [(200, {"error": {"code": code, "message": message}}, {})]
+    sleeps = Sleeps()
+    rpc = client(url, sleeps)
+    try:
+        with pytest.raises(ContractCallFailed) as caught:
+            await rpc.call("eth_getLogs", [{"fromBlock": "0x1", "toBlock": "0x2"}])
+        assert not isinstance(caught.value, RateLimited)
+        assert sleeps.delays == []
+        with pytest.raises(RateLimited):  # the same words from another method are still a rate limit
+            await rpc.call("eth_blockNumber")
+    finally:
+        await rpc.close()
+
+
 @aio_test
 async def test_bad_credentials_are_not_retried(node: tuple[str, Script]) -> None:
     """HTTP 401 says to check the API key and is not retried."""

@@ -6,14 +6,21 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from snet_daemon.blockchain import registry as registry_module
+from snet_daemon.blockchain.blocks import BlockNumber
 from snet_daemon.blockchain.build import ChainComponents, build_chain
 from snet_daemon.blockchain.metadata import DaemonMetadata
+from snet_daemon.blockchain.refresh import MetadataSource
+from snet_daemon.blockchain.registry import RegistryReader
 from snet_daemon.config.errors import ConfigError
 from snet_daemon.config.model import DaemonConfig
 from snet_daemon.ops.reload import SighupReload
@@ -30,6 +37,7 @@ from tests.support.chain import (  # noqa: F401 - fixtures
 )
 from tests.support.ipfs import IpfsServer, ipfs  # noqa: F401 - fixture
 from tests.support.ports import free_port
+from tests.support.registry import ORG, SVC, FakeRegistryRpc, metadata_source
 
 
 def settings(**keys: Any) -> Any:
@@ -348,3 +356,107 @@ def test_known_networks_need_only_an_api_key() -> None:
 
 def _unused(*_: AsyncIterator[Any]) -> None:
     """Keeps imports used only in annotations."""
+
+
+# --------------------------------------------------------------------------
+# Registry events from providers with habits anvil does not have
+# (tests/support/registry.py): capped eth_getLogs ranges, lagging nodes.
+
+
+@contextmanager
+def warnings_logged() -> Iterator[list[str]]:
+    """Texts of the warnings (and worse) logged by the metadata side while the block runs."""
+    texts: list[str] = []
+
+    def record(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "snetd.metadata" and event["log_level"] >= LogLevel.warn:
+            texts.append(formatEvent(event))
+
+    observer: Any = record  # a plain callable is an ILogObserver; mypy-zope cannot tell
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield texts
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+
+async def poll(source: MetadataSource, blocks: BlockNumber, rpc: FakeRegistryRpc) -> None:
+    """One event poll, after the block cache has learnt the chain's head."""
+    blocks.update(rpc.head)
+    await source._tick()
+
+
+def source_price(source: MetadataSource) -> int:
+    assert source.current is not None
+    return source.current.price("/a.B/c")
+
+
+@aio_test
+async def test_registry_events_read_in_ranges_a_capped_provider_accepts() -> None:
+    """QuickNode's free plans refuse eth_getLogs over more than 5 blocks, and a poll asks for at
+    least 13 (the last 12 are scanned again): the range is halved until accepted, and the span that
+    worked is kept, so a new price is applied and later polls are not refused again."""
+    rpc = FakeRegistryRpc(log_limit=5)
+    source, blocks, _ = metadata_source(rpc, Clock())
+    await source._tick()  # startup load
+    assert source_price(source) == 10
+    rpc.set_service_uri("svc-v25.json")
+    await poll(source, blocks, rpc)
+    assert source_price(source) == 25
+    assert rpc.refused == 2  # 13 blocks, then 6; 3 at a time works
+    assert source.registry is not None
+    assert source.registry.log_span == 3
+    for _ in range(5):
+        rpc.mine(2)
+        await poll(source, blocks, rpc)
+    assert rpc.refused == 2
+    assert max(end - start for start, end in rpc.get_logs[2:]) == 2
+
+
+@aio_test
+async def test_registry_changes_in_chunks_cover_the_range_once() -> None:
+    """Every block of the range is asked for exactly once, in order, and each event found once,
+    whatever the provider's cap; the span grows back after many calls without a refusal (the
+    refusal may have been a passing one) and is halved again if the provider still refuses."""
+    for limit in (1, 2, 5, 7, 2000):
+        rpc = FakeRegistryRpc(log_limit=limit)
+        for block in range(1000, 1100, 7):
+            rpc.emit("OrganizationModified", block)
+        reader = _reader(rpc)
+        events = await reader.changes(ORG, SVC, 990, 1099)
+        assert [event.block for event in events] == list(range(1000, 1100, 7))
+        accepted = [asked for asked in rpc.get_logs if asked[1] - asked[0] < limit]
+        assert [block for start, end in accepted for block in range(start, end + 1)] == list(range(990, 1100))
+    rpc = FakeRegistryRpc(log_limit=5)
+    reader = _reader(rpc)
+    for _ in range(registry_module._GROW_AFTER):
+        await reader.changes(ORG, SVC, 1000, 1012)
+    assert (reader.log_span, rpc.refused) == (6, 2)  # 13 -> 6 -> 3, then doubled
+    await reader.changes(ORG, SVC, 1000, 1012)
+    assert (reader.log_span, rpc.refused) == (3, 3)
+
+
+@aio_test
+async def test_registry_events_refused_even_for_one_block_are_a_warning() -> None:
+    """When the provider refuses even one block, the poll fails with a warning naming the block,
+    the metadata in use stays, and the range is asked for again on the next poll."""
+    rpc = FakeRegistryRpc(log_limit=0)
+    source, blocks, _ = metadata_source(rpc, Clock())
+    await source._tick()
+    rpc.set_service_uri("svc-v25.json")
+    with warnings_logged() as warnings:
+        await poll(source, blocks, rpc)
+    assert source_price(source) == 10
+    assert len(warnings) == 1
+    assert "cannot read Registry events" in warnings[0]
+    assert "eth_getLogs refused even a single block (989)" in warnings[0]
+    rpc.log_limit = 5
+    await poll(source, blocks, rpc)
+    assert source_price(source) == 25
+
+
+def _reader(rpc: FakeRegistryRpc) -> RegistryReader:
+    source, _, _ = metadata_source(rpc, Clock())
+    assert source.registry is not None
+    return source.registry

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Final
+
+from twisted.logger import Logger
 
 from snet_daemon.blockchain.chain import EthereumChainReader
 from snet_daemon.blockchain.contracts import event_topic, function, id_to_bytes32
-from snet_daemon.blockchain.errors import ChainError, MetadataError
+from snet_daemon.blockchain.errors import ChainError, ContractCallFailed, MetadataError
 from snet_daemon.blockchain.loader import clean_uri
 
 __all__ = ["ORG_EVENTS", "SERVICE_EVENTS", "RegistryEvent", "RegistryReader"]
@@ -21,8 +24,13 @@ SERVICE_EVENTS = ("ServiceMetadataModified", "ServiceCreated", "ServiceDeleted")
 
 _TOPICS = {event_topic("Registry", name): name for name in ORG_EVENTS + SERVICE_EVENTS}
 
+_log = Logger(namespace="snetd.metadata")
+
 #: Most blocks asked for in one ``eth_getLogs`` (providers cap the range).
 MAX_LOG_RANGE = 2000
+#: Successful :meth:`RegistryReader.changes` calls after which a span made
+#: smaller by a refusal is doubled again (see there).
+_GROW_AFTER: Final = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,8 @@ class RegistryReader:
     def __init__(self, chain: EthereumChainReader, address: str) -> None:
         self._chain = chain
         self.address = address
+        self._log_span = MAX_LOG_RANGE
+        self._calls_since_refusal = 0
 
     async def latest_block(self) -> int:
         """The node's latest block number (asked directly, not from the cache).
@@ -94,44 +104,86 @@ class RegistryReader:
     async def changes(self, org_id: str, service_id: str, from_block: int, to_block: int) -> list[RegistryEvent]:
         """Registry events for our organisation, or our service, in a block range.
 
-        The range is split so that no ``eth_getLogs`` asks for more than
-        :data:`MAX_LOG_RANGE` blocks.
+        The range is asked for in chunks of at most :data:`MAX_LOG_RANGE`
+        blocks.  Providers cap ``eth_getLogs`` ranges far below that
+        (QuickNode's free plans at 5 blocks, while every poll asks for at
+        least 13), each with its own error text, so any JSON-RPC error
+        answer (:class:`ContractCallFailed`; not an outage, which raises at
+        once) to a request for more than one block halves the chunk and asks
+        again, down to one block.  The span that worked is kept for the next
+        calls; as the refusal may have been a passing one (a node behind a
+        load balancer that does not have the last block yet), it is doubled
+        again after :data:`_GROW_AFTER` calls without a refusal.
 
         Raises:
-            ChainError: the logs could not be read.
+            ChainError: the logs could not be read, even one block at a time.
         """
         org_topic = "0x" + id_to_bytes32(org_id).hex()
         service_topic = "0x" + id_to_bytes32(service_id).hex()
         events: list[RegistryEvent] = []
         start = from_block
         while start <= to_block:
-            end = min(to_block, start + MAX_LOG_RANGE - 1)
-            logs = await self._chain.rpc.call(
-                "eth_getLogs",
-                [
-                    {
-                        "address": self.address,
-                        "fromBlock": hex(start),
-                        "toBlock": hex(end),
-                        "topics": [list(_TOPICS), org_topic],
-                    }
-                ],
-            )
-            if not isinstance(logs, list):
-                raise ChainError(f"eth_getLogs returned {type(logs).__name__}, not a list")
-            for log in logs:
-                topics = [str(topic).lower() for topic in log.get("topics", ())]
-                name = _TOPICS.get(topics[0]) if topics else None
-                if name is None:
-                    continue
-                if name in SERVICE_EVENTS and (len(topics) < 3 or topics[2] != service_topic):
-                    continue  # another service of our organisation
-                events.append(
-                    RegistryEvent(
-                        name=name,
-                        block=int(log.get("blockNumber", "0x0"), 16),
-                        transaction=str(log.get("transactionHash", "")),
-                    )
+            end = min(to_block, start + self._log_span - 1)
+            try:
+                logs = await self._get_logs(start, end, org_topic)
+            except ContractCallFailed as exc:
+                if end == start:
+                    raise ContractCallFailed(
+                        f"eth_getLogs refused even a single block ({start}): {exc}", exc.code
+                    ) from exc
+                self._log_span = max(1, (end - start + 1) // 2)
+                self._calls_since_refusal = 0
+                _log.info(
+                    "eth_getLogs refused {blocks} blocks ({error}); asking for {span} at a time",
+                    blocks=end - start + 1,
+                    error=exc,
+                    span=self._log_span,
                 )
+                continue
+            events.extend(self._events(logs, service_topic))
             start = end + 1
+        self._calls_since_refusal += 1
+        if self._log_span < MAX_LOG_RANGE and self._calls_since_refusal >= _GROW_AFTER:
+            self._log_span = min(MAX_LOG_RANGE, self._log_span * 2)
+            self._calls_since_refusal = 0
+        return events
+
+    @property
+    def log_span(self) -> int:
+        """Blocks asked for in one ``eth_getLogs`` now (smaller after a provider refused more)."""
+        return self._log_span
+
+    async def _get_logs(self, start: int, end: int, org_topic: str) -> list[Any]:
+        logs = await self._chain.rpc.call(
+            "eth_getLogs",
+            [
+                {
+                    "address": self.address,
+                    "fromBlock": hex(start),
+                    "toBlock": hex(end),
+                    "topics": [list(_TOPICS), org_topic],
+                }
+            ],
+        )
+        if not isinstance(logs, list):
+            raise ChainError(f"eth_getLogs returned {type(logs).__name__}, not a list")
+        return logs
+
+    @staticmethod
+    def _events(logs: list[Any], service_topic: str) -> list[RegistryEvent]:
+        events: list[RegistryEvent] = []
+        for log in logs:
+            topics = [str(topic).lower() for topic in log.get("topics", ())]
+            name = _TOPICS.get(topics[0]) if topics else None
+            if name is None:
+                continue
+            if name in SERVICE_EVENTS and (len(topics) < 3 or topics[2] != service_topic):
+                continue  # another service of our organisation
+            events.append(
+                RegistryEvent(
+                    name=name,
+                    block=int(log.get("blockNumber", "0x0"), 16),
+                    transaction=str(log.get("transactionHash", "")),
+                )
+            )
         return events

@@ -42,6 +42,12 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 # JSON-RPC error codes and texts providers use for "slow down".
 _RATE_LIMIT_CODES = frozenset({-32005, 429})
 _RATE_LIMIT_TEXT = re.compile(r"rate.?limit|too many requests|request limit|exceeded.*(limit|quota)", re.IGNORECASE)
+# An eth_getLogs refusal of the block range (or of the size of its answer),
+# which some providers word or number like a rate limit: Alchemy's "Log
+# response size exceeded ... up to a 2K block range and no limit on the
+# response size", Infura's -32005 "query returned more than 10000 results".
+# Waiting does not help, a smaller range does (RegistryReader.changes).
+_LOG_RANGE_TEXT = re.compile(r"block range|more than \d+ results|response size", re.IGNORECASE)
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -253,7 +259,8 @@ class JsonRpcClient:
         if error_obj is not None:
             code = error_obj.get("code") if isinstance(error_obj, dict) else None
             message = str(error_obj.get("message", error_obj)) if isinstance(error_obj, dict) else str(error_obj)
-            if code in _RATE_LIMIT_CODES or _RATE_LIMIT_TEXT.search(message):
+            range_refused = method == "eth_getLogs" and _LOG_RANGE_TEXT.search(message)
+            if not range_refused and (code in _RATE_LIMIT_CODES or _RATE_LIMIT_TEXT.search(message)):
                 raise RateLimited(f"{method}: {message}", retry_after=retry_after)
             data = error_obj.get("data") if isinstance(error_obj, dict) else None
             detail = f" ({data})" if data else ""
