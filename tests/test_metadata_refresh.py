@@ -460,3 +460,42 @@ def _reader(rpc: FakeRegistryRpc) -> RegistryReader:
     source, _, _ = metadata_source(rpc, Clock())
     assert source.registry is not None
     return source.registry
+
+
+@aio_test
+async def test_registry_event_applied_when_the_node_answering_lags() -> None:
+    """Behind a load balancer the node answering eth_call may be a block behind the one that
+    returned the event: asked for "latest" it answers the old URI, and the event would be used up
+    with the old document.  URIs are read at the block the poll scanned to, which that node does
+    not have yet: its error fails the refresh, which is tried again and loads the new price."""
+    rpc = FakeRegistryRpc()
+    source, blocks, _ = metadata_source(rpc, Clock())
+    await source._tick()
+    event_block = rpc.set_service_uri("svc-v25.json")
+    rpc.lagging_calls = 2  # both reads of the refresh land on the lagging node
+    await poll(source, blocks, rpc)
+    assert source_price(source) == 10
+    assert "header not found" in (source.status().error or "")
+    rpc.lagging_calls = 0  # the next reads land on an up-to-date node
+    await source._tick()  # the retry
+    assert source_price(source) == 25
+    # Startup read at its block; then the refused read and both again at the event's poll's block.
+    assert rpc.call_blocks == [1000, 1000] + [event_block] * 3
+    assert source.status().error is None
+
+
+@aio_test
+async def test_failed_sighup_refresh_is_tried_again() -> None:
+    """A SIGHUP reload that fails (here: the node answering lags behind the cached block) is tried
+    again on the next tick, also when Registry events are not polled."""
+    rpc = FakeRegistryRpc()
+    source, blocks, _ = metadata_source(rpc, Clock(), event_interval=0)
+    await source._tick()
+    rpc.set_service_uri("svc-v25.json")
+    blocks.update(rpc.head)
+    rpc.lagging_calls = 2
+    assert not await source.refresh("SIGHUP")
+    assert source_price(source) == 10
+    rpc.lagging_calls = 0
+    await source._tick()
+    assert source_price(source) == 25

@@ -206,15 +206,21 @@ class EthereumChainReader:
 
     # -- generic calls -------------------------------------------------------------
 
-    async def call(self, to: str, fn: AbiFunction, *args: Any) -> tuple[Any, ...]:
-        """``eth_call`` ``fn(*args)`` on contract ``to`` at the latest block.
+    async def call(self, to: str, fn: AbiFunction, *args: Any, block: int | None = None) -> tuple[Any, ...]:
+        """``eth_call`` ``fn(*args)`` on contract ``to`` at the latest block, or at ``block``.
+
+        A node that does not have ``block`` yet answers an error rather than
+        an older state, which is what makes reading "at least as new as
+        block N" possible behind a load balancer whose nodes lag.
 
         Raises:
             ChainUnavailable: the node could not be reached.
-            ContractCallFailed: the call reverted or the answer is not what
-                the ABI says (no contract at ``to``).
+            ContractCallFailed: the call reverted, the node does not have
+                ``block``, or the answer is not what the ABI says (no
+                contract at ``to``).
         """
-        data = await self.rpc.call("eth_call", [{"to": to, "data": fn.encode_call(*args)}, "latest"])
+        at = "latest" if block is None else hex(block)
+        data = await self.rpc.call("eth_call", [{"to": to, "data": fn.encode_call(*args)}, at])
         try:
             return fn.decode_result(data)
         except ValueError as exc:

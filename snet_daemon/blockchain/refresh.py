@@ -17,6 +17,18 @@
 * keeps the previous metadata when a refresh fails, logs why, and retries
   on the next poll;
 * tells subscribers (:meth:`subscribe`) about every newly loaded metadata.
+
+URIs are read from the Registry at a block number, never at ``latest``:
+after a Registry event, at the last block the poll that found it scanned,
+otherwise at the cached current block.  Behind a load-balanced provider the
+node answering the ``eth_call`` may be a block or two behind the one that
+returned the event; asked for ``latest`` it answers the old URI, the refresh
+"succeeds" with the old document and the event is used up, so the new
+metadata (a new price) would never be loaded.  Asked for a block it does not
+have yet, a node answers an error instead, the refresh fails and is retried.
+Retrying until the URI changes would not do: an event does not always change
+it (``OrganizationModified`` is also emitted for member changes, a service
+may be updated with the same document).
 """
 
 from __future__ import annotations
@@ -189,22 +201,27 @@ class MetadataSource(Service):
         """Wait until the first successful load (tests, startup ordering)."""
         await self._loaded.wait()
 
-    async def refresh(self, reason: str) -> bool:
+    async def refresh(self, reason: str, *, at_block: int | None = None) -> bool:
         """Load both documents again and, if they are valid, make them current.
 
         Never raises for metadata or chain problems: a failed refresh keeps
-        the previous metadata, logs why and returns False.
+        the previous metadata, logs why, returns False, and is tried again
+        on the next tick.
 
         Args:
             reason: Why (for the log): ``startup``, ``SIGHUP``, an event name.
+            at_block: Read the Registry's URIs at this block (one at least as
+                new as the event that asks for the refresh); None: at the
+                cached current block.
 
         Returns:
             True if new metadata is now current.
         """
         async with self._lock:
             try:
-                service, daemon = await self._load()
+                service, daemon = await self._load(at_block)
             except (MetadataError, ChainError) as exc:
+                self._stale = True  # try again on the next tick
                 self._error = f"{type(exc).__name__}: {exc}" if isinstance(exc, ChainError) else str(exc)
                 if self.current is None and self.service is None:
                     _log.error("metadata not loaded ({reason}): {error}", reason=reason, error=self._error)
@@ -216,6 +233,7 @@ class MetadataSource(Service):
                     )
                 return False
             except Exception as exc:  # a bug or an unforeseen library error: still never fatal
+                self._stale = True
                 self._error = f"unexpected {type(exc).__name__}: {exc}"
                 _log.failure("metadata refresh ({reason}) failed unexpectedly", reason=reason)
                 return False
@@ -278,10 +296,15 @@ class MetadataSource(Service):
         except Exception:
             _log.failure("metadata subscriber {callback!r} failed", callback=callback)
 
-    async def _uris(self) -> tuple[str, str]:
+    def _uris_from_registry(self) -> bool:
+        """Whether a URI is read from the Registry (one is not configured)."""
+        need_org = self._require_org or bool(self._org_override)
+        return (need_org and not self._org_override) or not self._service_override
+
+    async def _uris(self, block: int | None) -> tuple[str, str]:
         org_uri, service_uri = self._org_override, self._service_override
         need_org = self._require_org or bool(org_uri)
-        if (need_org and not org_uri) or not service_uri:
+        if self._uris_from_registry():
             if self.registry is None:
                 missing = [
                     key
@@ -293,18 +316,19 @@ class MetadataSource(Service):
                 ]
                 raise MetadataError(f"no Registry to read metadata URIs from: set {' and '.join(missing)}")
             if need_org and not org_uri:
-                org_uri = await self.registry.organization_uri(self.organization_id)
+                org_uri = await self.registry.organization_uri(self.organization_id, block=block)
             if not service_uri:
-                service_uri = await self.registry.service_uri(self.organization_id, self.service_id)
+                service_uri = await self.registry.service_uri(self.organization_id, self.service_id, block=block)
         return org_uri, service_uri
 
-    async def _load(self) -> tuple[ServiceMetadata, DaemonMetadata | None]:
-        # The block before reading the URIs: Registry events from there on
-        # may change what is about to be loaded, so event polling starts here.
-        start_block = self._known_block()
-        if start_block is None and self.registry is not None and self._last_checked_block is None:
+    async def _load(self, at_block: int | None) -> tuple[ServiceMetadata, DaemonMetadata | None]:
+        # The block the URIs are read at (see the module docstring): what is
+        # loaded includes every Registry event up to it, so event polling
+        # starts after it.
+        start_block = at_block if at_block is not None else self._known_block()
+        if start_block is None and self.registry is not None and self._uris_from_registry():
             start_block = await self.registry.latest_block()
-        org_uri, service_uri = await self._uris()
+        org_uri, service_uri = await self._uris(start_block)
         if org_uri:
             org_raw, service_raw = await asyncio.gather(self.loader.load(org_uri), self.loader.load(service_uri))
         else:
@@ -376,6 +400,8 @@ class MetadataSource(Service):
             and not (self._service_override and event.name.startswith("Service"))
         ]
         if relevant:
+            # Read at ``latest`` (the end of the scan), not at the node's
+            # "latest", which may be older (see the module docstring); a
+            # failure marks the metadata stale, so it is tried again.
             names = ", ".join(sorted({event.name for event in relevant}))
-            if not await self.refresh(f"Registry {names} at block {relevant[-1].block}"):
-                self._stale = True  # try again on the next tick
+            await self.refresh(f"Registry {names} at block {relevant[-1].block}", at_block=latest)

@@ -70,29 +70,40 @@ class RegistryReader:
         """
         return int(await self._chain.rpc.call("eth_blockNumber"), 16)
 
-    async def organization_uri(self, org_id: str) -> str:
+    async def organization_uri(self, org_id: str, *, block: int | None = None) -> str:
         """The organisation's metadata URI, cleaned (see :func:`clean_uri`).
+
+        Args:
+            org_id: The organisation.
+            block: Read at this block (None: the latest).
 
         Raises:
             MetadataError: the organisation is not registered.
-            ChainError: the Registry could not be read.
+            ChainError: the Registry could not be read (also: the node
+                answering does not have ``block`` yet).
         """
-        found, _, uri, *_ = await self._chain.call(self.address, _GET_ORG, id_to_bytes32(org_id))
+        found, _, uri, *_ = await self._chain.call(self.address, _GET_ORG, id_to_bytes32(org_id), block=block)
         if not found:
             raise MetadataError(
                 f"organization {org_id!r} (organization_id) is not registered in Registry {self.address}"
             )
         return clean_uri(uri)
 
-    async def service_uri(self, org_id: str, service_id: str) -> str:
+    async def service_uri(self, org_id: str, service_id: str, *, block: int | None = None) -> str:
         """The service's metadata URI, cleaned.
+
+        Args:
+            org_id: The organisation.
+            service_id: The service.
+            block: Read at this block (None: the latest).
 
         Raises:
             MetadataError: the service is not registered.
-            ChainError: the Registry could not be read.
+            ChainError: the Registry could not be read (also: the node
+                answering does not have ``block`` yet).
         """
         found, _, uri = await self._chain.call(
-            self.address, _GET_SERVICE, id_to_bytes32(org_id), id_to_bytes32(service_id)
+            self.address, _GET_SERVICE, id_to_bytes32(org_id), id_to_bytes32(service_id), block=block
         )
         if not found:
             raise MetadataError(

@@ -169,8 +169,10 @@ class DocumentLoader:
         """Nothing to close."""
 
 
-def metadata_source(rpc: FakeRegistryRpc, clock: Clock) -> tuple[MetadataSource, BlockNumber, DocumentLoader]:
-    """A MetadataSource over ``rpc`` (events every 30 s), its block cache and its loader.
+def metadata_source(
+    rpc: FakeRegistryRpc, clock: Clock, *, event_interval: float = 30
+) -> tuple[MetadataSource, BlockNumber, DocumentLoader]:
+    """A MetadataSource over ``rpc``, its block cache and its loader.
 
     Nothing runs by itself: a test updates the block cache from ``rpc.head``
     and calls ``source._tick()`` for each poll.
@@ -192,7 +194,7 @@ def metadata_source(rpc: FakeRegistryRpc, clock: Clock) -> tuple[MetadataSource,
         group_name="default_group",
         registry=RegistryReader(reader, REGISTRY),
         blocks=blocks,
-        event_interval=30,
+        event_interval=event_interval,
         handle_sighup=False,
     )
     return source, blocks, loader
