@@ -499,3 +499,66 @@ async def test_failed_sighup_refresh_is_tried_again() -> None:
     rpc.lagging_calls = 0
     await source._tick()
     assert source_price(source) == 25
+
+
+@aio_test
+async def test_events_in_the_startup_metadata_are_not_loaded_again() -> None:
+    """The first poll scans the 12 blocks before the startup load's block too (a reorganisation may
+    have replaced them); the events it finds there (the organisation and service being created) are
+    in what was loaded and do not load it again.  (It did: in the anvil test above, when the test's
+    revert and new URI landed during that needless reload, the new price came from it and the
+    event's own load came after the test's count, 1 run in 4-6.)"""
+    rpc = FakeRegistryRpc()
+    rpc.emit("OrganizationCreated", 998)
+    rpc.emit("ServiceCreated", 999, SVC)
+    source, blocks, loader = metadata_source(rpc, Clock())
+    await source._tick()
+    rpc.mine(3)
+    await poll(source, blocks, rpc)
+    assert source.status().loads == 1
+    rpc.set_service_uri("svc-v25.json")
+    await poll(source, blocks, rpc)
+    assert source_price(source) == 25
+    for _ in range(15):
+        rpc.mine()
+        await poll(source, blocks, rpc)
+    assert source.status().loads == 2
+    assert loader.loaded == ["org.json", "svc-v10.json", "org.json", "svc-v25.json"]
+
+
+@aio_test
+async def test_block_number_going_back_does_not_load_an_old_event_again() -> None:
+    """A node behind a load balancer answers eth_blockNumber with a block before the last one
+    scanned: the poll position goes back, but the next scan does not reach below the events
+    remembered, so an event applied 12 blocks ago is not loaded again."""
+    rpc = FakeRegistryRpc()
+    source, blocks, _ = metadata_source(rpc, Clock())
+    await source._tick()
+    rpc.set_service_uri("svc-v25.json")
+    await poll(source, blocks, rpc)
+    assert source.status().loads == 2
+    for _ in range(12):
+        rpc.mine()
+        await poll(source, blocks, rpc)
+    blocks.update(rpc.head - 1)  # the lagging node's answer
+    await source._tick()
+    for _ in range(3):
+        rpc.mine()
+        await poll(source, blocks, rpc)
+    assert source.status().loads == 2
+
+
+@aio_test
+async def test_event_in_blocks_replaced_by_a_shorter_chain_is_loaded_at_once() -> None:
+    """Blocks already scanned are replaced by fewer ones, one with a Registry event: it is found by
+    the next poll, without waiting for the chain to pass the height it had."""
+    rpc = FakeRegistryRpc()
+    source, blocks, _ = metadata_source(rpc, Clock())
+    await source._tick()
+    rpc.mine(10)
+    await poll(source, blocks, rpc)
+    rpc.head -= 3  # reverted
+    rpc.set_service_uri("svc-v25.json")
+    await poll(source, blocks, rpc)
+    assert source_price(source) == 25
+    assert source.status().loads == 2

@@ -149,8 +149,11 @@ class MetadataSource(Service):
         self._retry = retry_interval
         self._periodic = Periodic("metadata", self._tick, retry_interval, clock)
         self._last_checked_block: int | None = None
-        #: Registry events seen in the blocks that are scanned again.
+        #: Registry events seen from block :attr:`_seen_from` on (see _poll_events).
         self._seen_events: set[tuple[str, str, int]] = set()
+        self._seen_from = 0
+        #: The block the startup load read its URIs at, until the first scan.
+        self._loaded_through: int | None = None
         self._stale = False
         self._pending: set[asyncio.Task[bool]] = set()
         self._loaded = asyncio.Event()
@@ -340,8 +343,10 @@ class MetadataSource(Service):
                 parse_organization(org_raw), service, self.group_name, org_uri=org_uri, service_uri=service_uri
             )
         if start_block is not None and self._last_checked_block is None:
-            # Events from here on can change what was just loaded.
+            # Events from here on can change what was just loaded; those up
+            # to it are in it (the first scan must not load them again).
             self._last_checked_block = start_block
+            self._loaded_through = start_block
         return service, daemon
 
     def _known_block(self) -> int | None:
@@ -375,14 +380,21 @@ class MetadataSource(Service):
         if self._last_checked_block is None:
             self._last_checked_block = latest
             return
-        if latest <= self._last_checked_block:
-            if latest < self._last_checked_block:
-                self._last_checked_block = latest  # the chain went back (reorg, test revert)
+        if latest == self._last_checked_block:
             return
+        if latest < self._last_checked_block and latest < self._seen_from:
+            # Further back than the events remembered: another chain.
+            self._seen_from = 0
         # The last _RESCAN blocks already scanned are scanned again: a
         # reorganisation may have replaced them, or a node behind a load
-        # balancer may not have had them yet.  Events seen before are skipped.
-        start = max(0, self._last_checked_block + 1 - _RESCAN)
+        # balancer may not have had them yet.  When the chain went back
+        # (a reorganisation, a test chain reverted, or a lagging node
+        # answered eth_blockNumber), the _RESCAN blocks up to ``latest`` are
+        # scanned now: they may be new ones.  Events seen before are skipped;
+        # so a scan never starts below the first block from which every event
+        # is remembered, or after the chain went back it would load events
+        # applied long ago again.
+        start = max(0, min(latest, self._last_checked_block) + 1 - _RESCAN, self._seen_from)
         try:
             events = await self.registry.changes(self.organization_id, self.service_id, start, latest)
         except ChainError as exc:
@@ -390,9 +402,20 @@ class MetadataSource(Service):
             return
         self._last_checked_block = latest
         seen = self._seen_events
-        new = [event for event in events if (event.transaction, event.name, event.block) not in seen]
-        window = latest + 1 - _RESCAN
-        self._seen_events = {(e.transaction, e.name, e.block) for e in events if e.block >= window}
+        # The first scan after startup goes back _RESCAN blocks before the
+        # block the URIs were read at: events up to that block are in what
+        # was loaded (the organisation and service creations, typically).
+        loaded_through, self._loaded_through = self._loaded_through, None
+        new = [
+            event
+            for event in events
+            if (event.transaction, event.name, event.block) not in seen
+            and (loaded_through is None or event.block > loaded_through)
+        ]
+        self._seen_from = max(start, latest + 1 - _RESCAN)
+        self._seen_events = {
+            key for key in seen | {(e.transaction, e.name, e.block) for e in events} if key[2] >= self._seen_from
+        }
         relevant = [
             event
             for event in new
