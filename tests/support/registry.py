@@ -195,6 +195,5 @@ def metadata_source(
         registry=RegistryReader(reader, REGISTRY),
         blocks=blocks,
         event_interval=event_interval,
-        handle_sighup=False,
     )
     return source, blocks, loader
