@@ -606,7 +606,10 @@ class DaemonConfig(Section):
     )
     metadata_refresh_interval: GoDuration = Field(
         "30s",
-        description="(not in Go) How often Registry events are checked to reload changed metadata; `0s`: SIGHUP only.",
+        description=(
+            "(not in Go) How often Registry events are checked to reload changed metadata; `0s`: SIGHUP only.  "
+            "Events are read with `eth_getLogs` in ranges the provider accepts (QuickNode's free plans: 5 blocks)."
+        ),
     )
     mpe_contract_address: str = Field(
         "", description="(not in Go) MultiPartyEscrow address; empty uses the service metadata's `mpe_address`."
