@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -521,3 +522,34 @@ def test_startup_heap_is_frozen_out_of_full_collections() -> None:
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
+
+
+def test_sighup_during_the_drain_does_not_stop_the_daemon(upstream: Upstream, tmp_path: Path) -> None:
+    """SIGHUP after SIGTERM (systemctl reload during a stop, a terminal closing) must not cut the
+    drain short: the running call completes and the daemon exits on its own."""
+    daemon = Daemon(tmp_path, {"service_endpoint": upstream.endpoint}).start()
+    process = daemon.process
+    assert process is not None
+    outcome: dict[str, object] = {}
+
+    def slow_call() -> None:
+        with make_channel(daemon.address) as channel:
+            try:
+                pb_grpc.EchoStub(channel).Unary(pb.EchoRequest(payload=b"x", delay_ms=3000), timeout=20)
+                outcome["ok"] = True
+            except Exception as exc:
+                outcome["error"] = exc
+
+    try:
+        worker = threading.Thread(target=slow_call)
+        worker.start()
+        time.sleep(1.0)  # the call is running at the service
+        process.send_signal(signal.SIGTERM)  # graceful stop: drains running calls (up to 10 s)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGHUP)  # e.g. `systemctl reload`, or the terminal closing
+        worker.join(20)
+        code = process.wait(20)
+    finally:
+        daemon.stop()
+    assert code != -signal.SIGHUP, f"killed by SIGHUP during the drain; call outcome: {outcome}\n{daemon.log_tail(8)}"
+    assert outcome.get("ok"), outcome

@@ -64,7 +64,11 @@ class SighupReload(Service):
     def stopService(self) -> None:
         super().stopService()  # type: ignore[no-untyped-call]
         if self._installed:
-            signal.signal(signal.SIGHUP, self._previous)
+            # Stopping starts the drain of running calls, which the other
+            # services do meanwhile: the default action (exit) would cut it
+            # short, so a SIGHUP from here on is ignored instead.
+            previous = self._previous
+            signal.signal(signal.SIGHUP, signal.SIG_IGN if previous in (signal.SIG_DFL, None) else previous)
             self._installed = False
 
     def _signal(self, signum: int, frame: object) -> None:
