@@ -405,18 +405,25 @@ async def test_channel_of_another_group_or_recipient_is_refused_with_the_reason(
         assert info.value.message.startswith(reason), info.value.message
 
 
+async def _claim_started_while_daemon_two_caches_nonce_0() -> tuple[World, World]:
+    """Two daemons of a group on one storage: daemon 2 took a payment on channel 1 (so caches it
+    at nonce 0), then a claim of it was started through daemon 1."""
+    world = World()
+    other = World(group_of=world)
+    world.chain.open(1, value=1000)
+    await other.pay(1, 0, PRICE)
+    await other.ledger.quiesce(1)
+    await world.start_claim(1, 0)
+    return world, other
+
+
 @aio_test
 async def test_channel_state_on_another_daemon_after_a_claim_landed() -> None:
     """Daemon 2 of the group has the channel cached at nonce 0; a claim started through daemon 1
     lands and daemon 1 forgets its record.  Daemon 2 reads the chain once and answers the new
     nonce (it refused, "old payment is not found in storage", failing every snet-sdk call on the
     channel there until its cache expired).  A claim in progress costs it no chain read."""
-    world = World()
-    other = World(group_of=world)
-    world.chain.open(1, value=1000)
-    await other.pay(1, 0, PRICE)  # daemon 2 caches the channel at nonce 0
-    await other.ledger.quiesce(1)
-    await world.start_claim(1, 0)
+    world, other = await _claim_started_while_daemon_two_caches_nonce_0()
     reads = other.chain.fresh_reads
     state = await other.get_state(1)
     assert (n(state.current_nonce), n(state.old_nonce_signed_amount)) == (1, PRICE)
@@ -439,12 +446,7 @@ async def test_start_claim_on_another_daemon_after_a_claim_landed() -> None:
     """After a claim started through daemon 1 landed and was forgotten, the next claim reaches
     daemon 2, whose cached chain view is older: it reads the chain and starts the claim (it
     refused: "a claim ... is already in progress").  A claim that has not landed is still refused."""
-    world = World()
-    other = World(group_of=world)
-    world.chain.open(1, value=1000)
-    await other.pay(1, 0, PRICE)  # daemon 2 caches the channel at nonce 0
-    await other.ledger.quiesce(1)
-    await world.start_claim(1, 0)
+    world, other = await _claim_started_while_daemon_two_caches_nonce_0()
     await world.land_claim(1, PRICE)
     await other.pay(1, 1, PRICE)  # on the new nonce, through daemon 2
     await other.ledger.quiesce(1)
