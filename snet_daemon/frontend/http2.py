@@ -61,6 +61,7 @@ from snet_daemon.frontend.wire import (
     metadata_to_headers,
     status_headers,
 )
+from snet_daemon.sendnow import send_now
 
 _log = Logger(namespace="snetd.frontend.http2")
 
@@ -700,7 +701,7 @@ class H2ServerProtocol(Protocol):
         self._flush_scheduled = False
         data = self._conn.data_to_send()
         if data and not self._lost:
-            self.transport.write(data)  # type: ignore[union-attr]
+            send_now(self.transport, data)  # type: ignore[arg-type]
 
 
 def _unsupported(content_type: str) -> bytes:

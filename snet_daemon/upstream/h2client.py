@@ -50,6 +50,7 @@ from snet_daemon.frontend.wire import (
     metadata_to_headers,
     never_indexed,
 )
+from snet_daemon.sendnow import send_now
 
 _log = Logger(namespace="snetd.upstream")
 
@@ -467,7 +468,7 @@ class UpstreamConnection(Protocol):
         self._flush_scheduled = False
         data = self._conn.data_to_send()
         if data and not self.lost:
-            self.transport.write(data)  # type: ignore[union-attr]
+            send_now(self.transport, data)  # type: ignore[arg-type]
 
 
 class H2Upstream:
