@@ -23,6 +23,8 @@ class Health:
     body: bytes = b"OK"
     hang: bool = False
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set when the client of ``/endless`` (a redirect whose body never ends) went away.
+    endless_closed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @aio_fixture
@@ -38,9 +40,21 @@ async def health() -> AsyncIterator[Health]:
     async def moved(request: web.Request) -> web.Response:
         raise web.HTTPFound("/health")
 
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=302, headers={"Location": "/health"})
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(b"x" * 4096)
+                await asyncio.sleep(0.001)
+        except (ConnectionError, asyncio.CancelledError):
+            state.endless_closed.set()
+            raise
+
     app = web.Application()
     app.router.add_get("/health", handle)
     app.router.add_get("/moved", moved)
+    app.router.add_get("/endless", endless)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -72,6 +86,14 @@ async def test_http_probe_needs_200_with_a_body(health: Health) -> None:
 async def test_http_probe_follows_redirects(health: Health) -> None:
     """A redirect is followed, as Go's http.Get does."""
     assert await HttpProbe(health.url.replace("/health", "/moved"), HttpGet(_reactor()))()
+
+
+@aio_test
+async def test_http_probe_closes_a_redirect_whose_body_never_ends(health: Health) -> None:
+    """The redirect is followed and its connection closed: Twisted's RedirectAgent left it open,
+    buffering its body without limit, for as long as the body went on."""
+    assert await HttpProbe(health.url.replace("/health", "/endless"), HttpGet(_reactor()))()
+    await asyncio.wait_for(health.endless_closed.wait(), 5)
 
 
 @aio_test

@@ -233,7 +233,7 @@ class HttpGet:
         self._body_limit = body_limit
         pool = HTTPConnectionPool(reactor, persistent=False)
         pool._factory = _QUIET_FACTORY
-        self._agent = RedirectAgent(Agent(reactor, pool=pool), redirectLimit=10)
+        self._agent: Any = _RedirectAgent(Agent(reactor, pool=pool), redirectLimit=10)
 
     async def __call__(self, url: str) -> tuple[int, bytes]:
         """Fetch ``url``.
@@ -267,6 +267,32 @@ class HttpGet:
         reader = _BodyStart(self._body_limit)
         response.deliverBody(reader)
         return reader.done.addCallback(lambda body: (int(response.code), body))
+
+
+class _RedirectAgent(RedirectAgent):
+    """Twisted's ``RedirectAgent``, which also closes each redirect's connection.
+
+    ``RedirectAgent`` never reads a redirect's body: Twisted buffers it
+    without limit until it ends, and the connection stays open as long as
+    the body goes on, past the probe's timeout (which cancels only the
+    last request).  A redirect whose body never ends cost one connection
+    and ever more memory per probe.  Its body is of no use: the connection
+    is closed at once instead.
+    """
+
+    def _handleRedirect(
+        self, response: Any, method: bytes, uri: bytes, headers: Headers | None, redirectCount: int
+    ) -> Any:
+        response.deliverBody(_Discard())
+        return super()._handleRedirect(response, method, uri, headers, redirectCount)  # type: ignore[no-untyped-call]
+
+
+class _Discard(protocol.Protocol):
+    """A response body nobody reads: its connection is closed as soon as it is handed over."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
 
 
 class _BodyStart(protocol.Protocol):
