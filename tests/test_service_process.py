@@ -16,9 +16,12 @@ from twisted.logger import globalLogPublisher
 
 from snet_daemon.frontend.call import start_call
 from snet_daemon.frontend.status import Status
+from snet_daemon.payments.gate import PaymentGate
+from snet_daemon.upstream import process as process_module
 from snet_daemon.upstream.process import ProcessLimiter, ProcessUpstream, child_environment, find_executable
 from snet_daemon.upstream.protos import ServiceProtos
 from tests.support.aio import aio_test
+from tests.support.payments import RecordingLedger
 from tests.support.services import (
     SHELL_EXECUTABLE,
     demo_protos,
@@ -59,6 +62,37 @@ def _adapter(
         environ=environ if environ is not None else dict(os.environ),
         max_message_size=max_message_size,
     )
+
+
+def _frame(message: bytes) -> bytes:
+    """``message`` framed as on a streaming proto pipe."""
+    return b"\0" + len(message).to_bytes(4, "big") + message
+
+
+def _replying(directory: Path, output: bytes) -> str:
+    """An executable that reads all its input, then writes ``output`` and exits 0."""
+    payload = directory / "output.bin"
+    payload.write_bytes(output)
+    exe = directory / "replying.sh"
+    exe.write_text(f"#!/bin/sh\ncat >/dev/null\ncat {payload}\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def _unprintable_reply() -> bytes:
+    """A demo.Reply that parses but has no JSON form (its Timestamp's nanos are over 10^9)."""
+    reply: Any = demo_protos().require("/demo.Demo/Split").output_type(text="late")
+    reply.sent_at.nanos = 2_000_000_000
+    return bytes(reply.SerializeToString())
+
+
+#: Escrow payment metadata (any values do: the tests' ledger accepts everything).
+ESCROW_PAYMENT = (
+    ("snet-payment-channel-id", "1"),
+    ("snet-payment-channel-nonce", "0"),
+    ("snet-payment-channel-amount", "10"),
+    ("snet-payment-channel-signature-bin", b"x" * 65),
+)
 
 
 @pytest.fixture
@@ -426,20 +460,8 @@ async def test_stream_paused_by_a_slow_client_ends_after_the_executable_exited(t
     reading: once the client reads again, the replies left in the pipe are relayed and the call
     ends (reading was never resumed after the exit: the call hung until its deadline)."""
     out_type = demo_protos().require("/demo.Demo/Split").output_type
-    frames = b""
-    for index in range(4):
-        message = out_type(text="x" * 10_000, index=index).SerializeToString()
-        frames += b"\0" + len(message).to_bytes(4, "big") + message
-    payload = tmp_path / "frames.bin"
-    payload.write_bytes(frames)
-    exe = tmp_path / "split.sh"
-    exe.write_text(f"#!/bin/sh\ncat >/dev/null\ncat {payload}\nexit 0\n")
-    exe.chmod(0o755)
-    from twisted.internet import reactor
-
-    adapter = ProcessUpstream(
-        reactor, str(exe), protos=demo_protos(), encoding="proto", limiter=ProcessLimiter(2), environ=dict(os.environ)
-    )
+    frames = b"".join(_frame(out_type(text="x" * 10_000, index=index).SerializeToString()) for index in range(4))
+    adapter = _adapter(_replying(tmp_path, frames), limit=2)
     call, sink = new_call("/demo.Demo/Split", timeout=5.0)
     sink.writable = False  # the client's transport buffer is full
     call.deliver(request_bytes(text="go"))
@@ -453,3 +475,41 @@ async def test_stream_paused_by_a_slow_client_ends_after_the_executable_exited(t
     assert sink.status == Status.OK, sink.message
     assert len(sink.messages) == 4
     assert adapter.limiter.running == 0
+
+
+@aio_test
+async def test_a_streamed_reply_that_cannot_be_converted_fails_the_call_uncharged(tmp_path: Path) -> None:
+    """A reply frame with no JSON form, for a JSON client, fails the paid call and it is not
+    charged (the conversion error escaped into the reactor, which closed stdout: the executable
+    exited 0 and the call ended OK, and charged, with its reply missing)."""
+    ledger = RecordingLedger()
+    gate = PaymentGate(_adapter(_replying(tmp_path, _frame(_unprintable_reply()))), ledger)  # type: ignore[arg-type]
+    call, sink = new_call("/demo.Demo/Split", content_type="application/grpc+json", timeout=5.0)
+    call.metadata = ESCROW_PAYMENT
+    call.deliver(json_bytes({"text": "go"}))
+    call.end_input()
+    start_call(gate, call)
+    assert call.task is not None
+    await call.task
+    assert sink.status == Status.INTERNAL, sink.message
+    assert sink.messages == []
+    assert (ledger.committed, ledger.released) == (False, True)
+
+
+@aio_test
+async def test_any_error_relaying_a_streamed_reply_fails_the_call_and_is_logged_once(
+    python: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever goes wrong handing a reply frame on (not only a GrpcError) ends the call with
+    INTERNAL, logged once with its traceback, and the executable is killed."""
+
+    def broken(self: object, data: bytes) -> bytes:
+        raise RuntimeError("converter bug")
+
+    monkeypatch.setattr(process_module._Codec, "reply", broken)
+    with captured() as events:
+        sink = await invoke(_adapter(python), "/demo.Demo/Split", [request_bytes(text="a b c d")], timeout=5.0)
+    assert (sink.status, sink.message) == (Status.INTERNAL, "the executable's reply could not be converted")
+    failures = [event for event in events if "log_failure" in event]
+    assert len(failures) == 1
+    assert "converter bug" in str(failures[0]["log_failure"].value)

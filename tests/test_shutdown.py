@@ -7,36 +7,13 @@ adapters and the payment storage; a refund needs a storage round trip.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.cors import CorsPolicy
 from snet_daemon.frontend.gateway import Gateway, Limits, Router
 from snet_daemon.payments.gate import PaymentGate
 from tests.support.aio import aio_test
-
-
-@dataclass
-class _Hold:
-    sender: str = "0x" + "11" * 20
-
-
-class _Ledger:
-    """Escrow ledger whose release takes one storage round trip (10 ms)."""
-
-    def __init__(self) -> None:
-        self.released = False
-        self.committed = False
-
-    async def authorize(self, method: str, payment: object) -> _Hold:
-        return _Hold()
-
-    async def release(self, hold: _Hold) -> None:
-        await asyncio.sleep(0.01)  # an etcd txn on loopback
-        self.released = True
-
-    def commit(self, hold: _Hold) -> None:
-        self.committed = True
+from tests.support.payments import RecordingLedger
 
 
 class _HangingUpstream:
@@ -69,7 +46,7 @@ async def test_drain_waits_for_refunds_of_cancelled_calls() -> None:
     """A paid call hanging at the service past the grace period is ended with UNAVAILABLE, and
     drain returns only once its refund is written (it returned one loop turn after ending it)."""
     loop = asyncio.get_running_loop()
-    ledger = _Ledger()
+    ledger = RecordingLedger()
     gate = PaymentGate(_HangingUpstream(), ledger)  # type: ignore[arg-type]
 
     async def routes(method: str, path: str) -> object:

@@ -299,6 +299,13 @@ class _Child(ProcessProtocol):
                 self._emit_frames()
         except GrpcError as error:
             self.fail(error)
+        except Exception:
+            # Nothing may escape into the reactor: it would close stdout, and
+            # an executable that then exits 0 would end the call OK (and
+            # charged) with replies missing.  The run is failed instead, and
+            # logged once (later output is ignored once it failed).
+            _log.failure("executable {label}: a reply could not be relayed", label=self.label)
+            self.fail(GrpcError(Status.INTERNAL, "the executable's reply could not be converted"))
 
     def errReceived(self, data: bytes) -> None:
         self._err += data
