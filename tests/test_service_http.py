@@ -16,6 +16,7 @@ from snet_daemon.upstream.http import HttpClient, HttpUpstream, base_url, excerp
 from tests.support.aio import aio_test
 from tests.support.ports import free_port
 from tests.support.services import (
+    UNPRINTABLE_TIME,
     HttpServer,
     client,
     demo_protos,
@@ -195,3 +196,13 @@ async def test_twenty_megabyte_messages_go_both_ways(client: HttpClient, server:
     sink = await invoke(_adapter(client, server), "/demo.Demo/Echo", [request_bytes(blob=blob)], timeout=60)
     assert sink.status == Status.OK, sink.message
     assert parse_reply(sink.messages[0]).blob == blob
+
+
+@aio_test
+async def test_a_request_without_a_json_form_is_invalid_argument(client: HttpClient, server: HttpServer) -> None:
+    """A protobuf request that parses but cannot be printed as JSON is the client's error, and
+    nothing is sent (it was "internal error" with a traceback on every call)."""
+    sink = await invoke(_adapter(client, server), "/demo.Demo/Echo", [request_bytes(sent_at=UNPRINTABLE_TIME)])
+    assert sink.status == Status.INVALID_ARGUMENT
+    assert sink.message.startswith("request is not a valid demo.Request: "), sink.message
+    assert server.record.seen == []

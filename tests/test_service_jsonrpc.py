@@ -15,6 +15,7 @@ from snet_daemon.upstream.protos import ServiceProtos
 from tests.support.aio import aio_test
 from tests.support.ports import free_port
 from tests.support.services import (
+    UNPRINTABLE_TIME,
     JsonRpcServer,
     client,
     demo_protos,
@@ -237,3 +238,14 @@ async def test_json_nested_too_deep_is_invalid_argument() -> None:
     sink = await invoke(adapter, "/demo.Demo/Echo", [b"[" * 100_000 + b"]" * 100_000])
     assert sink.status == Status.INVALID_ARGUMENT
     assert "not JSON" in sink.message
+
+
+@aio_test
+async def test_a_request_without_a_json_form_is_invalid_argument(client: HttpClient, server: JsonRpcServer) -> None:
+    """A protobuf request that parses but cannot be printed as JSON (here the second message of
+    a client stream) is the client's error, and nothing is sent (it was "internal error" with a
+    traceback on every call)."""
+    requests = [request_bytes(text="fine"), request_bytes(sent_at=UNPRINTABLE_TIME)]
+    sink = await invoke(_adapter(client, server), "/demo.Demo/Join", requests)
+    assert (sink.status, server.record.seen) == (Status.INVALID_ARGUMENT, [])
+    assert sink.message.startswith("request is not a valid demo.Request: "), sink.message

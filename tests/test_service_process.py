@@ -24,6 +24,7 @@ from tests.support.aio import aio_test
 from tests.support.payments import RecordingLedger
 from tests.support.services import (
     SHELL_EXECUTABLE,
+    UNPRINTABLE_TIME,
     demo_protos,
     invoke,
     json_bytes,
@@ -81,9 +82,8 @@ def _replying(directory: Path, output: bytes) -> str:
 
 def _unprintable_reply() -> bytes:
     """A demo.Reply that parses but has no JSON form (its Timestamp's nanos are over 10^9)."""
-    reply: Any = demo_protos().require("/demo.Demo/Split").output_type(text="late")
-    reply.sent_at.nanos = 2_000_000_000
-    return bytes(reply.SerializeToString())
+    reply = demo_protos().require("/demo.Demo/Split").output_type(text="late", sent_at=UNPRINTABLE_TIME)
+    return reply.SerializeToString()
 
 
 #: Escrow payment metadata (any values do: the tests' ledger accepts everything).
@@ -513,3 +513,15 @@ async def test_any_error_relaying_a_streamed_reply_fails_the_call_and_is_logged_
     failures = [event for event in events if "log_failure" in event]
     assert len(failures) == 1
     assert "converter bug" in str(failures[0]["log_failure"].value)
+
+
+@aio_test
+async def test_a_reply_without_a_json_form_is_a_clean_internal_error(tmp_path: Path) -> None:
+    """A unary reply that parses but cannot be printed as JSON, for a JSON client, is INTERNAL
+    saying so (it was an unexpected error: "internal error" and a traceback on every call)."""
+    adapter = _adapter(_replying(tmp_path, _unprintable_reply()))
+    with captured() as events:
+        sink = await invoke(adapter, "/demo.Demo/Echo", [json_bytes({})], content_type="application/grpc+json")
+    assert sink.status == Status.INTERNAL
+    assert sink.message.startswith("service answer is not a valid demo.Reply: "), sink.message
+    assert not [event for event in events if "log_failure" in event]

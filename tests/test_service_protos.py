@@ -23,6 +23,7 @@ from snet_daemon.upstream.protos import (
 )
 from tests.support.aio import aio_test
 from tests.support.services import (
+    UNPRINTABLE_TIME,
     LocalFetcher,
     demo_files,
     demo_protos,
@@ -229,6 +230,19 @@ def test_bad_client_messages_are_invalid_argument() -> None:
         with pytest.raises(GrpcError) as caught:
             bad()
         assert caught.value.status == Status.INVALID_ARGUMENT
+
+
+def test_messages_without_a_json_form_are_clean_errors() -> None:
+    """A message that parses but has no JSON form is the client's error in a request and the
+    service's in a reply, both with a message (they were unexpected errors: "internal error")."""
+    method = demo_protos().require("/demo.Demo/Echo")
+    with pytest.raises(GrpcError, match=r"request is not a valid demo\.Request: .*sent_at") as caught:
+        method.request_to_json(request_bytes(sent_at=UNPRINTABLE_TIME))
+    assert caught.value.status == Status.INVALID_ARGUMENT
+    reply = method.output_type(sent_at=UNPRINTABLE_TIME).SerializeToString()
+    with pytest.raises(GrpcError, match=r"service answer is not a valid demo\.Reply: .*sent_at") as caught:
+        method.reply_to_json(reply)
+    assert caught.value.status == Status.INTERNAL
 
 
 @aio_test

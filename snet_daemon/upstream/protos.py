@@ -304,13 +304,14 @@ class MethodInfo:
 
         Raises:
             GrpcError: ``INVALID_ARGUMENT`` when ``data`` is not a valid
-                request message.
+                request message, or has no JSON form (a ``Timestamp`` with
+                nanos over 10^9, say: it parses, but cannot be printed).
         """
         message = self.input_type()
         try:
             message.ParseFromString(data)
             return json_format.MessageToDict(message, preserving_proto_field_name=True, descriptor_pool=self.pool)
-        except (DecodeError, ValueError, TypeError) as exc:
+        except (DecodeError, json_format.Error, ValueError, TypeError) as exc:
             raise GrpcError(
                 Status.INVALID_ARGUMENT, f"request is not a valid {self.input_type.DESCRIPTOR.full_name}: {exc}"
             ) from None
@@ -326,7 +327,7 @@ class MethodInfo:
         try:
             _check_shape(value, message)
             json_format.ParseDict(value, message, descriptor_pool=self.pool)
-        except (json_format.ParseError, ValueError, TypeError) as exc:
+        except (json_format.Error, ValueError, TypeError) as exc:
             raise GrpcError(
                 Status.INVALID_ARGUMENT, f"request does not match {self.input_type.DESCRIPTOR.full_name}: {exc}"
             ) from None
@@ -345,7 +346,7 @@ class MethodInfo:
         try:
             _check_shape(value, message)
             json_format.ParseDict(value, message, ignore_unknown_fields=True, descriptor_pool=self.pool)
-        except (json_format.ParseError, ValueError, TypeError) as exc:
+        except (json_format.Error, ValueError, TypeError) as exc:
             raise GrpcError(
                 Status.INTERNAL, f"service answer does not match {self.output_type.DESCRIPTOR.full_name}: {exc}"
             ) from None
@@ -355,13 +356,15 @@ class MethodInfo:
         """A service's protobuf answer as a JSON value.
 
         Raises:
-            GrpcError: ``INTERNAL`` when ``data`` is not a valid reply.
+            GrpcError: ``INTERNAL`` when ``data`` is not a valid reply, or
+                has no JSON form (as :meth:`request_to_json`): the service's
+                fault, said in words rather than as an unexpected error.
         """
         message = self.output_type()
         try:
             message.ParseFromString(data)
             return json_format.MessageToDict(message, preserving_proto_field_name=True, descriptor_pool=self.pool)
-        except (DecodeError, ValueError, TypeError) as exc:
+        except (DecodeError, json_format.Error, ValueError, TypeError) as exc:
             raise GrpcError(
                 Status.INTERNAL, f"service answer is not a valid {self.output_type.DESCRIPTOR.full_name}: {exc}"
             ) from None

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 from snet_daemon.frontend.call import Handler, ServerCall, start_call
@@ -104,6 +104,10 @@ def demo_protos() -> ServiceProtos:
         )
         _compiled = ServiceProtos(out.stdout)
     return _compiled
+
+
+#: A ``Timestamp`` that parses but has no JSON form (nanos must be under 10^9).
+UNPRINTABLE_TIME: Final = {"nanos": 2_000_000_000}
 
 
 def request_bytes(**fields: Any) -> bytes:
