@@ -206,3 +206,20 @@ async def test_a_request_without_a_json_form_is_invalid_argument(client: HttpCli
     assert sink.status == Status.INVALID_ARGUMENT
     assert sink.message.startswith("request is not a valid demo.Request: "), sink.message
     assert server.record.seen == []
+
+
+@pytest.mark.parametrize("name", ["..", "Echo?admin=1", "Echo#x", "Echo%2Fx", "Écho", ""])
+@aio_test
+async def test_without_protos_a_method_name_that_is_no_identifier_is_not_posted(
+    client: HttpClient, server: HttpServer, name: str
+) -> None:
+    """The client's method name becomes the last URL segment: without protos to check it against,
+    anything but a protobuf identifier is UNIMPLEMENTED (it was appended as is, so ``..``, a
+    query or a fragment reached another URL)."""
+    adapter = _adapter(client, server, "json", protos=None)
+    sink = await invoke(adapter, f"/svc.S/{name}", [json_bytes({"text": "x"})])
+    assert (sink.status, server.record.seen) == (Status.UNIMPLEMENTED, [])
+    assert "is not a protobuf identifier" in sink.message
+    ok = await invoke(adapter, "/svc.S/Echo", [json_bytes({"text": "x"})])
+    assert ok.status == Status.OK, ok.message
+    assert [(seen.path, seen.query) for seen in server.record.seen] == [("/api/Echo", {})]

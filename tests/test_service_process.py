@@ -525,3 +525,22 @@ async def test_a_reply_without_a_json_form_is_a_clean_internal_error(tmp_path: P
     assert sink.status == Status.INTERNAL
     assert sink.message.startswith("service answer is not a valid demo.Reply: "), sink.message
     assert not [event for event in events if "log_failure" in event]
+
+
+@pytest.mark.parametrize("name", ["--config=x y", "-h", "..", "a b", ""])
+@aio_test
+async def test_without_protos_a_method_name_that_is_no_identifier_runs_nothing(tmp_path: Path, name: str) -> None:
+    """The client's method name becomes the executable's argument: without protos to check it
+    against, anything but a protobuf identifier is UNIMPLEMENTED (it was passed on, so
+    ``/svc.S/--config=x`` reached the executable as an option)."""
+    started = tmp_path / "started"
+    exe = tmp_path / "record.sh"
+    exe.write_text(f'#!/bin/sh\necho "$@" >> {started}\ncat\n')
+    exe.chmod(0o755)
+    adapter = _adapter(str(exe), encoding="json", use_protos=False)
+    sink = await invoke(adapter, f"/svc.S/{name}", [b"{}"], content_type="application/grpc+json")
+    assert sink.status == Status.UNIMPLEMENTED
+    assert "is not a protobuf identifier" in sink.message
+    ok = await invoke(adapter, "/svc.S/Fine_2", [b"{}"], content_type="application/grpc+json")
+    assert (ok.status, ok.messages) == (Status.OK, [b"{}"])
+    assert started.read_text() == "Fine_2\n"

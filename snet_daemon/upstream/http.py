@@ -1,8 +1,9 @@
 """``service_type: http``: each call becomes JSON POSTed to the service.
 
 Compatible with the Go daemon: a call to ``/package.Service/Method`` is a
-``POST`` to ``service_endpoint`` + ``/Method`` with the request as JSON
-(proto3 JSON mapping, original proto field names) and ``content-type:
+``POST`` to ``service_endpoint`` + ``/Method`` (a protobuf identifier,
+checked when there are no protos) with the request as JSON (proto3 JSON
+mapping, original proto field names) and ``content-type:
 application/json``; ``service_credentials`` are added to the query string,
 the headers or the JSON body; a non-2xx answer is ``UNAVAILABLE`` with the
 HTTP status and a bounded excerpt of the body; a 2xx answer's JSON is the
@@ -34,7 +35,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Final
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import treq.client
 from twisted.internet.defer import Deferred, succeed
@@ -53,7 +54,7 @@ from snet_daemon.config.sections import ServiceCredential
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
-from snet_daemon.upstream.protos import JsonMessages, ServiceProtos, relay_json
+from snet_daemon.upstream.protos import JsonMessages, ServiceProtos, relay_json, short_name
 
 __all__ = [
     "JSON_LINES_TYPES",
@@ -448,8 +449,7 @@ class HttpUpstream:
     async def forward(self, call: ServerCall, metadata: Metadata) -> None:
         """Serve ``call``; ``metadata`` is not forwarded (HTTP services never got it in Go)."""
         messages = JsonMessages.for_call(call, self.protos, self.encoding)
-        name = call.method.rsplit("/", 1)[-1]
-        url = self._url(name)
+        url = self._url(short_name(call.method))
 
         async def exchange(value: Any, emit: Callable[[Any], Awaitable[None]], many: bool) -> None:
             await self._exchange(url, value, emit, many)
@@ -457,7 +457,9 @@ class HttpUpstream:
         await relay_json(call, messages, exchange, self._max_answer)
 
     def _url(self, name: str) -> str:
-        url = f"{self._base}/{name}"
+        # Quoted too, though a protobuf identifier needs no quoting: the
+        # name must never be more than one path segment.
+        url = f"{self._base}/{quote(name, safe='')}"
         if self._query:
             url += ("&" if urlsplit(url).query else "?") + self._query
         return url

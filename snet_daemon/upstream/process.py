@@ -61,7 +61,7 @@ from snet_daemon import jsontext
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
-from snet_daemon.upstream.protos import MethodInfo, ServiceProtos, client_sends_json
+from snet_daemon.upstream.protos import MethodInfo, ServiceProtos, client_sends_json, short_name
 
 __all__ = ["ProcessLimiter", "ProcessUpstream", "child_environment", "default_process_limit", "find_executable"]
 
@@ -486,11 +486,12 @@ class ProcessUpstream:
     async def forward(self, call: ServerCall, metadata: Metadata) -> None:
         """Serve ``call`` by running the executable; ``metadata`` is not passed on."""
         method = self.protos.require(call.method) if self.protos is not None else None
+        name = short_name(call.method)  # checked: it becomes the executable's argument
         service_json = self.encoding == "json"
         codec = _Codec(method, client_sends_json(call, self.encoding), service_json)
         if method is None:
             while (data := await call.read()) is not None:
-                await self._run(call, codec, _single(codec.request(data)), framed_out=False)
+                await self._run(call, name, codec, _single(codec.request(data)), framed_out=False)
             return
         if method.client_streaming:
             requests = self._stream(call, codec)
@@ -501,16 +502,17 @@ class ProcessUpstream:
                 if data is None or await call.read() is not None:
                     raise GrpcError(Status.INVALID_ARGUMENT, f"{method.path} takes exactly one request message")
             requests = _single(codec.request(data))
-        await self._run(call, codec, requests, framed_out=method.server_streaming)
+        await self._run(call, name, codec, requests, framed_out=method.server_streaming)
 
     async def _stream(self, call: ServerCall, codec: _Codec) -> AsyncIterator[bytes]:
         while (data := await call.read()) is not None:
             yield _frame(codec.request(data), codec.service_json)
 
-    async def _run(self, call: ServerCall, codec: _Codec, requests: AsyncIterator[bytes], *, framed_out: bool) -> None:
+    async def _run(
+        self, call: ServerCall, name: str, codec: _Codec, requests: AsyncIterator[bytes], *, framed_out: bool
+    ) -> None:
         await self.limiter.acquire()
         loop = asyncio.get_running_loop()
-        name = call.method.rsplit("/", 1)[-1]
         released = False
 
         def release() -> None:

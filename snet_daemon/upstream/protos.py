@@ -32,6 +32,7 @@ import json
 import lzma
 import os
 import posixpath
+import re
 import sys
 import tarfile
 import tempfile
@@ -67,6 +68,7 @@ __all__ = [
     "extract_proto_files",
     "load_protos",
     "relay_json",
+    "short_name",
 ]
 
 #: Most members an archive may have (real ones have a handful).
@@ -476,6 +478,32 @@ def client_sends_json(call: ServerCall, encoding: str) -> bool:
     send JSON after reading the daemon's ``/encoding``.
     """
     return encoding == "json" or call.content_type.endswith("+json")
+
+
+#: A protobuf identifier: what a method's short name is.
+_IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Longest method name quoted in an error (the client chose it).
+_SHOWN_NAME: Final = 100
+
+
+def short_name(path: str) -> str:
+    """The short name of the method called as ``path`` (``Method`` of ``/package.Service/Method``).
+
+    Services are told the short name: as an executable's argument, in an
+    HTTP service's URL.  Without protos nothing has checked it, and the
+    client could pick ``--config=x`` (an option to the executable) or
+    ``..``, ``Echo?admin=1``, ``%2F`` (another URL); so it must be a
+    protobuf identifier, as every method defined in a ``.proto`` is.
+
+    Raises:
+        GrpcError: ``UNIMPLEMENTED`` when it is not a protobuf identifier
+            (no such method can exist).
+    """
+    name = path.rsplit("/", 1)[-1]
+    if _IDENTIFIER.fullmatch(name) is None:
+        shown = name if len(name) <= _SHOWN_NAME else name[:_SHOWN_NAME] + "..."
+        raise GrpcError(Status.UNIMPLEMENTED, f"method name {shown!r} is not a protobuf identifier")
+    return name
 
 
 def _json_text(value: Any) -> bytes:
