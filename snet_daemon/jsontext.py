@@ -1,5 +1,9 @@
 """``json.loads`` with a bound on nesting, for JSON from outside: clients, services, chain nodes, metadata.
 
+And :func:`dumps`, which says what to do with text that is valid JSON but no
+Unicode: ``"\\ud800"`` (an escaped lone UTF-16 surrogate) parses into a
+string that cannot be encoded as UTF-8.
+
 The C decoder recurses once per nesting level and relies on the recursion
 limit to stop; a library that raises that limit (py_ecc sets 100,000 on
 import) turns a few hundred kilobytes of ``[[[[...`` into a crash of the
@@ -38,3 +42,24 @@ def loads(data: bytes | str) -> Any:
             elif char in (b"]", b"}"):
                 depth -= 1
     return json.loads(data)
+
+
+def dumps(value: Any, *, replace: bool = False) -> bytes:
+    """``value`` as compact UTF-8 JSON text.
+
+    Args:
+        value: a JSON value.
+        replace: lone surrogates become ``?`` (for text the daemon must pass
+            on whatever it holds, such as a service's answer), instead of
+            raising.
+
+    Raises:
+        ValueError: ``value`` holds a lone surrogate (and not ``replace``).
+    """
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8", errors="replace" if replace else "strict")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"text holds a lone UTF-16 surrogate ({exc.object[exc.start]!a}), which is not Unicode"
+        ) from None

@@ -35,3 +35,13 @@ def test_ordinary_json_is_parsed_as_json_loads_does() -> None:
         jsontext.loads("[" * (jsontext.MAX_DEPTH + 1) + "]" * (jsontext.MAX_DEPTH + 1))
     with pytest.raises(ValueError):
         jsontext.loads(b"[1,")
+
+
+def test_text_that_is_no_unicode_is_refused_or_replaced_when_written() -> None:
+    """An escaped lone surrogate is valid JSON but cannot be UTF-8: dumps says so (a ValueError,
+    not the UnicodeEncodeError of str.encode) or, asked to, writes ``?`` instead."""
+    value = jsontext.loads(b'{"text": "a\\ud800b", "ok": "na\\u00efve \\ud83d\\ude00"}')
+    with pytest.raises(ValueError, match="lone UTF-16 surrogate") as caught:
+        jsontext.dumps(value)
+    assert not isinstance(caught.value, UnicodeError)
+    assert jsontext.dumps(value, replace=True) == '{"text":"a?b","ok":"naïve 😀"}'.encode()

@@ -223,3 +223,15 @@ async def test_without_protos_a_method_name_that_is_no_identifier_is_not_posted(
     ok = await invoke(adapter, "/svc.S/Echo", [json_bytes({"text": "x"})])
     assert ok.status == Status.OK, ok.message
     assert [(seen.path, seen.query) for seen in server.record.seen] == [("/api/Echo", {})]
+
+
+@aio_test
+async def test_a_bidi_request_that_is_no_unicode_ends_the_call(client: HttpClient, server: HttpServer) -> None:
+    """In a bidirectional call, the message holding an escaped lone surrogate is INVALID_ARGUMENT
+    and is not posted; the ones before it were answered."""
+    requests = [json_bytes({"text": "first"}), b'{"text": "\\udc00 second"}']
+    sink = await invoke(_adapter(client, server, "json"), "/demo.Demo/Chat", requests)
+    assert sink.status == Status.INVALID_ARGUMENT
+    assert "lone UTF-16 surrogate" in sink.message
+    assert [seen.body for seen in server.record.seen] == [{"text": "first"}]
+    assert [json.loads(message) for message in sink.messages] == [{"text": "FIRST"}]

@@ -249,3 +249,29 @@ async def test_a_request_without_a_json_form_is_invalid_argument(client: HttpCli
     sink = await invoke(_adapter(client, server), "/demo.Demo/Join", requests)
     assert (sink.status, server.record.seen) == (Status.INVALID_ARGUMENT, [])
     assert sink.message.startswith("request is not a valid demo.Request: "), sink.message
+
+
+@aio_test
+async def test_service_text_that_is_no_unicode_is_replaced(client: HttpClient, server: JsonRpcServer) -> None:
+    """Lone surrogates in a service's result or error message become ``?`` and the status always
+    goes out (an error message holding one failed the trailers: the client hung); the error code
+    trailer is bounded like the message."""
+    server.mode = "lone-surrogates"
+    adapter = _adapter(client, server, "json")
+    echo = await invoke(adapter, "/demo.Demo/Echo", [json_bytes({"text": "x"})])
+    assert (echo.status, echo.messages) == (Status.OK, [b'{"text":"a?b"}'])
+    failed = await invoke(adapter, "/demo.Demo/Fail", [json_bytes({"text": "x"})])
+    assert failed.fields[:2] == [("grpc-status", str(Status.UNKNOWN)), ("grpc-message", "bad ? input")]
+    code = failed.trailer("snet-jsonrpc-error-code")
+    assert isinstance(code, str)
+    assert code.startswith('{"long": "ccc')
+    assert len(code) == 4096 + 3
+
+
+@aio_test
+async def test_a_request_that_is_no_unicode_is_invalid_argument(client: HttpClient, server: JsonRpcServer) -> None:
+    """A JSON request holding an escaped lone surrogate is valid JSON but no text: the client's
+    error, and nothing is sent (it was "internal error" with a traceback)."""
+    sink = await invoke(_adapter(client, server, "json"), "/demo.Demo/Echo", [b'{"text": "\\ud800"}'])
+    assert (sink.status, server.record.seen) == (Status.INVALID_ARGUMENT, [])
+    assert "lone UTF-16 surrogate" in sink.message

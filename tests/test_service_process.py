@@ -544,3 +544,13 @@ async def test_without_protos_a_method_name_that_is_no_identifier_runs_nothing(t
     ok = await invoke(adapter, "/svc.S/Fine_2", [b"{}"], content_type="application/grpc+json")
     assert (ok.status, ok.messages) == (Status.OK, [b"{}"])
     assert started.read_text() == "Fine_2\n"
+
+
+@aio_test
+async def test_a_streamed_json_request_that_is_no_unicode_is_invalid_argument(python: str) -> None:
+    """A client-stream message holding an escaped lone surrogate, for a JSON executable (whose
+    stdin gets one re-encoded document per line), is INVALID_ARGUMENT, not "internal error"."""
+    adapter = _adapter(python, encoding="json")
+    sink = await invoke(adapter, "/demo.Demo/Join", [json_bytes({"text": "a"}), b'{"text": "\\ud800"}'])
+    assert sink.status == Status.INVALID_ARGUMENT
+    assert "lone UTF-16 surrogate" in sink.message

@@ -280,3 +280,11 @@ def test_status_headers() -> None:
 def test_is_grpc_content_type(value: str, expected: bool) -> None:
     """Native gRPC content types are recognised; gRPC-Web ones are not."""
     assert is_grpc_content_type(value) is expected
+
+
+def test_a_status_message_that_is_no_unicode_is_still_sent() -> None:
+    """A lone surrogate (from a service's JSON) becomes ``?`` instead of failing the status, which
+    is encoded after the call counts as finished: no trailers went out and the client hung."""
+    assert encode_message("bad \ud800 input") == "bad ? input"
+    assert encode_message("na\u00efve \udfff") == "na%C3%AFve ?"
+    assert status_headers(3, "x\ud800") == [("grpc-status", "3"), ("grpc-message", "x?")]

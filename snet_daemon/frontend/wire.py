@@ -311,10 +311,15 @@ _UNRESERVED: Final = frozenset(range(0x20, 0x7F)) - {ord("%")}
 
 
 def encode_message(message: str) -> str:
-    """Percent-encode a status message for the ``grpc-message`` field."""
-    raw = message.encode("utf-8")
+    """Percent-encode a status message for the ``grpc-message`` field.
+
+    Lone surrogates (text from a service's JSON, ``"\\ud800"``) become
+    ``?``: the status must always go out, and it is sent after the call
+    counts as finished.
+    """
+    raw = message.encode("utf-8", errors="replace")
     if all(b in _UNRESERVED for b in raw):
-        return message
+        return raw.decode("ascii")
     return "".join(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in raw)
 
 

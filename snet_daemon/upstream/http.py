@@ -54,7 +54,7 @@ from snet_daemon.config.sections import ServiceCredential
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
-from snet_daemon.upstream.protos import JsonMessages, ServiceProtos, relay_json, short_name
+from snet_daemon.upstream.protos import JsonMessages, ServiceProtos, relay_json, request_text, short_name
 
 __all__ = [
     "JSON_LINES_TYPES",
@@ -468,7 +468,7 @@ class HttpUpstream:
         if self._body and isinstance(value, dict):
             # Credentials win over same-named fields sent by the client.
             value = {**value, **self._body}
-        body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        body = request_text(value)
         headers = {
             "content-type": "application/json",
             "accept": "application/json, application/x-ndjson" if many else "application/json",

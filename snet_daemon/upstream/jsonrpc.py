@@ -15,8 +15,8 @@ Go cannot do.
 A JSON-RPC ``error`` becomes a gRPC error whose message is the error's
 ``message``; the status follows :data:`ERROR_STATUS` (codes 1-16 are taken
 as gRPC status codes, so a service can answer ``NOT_FOUND`` on purpose), and
-the trailers carry the original code (``snet-jsonrpc-error-code``) and
-``data`` (``snet-jsonrpc-error-data``, JSON, bounded).  The HTTP status is
+the trailers carry the original code (``snet-jsonrpc-error-code``, JSON,
+bounded) and ``data`` (``snet-jsonrpc-error-data``, JSON, bounded).  The HTTP status is
 not checked when the body is a JSON-RPC response (servers answer errors with
 4xx/5xx too); a body that is not one is ``UNAVAILABLE`` for a non-2xx status
 and ``INTERNAL`` otherwise.
@@ -41,7 +41,7 @@ from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
 from snet_daemon.upstream.http import HttpClient, base_url, excerpt
-from snet_daemon.upstream.protos import JsonMessages, ServiceProtos, relay_json
+from snet_daemon.upstream.protos import JsonMessages, ServiceProtos, relay_json, request_text
 
 __all__ = ["ERROR_STATUS", "JsonRpcUpstream", "error_status"]
 
@@ -86,7 +86,7 @@ def _rpc_error(error: Any) -> GrpcError:
     code = error.get("code")
     message = error.get("message")
     text = message if isinstance(message, str) else json.dumps(message)
-    trailers: list[tuple[str, str | bytes]] = [("snet-jsonrpc-error-code", json.dumps(code))]
+    trailers: list[tuple[str, str | bytes]] = [("snet-jsonrpc-error-code", _bounded(json.dumps(code)))]
     if "data" in error:
         trailers.append(("snet-jsonrpc-error-data", _bounded(json.dumps(error["data"], separators=(",", ":")))))
     return GrpcError(error_status(code), _bounded(text), tuple(trailers))
@@ -150,11 +150,7 @@ class JsonRpcUpstream:
                 JSON-RPC response to this request.
         """
         request_id = next(self._ids)
-        body = json.dumps(
-            {"jsonrpc": "2.0", "method": method, "params": params, "id": request_id},
-            ensure_ascii=False,
-            separators=(",", ":"),
-        ).encode()
+        body = request_text({"jsonrpc": "2.0", "method": method, "params": params, "id": request_id})
         response = await self.client.post(
             self.url, body, {"content-type": "application/json", "accept": "application/json"}
         )

@@ -61,7 +61,7 @@ from snet_daemon import jsontext
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import Metadata
-from snet_daemon.upstream.protos import MethodInfo, ServiceProtos, client_sends_json, short_name
+from snet_daemon.upstream.protos import MethodInfo, ServiceProtos, client_sends_json, request_text, short_name
 
 __all__ = ["ProcessLimiter", "ProcessUpstream", "child_environment", "default_process_limit", "find_executable"]
 
@@ -183,8 +183,7 @@ def _frame(data: bytes, service_json: bool) -> bytes:
     """One message on a streaming stdin."""
     if service_json:
         # One document per line, whatever whitespace the client used.
-        value = _load_json(data, Status.INVALID_ARGUMENT, "request message")
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        return request_text(_load_json(data, Status.INVALID_ARGUMENT, "request message")) + b"\n"
     return b"\0" + len(data).to_bytes(4, "big") + data
 
 

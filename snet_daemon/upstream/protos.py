@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import bz2
 import io
-import json
 import lzma
 import os
 import posixpath
@@ -68,6 +67,7 @@ __all__ = [
     "extract_proto_files",
     "load_protos",
     "relay_json",
+    "request_text",
     "short_name",
 ]
 
@@ -506,8 +506,17 @@ def short_name(path: str) -> str:
     return name
 
 
-def _json_text(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+def request_text(value: Any) -> bytes:
+    """A client's JSON request value as the text sent to the service.
+
+    Raises:
+        GrpcError: ``INVALID_ARGUMENT`` when it holds a lone surrogate
+            (``"\\ud800"`` is valid JSON but no text: it cannot be sent).
+    """
+    try:
+        return jsontext.dumps(value)
+    except ValueError as exc:
+        raise GrpcError(Status.INVALID_ARGUMENT, f"request message: {exc}") from None
 
 
 class JsonMessages:
@@ -569,7 +578,8 @@ class JsonMessages:
             GrpcError: ``INTERNAL`` when it does not fit the reply type.
         """
         if self.client_json:
-            return _json_text(value)
+            # Lone surrogates replaced: the service's text is passed on, never refused.
+            return jsontext.dumps(value, replace=True)
         assert self.method is not None
         return self.method.reply_from_json(value)
 

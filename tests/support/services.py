@@ -31,7 +31,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 from snet_daemon.frontend.call import Handler, ServerCall, start_call
-from snet_daemon.frontend.wire import Metadata
+from snet_daemon.frontend.wire import Metadata, metadata_to_headers, status_headers
 from snet_daemon.upstream.http import HttpClient
 from snet_daemon.upstream.protos import ServiceProtos
 from tests.support.aio import aio_fixture
@@ -254,7 +254,8 @@ class _Server:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.record = _Recorder()
-        #: Misbehaviour on demand: ``"bad-gateway"`` (HTML 502), ``"not-jsonrpc"``, ``"wrong-id"``.
+        #: Misbehaviour on demand: ``"bad-gateway"`` (HTML 502), ``"not-jsonrpc"``, ``"wrong-id"``,
+        #: ``"lone-surrogates"`` (JSON-RPC: Echo's result and other methods' error text hold them).
         self.mode = "normal"
         handler = type("Handler", (self.handler,), {"server_state": self})
         self.httpd = _Listener(("127.0.0.1", self.port), handler)
@@ -325,6 +326,13 @@ class _JsonRpcHandler(_BaseHandler):
         request_id = request.get("id")
         if mode == "wrong-id":
             request_id = "someone else's"
+        if mode == "lone-surrogates":
+            # Valid JSON (escaped) that is no Unicode, and an error code no trailer should carry whole.
+            error = {"code": {"long": "c" * 10_000}, "message": "bad \ud800 input"}
+            answer = {"jsonrpc": "2.0", "id": request_id, "result": {"text": "a\udfffb"}, "error": error}
+            del answer["error" if request["method"] == "Echo" else "result"]
+            self._send(200, json.dumps(answer).encode())
+            return
         try:
             result = demo_answer(request["method"], request.get("params"))
             answer = {"jsonrpc": "2.0", "id": request_id, "result": result}
@@ -400,6 +408,8 @@ class Sink:
         self.status: int | None = None
         self.message = ""
         self.trailers: Metadata = ()
+        #: The status and trailers as header fields, encoded as on the wire.
+        self.fields: list[tuple[str, str]] = []
         self.writable = True
         self.done = asyncio.Event()
         self.message_arrived = asyncio.Event()
@@ -413,6 +423,11 @@ class Sink:
 
     def send_trailers(self, status: int, message: str, metadata: Metadata, trailers_only: bool) -> None:
         self.status, self.message, self.trailers = status, message, metadata
+        # As the front ends encode them: a status they cannot encode is never sent.
+        self.fields = [
+            (name, value.encode("utf-8").decode())
+            for name, value in [*status_headers(status, message), *metadata_to_headers(metadata)]
+        ]
         self.done.set()
 
     def can_write(self) -> bool:
