@@ -554,3 +554,30 @@ async def test_a_streamed_json_request_that_is_no_unicode_is_invalid_argument(py
     sink = await invoke(adapter, "/demo.Demo/Join", [json_bytes({"text": "a"}), b'{"text": "\\ud800"}'])
     assert sink.status == Status.INVALID_ARGUMENT
     assert "lone UTF-16 surrogate" in sink.message
+
+
+@aio_test
+async def test_an_exited_executable_is_not_held_open_by_a_process_that_left_its_group(tmp_path: Path) -> None:
+    """The executable answers and exits 0, but a process it started in its own session keeps
+    stdout open: after a short grace the call ends OK with the reply (it waited for the escaped
+    process until the deadline: DEADLINE_EXCEEDED, with the slot held), and a warning is logged."""
+    pidfile = tmp_path / "escaped"
+    exe = tmp_path / "escape.sh"
+    exe.write_text(
+        "#!/bin/sh\ncat >/dev/null\n"
+        f"setsid sh -c 'echo $$ > {pidfile}.new; mv {pidfile}.new {pidfile}; exec sleep 30' &\n"
+        f"while [ ! -e {pidfile} ]; do sleep 0.01; done\nprintf '{{}}'\n"
+    )
+    exe.chmod(0o755)
+    adapter = _adapter(str(exe), encoding="json", use_protos=False)
+    start = time.monotonic()
+    try:
+        with captured() as events:
+            sink = await invoke(adapter, "/svc.S/M", [b"{}"], content_type="application/grpc+json", timeout=5.0)
+    finally:
+        for pid in pids_alive(pidfile):
+            os.kill(pid, 9)
+    assert (sink.status, sink.messages) == (Status.OK, [b"{}"]), sink.message
+    assert time.monotonic() - start < 3
+    assert adapter.limiter.running == 0
+    assert len([text for text in _texts(events) if "output stayed open" in text]) == 1

@@ -17,7 +17,9 @@ service authors):
 * the call's deadline (the client's, or ``service_timeout``) and client
   cancellation kill the whole process group with ``SIGKILL``; the client
   gets ``DEADLINE_EXCEEDED`` / nothing, from the front end.  Processes left
-  in the group when the executable exits are killed too.
+  in the group when the executable exits are killed too; one that left the
+  group and keeps stdout open is not waited for more than
+  :data:`EXIT_GRACE` (the call ends with what was read).
 
 What the bytes are: the messages in the service's ``encoding``: protobuf
 for ``proto``, JSON text for ``json``.  When a client sends JSON to a
@@ -75,6 +77,9 @@ STDERR_LOG_LIMIT: Final = 64 * 1024
 _STDERR_LINE: Final = 2000
 #: The gRPC-style frame header used on framed (streaming) proto pipes.
 _FRAME_HEADER: Final = 5
+#: Seconds the pipes may stay open once the executable exited, before the
+#: call ends without waiting for them (see :meth:`_Child.processExited`).
+EXIT_GRACE: Final = 1.0
 
 
 def default_process_limit() -> int:
@@ -231,6 +236,8 @@ class _Child(ProcessProtocol):
         self._stdin_open = True
         self._stdin_ready: asyncio.Future[None] | None = None
         self._paused = False
+        self._reading_paused = False
+        self._grace: asyncio.TimerHandle | None = None
         self.exited = False
         self.error: GrpcError | None = None
         #: Resolves with the exit reason once the process ended and its pipes closed.
@@ -326,9 +333,17 @@ class _Child(ProcessProtocol):
         # Whatever the executable left running in its group dies with it, so
         # that no stray process keeps the pipes (and the call) open.
         self._kill_group()
+        # A process that left the group (its own setsid) may still hold
+        # them: the call would wait for it until its deadline, holding a
+        # slot.  The pipes get a short while to deliver what the executable
+        # wrote, then are closed.
+        self._grace = self._loop.call_later(EXIT_GRACE, self._stop_waiting)
 
     def processEnded(self, reason: Failure) -> None:
         self.exited = True
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
         if self._err:
             self._log_stderr(bytes(self._err))
             self._err.clear()
@@ -357,6 +372,20 @@ class _Child(ProcessProtocol):
         if self.error is None:
             self.error = error
         self.kill()
+
+    def pause_reading(self) -> None:
+        """Stop reading stdout (the client is not reading the replies)."""
+        self._reading_paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resume_reading(self) -> None:
+        """Read stdout again."""
+        self._reading_paused = False
+        # Not ``exited``: an executable that exited may still have replies
+        # in the pipe, which must be read for the call to end.
+        if self.transport is not None and not self.ended.done():
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def kill(self) -> None:
         """Kill the process group now, and stop listening to the pipes."""
@@ -405,6 +434,28 @@ class _Child(ProcessProtocol):
             message = bytes(frames[_FRAME_HEADER : _FRAME_HEADER + size])
             del frames[: _FRAME_HEADER + size]
             self._on_reply(message)
+
+    def _stop_waiting(self) -> None:
+        """The executable exited :data:`EXIT_GRACE` ago and its pipes are still open: close them.
+
+        The run then ends with the exit status and the output read so far.
+        While the client is not reading, what is left in the pipe is still
+        the executable's reply: the wait starts over.
+        """
+        self._grace = None
+        if self.ended.done() or self.transport is None:
+            return
+        if self._reading_paused:
+            self._grace = self._loop.call_later(EXIT_GRACE, self._stop_waiting)
+            return
+        _log.warn(
+            "executable {label} (pid {pid}) exited but its output stayed open for {grace:g}s "
+            "(held by a process it started outside its process group?); not waiting for it",
+            label=self.label,
+            pid=self.pid,
+            grace=EXIT_GRACE,
+        )
+        self.transport.loseConnection()
 
     def _log_stderr(self, line: bytes) -> None:
         if self._err_logged >= STDERR_LOG_LIMIT:
@@ -522,14 +573,8 @@ class ProcessUpstream:
 
         def on_reply(data: bytes) -> None:
             call.write(codec.reply(data))
-            if not call.can_write() and child.transport is not None:
-                child.transport.pauseProducing()  # type: ignore[attr-defined]
-
-        def on_writable() -> None:
-            # Not ``child.exited``: an executable that exited may still have
-            # replies in the pipe, which must be read for the call to end.
-            if child.transport is not None and not child.ended.done():
-                child.transport.resumeProducing()  # type: ignore[attr-defined]
+            if not call.can_write():
+                child.pause_reading()
 
         child = _Child(
             loop,
@@ -557,7 +602,7 @@ class ProcessUpstream:
             _log.error("cannot start executable {path}: {error}", path=self.executable, error=exc)
             raise GrpcError(Status.INTERNAL, "the executable could not be started") from None
         if framed_out:
-            call.on_writable = on_writable
+            call.on_writable = child.resume_reading
         feeder = asyncio.ensure_future(self._feed(child, requests))
         try:
             waits: list[asyncio.Future[Any]] = [feeder, child.ended]
