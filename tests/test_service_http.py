@@ -96,6 +96,16 @@ async def test_credentials_go_to_query_header_and_body(client: HttpClient, serve
 
 
 @aio_test
+async def test_body_credentials_go_into_each_message_of_a_client_stream(client: HttpClient, server: HttpServer) -> None:
+    """A client-streaming call posts an array of its messages: body credentials are set in each
+    (they were only merged into an object body, and silently dropped here)."""
+    adapter = _adapter(client, server, credentials=CREDENTIALS)
+    sink = await invoke(adapter, "/demo.Demo/Join", [request_bytes(text=t) for t in "ab"])
+    assert sink.status == Status.OK, sink.message
+    assert server.record.seen[0].body == [{"text": t, "token": {"nested": True}} for t in "ab"]
+
+
+@aio_test
 async def test_non_2xx_is_unavailable_with_status_and_bounded_excerpt(client: HttpClient, server: HttpServer) -> None:
     """A failing answer is UNAVAILABLE quoting the HTTP status and the start of the body."""
     failing = request_bytes(options={"fail_code": 503, "fail_message": "model is warming up"})

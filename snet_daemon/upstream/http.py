@@ -450,9 +450,12 @@ class HttpUpstream:
         """Serve ``call``; ``metadata`` is not forwarded (HTTP services never got it in Go)."""
         messages = JsonMessages.for_call(call, self.protos, self.encoding)
         url = self._url(short_name(call.method))
+        method = messages.method
+        # A client-streaming exchange is the array of the call's messages.
+        gathered = method is not None and method.client_streaming and not method.server_streaming
 
         async def exchange(value: Any, emit: Callable[[Any], Awaitable[None]], many: bool) -> None:
-            await self._exchange(url, value, emit, many)
+            await self._exchange(url, self._with_credentials(value, gathered), emit, many)
 
         await relay_json(call, messages, exchange, self._max_answer)
 
@@ -464,10 +467,23 @@ class HttpUpstream:
             url += ("&" if urlsplit(url).query else "?") + self._query
         return url
 
+    def _with_credentials(self, value: Any, gathered: bool) -> Any:
+        """``value`` with the body credentials, which win over same-named fields sent by the client.
+
+        They are set in a JSON object, and in each object of a client
+        stream's array (``gathered``): each element is a request message,
+        and the service reads them as it would the one of a unary call.
+        Anything else (a JSON client's bare value) is sent as it is.
+        """
+        if not self._body:
+            return value
+        if isinstance(value, dict):
+            return {**value, **self._body}
+        if gathered and isinstance(value, list):
+            return [self._with_credentials(item, False) for item in value]
+        return value
+
     async def _exchange(self, url: str, value: Any, emit: Callable[[Any], Awaitable[None]], many: bool) -> None:
-        if self._body and isinstance(value, dict):
-            # Credentials win over same-named fields sent by the client.
-            value = {**value, **self._body}
         body = request_text(value)
         headers = {
             "content-type": "application/json",
