@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -30,7 +32,9 @@ from tests.support.services import (
     demo_tarball,
     make_tarball,
     new_call,
+    pids_alive,
     request_bytes,
+    wait_for,
 )
 
 
@@ -168,6 +172,58 @@ async def test_a_proto_that_does_not_compile_reports_protoc_diagnostics() -> Non
     broken = {"demo.proto": b'syntax = "proto3";\nmessage A { strin x = 1; }\n'}
     with pytest.raises(ProtoError, match=r"do not compile:\ndemo\.proto:2"):
         await compile_descriptor_set(broken, _reactor())
+
+
+def _fake_python(directory: Path, body: str) -> str:
+    """A stand-in for the interpreter that runs ``protoc``: a shell script that records its pid in
+    ``directory/pid``, then runs ``body``."""
+    script = directory / "python"
+    script.write_text(f"#!/bin/sh\necho $$ > {directory / 'pid'}\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def _has_pid(pidfile: Path) -> bool:
+    return pidfile.exists() and bool(pidfile.read_text().strip())
+
+
+@aio_test
+async def test_protoc_is_killed_when_given_up_on(tmp_path: Path) -> None:
+    """A protoc past its time limit, or whose caller is cancelled, is killed (it was left
+    running: only the wait for it ended)."""
+    python = _fake_python(tmp_path, "exec sleep 30")
+    pidfile = tmp_path / "pid"
+    with pytest.raises(ProtoError, match=r"did not finish in 0\.3s"):
+        await compile_descriptor_set(demo_files(), _reactor(), python=python, time_limit=0.3)
+    assert wait_for(lambda: not pids_alive(pidfile), 2.0)
+    pidfile.unlink()
+    task = asyncio.ensure_future(compile_descriptor_set(demo_files(), _reactor(), python=python))
+    for _ in range(200):
+        if _has_pid(pidfile):
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert wait_for(lambda: not pids_alive(pidfile), 2.0)
+
+
+@aio_test
+async def test_protoc_output_is_kept_bounded(tmp_path: Path) -> None:
+    """Only the start of what protoc prints is held (it was all read into memory), and its
+    diagnostics are still quoted, shortened."""
+    python = _fake_python(tmp_path, "head -c 1000000 /dev/zero | tr '\\0' x >&2\nexit 1")
+    spawned: list[Any] = []
+    reactor = _reactor()
+
+    def spawn(protocol: Any, *args: Any, **kwargs: Any) -> Any:
+        spawned.append(protocol)
+        return reactor.spawnProcess(protocol, *args, **kwargs)
+
+    with pytest.raises(ProtoError, match=r"do not compile:\nx{2000}\.\.\.$"):
+        await compile_descriptor_set(demo_files(), SimpleNamespace(spawnProcess=spawn), python=python)  # type: ignore[arg-type]
+    stdout, stderr = spawned[0].output
+    assert (len(stdout), len(stderr)) == (0, protos_module._OUTPUT_LIMIT)
 
 
 @aio_test

@@ -45,8 +45,10 @@ from typing import Any, Final, Protocol
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError, Message
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IReactorProcess
-from twisted.internet.utils import getProcessOutputAndValue
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
 
 from snet_daemon import jsontext
 from snet_daemon.frontend.call import ServerCall
@@ -81,6 +83,8 @@ MAX_TOTAL_SIZE: Final = 32 * 1024 * 1024
 COMPILE_TIMEOUT: Final = 60.0
 #: Longest compiler output quoted in an error.
 _ERROR_EXCERPT: Final = 2000
+#: Most bytes of ``protoc``'s stdout, and of its stderr, kept.
+_OUTPUT_LIMIT: Final = 64 * 1024
 #: Environment variables ``protoc``'s Python may need.
 _COMPILER_ENV: Final = ("PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL")
 
@@ -214,6 +218,40 @@ def extract_proto_files(archive: bytes) -> dict[str, bytes]:
     return files
 
 
+class _Compiler(ProcessProtocol):
+    """One ``protoc`` run: its output, bounded, and its end.
+
+    Only the start of each stream is kept (:data:`_OUTPUT_LIMIT`): its
+    diagnostics are quoted shortened anyway, and a broken or hostile
+    archive must not make the daemon hold whatever ``protoc`` prints.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        #: stdout and stderr, each at most :data:`_OUTPUT_LIMIT` bytes.
+        self.output = (bytearray(), bytearray())
+        #: Resolves with the exit status (None: killed by a signal).
+        self.ended: asyncio.Future[int | None] = loop.create_future()
+        self._running = True
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD in (1, 2):
+            kept = self.output[childFD - 1]
+            kept += data[: max(_OUTPUT_LIMIT - len(kept), 0)]
+
+    def processEnded(self, reason: Failure) -> None:
+        self._running = False
+        if not self.ended.done():
+            self.ended.set_result(getattr(reason.value, "exitCode", None))
+
+    def stop(self) -> None:
+        """Kill ``protoc`` if it still runs."""
+        if self._running and self.transport is not None:
+            try:
+                self.transport.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass
+
+
 async def compile_descriptor_set(
     files: Mapping[str, bytes],
     reactor: IReactorProcess,
@@ -232,7 +270,8 @@ async def compile_descriptor_set(
         files: relative path -> content (from :func:`extract_proto_files`).
         reactor: spawns ``protoc``.
         python: the interpreter with grpcio-tools installed.
-        time_limit: seconds ``protoc`` may take.
+        time_limit: seconds ``protoc`` may take; then (or when the caller is
+            cancelled) it is killed.
 
     Raises:
         ProtoError: the files do not compile (with ``protoc``'s diagnostics),
@@ -256,15 +295,19 @@ async def compile_descriptor_set(
         # Only what Python needs to find grpcio-tools; never the daemon's
         # own settings (SNET_* variables may hold keys).
         env = {key: os.environ[key] for key in _COMPILER_ENV if key in os.environ}
-        deferred = getProcessOutputAndValue(python, args, env=env, path=str(root), reactor=reactor)
-        loop = asyncio.get_running_loop()
+        compiler = _Compiler(asyncio.get_running_loop())
+        reactor.spawnProcess(compiler, python, [python, *args], env=env, path=str(root))
         try:
             async with asyncio.timeout(time_limit):
-                stdout, stderr, code = await deferred.asFuture(loop)
+                code = await compiler.ended
         except TimeoutError:
             raise ProtoError(f"protoc did not finish in {time_limit:g}s") from None
+        finally:
+            compiler.stop()  # given up on (time limit, cancellation): it must not run on
         if code != 0:
+            stdout, stderr = compiler.output
             text = (stderr or stdout).decode("utf-8", errors="replace").replace(f"{root}/", "").strip()
+            text = text or f"protoc {'was killed' if code is None else f'exited with status {code}'}"
             if "No module named grpc_tools" in text:
                 raise ProtoError("compiling the service's protos needs grpcio-tools, which is not installed")
             if len(text) > _ERROR_EXCERPT:
