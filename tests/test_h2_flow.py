@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 
+import h2.errors
+import h2.events
 import pytest
 
 from snet_daemon.frontend.call import ServerCall
 from tests.support.aio import aio_test
 from tests.support.h2pair import H2Pair
+
+_GRPC = [("content-type", "application/grpc"), ("te", "trailers")]
 
 
 @pytest.mark.parametrize("text", [False, True], ids=["grpc-web", "grpc-web-text"])
@@ -94,3 +98,68 @@ async def test_a_connection_that_never_shows_its_protocol_is_closed(first: bytes
     await asyncio.sleep(0.2)
     assert stalled.disconnecting
     assert not speaking.disconnecting
+
+
+def _goaway(pair: H2Pair) -> h2.events.ConnectionTerminated | None:
+    """The GOAWAY the server sent, if any (after delivering what it wrote)."""
+    pair.to_client()
+    found = [event for event in pair.events if isinstance(event, h2.events.ConnectionTerminated)]
+    return found[0] if found else None
+
+
+@aio_test
+async def test_an_idle_connection_is_sent_goaway_and_closed() -> None:
+    """A client that sent the preface and then only PINGs held its connection, and a file
+    descriptor, for ever (the sniffing timeout ends with the preface).  After ``idle_timeout``
+    without a stream it gets GOAWAY(NO_ERROR) and is closed; PINGs are not use."""
+
+    async def handler(call: ServerCall) -> None:
+        pass
+
+    pair = H2Pair(handler, idle_timeout=0.2)
+    for _ in range(40):  # PINGs every 50 ms would keep it open for ever, or 2 s here
+        await asyncio.sleep(0.05)
+        if pair.transport.disconnecting:
+            break
+        pair.client.ping(b"12345678")
+        pair.pump()
+    goaway = _goaway(pair)
+    assert goaway is not None
+    assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    assert goaway.last_stream_id == 0
+    assert pair.transport.disconnecting
+
+
+@aio_test
+async def test_the_idle_period_starts_when_the_last_stream_ends() -> None:
+    """A connection with a call open is not idle however long the call takes; once the last
+    stream ends, the connection is closed a whole idle period later, not at once."""
+    release = asyncio.Event()
+
+    async def handler(call: ServerCall) -> None:
+        await release.wait()
+        call.write(b"done")
+
+    pair = H2Pair(handler, idle_timeout=0.3)
+    sid = pair.client.get_next_available_stream_id()
+    pair.client.send_headers(
+        sid,
+        [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", "/p.S/M"), *_GRPC],
+    )
+    pair.client.send_data(sid, b"\x00\x00\x00\x00\x00", end_stream=True)
+    pair.pump()
+    await asyncio.sleep(0.7)
+    assert _goaway(pair) is None
+    release.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+        pair.pump()
+    assert any(isinstance(event, h2.events.StreamEnded) for event in pair.events)
+    await asyncio.sleep(0.05)
+    assert _goaway(pair) is None
+    assert not pair.transport.disconnecting
+    await asyncio.sleep(0.6)
+    goaway = _goaway(pair)
+    assert goaway is not None
+    assert goaway.last_stream_id == sid
+    assert pair.transport.disconnecting

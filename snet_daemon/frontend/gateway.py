@@ -58,6 +58,14 @@ class Limits:
             average, before the connection is closed (rapid-reset defence).
         default_timeout: seconds a call may take when the client set no
             deadline (``service_timeout``); None for no limit.
+        idle_timeout: seconds an HTTP/2 connection may stay without an open
+            stream before it is sent GOAWAY and closed (grpc-go's
+            ``MaxConnectionIdle``; PINGs do not count as use).  Without it a
+            client that sent the preface and went silent held a file
+            descriptor for ever.  Five minutes is long enough that a client
+            calling now and then keeps its connection (gRPC clients reconnect
+            transparently after a GOAWAY anyway) and short enough that a few
+            hundred abandoned connections are gone before they matter.
     """
 
     max_message_size: int = 4 * 1024 * 1024
@@ -68,6 +76,7 @@ class Limits:
     write_buffer: int = 256 * 1024
     max_resets_per_second: float = 200.0
     default_timeout: float | None = None
+    idle_timeout: float = 300.0
 
 
 class Router:

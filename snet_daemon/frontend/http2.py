@@ -229,6 +229,10 @@ class H2ServerProtocol(Protocol):
         self._peer = ""
         self._reset_budget = limits.max_resets_per_second * 5
         self._reset_time = gateway.loop.time()
+        self._idle_timeout = limits.idle_timeout
+        #: When the last stream closed (loop time); read only by the idle timer.
+        self._idle_since = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- Twisted Protocol -------------------------------------------------
 
@@ -254,6 +258,9 @@ class H2ServerProtocol(Protocol):
             conn.increment_flow_control_window(extra)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self.gateway.connections.add(self)
+        loop = self.gateway.loop
+        self._idle_since = loop.time()
+        self._idle_timer = loop.call_later(self._idle_timeout, self._check_idle)
         self._flush()
 
     def dataReceived(self, data: bytes) -> None:
@@ -292,6 +299,9 @@ class H2ServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self.gateway.connections.discard(self)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         for stream in list(self._streams.values()):
             if stream.call is not None:
                 stream.call.cancel()
@@ -344,6 +354,42 @@ class H2ServerProtocol(Protocol):
     def abort(self) -> None:
         if not self._lost:
             self.transport.abortConnection()  # type: ignore[union-attr]
+
+    # -- idle connections -------------------------------------------------
+
+    def _check_idle(self) -> None:
+        """Close the connection once it has had no stream for ``idle_timeout``.
+
+        As in grpc-go (``MaxConnectionIdle``), the one timer is not moved as
+        streams come and go: a stream closing that leaves none open only
+        notes the time, and the timer, when it fires, looks at how long the
+        connection has been idle and sleeps again for the rest.  So calls
+        cost no timer work; PINGs and SETTINGS are not use.  An idle
+        connection gets GOAWAY (NO_ERROR: gRPC clients reconnect on their
+        next call) and is closed; one that still has not gone an idle period
+        later (a client that does not read) is aborted.
+        """
+        self._idle_timer = None
+        if self._lost:
+            return
+        loop = self.gateway.loop
+        delay = self._idle_timeout
+        if not self._streams:
+            left = self._idle_since + delay - loop.time()
+            if left > 0:
+                delay = left
+            elif self._closing:
+                self.abort()
+                return
+            else:
+                _log.debug("closing idle HTTP/2 connection from {peer}", peer=self._peer)
+                self.shutdown()
+                self._idle_since = loop.time()
+        self._idle_timer = loop.call_later(delay, self._check_idle)
+
+    def _note_idle(self) -> None:
+        """Called when the last open stream is gone: the idle period starts."""
+        self._idle_since = self.gateway.loop.time()
 
     # -- events -----------------------------------------------------------
 
@@ -483,6 +529,8 @@ class H2ServerProtocol(Protocol):
     def _on_reset(self, sid: int) -> None:
         stream = self._streams.pop(sid, None)
         if stream is not None:
+            if not self._streams:
+                self._note_idle()
             self._blocked.discard(stream)
             self._release_window(stream)
             if stream.call is not None:
@@ -677,7 +725,9 @@ class H2ServerProtocol(Protocol):
         self._discard(stream)
 
     def _discard(self, stream: _Stream) -> None:
-        self._streams.pop(stream.id, None)
+        streams = self._streams
+        if streams.pop(stream.id, None) is not None and not streams:
+            self._note_idle()
         self._blocked.discard(stream)
         self._release_window(stream)
         if self._closing and not self._streams and not self._lost:
