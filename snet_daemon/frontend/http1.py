@@ -14,7 +14,8 @@ import io
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -36,6 +37,21 @@ from snet_daemon.frontend.wire import (
 )
 
 _log = Logger(namespace="snetd.frontend.http1")
+
+#: Seconds a client has, from the first byte of a request, to send the whole
+#: request head.  twisted.web's idle timeout restarts on every byte, so a
+#: client sending a byte every few seconds held its connection for ever; a
+#: browser writes a head at once, and the sniffing timeout gives a new
+#: connection as long to show its protocol.
+HEAD_DEADLINE = 30.0
+#: Seconds any request body may take to arrive ...
+BODY_DEADLINE = 30.0
+#: ... and, for a longer one, the slowest average rate it may arrive at
+#: (bytes per second, about a 0.5 Mbit/s uplink): a body of the largest
+#: size a message may have (4 MiB by default) gets over a minute, and no
+#: client holds a connection longer than its body justifies.
+BODY_MIN_RATE = 64 * 1024
+_TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
 class _BoundedRequest(server.Request):
@@ -63,6 +79,56 @@ class _BoundedRequest(server.Request):
             self.content.write(data)
 
 
+class _Channel(http.HTTPChannel):
+    """An ``HTTPChannel`` that gives every request a deadline to arrive in.
+
+    The head must be complete :data:`HEAD_DEADLINE` seconds after its first
+    byte, and the body by a deadline set by its length (at least
+    :data:`BODY_DEADLINE`, at :data:`BODY_MIN_RATE`; a chunked body is given
+    what the largest body would get).  A request that misses it is answered
+    ``408`` and its connection closed.  One timer per request, moved from
+    head to body; none while a request is served or the connection waits
+    for the next one (twisted.web's idle timeout covers that).
+    """
+
+    _deadline: IDelayedCall | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadline is None and not self._handlingRequest:
+            self._deadline = self.callLater(HEAD_DEADLINE, self._expired)  # type: ignore[no-untyped-call]
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+        deadline = self._deadline
+        if deadline is not None and self.length != 0 and deadline.active():
+            length = self.length if self.length is not None else self.requests[-1].body_limit
+            deadline.reset(max(BODY_DEADLINE, length / BODY_MIN_RATE))
+
+    def allContentReceived(self) -> None:
+        self._cancel_deadline()
+        super().allContentReceived()  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+    def _cancel_deadline(self) -> None:
+        deadline = self._deadline
+        if deadline is not None:
+            self._deadline = None
+            if deadline.active():
+                deadline.cancel()
+
+    def _expired(self) -> None:
+        self._deadline = None
+        transport = self.transport
+        if transport is None or getattr(transport, "disconnecting", False):
+            return
+        transport.write(_TIMED_OUT)
+        self.timeoutConnection()  # type: ignore[no-untyped-call]
+
+
 class _Site(server.Site):
     """A ``Site`` that builds bounded requests and logs no access lines.
 
@@ -71,6 +137,8 @@ class _Site(server.Site):
     """
 
     noisy = False
+    #: Not twisted.web's ALPN wrapper: the listener has chosen HTTP/1.1.
+    protocol = _Channel  # type: ignore[assignment]
 
     def __init__(self, resource: Resource, body_limit: int) -> None:
         super().__init__(resource, requestFactory=self._make_request)  # type: ignore[no-untyped-call]

@@ -1,0 +1,103 @@
+"""The HTTP/1.1 side of the daemon port in process (tests/support/oneport.py).
+
+What needs the clock or the bytes under control: request deadlines, refusals
+before the body, the headers of the daemon's own answers.  The real daemon's
+tests (tests/test_grpcweb_http.py, tests/test_robustness.py) cover the
+common paths end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from snet_daemon.frontend.call import ServerCall
+from snet_daemon.frontend.http1 import BODY_DEADLINE, BODY_MIN_RATE, HEAD_DEADLINE
+from snet_daemon.frontend.wire import frame
+from tests.support.aio import aio_test
+from tests.support.oneport import OnePort, closing, http1_head, settle
+
+
+async def _echo(call: ServerCall) -> None:
+    message = await call.read()
+    call.write(message or b"")
+
+
+def _web_post(body: bytes, extra: bytes = b"", length: int | None = None) -> bytes:
+    """The head of a gRPC-Web POST (and ``body``)."""
+    size = len(body) if length is None else length
+    return (
+        b"POST /p.S/M HTTP/1.1\r\nHost: a\r\nContent-Type: application/grpc-web+proto\r\n"
+        b"Content-Length: %d\r\n%s\r\n" % (size, extra)
+    ) + body
+
+
+def test_a_trickled_request_head_is_cut_off() -> None:
+    """A head sent a byte a second never let twisted.web's idle timeout (60 s, restarted on
+    every byte) fire: the connection, and a file descriptor, was held for ever.  The head now
+    has HEAD_DEADLINE seconds from its first byte, then gets 408 and the connection closes."""
+    front = OnePort(_echo)
+    protocol, transport = front.connect()
+    head = b"GET /heartbeat HTTP/1.1\r\nHost: a\r\nX-Slow: " + b"a" * 100
+    for byte in head[: int(HEAD_DEADLINE) - 1]:
+        protocol.dataReceived(bytes([byte]))
+        front.clock.advance(1)
+    assert not closing(transport)
+    for byte in head[int(HEAD_DEADLINE) - 1 :]:
+        protocol.dataReceived(bytes([byte]))
+        front.clock.advance(1)
+        if closing(transport):
+            break
+    assert closing(transport)
+    assert http1_head(transport.value())[0] == 408
+
+
+def test_a_trickled_body_is_cut_off_by_its_length() -> None:
+    """A body gets at least BODY_DEADLINE seconds, and a longer one as long as it takes at
+    BODY_MIN_RATE; then 408."""
+    front = OnePort(_echo)
+    length = 4 * 1024 * 1024
+    allowed = max(BODY_DEADLINE, length / BODY_MIN_RATE)
+    protocol, transport = front.connect(_web_post(b"", length=length))
+    for _ in range(int(allowed) - 1):
+        protocol.dataReceived(b"\x00" * 100)
+        front.clock.advance(1)
+    assert not closing(transport)
+    front.clock.advance(2)
+    assert closing(transport)
+    assert http1_head(transport.value())[0] == 408
+
+    protocol, transport = front.connect(_web_post(b"", length=10))
+    front.clock.advance(BODY_DEADLINE - 1)
+    assert not closing(transport)
+    front.clock.advance(2)
+    assert http1_head(transport.value())[0] == 408
+
+
+@aio_test
+async def test_requests_that_arrive_in_time_are_not_cut_off() -> None:
+    """A deadline covers arrival only: a call served for longer than any deadline, and the next
+    request on the connection (pipelined, or after a pause), are answered normally."""
+    release = asyncio.Event()
+
+    async def slow(call: ServerCall) -> None:
+        message = await call.read()
+        await release.wait()
+        call.write(message or b"")
+
+    front = OnePort(slow)
+    request = _web_post(frame(b"hi"))
+    protocol, transport = front.connect(request + request[:10])
+    await settle()
+    front.clock.advance(HEAD_DEADLINE * 10)
+    release.set()
+    await settle()
+    protocol.dataReceived(request[10:])
+    await settle()
+    front.clock.advance(HEAD_DEADLINE - 1)
+    protocol.dataReceived(request)
+    await settle()
+    front.clock.advance(HEAD_DEADLINE + 1)  # twisted.web's idle timeout (60 s) is not due yet
+    replies = transport.value()
+    assert replies.count(b"HTTP/1.1 200 OK") == 3
+    assert b"408" not in replies
+    assert not closing(transport)
