@@ -129,3 +129,14 @@ def test_cors_preflight() -> None:
     assert granted["access-control-allow-private-network"] == "true"
     assert policy.preflight("https://evil.example.com", None, False) == (403, [])
     assert policy.preflight(None, None, False) == (204, [])
+
+
+def test_cors_exposes_the_names_of_the_response_headers() -> None:
+    """Browsers hide every response header not listed as exposed, so the names of the
+    metadata a response carries are added to the fixed list (once each)."""
+    policy = CorsPolicy()
+    headers = dict(policy.response_headers("https://a.example", ["x-request-id", "grpc-status", "x-request-id"]))
+    exposed = [name.strip() for name in headers["access-control-expose-headers"].split(",")]
+    assert exposed.count("x-request-id") == 1
+    assert exposed.count("grpc-status") == 1
+    assert policy.response_headers(None, ["x-request-id"]) == []

@@ -12,6 +12,7 @@ import pytest
 from snet_daemon.frontend.call import ServerCall
 from tests.support.aio import aio_test
 from tests.support.h2pair import H2Pair
+from tests.support.oneport import METADATA_CALLS, metadata_handler
 
 _GRPC = [("content-type", "application/grpc"), ("te", "trailers")]
 
@@ -163,3 +164,38 @@ async def test_the_idle_period_starts_when_the_last_stream_ends() -> None:
     assert goaway is not None
     assert goaway.last_stream_id == sid
     assert pair.transport.disconnecting
+
+
+@aio_test
+async def test_response_metadata_is_exposed_to_browser_scripts() -> None:
+    """gRPC-Web over HTTP/2 lists the names of the metadata it sends (initial, or of a
+    trailers-only error) in Access-Control-Expose-Headers, or browsers hide them."""
+
+    pair = H2Pair(metadata_handler)
+    sids = {}
+    for path, name in METADATA_CALLS:
+        sid = pair.client.get_next_available_stream_id()
+        pair.client.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":authority", "t"),
+                (":path", path),
+                ("content-type", "application/grpc-web"),
+                ("origin", "https://app.example"),
+            ],
+        )
+        pair.client.send_data(sid, b"\x00\x00\x00\x00\x00", end_stream=True)
+        sids[sid] = name
+    for _ in range(10):
+        await asyncio.sleep(0)
+        pair.pump()
+    for event in pair.events:
+        if isinstance(event, h2.events.ResponseReceived) and event.stream_id in sids:
+            headers: dict[str, str] = dict(event.headers or ())  # type: ignore[arg-type]
+            name = sids.pop(event.stream_id)
+            assert name in headers
+            exposed = {n.strip() for n in str(headers["access-control-expose-headers"]).split(",")}
+            assert name in exposed, headers
+    assert not sids

@@ -14,7 +14,7 @@ from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.http1 import BODY_DEADLINE, BODY_MIN_RATE, HEAD_DEADLINE
 from snet_daemon.frontend.wire import frame
 from tests.support.aio import aio_test
-from tests.support.oneport import OnePort, closing, http1_head, settle
+from tests.support.oneport import METADATA_CALLS, OnePort, closing, http1_head, metadata_handler, settle
 
 
 async def _echo(call: ServerCall) -> None:
@@ -101,3 +101,23 @@ async def test_requests_that_arrive_in_time_are_not_cut_off() -> None:
     assert replies.count(b"HTTP/1.1 200 OK") == 3
     assert b"408" not in replies
     assert not closing(transport)
+
+
+def _exposed(headers: dict[str, str]) -> set[str]:
+    return {name.strip() for name in headers.get("access-control-expose-headers", "").split(",")}
+
+
+@aio_test
+async def test_response_metadata_is_exposed_to_browser_scripts() -> None:
+    """The service's initial metadata, and the metadata of a trailers-only error (sent as
+    headers), were hidden from the page: Access-Control-Expose-Headers was a fixed list."""
+
+    front = OnePort(metadata_handler)
+    origin = b"Origin: https://app.example\r\n"
+    for path, name in METADATA_CALLS:
+        _, transport = front.connect(_web_post(frame(b"hi"), origin).replace(b"/p.S/M", path.encode()))
+        await settle()
+        status, headers = http1_head(transport.value())
+        assert status == 200
+        assert name in headers
+        assert name in _exposed(headers), headers

@@ -7,12 +7,13 @@ origins of their web front ends in ``cors_allowed_origins`` instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from snet_daemon.frontend.grpcweb import EXPOSED_HEADERS
 
 _ALLOWED_METHODS = "GET, POST, OPTIONS, HEAD"
 _EXPOSED = ", ".join(EXPOSED_HEADERS)
+_ALWAYS_EXPOSED = frozenset(EXPOSED_HEADERS)
 _MAX_AGE = "600"
 
 
@@ -37,18 +38,31 @@ class CorsPolicy:
         """
         return origin is None or self.any_origin or origin.rstrip("/").lower() in self._origins
 
-    def response_headers(self, origin: str | None) -> list[tuple[str, str]]:
-        """Headers for an actual (non-preflight) response to ``origin``."""
+    def response_headers(self, origin: str | None, names: Iterable[str] = ()) -> list[tuple[str, str]]:
+        """Headers for an actual (non-preflight) response to ``origin``.
+
+        Args:
+            names: the (lower-case) names of the other headers the response
+                carries: a browser hides from scripts every response header
+                not listed in ``Access-Control-Expose-Headers``, which would
+                hide the service's metadata (initial metadata, and that of a
+                trailers-only error, which travels as headers).  Like the Go
+                daemon's grpcweb wrapper, every one is exposed.
+        """
         if origin is None or not self.allows(origin):
             return []
+        exposed = _EXPOSED
+        extra = [name for name in dict.fromkeys(names) if name not in _ALWAYS_EXPOSED]
+        if extra:
+            exposed = ", ".join((_EXPOSED, *extra))
         if self.any_origin:
             return [
                 ("access-control-allow-origin", "*"),
-                ("access-control-expose-headers", _EXPOSED),
+                ("access-control-expose-headers", exposed),
             ]
         return [
             ("access-control-allow-origin", origin),
-            ("access-control-expose-headers", _EXPOSED),
+            ("access-control-expose-headers", exposed),
             ("vary", "Origin"),
         ]
 

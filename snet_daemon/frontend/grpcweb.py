@@ -18,8 +18,9 @@ from snet_daemon.frontend.status import GrpcError, Status
 
 _TRAILER_FLAG: Final = 0x80
 
-#: Response headers a browser script may read (CORS); the Go daemon exposes
-#: the same set, so clients written against it keep working.
+#: Response headers a browser script may always read (CORS); the names of
+#: the metadata a response carries are added to them (CorsPolicy), as the Go
+#: daemon's grpcweb wrapper exposes every header of its responses.
 EXPOSED_HEADERS: Final = (
     "x-grpc-web",
     "grpc-encoding",

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from snet_daemon.frontend import grpcweb
 from snet_daemon.frontend.call import ServerCall
+from snet_daemon.frontend.cors import CorsPolicy
 from snet_daemon.frontend.gateway import Gateway, HttpResponse
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import (
@@ -166,11 +167,14 @@ class _WebSink:
     reads slowly pauses the handler (through ``can_write``).
     """
 
-    def __init__(self, request: server.Request, text: bool, content_type: str, cors: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, request: server.Request, text: bool, content_type: str, cors: CorsPolicy, origin: str | None
+    ) -> None:
         self._request = request
         self._text = text
         self._content_type = content_type
         self._cors = cors
+        self._origin = origin
         self._paused = False
         self._done = False
         self.call: ServerCall | None = None
@@ -181,7 +185,7 @@ class _WebSink:
         request.setResponseCode(200)
         headers = request.responseHeaders
         headers.setRawHeaders(b"content-type", [self._content_type.encode()])
-        for name, value in self._cors:
+        for name, value in self._cors.response_headers(self._origin, [name for name, _ in pairs]):
             headers.addRawHeader(name.encode(), value.encode())
         for name, value in pairs:
             headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
@@ -268,7 +272,7 @@ class FrontResource(Resource):
             if parsed is not None:
                 if not cors.allows(origin):
                     return _plain(request, HttpResponse(403, b"origin not allowed\n"))
-                self._grpc_web(request, path, parsed, cors.response_headers(origin))
+                self._grpc_web(request, path, parsed, origin)
                 return server.NOT_DONE_YET
             if is_grpc_content_type(content_type):
                 return _plain(
@@ -313,11 +317,11 @@ class FrontResource(Resource):
         request: server.Request,
         path: str,
         parsed: tuple[bool, str],
-        cors: list[tuple[str, str]],
+        origin: str | None,
     ) -> None:
         text, content_type = parsed
         gateway = self._gateway
-        sink = _WebSink(request, text, content_type, cors)
+        sink = _WebSink(request, text, content_type, gateway.cors, origin)
         peer = request.getClientAddress()
         call = ServerCall(
             path,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Iterable
 from typing import Final
 
 import h2.config
@@ -143,13 +144,16 @@ class _Stream:
 
     def send_headers(self, metadata: Metadata) -> None:
         headers = [(":status", "200")]
+        fields: Iterable[tuple[str, str]]
         if self.kind == _GRPC:
             headers.append(("content-type", "application/grpc"))
+            fields = metadata_to_headers(metadata)
         else:
             headers.append(("content-type", self.web_content_type))
-            headers.extend(self.proto.gateway.cors.response_headers(self.origin))
+            fields = list(metadata_to_headers(metadata))
+            headers.extend(self.proto.gateway.cors.response_headers(self.origin, [name for name, _ in fields]))
         headers.append(("grpc-accept-encoding", ACCEPT_ENCODING))
-        headers.extend(metadata_to_headers(metadata))
+        headers.extend(fields)
         self.proto.send_headers(self, headers, end_stream=False)
 
     def send_message(self, message: bytes) -> None:
@@ -167,7 +171,7 @@ class _Stream:
                 head = [(":status", "200"), ("content-type", "application/grpc")]
             else:
                 head = [(":status", "200"), ("content-type", self.web_content_type)]
-                head.extend(proto.gateway.cors.response_headers(self.origin))
+                head.extend(proto.gateway.cors.response_headers(self.origin, [name for name, _ in fields]))
             if status == Status.UNIMPLEMENTED:
                 head.append(("grpc-accept-encoding", ACCEPT_ENCODING))
             head.extend(fields)

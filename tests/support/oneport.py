@@ -17,10 +17,11 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from snet_daemon.frontend.call import Handler
+from snet_daemon.frontend.call import Handler, ServerCall
 from snet_daemon.frontend.cors import CorsPolicy
 from snet_daemon.frontend.gateway import Gateway, HttpResponse, Limits, Router
 from snet_daemon.frontend.listener import OnePortFactory
+from snet_daemon.frontend.status import GrpcError, Status
 
 
 class StubRoutes:
@@ -85,3 +86,16 @@ def closing(transport: StringTransport) -> bool:
     the rest of a test after one assertion on it.
     """
     return bool(transport.disconnecting)
+
+
+#: Paths of :func:`metadata_handler` and the metadata name each answer carries.
+METADATA_CALLS = (("/p.S/M", "x-request-id"), ("/p.S/Fail", "x-retry-channel"))
+
+
+async def metadata_handler(call: ServerCall) -> None:
+    """Send initial metadata (``/p.S/M``), or fail with metadata (``/p.S/Fail``, trailers-only)."""
+    await call.read()
+    if call.method == "/p.S/Fail":
+        raise GrpcError(Status.FAILED_PRECONDITION, "no", (("x-retry-channel", "42"),))
+    call.send_initial_metadata((("x-request-id", "abc"),))
+    call.write(b"ok")
