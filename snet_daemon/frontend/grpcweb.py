@@ -68,6 +68,16 @@ def trailer_frame(pairs: Iterable[tuple[str, str]]) -> bytes:
 #: that ends with padding: see TextDecoder.feed).
 _SEGMENT: Final = re.compile(rb"[^=]*=+")
 
+#: Padded base64 segments a grpc-web-text body may hold beyond one per
+#: :data:`_SEGMENT_SPAN` characters.  Each costs a decode call (about 1 us):
+#: a body of nothing but ``AA==`` held the event loop for half a second.
+#: grpc-web's JavaScript client encodes a request as one base64 string (and
+#: connect-es sends binary gRPC-Web only): one padded segment per message.
+#: Only a client streaming messages under 1 KiB, each padded on its own,
+#: would come near the bound, after some 180 of them.
+_FREE_SEGMENTS: Final = 64
+_SEGMENT_SPAN: Final = 1024
+
 
 class TextDecoder:
     """Decodes a ``grpc-web-text`` request body that may arrive in pieces.
@@ -77,10 +87,12 @@ class TextDecoder:
     own terms rather than the body as a whole.
     """
 
-    __slots__ = ("_pending",)
+    __slots__ = ("_pending", "_seen", "_segments")
 
     def __init__(self) -> None:
         self._pending = b""
+        self._segments = 0
+        self._seen = 0
 
     def feed(self, data: bytes) -> bytes:
         """Return the bytes decoded from ``data`` (and earlier leftovers).
@@ -94,6 +106,14 @@ class TextDecoder:
         chunk = data[:usable]
         if not chunk:
             return b""
+        self._seen += usable
+        padding = chunk.count(b"=")
+        if padding:
+            # One segment per "=" or "==" ending (counted in C, before any
+            # work per segment).
+            self._segments += padding - chunk.count(b"==")
+            if self._segments > _FREE_SEGMENTS + self._seen // _SEGMENT_SPAN:
+                raise GrpcError(Status.INVALID_ARGUMENT, "grpc-web-text body split into too many padded segments")
         try:
             if b"=" not in chunk[:-4]:
                 return base64.b64decode(chunk, validate=True)
