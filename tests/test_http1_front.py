@@ -12,6 +12,7 @@ import asyncio
 
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.http1 import BODY_DEADLINE, BODY_MIN_RATE, HEAD_DEADLINE
+from snet_daemon.frontend.status import Status
 from snet_daemon.frontend.wire import frame
 from tests.support.aio import aio_test
 from tests.support.oneport import METADATA_CALLS, OnePort, closing, http1_head, metadata_handler, settle
@@ -121,3 +122,47 @@ async def test_response_metadata_is_exposed_to_browser_scripts() -> None:
         assert status == 200
         assert name in headers
         assert name in _exposed(headers), headers
+
+
+def test_an_oversized_body_is_refused_before_it_is_sent() -> None:
+    """A Content-Length over the limit was read (and dropped) to the end before the answer, and
+    ``Expect: 100-continue`` even invited the upload.  It is answered at once, without 100
+    Continue: trailers-only RESOURCE_EXHAUSTED with CORS for gRPC-Web, 413 otherwise; the
+    connection closes."""
+    front = OnePort(_echo, max_message_size=1000)
+    extra = b"Expect: 100-continue\r\nOrigin: https://app.example\r\n"
+    _, transport = front.connect(_web_post(b"", extra, length=10**11))
+    reply = transport.value()
+    status, headers = http1_head(reply)
+    assert b"100 Continue" not in reply
+    assert status == 200
+    assert headers["grpc-status"] == str(int(Status.RESOURCE_EXHAUSTED))
+    assert headers["access-control-allow-origin"] == "*"
+    assert headers["connection"] == "close"
+    assert closing(transport)
+
+    head = b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Type: image/png\r\nContent-Length: 99999\r\n\r\n"
+    _, transport = front.connect(head)
+    status, headers = http1_head(transport.value())
+    assert status == 413
+    assert headers["connection"] == "close"
+    assert closing(transport)
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_limit() -> None:
+    """A chunked body has no length to check: it is refused as soon as it passes the limit,
+    and what follows is not read (no second answer, no 400 for the rest)."""
+    front = OnePort(_echo, max_message_size=1000)
+    head = (
+        b"POST /p.S/M HTTP/1.1\r\nHost: a\r\nContent-Type: application/grpc-web-text\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"400\r\n" + b"A" * 0x400 + b"\r\n"
+    protocol, transport = front.connect(head + chunk)
+    assert transport.value() == b""
+    protocol.dataReceived(chunk + b"garbage\r\n" + chunk)
+    status, headers = http1_head(transport.value())
+    assert status == 200
+    assert headers["grpc-status"] == str(int(Status.RESOURCE_EXHAUSTED))
+    assert transport.value().count(b"HTTP/1.1") == 1
+    assert closing(transport)

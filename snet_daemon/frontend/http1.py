@@ -53,14 +53,20 @@ BODY_DEADLINE = 30.0
 #: client holds a connection longer than its body justifies.
 BODY_MIN_RATE = 64 * 1024
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+#: Seconds a refused request's connection stays open, half-closed, reading
+#: and dropping what the client still sends, before it is closed: closing
+#: with unread bytes makes the kernel reset the connection, and the client
+#: could lose the answer (Go's net/http waits 500 ms the same way).
+_LINGER = 0.5
 
 
 class _BoundedRequest(server.Request):
-    """A request whose body is kept only up to a size limit.
+    """A request whose body is kept in memory, up to a size limit.
 
     twisted.web would spool any body to a temporary file; a gRPC-Web body
-    holds one message, so anything beyond the limit is dropped and the call
-    is answered ``RESOURCE_EXHAUSTED`` once the request is complete.
+    holds one message.  A body announced (``Content-Length``) or found
+    (chunked) to be larger than the limit is refused at once by the channel,
+    without reading the rest.
     """
 
     body_limit = 1 << 20
@@ -68,16 +74,24 @@ class _BoundedRequest(server.Request):
     _received = 0
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.body_limit:
-            self.too_large = True
         self.content = io.BytesIO()
+        if length is not None and length > self.body_limit:
+            self._refuse()
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
         self._received += len(data)
         if self._received > self.body_limit:
-            self.too_large = True
-        if not self.too_large and self.content is not None:
+            self._refuse()
+        elif self.content is not None:
             self.content.write(data)
+
+    def _refuse(self) -> None:
+        self.too_large = True
+        channel = self.channel
+        if isinstance(channel, _Channel):
+            channel.refuse_oversized(self)
 
 
 class _Channel(http.HTTPChannel):
@@ -93,8 +107,12 @@ class _Channel(http.HTTPChannel):
     """
 
     _deadline: IDelayedCall | None = None
+    #: True once a request was refused before its body: nothing more is read.
+    _refused = False
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._deadline is None and not self._handlingRequest:
             self._deadline = self.callLater(HEAD_DEADLINE, self._expired)  # type: ignore[no-untyped-call]
         super().dataReceived(data)  # type: ignore[no-untyped-call]
@@ -106,9 +124,63 @@ class _Channel(http.HTTPChannel):
             length = self.length if self.length is not None else self.requests[-1].body_limit
             deadline.reset(max(BODY_DEADLINE, length / BODY_MIN_RATE))
 
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
+
     def allContentReceived(self) -> None:
         self._cancel_deadline()
-        super().allContentReceived()  # type: ignore[no-untyped-call]
+        if not self._refused:
+            super().allContentReceived()  # type: ignore[no-untyped-call]
+
+    def _send100Continue(self) -> None:
+        # No invitation to upload a body that is refused already.
+        if not self._refused:
+            super()._send100Continue()  # type: ignore[no-untyped-call]
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # A chunked body refused in the middle of a read: the chunk parser
+        # goes on through the rest of that read, and must not answer twice.
+        if not self._refused:
+            super()._respondToBadRequestAndDisconnect()  # type: ignore[no-untyped-call]
+
+    def refuse_oversized(self, request: _BoundedRequest) -> None:
+        """Answer a request whose body is over the limit, and close.
+
+        gRPC-Web calls get a trailers-only ``RESOURCE_EXHAUSTED`` (with CORS,
+        so a page can read it), anything else ``413``; the rest of the body
+        is not read.
+        """
+        transport = self.transport
+        if self._refused or transport is None:
+            return
+        self._refused = True
+        self._cancel_deadline()
+        site: _Site = self.site  # type: ignore[attr-defined]  # set by Site.buildProtocol
+        content_type = _header(request, b"content-type") or ""
+        parsed = grpcweb.parse_content_type(content_type)
+        body = b""
+        if parsed is not None:
+            status = "200 OK"
+            message = f"request body larger than the limit ({site.max_message_size} bytes per message)"
+            fields = status_headers(Status.RESOURCE_EXHAUSTED, message)
+            head = [("content-type", parsed[1]), *fields]
+        else:
+            status = "413 Content Too Large"
+            body = f"request body larger than the limit ({request.body_limit} bytes)\n".encode()
+            fields = []
+            head = [("content-type", "text/plain; charset=utf-8")]
+        head.extend(site.cors.response_headers(_header(request, b"origin"), [name for name, _ in fields]))
+        head.append(("content-length", str(len(body))))
+        head.append(("connection", "close"))
+        lines = "".join(f"{name}: {value}\r\n" for name, value in head)
+        transport.write(f"HTTP/1.1 {status}\r\n{lines}\r\n".encode("latin-1") + body)
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.loseConnection()  # type: ignore[no-untyped-call]
+            return
+        half_close()
+        self._deadline = self.callLater(_LINGER, self.loseConnection)  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
@@ -141,9 +213,13 @@ class _Site(server.Site):
     #: Not twisted.web's ALPN wrapper: the listener has chosen HTTP/1.1.
     protocol = _Channel  # type: ignore[assignment]
 
-    def __init__(self, resource: Resource, body_limit: int) -> None:
+    def __init__(self, resource: Resource, gateway: Gateway) -> None:
         super().__init__(resource, requestFactory=self._make_request)  # type: ignore[no-untyped-call]
-        self._body_limit = body_limit
+        limit = gateway.limits.max_message_size
+        self.max_message_size = limit
+        # One message, its 5-byte prefix, base64 growth for -text, some slack.
+        self._body_limit = (limit + 5) * 4 // 3 + 64
+        self.cors = gateway.cors
         self.displayTracebacks = False
 
     def _make_request(self, *args: Any, **kwargs: Any) -> _BoundedRequest:
@@ -340,12 +416,6 @@ class FrontResource(Resource):
                 for value in values
             ]
             encoding = call.accept_headers(headers, gateway.limits.default_timeout)
-            if getattr(request, "too_large", False):
-                limit = gateway.limits.max_message_size
-                raise GrpcError(
-                    Status.RESOURCE_EXHAUSTED,
-                    f"request body larger than the limit ({limit} bytes per message)",
-                )
             body = _read_all(request.content)
             if text:
                 decoder = grpcweb.TextDecoder()
@@ -391,7 +461,4 @@ def _plain(request: server.Request, response: HttpResponse, extra: list[tuple[st
 
 def build_site(gateway: Gateway) -> server.Site:
     """The twisted.web ``Site`` serving HTTP/1.1 connections of the port."""
-    limit = gateway.limits.max_message_size
-    # One message, its 5-byte prefix, base64 growth for -text, some slack.
-    body_limit = (limit + 5) * 4 // 3 + 64
-    return _Site(FrontResource(gateway), body_limit)
+    return _Site(FrontResource(gateway), gateway)
