@@ -166,6 +166,15 @@ async def test_the_idle_period_starts_when_the_last_stream_ends() -> None:
     assert pair.transport.disconnecting
 
 
+def _browser_post(pair: H2Pair, path: str, content_type: str) -> int:
+    """Open a POST stream to ``path`` as a page on another origin does; its stream id."""
+    sid: int = pair.client.get_next_available_stream_id()
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", path)]
+    headers += [("content-type", content_type), ("origin", "https://app.example")]
+    pair.client.send_headers(sid, headers)
+    return sid
+
+
 @aio_test
 async def test_response_metadata_is_exposed_to_browser_scripts() -> None:
     """gRPC-Web over HTTP/2 lists the names of the metadata it sends (initial, or of a
@@ -174,18 +183,7 @@ async def test_response_metadata_is_exposed_to_browser_scripts() -> None:
     pair = H2Pair(metadata_handler)
     sids = {}
     for path, name in METADATA_CALLS:
-        sid = pair.client.get_next_available_stream_id()
-        pair.client.send_headers(
-            sid,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":authority", "t"),
-                (":path", path),
-                ("content-type", "application/grpc-web"),
-                ("origin", "https://app.example"),
-            ],
-        )
+        sid = _browser_post(pair, path, "application/grpc-web")
         pair.client.send_data(sid, b"\x00\x00\x00\x00\x00", end_stream=True)
         sids[sid] = name
     for _ in range(10):
@@ -199,3 +197,21 @@ async def test_response_metadata_is_exposed_to_browser_scripts() -> None:
             exposed = {n.strip() for n in str(headers["access-control-expose-headers"]).split(",")}
             assert name in exposed, headers
     assert not sids
+
+
+@aio_test
+async def test_an_unsupported_content_type_is_refused_with_cors() -> None:
+    """The 415 for a POST that is neither gRPC nor gRPC-Web carried no CORS headers, so a page
+    saw an opaque network error."""
+
+    async def handler(call: ServerCall) -> None:
+        pass
+
+    pair = H2Pair(handler)
+    sid = _browser_post(pair, "/p.S/M", "application/json")
+    pair.client.end_stream(sid)
+    pair.pump()
+    replies = [event for event in pair.events if isinstance(event, h2.events.ResponseReceived)]
+    headers: dict[str, str] = dict(replies[0].headers or ())  # type: ignore[arg-type]
+    assert headers[":status"] == "415"
+    assert headers["access-control-allow-origin"] == "*"

@@ -166,3 +166,23 @@ def test_a_chunked_body_is_refused_once_it_passes_the_limit() -> None:
     assert headers["grpc-status"] == str(int(Status.RESOURCE_EXHAUSTED))
     assert transport.value().count(b"HTTP/1.1") == 1
     assert closing(transport)
+
+
+@aio_test
+async def test_the_daemons_own_errors_carry_cors() -> None:
+    """415 (wrong content type), 505 (native gRPC over HTTP/1.1) and 500 (a failing route)
+    had no CORS headers, so a page saw an opaque network error instead of the answer."""
+    front = OnePort(_echo)
+    origin = b"Origin: https://app.example\r\n"
+    post = b"POST /p.S/M HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Type: %s\r\n%s\r\n"
+    requests = [
+        (post % (b"application/json", origin), 415),
+        (post % (b"application/grpc", origin), 505),
+        (b"GET /boom HTTP/1.1\r\nHost: a\r\n" + origin + b"\r\n", 500),
+    ]
+    for request, expected in requests:
+        _, transport = front.connect(request)
+        await settle()
+        status, headers = http1_head(transport.value())
+        assert status == expected
+        assert headers.get("access-control-allow-origin") == "*", (expected, headers)

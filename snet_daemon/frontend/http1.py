@@ -350,10 +350,13 @@ class FrontResource(Resource):
                     return _plain(request, HttpResponse(403, b"origin not allowed\n"))
                 self._grpc_web(request, path, parsed, origin)
                 return server.NOT_DONE_YET
+            # The daemon's own errors carry CORS too, or a page sees only
+            # an opaque network error.
             if is_grpc_content_type(content_type):
                 return _plain(
                     request,
                     HttpResponse(505, b"native gRPC needs HTTP/2; use gRPC-Web over HTTP/1.1\n"),
+                    cors.response_headers(origin),
                 )
             return _plain(
                 request,
@@ -361,6 +364,7 @@ class FrontResource(Resource):
                     415,
                     f"unsupported content-type {content_type!r}: expected application/grpc-web\n".encode(),
                 ),
+                cors.response_headers(origin),
             )
         self._plain_route(request, method, path, cors.response_headers(origin))
         return server.NOT_DONE_YET
@@ -381,7 +385,7 @@ class FrontResource(Resource):
         def failed(failure: Failure) -> None:
             _log.failure("error answering {method} {path}", failure, method=method, path=path)
             if not getattr(request, "_disconnected", False):
-                body = _plain(request, HttpResponse(500, b"internal error\n"))
+                body = _plain(request, HttpResponse(500, b"internal error\n"), extra)
                 request.setHeader(b"content-length", str(len(body)).encode())
                 request.write(body)
                 request.finish()

@@ -598,9 +598,11 @@ class H2ServerProtocol(Protocol):
             self._respond_plain(stream, HttpResponse(status, headers=tuple(cors_headers)))
             return
         if method == "POST":
+            # With CORS, or a page sees only an opaque network error.
             self._respond_plain(
                 stream,
                 HttpResponse(415, _unsupported(content_type)),
+                extra=self.gateway.cors.response_headers(origin),
             )
             return
         loop = self.gateway.loop
