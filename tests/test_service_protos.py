@@ -183,6 +183,18 @@ def _fake_python(directory: Path, body: str) -> str:
     return str(script)
 
 
+@aio_test
+async def test_an_interpreter_without_grpcio_tools_is_named_as_the_cause(tmp_path: Path) -> None:
+    """Python's own words for a missing module get the operator a plain answer, not protoc's."""
+    python = _fake_python(
+        tmp_path,
+        "echo \"python: Error while finding module specification for 'grpc_tools.protoc' "
+        "(ModuleNotFoundError: No module named 'grpc_tools')\" >&2; exit 1",
+    )
+    with pytest.raises(ProtoError, match="needs grpcio-tools, which is not installed"):
+        await compile_descriptor_set(demo_files(), _reactor(), python=python)
+
+
 def _has_pid(pidfile: Path) -> bool:
     return pidfile.exists() and bool(pidfile.read_text().strip())
 

@@ -308,7 +308,8 @@ async def compile_descriptor_set(
             stdout, stderr = compiler.output
             text = (stderr or stdout).decode("utf-8", errors="replace").replace(f"{root}/", "").strip()
             text = text or f"protoc {'was killed' if code is None else f'exited with status {code}'}"
-            if "No module named grpc_tools" in text:
+            # Python quotes the name ("No module named 'grpc_tools'").
+            if re.search(r"No module named '?grpc_tools\b", text):
                 raise ProtoError("compiling the service's protos needs grpcio-tools, which is not installed")
             if len(text) > _ERROR_EXCERPT:
                 text = text[:_ERROR_EXCERPT] + "..."
