@@ -23,9 +23,18 @@ from snet_daemon._proto.escrow import control_service_pb2_grpc as cpb_grpc
 from snet_daemon.payments import signatures as sig
 from tests.conftest import make_channel
 from tests.support.chain import PROVIDER, Chain, anvil_available, chain  # noqa: F401 (fixture)
+from tests.support.daemon import Daemon
 from tests.support.etcd import EtcdServer, etcd_factory  # noqa: F401 (fixture)
 from tests.support.ipfs import IpfsServer, ipfs  # noqa: F401 (fixture)
-from tests.support.paid import PRICE, Deployment, deployed, group_on_one_etcd, open_channel, wait_ready
+from tests.support.paid import (  # noqa: F401 (fixture)
+    PRICE,
+    Deployment,
+    deployed,
+    group_on_one_etcd,
+    open_channel,
+    two_daemons,
+    wait_ready,
+)
 from tests.support.tcpproxy import TcpProxy
 from tests.support.upstream import Upstream
 
@@ -168,37 +177,35 @@ def test_two_daemons_on_one_etcd_never_accept_more_than_signed(
     chain: Chain,  # noqa: F811
     ipfs: IpfsServer,  # noqa: F811
     upstream: Upstream,
-    tmp_path: Path,
-    etcd_factory: Callable[[], EtcdServer],  # noqa: F811
+    two_daemons: list[Daemon],  # noqa: F811
 ) -> None:
     """The same payments sent to two daemons at once are each accepted at most once."""
-    etcd = etcd_factory().start()
-    with group_on_one_etcd(chain, ipfs, upstream, tmp_path, etcd.url) as daemons:
-        deployment = Deployment(chain, ipfs, upstream, daemons[0], etcd.url)
-        channel_id = open_channel(chain, amount=10_000)
-        upstream.record.reset()
-        accepted = 0
-        attempts = 0
-        with ThreadPoolExecutor(8) as pool:
-            while accepted < 10 and attempts < 60:
-                attempts += 1
-                amount = (accepted + 1) * PRICE
-                futures = [
-                    pool.submit(paid_echo, deployment, d.address, channel_id, amount) for d in daemons for _ in range(2)
-                ]
-                wins = 0
-                for future in futures:
-                    try:
-                        future.result()
-                        wins += 1
-                    except grpc.RpcError as error:
-                        assert error.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED)
-                assert wins <= 1, f"payment of {amount} accepted {wins} times"
-                accepted += wins
-        assert accepted == 10
-        assert len(upstream.record.metadata) == accepted  # nothing served unpaid
-        for daemon in daemons:
-            assert signed_amount(deployment, daemon.address, channel_id) == accepted * PRICE
+    daemons = two_daemons
+    deployment = Deployment.for_group(chain, ipfs, upstream, daemons)
+    channel_id = open_channel(chain, amount=10_000)
+    upstream.record.reset()
+    accepted = 0
+    attempts = 0
+    with ThreadPoolExecutor(8) as pool:
+        while accepted < 10 and attempts < 60:
+            attempts += 1
+            amount = (accepted + 1) * PRICE
+            futures = [
+                pool.submit(paid_echo, deployment, d.address, channel_id, amount) for d in daemons for _ in range(2)
+            ]
+            wins = 0
+            for future in futures:
+                try:
+                    future.result()
+                    wins += 1
+                except grpc.RpcError as error:
+                    assert error.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED)
+            assert wins <= 1, f"payment of {amount} accepted {wins} times"
+            accepted += wins
+    assert accepted == 10
+    assert len(upstream.record.metadata) == accepted  # nothing served unpaid
+    for daemon in daemons:
+        assert signed_amount(deployment, daemon.address, channel_id) == accepted * PRICE
 
 
 def test_call_cut_short_while_its_payment_is_written_is_not_charged(
@@ -247,51 +254,47 @@ def test_client_alternating_between_two_daemons_pays_call_after_call(
     chain: Chain,  # noqa: F811
     ipfs: IpfsServer,  # noqa: F811
     upstream: Upstream,
-    tmp_path: Path,
-    etcd_factory: Callable[[], EtcdServer],  # noqa: F811
+    two_daemons: list[Daemon],  # noqa: F811
 ) -> None:
     """Calls that alternate between the daemons of a group all go through.
 
     Each daemon's finished call leaves its hold lingering briefly; the other
     daemon waits for it instead of refusing the client's next call.
     """
-    etcd = etcd_factory().start()
-    with group_on_one_etcd(chain, ipfs, upstream, tmp_path, etcd.url) as daemons:
-        deployment = Deployment(chain, ipfs, upstream, daemons[0], etcd.url)
-        channel_id = open_channel(chain, amount=10_000)
-        upstream.record.reset()
-        calls = 8
-        for k in range(1, calls + 1):
-            paid_echo(deployment, daemons[k % 2].address, channel_id, k * PRICE)
-        assert len(upstream.record.metadata) == calls
-        for daemon in daemons:
-            assert signed_amount(deployment, daemon.address, channel_id) == calls * PRICE
+    daemons = two_daemons
+    deployment = Deployment.for_group(chain, ipfs, upstream, daemons)
+    channel_id = open_channel(chain, amount=10_000)
+    upstream.record.reset()
+    calls = 8
+    for k in range(1, calls + 1):
+        paid_echo(deployment, daemons[k % 2].address, channel_id, k * PRICE)
+    assert len(upstream.record.metadata) == calls
+    for daemon in daemons:
+        assert signed_amount(deployment, daemon.address, channel_id) == calls * PRICE
 
 
 def test_daemon_with_an_older_chain_view_after_a_claim_landed_through_another(
     chain: Chain,  # noqa: F811
     ipfs: IpfsServer,  # noqa: F811
     upstream: Upstream,
-    tmp_path: Path,
-    etcd_factory: Callable[[], EtcdServer],  # noqa: F811
+    two_daemons: list[Daemon],  # noqa: F811
 ) -> None:
     """A claim started through daemon 1 lands on chain and daemon 1 forgets it.  Daemon 2, whose
     cached view of the channel predates the claim, still answers GetChannelState (snet-sdk asks
     it before every paid call), takes the next payment and starts the next claim."""
-    etcd = etcd_factory().start()
-    with group_on_one_etcd(chain, ipfs, upstream, tmp_path, etcd.url) as daemons:
-        deployment = Deployment(chain, ipfs, upstream, daemons[0], etcd.url)
-        one, two = (daemon.address for daemon in daemons)
-        treasurer = Treasurer(deployment)
-        channel_id = open_channel(chain)
-        paid_echo(deployment, two, channel_id, PRICE)  # daemon 2 caches the channel at nonce 0
-        treasurer.claim_on_chain(treasurer.start_claim(one, channel_id, 0))
-        assert chain.channel(channel_id)[0] == 1
-        assert treasurer.in_progress(one) == []  # daemon 1 sees the claim landed and forgets it
-        assert state_of(deployment, two, channel_id) == (1, 0)
-        paid_echo(deployment, two, channel_id, PRICE, nonce=1)
-        claim = treasurer.start_claim(two, channel_id, 1)
-        assert (int.from_bytes(claim.channel_nonce, "big"), int.from_bytes(claim.signed_amount, "big")) == (1, PRICE)
+    daemons = two_daemons
+    deployment = Deployment.for_group(chain, ipfs, upstream, daemons)
+    one, two = (daemon.address for daemon in daemons)
+    treasurer = Treasurer(deployment)
+    channel_id = open_channel(chain)
+    paid_echo(deployment, two, channel_id, PRICE)  # daemon 2 caches the channel at nonce 0
+    treasurer.claim_on_chain(treasurer.start_claim(one, channel_id, 0))
+    assert chain.channel(channel_id)[0] == 1
+    assert treasurer.in_progress(one) == []  # daemon 1 sees the claim landed and forgets it
+    assert state_of(deployment, two, channel_id) == (1, 0)
+    paid_echo(deployment, two, channel_id, PRICE, nonce=1)
+    claim = treasurer.start_claim(two, channel_id, 1)
+    assert (int.from_bytes(claim.channel_nonce, "big"), int.from_bytes(claim.signed_amount, "big")) == (1, PRICE)
 
 
 def test_etcd_down_refuses_paid_calls_and_recovers(

@@ -8,8 +8,7 @@ answered, and never above the planned amount.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -24,27 +23,13 @@ from tests.support.chain import SIGNER, Chain, anvil_available, chain  # noqa: F
 from tests.support.daemon import Daemon
 from tests.support.etcd import EtcdServer, etcd_factory  # noqa: F401 (fixture)
 from tests.support.ipfs import IpfsServer, ipfs  # noqa: F401 (fixture)
-from tests.support.paid import PRICE, group_on_one_etcd, open_channel
+from tests.support.paid import PRICE, open_channel, two_daemons  # noqa: F401 (fixture)
 from tests.support.upstream import Upstream
 
 pytestmark = pytest.mark.skipif(not anvil_available(), reason="anvil is not installed (run scripts/setup)")
 
 IN_FLIGHT = 64
 SIGNER_KEY = bytes.fromhex(SIGNER.private_key[2:])
-
-
-@pytest.fixture
-def two_daemons(
-    chain: Chain,  # noqa: F811
-    ipfs: IpfsServer,  # noqa: F811
-    upstream: Upstream,
-    tmp_path: Path,
-    etcd_factory: Callable[[], EtcdServer],  # noqa: F811
-) -> Iterator[list[Daemon]]:
-    """Two daemons of one group sharing an external etcd."""
-    etcd = etcd_factory().start()
-    with group_on_one_etcd(chain, ipfs, upstream, tmp_path, etcd.url) as daemons:
-        yield daemons
 
 
 def get_token(chain: Chain, address: str, channel_id: int, amount: int, nonce: int = 0) -> tpb.TokenReply:  # noqa: F811
@@ -102,7 +87,7 @@ def calls_in_flight(
 
 
 def test_64_calls_in_flight_on_two_daemons_never_use_more_than_planned(
-    two_daemons: list[Daemon],
+    two_daemons: list[Daemon],  # noqa: F811
     chain: Chain,  # noqa: F811
     upstream: Upstream,
 ) -> None:
@@ -122,7 +107,7 @@ def test_64_calls_in_flight_on_two_daemons_never_use_more_than_planned(
 
 
 def test_failed_calls_in_flight_are_refunded(
-    two_daemons: list[Daemon],
+    two_daemons: list[Daemon],  # noqa: F811
     chain: Chain,  # noqa: F811
 ) -> None:
     """64 calls at once, a quarter failing in the service: used is the price of the successful ones."""

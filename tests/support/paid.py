@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from snet_daemon._proto.escrow import state_service_pb2 as spb
 from snet_daemon._proto.escrow import state_service_pb2_grpc as spb_grpc
@@ -34,6 +35,7 @@ from tests.support.chain import (
     service_metadata,
 )
 from tests.support.daemon import Daemon
+from tests.support.etcd import EtcdServer
 from tests.support.ipfs import IpfsServer
 from tests.support.ports import free_port
 from tests.support.upstream import Upstream
@@ -51,6 +53,12 @@ class Deployment:
     upstream: Upstream
     daemon: Daemon
     etcd_endpoint: str | None
+
+    @classmethod
+    def for_group(cls, chain: Chain, ipfs: IpfsServer, upstream: Upstream, daemons: list[Daemon]) -> Deployment:
+        """The deployment of a :func:`group_on_one_etcd`, seen through its first daemon."""
+        endpoint: str = daemons[0].config["payment_channel_storage_client"]["endpoints"][0]
+        return cls(chain, ipfs, upstream, daemons[0], endpoint)
 
     @property
     def mpe(self) -> bytes:
@@ -223,3 +231,18 @@ def group_on_one_etcd(
     finally:
         for daemon in daemons:
             daemon.stop()
+
+
+@pytest.fixture
+def two_daemons(
+    chain: Chain,
+    ipfs: IpfsServer,
+    upstream: Upstream,
+    tmp_path: Path,
+    etcd_factory: Callable[[], EtcdServer],
+) -> Iterator[list[Daemon]]:
+    """Two daemons of one group sharing an external etcd (``chain``, ``ipfs``, ``upstream`` and
+    ``etcd_factory`` are the test module's fixtures)."""
+    etcd = etcd_factory().start()
+    with group_on_one_etcd(chain, ipfs, upstream, tmp_path, etcd.url) as daemons:
+        yield daemons
