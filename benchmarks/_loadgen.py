@@ -13,7 +13,11 @@ The plan (JSON): ``{"host", "port", "path", "connections", "duration",
 paid worker's list never repeats: each call pays a new cumulative amount).
 With ``rate`` (calls/s, all workers together) each worker waits for its
 next slot before sending, so the load is offered at that rate instead of as
-fast as calls return; two servers then compare at the same load.
+fast as calls return; two servers then compare at the same load.  A call's
+latency then counts from its slot, so a server that falls behind is charged
+for the wait, and the caller compares the achieved rate with the offered
+one.  ``exhausted_workers`` in the result counts workers whose list ended
+before the duration did.
 """
 
 from __future__ import annotations
@@ -98,41 +102,57 @@ async def run(plan: dict[str, Any]) -> dict[str, Any]:
         pumps.append(asyncio.ensure_future(conn.pump()))
     latencies: list[float] = []
     failures: dict[str, int] = {}
-    stop_at = time.monotonic() + plan["duration"]
     authority = f"{host}:{port}"
     cycle = bool(plan.get("cycle"))
     rate = plan.get("rate")
     # Each worker's slots: one every workers / rate seconds, staggered.
     interval = len(plan["workers"]) / rate if rate else 0.0
-
-    async def worker(index: int, requests: list[Any]) -> None:
-        conn = conns[index % len(conns)]
-        prepared = [
+    # Every request is built before the clock starts: a paid plan holds
+    # thousands per worker, an unpaid one a single request.
+    prepared = [
+        [
             (
                 [(k.encode(), bytes.fromhex(v[4:]) if v.startswith("hex:") else v.encode()) for k, v in hs],
                 bytes.fromhex(b),
             )
             for hs, b in requests
         ]
+        for requests in plan["workers"]
+    ]
+    #: Workers whose list ended before the duration did (fewer calls in
+    #: flight from then on: the plan was too short).
+    exhausted = 0
+    started = time.monotonic()
+    stop_at = started + plan["duration"]
+
+    async def worker(index: int, requests: list[Any]) -> None:
+        nonlocal exhausted
+        conn = conns[index % len(conns)]
         i = 0
-        next_at = time.monotonic() + index * interval / len(plan["workers"])
-        while time.monotonic() < stop_at and (cycle or i < len(prepared)):
+        next_at = started + index * interval / len(plan["workers"])
+        while time.monotonic() < stop_at:
+            if not cycle and i >= len(requests):
+                exhausted += 1
+                return
             if interval:
                 delay = next_at - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                # Latency counts from the slot, not from the send: a late
+                # send is time the caller waited (no coordinated omission).
+                start = next_at
                 next_at += interval
-            headers, body = prepared[i % len(prepared)]
+            else:
+                start = time.monotonic()
+            headers, body = requests[i % len(requests)]
             i += 1
-            start = time.monotonic()
             status = await conn.call(authority, path, headers, body)
             if status == "0":
                 latencies.append(time.monotonic() - start)
             else:
                 failures[status] = failures.get(status, 0) + 1
 
-    started = time.monotonic()
-    await asyncio.gather(*(worker(i, reqs) for i, reqs in enumerate(plan["workers"])))
+    await asyncio.gather(*(worker(i, reqs) for i, reqs in enumerate(prepared)))
     elapsed = time.monotonic() - started
     for pump in pumps:
         pump.cancel()
@@ -148,6 +168,7 @@ async def run(plan: dict[str, Any]) -> dict[str, Any]:
         "calls_per_second": len(latencies) / elapsed if elapsed else 0.0,
         "p50_ms": pct(0.50),
         "p99_ms": pct(0.99),
+        "exhausted_workers": exhausted,
     }
 
 
