@@ -342,6 +342,18 @@ async def test_unknown_channel_other_group_other_recipient() -> None:
 
 
 @aio_test
+async def test_unknown_channel_costs_one_chain_read() -> None:
+    """A payment on a channel the chain does not know reads the chain once, not twice: anybody
+    can name made-up channels, before any authentication.  A channel opened since is found."""
+    ledger, chain, _ = make()
+    for k in range(1, 4):
+        await rejected(ledger, 9, 0, PRICE)
+        assert chain.fresh_reads == k
+    chain.open(9)
+    ledger.commit(await pay(ledger, 9, 0, PRICE))
+
+
+@aio_test
 async def test_chain_outage_is_not_an_unknown_channel() -> None:
     """With the Ethereum node down, a channel the chain reader has not cached is a chain error,
     never "no such channel": paid calls get Go's INTERNAL "payment channel error", the daemon's

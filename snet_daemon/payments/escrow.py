@@ -843,16 +843,17 @@ class EscrowLedger:
         return info
 
     async def _read_channel(self, channel_id: int, fresh: bool) -> ChainChannel | None:
-        """The channel from the chain reader; a channel unknown to its cache
-        is looked for on the chain itself (it may have just been opened).
+        """The channel from the chain reader.
+
+        A channel its cache does not know is read from the chain already (a
+        channel opened a moment ago is found): a second, fresh read of a
+        channel found absent would only double the RPCs that anybody can
+        cause by naming made-up channel ids, before any authentication.
 
         Raises:
             ChainError: from the chain reader.
         """
-        info = await self._chain.channel(channel_id, fresh=fresh)
-        if info is None and not fresh:
-            info = await self._chain.channel(channel_id, fresh=True)
-        return info
+        return await self._chain.channel(channel_id, fresh=fresh)
 
     async def _read_state(self, channel_id: int, state_key: str) -> Entry | None:
         try:
