@@ -1,20 +1,24 @@
-"""The chain reader against a real chain (anvil): block number, channels, balances, outages."""
+"""The chain reader against a real chain (anvil): block number, channels, balances, outages;
+and against a stub node where anvil cannot be made slow."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import json
+from collections.abc import AsyncIterator, Callable
 
 import pytest
+from aiohttp import web
+from eth_abi.abi import encode
 from twisted.internet.task import Clock
 
 from snet_daemon.blockchain.blocks import BlockNumber, BlockNumberService
 from snet_daemon.blockchain.chain import ChainReader, ChannelInfo, EthereumChainReader
-from snet_daemon.blockchain.contracts import network_info
+from snet_daemon.blockchain.contracts import ZERO_ADDRESS, function, network_info
 from snet_daemon.blockchain.errors import ChainError, ChainUnavailable, StaleBlockNumber
 from snet_daemon.blockchain.fake import FakeChainReader
 from snet_daemon.blockchain.rpc import JsonRpcClient
-from tests.support.aio import aio_test
+from tests.support.aio import aio_fixture, aio_test
 from tests.support.chain import CLIENT, DEFAULT_GROUP_ID, PROVIDER, SIGNER, Anvil, Chain, chain  # noqa: F401
 
 
@@ -42,12 +46,19 @@ def make_reader(
     clock: Clock | None = None,
     network: str = "local",
     ttl: float | None = 300.0,
+    recheck_after: float = 6.0,
 ) -> EthereumChainReader:
     """A reader on ``url`` that retries fast."""
     clock = clock or reactor_clock()
     rpc = JsonRpcClient(url, now=clock.seconds, attempts=2, backoff=0.01, timeout=2.0)
     return EthereumChainReader(
-        rpc, BlockNumber(clock, max_age), clock=clock, network=network_info(network), mpe_address=mpe, channel_ttl=ttl
+        rpc,
+        BlockNumber(clock, max_age),
+        clock=clock,
+        network=network_info(network),
+        mpe_address=mpe,
+        channel_ttl=ttl,
+        recheck_after=recheck_after,
     )
 
 
@@ -106,7 +117,8 @@ async def test_newheads_over_websocket(chain: Chain) -> None:  # noqa: F811
 
 @aio_test
 async def test_channel_read_and_cache(chain: Chain) -> None:  # noqa: F811
-    """channels(id) is decoded, cached, refreshed on invalidation or fresh=True, and None when absent."""
+    """channels(id) is decoded, cached, refreshed on invalidation or fresh=True, and None when absent
+    (kept for the block: see test_not_found_is_kept_for_one_block)."""
     channel_id = chain.open_channel(amount=1000, expiration=5000)
     reader = make_reader(chain.url, mpe=chain.mpe.address)
     try:
@@ -129,7 +141,101 @@ async def test_channel_read_and_cache(chain: Chain) -> None:  # noqa: F811
 
         assert await reader.channel(channel_id + 100) is None
         assert await reader.channel(channel_id + 100) is None
-        assert reader.cache_misses == 5  # "not found" is never cached
+        assert reader.cache_misses == 4  # "not found" is kept for the block
+    finally:
+        await reader.rpc.close()
+
+
+@aio_test
+async def test_not_found_is_kept_for_one_block(chain: Chain) -> None:  # noqa: F811
+    """A made-up channel id costs one RPC per block, not one per request; a channel opened on chain
+    is found as soon as the block number moves on, or ``recheck_after`` later at the latest."""
+    clock = Clock()
+    reader = make_reader(chain.url, mpe=chain.mpe.address, clock=clock, recheck_after=6.0)
+    try:
+        reader.blocks.update(chain.block_number())
+        unknown = chain.open_channel() + 1  # the id the next channel gets
+        for _ in range(5):
+            assert await reader.channel(unknown) is None
+        assert reader.cache_misses == 1
+        assert chain.open_channel() == unknown
+        assert await reader.channel(unknown) is None  # as far as we know, the same block
+        reader.blocks.update(chain.block_number())
+        assert await reader.channel(unknown) is not None
+        assert reader.cache_misses == 2
+
+        later = unknown + 1
+        assert await reader.channel(later) is None
+        assert chain.open_channel() == later
+        clock.advance(6)
+        assert await reader.channel(later) is None
+        clock.advance(0.5)  # no new block seen, but a block poll interval has passed
+        assert await reader.channel(later) is not None
+
+        assert await reader.channel(later + 1) is None
+        reader.invalidate(later + 1)
+        assert await reader.channel(later + 1) is None
+        assert await reader.channel(later + 1, fresh=True) is None
+        assert reader.cache_misses == 7
+    finally:
+        await reader.rpc.close()
+
+
+class SlowNode:
+    """A JSON-RPC node whose ``eth_call`` (a channel that does not exist) waits for :attr:`gate`."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.calls = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+        outputs = list(function("MultiPartyEscrow", "channels").outputs)
+        self.absent = "0x" + encode(outputs, [0, ZERO_ADDRESS, ZERO_ADDRESS, ZERO_ADDRESS, b"\0" * 32, 0, 0]).hex()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        result: str = "0x64"  # eth_blockNumber
+        if body["method"] == "eth_call":
+            self.calls += 1
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            try:
+                await self.gate.wait()
+            finally:
+                self.in_flight -= 1
+            result = self.absent
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": result}, dumps=json.dumps)
+
+
+@aio_fixture
+async def slow_node() -> AsyncIterator[tuple[str, SlowNode]]:
+    node = SlowNode()
+    app = web.Application()
+    app.router.add_post("/", node.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}/", node
+    node.gate.set()
+    await runner.cleanup()
+
+
+@aio_test
+async def test_made_up_channels_leave_connections_to_the_block_poll(slow_node: tuple[str, SlowNode]) -> None:
+    """200 reads of made-up channel ids on a node that has become slow: no more than 16 go to the
+    node at once, so the block number poll still gets a connection at once (before, the reads
+    took all 64 and the poll waited behind them until it timed out)."""
+    url, node = slow_node
+    reader = make_reader(url, mpe="0x" + "11" * 20)
+    try:
+        reads = [asyncio.ensure_future(reader.channel(channel_id)) for channel_id in range(1000, 1200)]
+        await wait_for(lambda: node.in_flight >= 16)
+        await asyncio.sleep(0.05)  # more would have arrived by now
+        assert await asyncio.wait_for(reader.rpc.call("eth_blockNumber"), 1.0) == "0x64"
+        node.gate.set()
+        assert await asyncio.gather(*reads) == [None] * 200
+        assert (node.calls, node.most_in_flight) == (200, 16)
     finally:
         await reader.rpc.close()
 

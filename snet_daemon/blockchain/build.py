@@ -309,7 +309,14 @@ def build_chain(
         ws_url=ws,
         ws_authorization=auth_header(ws, settings.api_key, websocket=True) if ws else None,
     )
-    reader = EthereumChainReader(rpc, blocks, clock=reactor, network=network, mpe_address=settings.mpe_address or None)
+    reader = EthereumChainReader(
+        rpc,
+        blocks,
+        clock=reactor,
+        network=network,
+        mpe_address=settings.mpe_address or None,
+        recheck_after=settings.block_poll_interval,
+    )
     metadata = metadata_source(
         registry=RegistryReader(reader, registry) if registry else None,
         blocks=blocks,

@@ -6,11 +6,21 @@
 
 Channel state is cached.  The Go daemon reads ``channels(id)`` on every paid
 call (its issue #179); here a channel is read once and served from memory
-until the payment code invalidates it -- when a payment names a channel the
-cache does not know, claims more than the cached value, carries a nonce the
-cache does not expect, or the channel is near its expiration -- or, as a
-backstop, after ``channel_ttl`` seconds.  Concurrent reads of one channel
-share one RPC call.
+until the payment code invalidates it -- when a payment claims more than
+the cached value, carries a nonce the cache does not expect, or the channel
+is near its expiration -- or, as a backstop, after :data:`CHANNEL_TTL`.
+
+"Not found" is cached too, briefly: the ids are the caller's to choose and
+come before any authentication, so without it every request naming a
+made-up channel would cost an RPC.  It is kept only while the block number
+is the one it was read at, and never longer than ``recheck_after``: a
+channel opened on chain is found at most one block poll interval later
+even if its id was asked for just before (the real clients only learn the
+id from the mined transaction, so they normally never meet this delay).
+Concurrent reads of one channel share one RPC call, and at most
+:data:`_CHANNEL_READS` cache misses are read at once, so a flood of
+made-up ids cannot take all the JSON-RPC connections from the block number
+poll and the Registry reads.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import asyncio
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from eth_utils.address import to_checksum_address
 from twisted.internet.interfaces import IReactorTime
@@ -37,6 +47,16 @@ _log = Logger(namespace="snetd.chain")
 _CHANNELS = function("MultiPartyEscrow", "channels")
 _MPE_TOKEN = function("MultiPartyEscrow", "token")
 _BALANCE_OF = function("FetchToken", "balanceOf")
+
+#: Seconds a cached channel is trusted without an invalidation.
+CHANNEL_TTL: Final = 300.0
+#: Most channel reads (cache misses) sent to the node at once; more wait
+#: their turn.  The JSON-RPC client has 64 connections: this leaves most
+#: of them to the block number poll, Registry reads and token balances,
+#: and 16 reads of ~50 ms each still find hundreds of channels a second.
+_CHANNEL_READS: Final = 16
+#: Most "not found" answers kept (least recently asked are dropped first).
+_ABSENT_LIMIT: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +127,9 @@ class ChainReader(Protocol):
 
         Returns:
             The channel, or None when the contract has no such channel
-            (its ``sender`` is the zero address).  "Not found" is never cached.
+            (its ``sender`` is the zero address).  "Not found" is cached
+            only until the block number changes, and at most about one
+            block poll interval.
 
         Raises:
             ChainUnavailable: the node could not be reached (after retries).
@@ -142,7 +164,11 @@ class EthereumChainReader:
             when None, the one service metadata names (:meth:`set_mpe_address`)
             is used, and before that the network's known one.
         channel_ttl: Seconds a cached channel is trusted without an
-            invalidation; None trusts it until invalidated.
+            invalidation (:data:`CHANNEL_TTL`); None trusts it until
+            invalidated.
+        recheck_after: Seconds after which a "not found" is forgotten
+            (``block_poll_interval``: the block number cannot show a newer
+            chain any sooner).
         cache_size: Most channels kept (least recently used ones are dropped).
     """
 
@@ -154,7 +180,8 @@ class EthereumChainReader:
         clock: IReactorTime,
         network: NetworkInfo,
         mpe_address: str | None = None,
-        channel_ttl: float | None = 300.0,
+        channel_ttl: float | None = CHANNEL_TTL,
+        recheck_after: float = 6.0,
         cache_size: int = 100_000,
     ) -> None:
         self.rpc = rpc
@@ -166,8 +193,12 @@ class EthereumChainReader:
         self._mpe = self._configured_mpe or network.mpe
         self._token: str | None = network.token
         self._ttl = channel_ttl
+        self._recheck_after = recheck_after
         self._cache_size = cache_size
         self._channels: OrderedDict[int, tuple[ChannelInfo, float]] = OrderedDict()
+        #: Channels found absent: the block number and the time of the read.
+        self._absent: OrderedDict[int, tuple[int | None, float]] = OrderedDict()
+        self._reads = asyncio.Semaphore(_CHANNEL_READS)
         self._inflight: dict[int, asyncio.Future[ChannelInfo | None]] = {}
         self.chain_id_error: str | None = None
         #: Channel reads served from the cache / from the node (for metrics and tests).
@@ -261,13 +292,21 @@ class EthereumChainReader:
     async def channel(self, channel_id: int, *, fresh: bool = False) -> ChannelInfo | None:
         """See :meth:`ChainReader.channel`."""
         if not fresh:
+            now = self._clock.seconds()
             cached = self._channels.get(channel_id)
             if cached is not None:
                 info, fetched = cached
-                if self._ttl is None or self._clock.seconds() - fetched <= self._ttl:
+                if self._ttl is None or now - fetched <= self._ttl:
                     self._channels.move_to_end(channel_id)
                     self.cache_hits += 1
                     return info
+            absent = self._absent.get(channel_id)
+            if absent is not None:
+                block, fetched = absent
+                if block == self.blocks.status().number and now - fetched <= self._recheck_after:
+                    self._absent.move_to_end(channel_id)
+                    self.cache_hits += 1
+                    return None
         pending = self._inflight.get(channel_id)
         if pending is None:
             # One read per channel at a time, in a task of its own: callers
@@ -289,9 +328,19 @@ class EthereumChainReader:
         if mpe is None:
             raise ChainError("no MultiPartyEscrow address yet (service metadata not loaded)")
         self.cache_misses += 1
-        nonce, sender, signer, recipient, group_id, value, expiration = await self.call(mpe, _CHANNELS, channel_id)
+        async with self._reads:
+            # Block and time from before the call (and its wait for a turn),
+            # so that an answer is never kept as newer than it is.
+            block, fetched = self.blocks.status().number, self._clock.seconds()
+            nonce, sender, signer, recipient, group_id, value, expiration = await self.call(mpe, _CHANNELS, channel_id)
+        current = mpe == self._mpe  # not switched to another contract meanwhile
         if int(sender, 16) == 0:
             self._channels.pop(channel_id, None)
+            if current:
+                self._absent[channel_id] = (block, fetched)
+                self._absent.move_to_end(channel_id)
+                while len(self._absent) > _ABSENT_LIMIT:
+                    self._absent.popitem(last=False)
             return None
         info = ChannelInfo(
             channel_id=channel_id,
@@ -303,8 +352,9 @@ class EthereumChainReader:
             value=value,
             expiration=expiration,
         )
-        if mpe == self._mpe:  # not switched to another contract meanwhile
-            self._channels[channel_id] = (info, self._clock.seconds())
+        self._absent.pop(channel_id, None)
+        if current:
+            self._channels[channel_id] = (info, fetched)
             self._channels.move_to_end(channel_id)
             while len(self._channels) > self._cache_size:
                 self._channels.popitem(last=False)
@@ -314,8 +364,10 @@ class EthereumChainReader:
         """See :meth:`ChainReader.invalidate`."""
         if channel_id is None:
             self._channels.clear()
+            self._absent.clear()
         else:
             self._channels.pop(channel_id, None)
+            self._absent.pop(channel_id, None)
 
     async def token_address(self) -> str:
         """The token contract: the network's, or the one the MPE contract uses.

@@ -845,10 +845,11 @@ class EscrowLedger:
     async def _read_channel(self, channel_id: int, fresh: bool) -> ChainChannel | None:
         """The channel from the chain reader.
 
-        A channel its cache does not know is read from the chain already (a
-        channel opened a moment ago is found): a second, fresh read of a
-        channel found absent would only double the RPCs that anybody can
-        cause by naming made-up channel ids, before any authentication.
+        A channel its cache does not know is read from the chain already,
+        and a channel opened since it was found absent is found within one
+        block poll interval (the reader keeps "not found" no longer): a second,
+        fresh read would only double the RPCs that anybody can cause by
+        naming made-up channel ids, before any authentication.
 
         Raises:
             ChainError: from the chain reader.
