@@ -280,6 +280,27 @@ async def test_channel_ttl(chain: Chain) -> None:  # noqa: F811
 
 
 @aio_test
+async def test_recheck_reads_a_view_older_than_recheck_after(chain: Chain) -> None:  # noqa: F811
+    """A recheck (a claim is pending: it may land any block) reads a cached channel again once it
+    is older than ``recheck_after``, even when the cache is otherwise trusted until invalidated."""
+    channel_id = chain.open_channel(amount=10)
+    clock = Clock()
+    reader = make_reader(chain.url, mpe=chain.mpe.address, clock=clock, ttl=None, recheck_after=6.0)
+    try:
+        await reader.channel(channel_id)
+        chain.add_funds(channel_id, 5)
+        clock.advance(6)
+        assert (await reader.channel(channel_id, recheck=True)).value == 10  # type: ignore[union-attr]
+        clock.advance(0.5)
+        assert (await reader.channel(channel_id)).value == 10  # type: ignore[union-attr]
+        assert (await reader.channel(channel_id, recheck=True)).value == 15  # type: ignore[union-attr]
+        assert (await reader.channel(channel_id, recheck=True)).value == 15  # type: ignore[union-attr]
+        assert reader.cache_misses == 2
+    finally:
+        await reader.rpc.close()
+
+
+@aio_test
 async def test_mpe_from_metadata_and_token_balance(chain: Chain) -> None:  # noqa: F811
     """The MPE named by metadata is used (cache emptied on change); the token comes from MPE.token()."""
     reader = make_reader(chain.url)
@@ -370,6 +391,10 @@ async def test_fake_reader_behaves_like_the_real_one() -> None:
     assert (await reader.channel(1)).value == 150  # type: ignore[union-attr]
     assert await reader.channel(2) is None
     assert fake.reads == [1, 1, 2]
+    fake.set_channel_value(1, 175)
+    fake.now = 6.5
+    assert (await reader.channel(1)).value == 150  # type: ignore[union-attr]
+    assert (await reader.channel(1, recheck=True)).value == 175  # type: ignore[union-attr]
     fake.fail_with(ChainUnavailable("down"))
     with pytest.raises(ChainUnavailable):
         await reader.channel(3)

@@ -791,6 +791,46 @@ async def test_daemon_whose_chain_view_predates_a_landed_claim_spends_only_what_
     assert error.message.startswith("not enough tokens on payment channel")
 
 
+async def _claim_started_on_a_cached_channel() -> tuple[EscrowLedger, FakeChain]:
+    """A ledger that took a payment of PRICE on channel 1 (so caches the channel at nonce 0, value
+    1000), whose claim was then started (what ProviderControl writes)."""
+    storage = MemoryStorage(Clock())
+    ledger, chain, _ = make(storage)
+    chain.open(1, value=1000)
+    ledger.commit(await pay(ledger, 1, 0, PRICE))
+    await ledger.quiesce(1)
+    await storage.put(Keys().channel_state(1), ChannelState(1, claimed_amount=PRICE).encode())
+    return ledger, chain
+
+
+@aio_test
+async def test_payments_are_refused_within_a_block_poll_of_a_sendback_claim_landing() -> None:
+    """A claim with isSendback lands (MPE: nonce 1, value 0, expiration 0) after the chain view was
+    cached.  Once the view is older than a block poll interval, a payment under the new nonce has
+    it read again and is refused.  (It was checked against the old view, 990 left, for the whole
+    channel TTL, 300 s: calls served unpaid.)"""
+    ledger, chain = await _claim_started_on_a_cached_channel()
+    chain.channels[1].nonce, chain.channels[1].value, chain.channels[1].expiration = 1, 0, 0
+    chain.now = chain.recheck_after + 0.5
+    error = await rejected(ledger, 1, 1, PRICE)
+    assert error.status == Status.UNAUTHENTICATED
+    assert error.message.startswith("payment channel is near to be expired, expiration time: 0,")
+
+
+@aio_test
+async def test_a_pending_claim_costs_one_chain_read_per_block_poll_interval() -> None:
+    """While a claim is pending (stored nonce ahead of the cached chain view), payments read the
+    chain only when the view is older than a block poll interval; the view read is cached again."""
+    ledger, chain = await _claim_started_on_a_cached_channel()
+    reads = chain.fresh_reads
+    amount = 0
+    for now, expected in ((1.0, 0), (6.0, 0), (6.5, 1), (12.0, 1), (12.6, 2)):
+        chain.now = now
+        amount += PRICE
+        ledger.commit(await pay(ledger, 1, 1, amount))
+        assert chain.fresh_reads == reads + expected, now
+
+
 @aio_test
 async def test_state_two_claims_ahead_of_the_chain_view_makes_it_read_the_chain() -> None:
     """Stored nonce 2 against a cached view at nonce 0: the first claim's amount is unknown, so

@@ -99,8 +99,11 @@ class Treasurer:
             reply = cpb_grpc.ProviderControlServiceStub(channel).GetListInProgress(request, timeout=15)
         return list(reply.payments)
 
-    def claim_on_chain(self, claim: cpb.PaymentReply) -> None:
-        """``channelClaim`` with the payment the daemon handed over (what claim-all sends)."""
+    def claim_on_chain(self, claim: cpb.PaymentReply, *, sendback: bool = False) -> None:
+        """``channelClaim`` with the payment the daemon handed over (what claim-all sends).
+
+        ``sendback``: the rest of the channel goes back to its sender (MPE
+        sets its value and expiration to 0), as when closing it."""
         amount = int.from_bytes(claim.signed_amount, "big")
         signature = claim.signature
         self.deployment.chain.transact(
@@ -112,7 +115,7 @@ class Treasurer:
             signature[64],
             signature[:32],
             signature[32:64],
-            False,
+            sendback,
             sender=PROVIDER.address,
         )
 
@@ -295,6 +298,42 @@ def test_daemon_with_an_older_chain_view_after_a_claim_landed_through_another(
     paid_echo(deployment, two, channel_id, PRICE, nonce=1)
     claim = treasurer.start_claim(two, channel_id, 1)
     assert (int.from_bytes(claim.channel_nonce, "big"), int.from_bytes(claim.signed_amount, "big")) == (1, PRICE)
+
+
+def test_payments_are_refused_once_a_sendback_claim_landed(
+    chain: Chain,  # noqa: F811
+    ipfs: IpfsServer,  # noqa: F811
+    upstream: Upstream,
+    two_daemons: list[Daemon],  # noqa: F811
+) -> None:
+    """A claim started through daemon 1 lands with isSendback: the channel is emptied (value and
+    expiration 0) and moves to nonce 1.  Both daemons cached the channel before; within a block
+    poll interval (200 ms here) they refuse payments under nonce 1, and GetChannelState shows the
+    claim landed.  (They accepted those payments for the channel TTL, 300 s: calls served unpaid.)"""
+    daemons = two_daemons
+    deployment = Deployment.for_group(chain, ipfs, upstream, daemons)
+    one, two = (daemon.address for daemon in daemons)
+    treasurer = Treasurer(deployment)
+    channel_id = open_channel(chain)
+    paid_echo(deployment, two, channel_id, PRICE)  # daemon 2 caches the channel at nonce 0
+    claim = treasurer.start_claim(one, channel_id, 0)  # daemon 1 reads it too, before the landing
+    treasurer.claim_on_chain(claim, sendback=True)
+    nonce, *_, value, expiration = chain.channel(channel_id)
+    assert (nonce, value, expiration) == (1, 0, 0)
+    time.sleep(0.3)
+    upstream.record.reset()
+    for address in (one, two):
+        channel = make_channel(address)
+        try:
+            state = deployment.state(channel, channel_id)
+        finally:
+            channel.close()
+        assert (int.from_bytes(state.current_nonce, "big"), state.old_nonce_signed_amount) == (1, b"")
+        with pytest.raises(grpc.RpcError) as refused:
+            paid_echo(deployment, address, channel_id, PRICE, nonce=1)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "payment channel is near to be expired, expiration time: 0," in (refused.value.details() or "")
+    assert upstream.record.metadata == []
 
 
 def test_etcd_down_refuses_paid_calls_and_recovers(

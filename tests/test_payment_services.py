@@ -460,3 +460,21 @@ async def test_start_claim_on_another_daemon_after_a_claim_landed() -> None:
         await other.start_claim(1, 2)
     assert info.value.status == Status.FAILED_PRECONDITION
     assert "already in progress" in info.value.message
+
+
+@aio_test
+async def test_channel_state_after_a_sendback_claim_landed() -> None:
+    """A claim with isSendback lands (MPE: nonce 1, value 0, expiration 0); its record is still
+    there (no GetListInProgress since).  Once the cached chain view is older than a block poll
+    interval, GetChannelState reads it again and answers as Go does, the nonces agreeing: no
+    old payment any more (it answered "claim in progress" for the whole channel TTL)."""
+    world, other = await _claim_started_while_daemon_two_caches_nonce_0()
+    channel = world.chain.channels[1]
+    channel.nonce, channel.value, channel.expiration = 1, 0, 0
+    for daemon in (world, other):
+        reads = daemon.chain.fresh_reads
+        assert n((await daemon.get_state(1)).old_nonce_signed_amount) == PRICE  # the view is recent
+        daemon.chain.now = daemon.chain.recheck_after + 0.5
+        state = await daemon.get_state(1)
+        assert (n(state.current_nonce), state.current_signed_amount, state.old_nonce_signed_amount) == (1, b"", b"")
+        assert daemon.chain.fresh_reads == reads + 1

@@ -107,6 +107,15 @@ class Daemon:
     async def usage(self, channel_id: int) -> tuple[int | None, int]:
         return await self.prepaid.usage(channel_id)
 
+    async def start_claim(self, channel_id: int, nonce: int) -> cpb.PaymentReply:
+        """``StartClaim`` as the treasurer sends it."""
+        request = cpb.StartClaimRequest(
+            mpe_address=sig.checksum(MPE),
+            channel_id=channel_id.to_bytes(32, "big"),
+            signature=sig.sign(sig.start_claim(MPE, channel_id, nonce), PROVIDER_KEY),
+        )
+        return await self.control.start_claim(request, CALL)
+
 
 class World:
     def __init__(self) -> None:
@@ -408,16 +417,7 @@ async def test_writer_cancelled_while_our_lingering_hold_goes_leaves_no_hold(wri
     if writer == "get_token":
         task = asyncio.ensure_future(daemon.get_token(1, 5 * PRICE))
     else:
-        task = asyncio.ensure_future(
-            daemon.control.start_claim(
-                cpb.StartClaimRequest(
-                    mpe_address=sig.checksum(MPE),
-                    channel_id=(1).to_bytes(32, "big"),
-                    signature=sig.sign(sig.start_claim(MPE, 1, 0), PROVIDER_KEY),
-                ),
-                CALL,
-            )
-        )
+        task = asyncio.ensure_future(daemon.start_claim(1, 0))
     for _ in range(20):
         await asyncio.sleep(0)
     task.cancel()  # the client's deadline passes while the deletion waits
@@ -443,20 +443,28 @@ async def test_prepayment_on_a_daemon_whose_chain_view_predates_a_landed_claim()
     stale = Daemon(world.memory, FakeChain(channels=world.chain.channels), world.clock)
     await a.get_token(1, 60)
     await stale.get_token(1, 60)  # its view: nonce 0, value 100
-    await a.control.start_claim(
-        cpb.StartClaimRequest(
-            mpe_address=sig.checksum(MPE),
-            channel_id=(1).to_bytes(32, "big"),
-            signature=sig.sign(sig.start_claim(MPE, 1, 0), PROVIDER_KEY),
-        ),
-        CALL,
-    )
+    await a.start_claim(1, 0)
     world.chain.channels[1].nonce, world.chain.channels[1].value = 1, 40  # the claim landed
     world.chain.cached.clear()
     await escrow_pay(a, 1, 1, PRICE)
     error = await refused(stale.get_token(1, 100, nonce=1))
     assert error.message == "signed amount for token request cannot be greater than full amount in channel"
     await stale.get_token(1, 40, nonce=1)  # what is left is fine
+
+
+@aio_test
+async def test_prepayment_after_a_sendback_claim_landed_is_refused() -> None:
+    """A claim with isSendback lands (MPE: nonce 1, value 0, expiration 0) after the chain view was
+    cached.  Once the view is older than a block poll interval, a prepayment under the new nonce
+    has it read again and is refused (it was accepted against the old view for the channel TTL)."""
+    world = World()
+    await world.a.get_token(1, 4 * PRICE)
+    await world.a.start_claim(1, 0)
+    channel = world.chain.channels[1]
+    channel.nonce, channel.value, channel.expiration = 1, 0, 0
+    world.chain.now = world.chain.recheck_after + 0.5
+    error = await refused(world.a.get_token(1, PRICE, nonce=1))
+    assert error.message == "signed amount for token request cannot be greater than full amount in channel"
 
 
 @aio_test
@@ -529,14 +537,7 @@ async def test_prepaid_amounts_are_claimed_and_prepayment_continues_on_the_next_
     await world.a.get_token(1, 4 * PRICE)
     for _ in range(4):
         await world.a.prepaid.charge(1, PRICE)
-    claim = await world.a.control.start_claim(
-        cpb.StartClaimRequest(
-            mpe_address=sig.checksum(MPE),
-            channel_id=(1).to_bytes(32, "big"),
-            signature=sig.sign(sig.start_claim(MPE, 1, 0), PROVIDER_KEY),
-        ),
-        CALL,
-    )
+    claim = await world.a.start_claim(1, 0)
     assert int.from_bytes(claim.signed_amount, "big") == 4 * PRICE
     assert sig.recover(sig.mpe_claim(MPE, 1, 0, 4 * PRICE), claim.signature) == sig.address_of(CLIENT_KEY)
     # The claim lands on chain (nonce 1, value reduced).

@@ -6,9 +6,21 @@
 
 Channel state is cached.  The Go daemon reads ``channels(id)`` on every paid
 call (its issue #179); here a channel is read once and served from memory
-until the payment code invalidates it -- when a payment claims more than
-the cached value, carries a nonce the cache does not expect, or the channel
-is near its expiration -- or, as a backstop, after :data:`CHANNEL_TTL`.
+until one of these makes it be read again:
+
+* the payment code asks for a fresh read, when a check fails in a way a
+  newer chain state could fix (a nonce the cache does not expect, more than
+  the cached value, a channel near its expiration);
+* the payment code asks for a recheck because a claim it knows of is
+  pending on the channel: such a claim may land any block, and one with
+  ``isSendback`` empties the channel while every check still passes against
+  the old view.  An entry older than ``recheck_after`` (one
+  ``block_poll_interval``) is then read again, so payments are checked
+  against a landed claim within about one block poll interval, at the
+  cost of one RPC per channel in use and interval while claims are pending;
+* the entry is older than :data:`CHANNEL_TTL`, a backstop for changes no
+  check notices;
+* the MPE contract changes (the whole cache is emptied).
 
 "Not found" is cached too, briefly: the ids are the caller's to choose and
 come before any authentication, so without it every request naming a
@@ -48,7 +60,11 @@ _CHANNELS = function("MultiPartyEscrow", "channels")
 _MPE_TOKEN = function("MultiPartyEscrow", "token")
 _BALANCE_OF = function("FetchToken", "balanceOf")
 
-#: Seconds a cached channel is trusted without an invalidation.
+#: Seconds a cached channel is trusted when nothing else makes it be read
+#: again (see the module docstring).  Not configurable (the Go daemon has
+#: no such key, it caches nothing): with pending claims rechecked, it is
+#: only a backstop for a change no payment check notices, such as a claim
+#: sent to the chain without ``StartClaim``, which no daemon knows of.
 CHANNEL_TTL: Final = 300.0
 #: Most channel reads (cache misses) sent to the node at once; more wait
 #: their turn.  The JSON-RPC client has 64 connections: this leaves most
@@ -122,8 +138,14 @@ class ChainReader(Protocol):
     def block_status(self) -> BlockStatus:
         """The cached block number with its age."""
 
-    async def channel(self, channel_id: int, *, fresh: bool = False) -> ChannelInfo | None:
+    async def channel(self, channel_id: int, *, fresh: bool = False, recheck: bool = False) -> ChannelInfo | None:
         """The channel's on-chain state, from the cache unless ``fresh``.
+
+        Args:
+            fresh: read the chain, whatever the cache holds.
+            recheck: the caller expects the channel to change on chain soon
+                (a claim it knows of may land any block): a cached entry
+                older than about one block poll interval is read again.
 
         Returns:
             The channel, or None when the contract has no such channel
@@ -166,9 +188,10 @@ class EthereumChainReader:
         channel_ttl: Seconds a cached channel is trusted without an
             invalidation (:data:`CHANNEL_TTL`); None trusts it until
             invalidated.
-        recheck_after: Seconds after which a "not found" is forgotten
-            (``block_poll_interval``: the block number cannot show a newer
-            chain any sooner).
+        recheck_after: Seconds after which a cached channel is read again
+            when the caller asks for a recheck, and a "not found" is
+            forgotten (``block_poll_interval``: the block number cannot
+            show a newer chain any sooner).
         cache_size: Most channels kept (least recently used ones are dropped).
     """
 
@@ -289,14 +312,17 @@ class EthereumChainReader:
         """See :meth:`ChainReader.block_status`."""
         return self.blocks.status()
 
-    async def channel(self, channel_id: int, *, fresh: bool = False) -> ChannelInfo | None:
+    async def channel(self, channel_id: int, *, fresh: bool = False, recheck: bool = False) -> ChannelInfo | None:
         """See :meth:`ChainReader.channel`."""
         if not fresh:
             now = self._clock.seconds()
             cached = self._channels.get(channel_id)
             if cached is not None:
                 info, fetched = cached
-                if self._ttl is None or now - fetched <= self._ttl:
+                ttl = self._ttl
+                if recheck:
+                    ttl = self._recheck_after if ttl is None else min(ttl, self._recheck_after)
+                if ttl is None or now - fetched <= ttl:
                     self._channels.move_to_end(channel_id)
                     self.cache_hits += 1
                     return info

@@ -3,7 +3,8 @@
 The payment code is tested at full speed against this fake, and against
 the real reader (anvil) once; both honour the same contract: the cached
 block number may be stale, "not found" is None, and a read through the
-cache returns what was cached until :meth:`invalidate`.
+cache returns what was cached until :meth:`invalidate` (a recheck: until
+it is older than ``recheck_after``).
 
     chain = FakeChainReader(block=100)
     chain.put_channel(ChannelInfo(...))
@@ -32,6 +33,8 @@ class FakeChainReader:
 
     Attributes:
         reads: Channel ids read from the "chain" (cache misses), in order.
+        now: The time cached channels age by (tests move it on).
+        recheck_after: Age after which a recheck reads a channel again.
     """
 
     def __init__(self, block: int | None = 0, mpe_address: str | None = "0x" + "00" * 19 + "01") -> None:
@@ -40,7 +43,9 @@ class FakeChainReader:
         self._mpe = mpe_address
         self.chain_channels: dict[int, ChannelInfo] = {}
         self.balances: dict[str, int] = {}
-        self._cache: dict[int, ChannelInfo] = {}
+        self._cache: dict[int, tuple[ChannelInfo, float]] = {}
+        self.now = 0.0
+        self.recheck_after = 6.0
         self._failure: ChainError | None = None
         self.reads: list[int] = []
 
@@ -76,16 +81,17 @@ class FakeChainReader:
         fresh = self.block is not None and not self.block_stale
         return BlockStatus(number=self.block, age=0.0 if fresh else None, max_age=60.0, fresh=fresh, source="fake")
 
-    async def channel(self, channel_id: int, *, fresh: bool = False) -> ChannelInfo | None:
-        """See :meth:`ChainReader.channel`."""
-        if not fresh and channel_id in self._cache:
-            return self._cache[channel_id]
+    async def channel(self, channel_id: int, *, fresh: bool = False, recheck: bool = False) -> ChannelInfo | None:
+        """See :meth:`ChainReader.channel` ("not found" is not cached here)."""
+        cached = self._cache.get(channel_id)
+        if not fresh and cached is not None and not (recheck and self.now - cached[1] > self.recheck_after):
+            return cached[0]
         if self._failure is not None:
             raise self._failure
         self.reads.append(channel_id)
         info = self.chain_channels.get(channel_id)
         if info is not None:
-            self._cache[channel_id] = info
+            self._cache[channel_id] = (info, self.now)
         return info
 
     def invalidate(self, channel_id: int | None = None) -> None:

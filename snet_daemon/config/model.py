@@ -598,7 +598,12 @@ class DaemonConfig(Section):
 
     # -- chain reader and metadata refresh (not in Go; snet_daemon.blockchain) --
     block_poll_interval: GoDuration = Field(
-        "6s", description="(not in Go) How often the current block number is fetched from the JSON-RPC endpoint."
+        "6s",
+        description=(
+            "(not in Go) How often the current block number is fetched from the JSON-RPC endpoint.  Also how old "
+            "the cached chain view of a channel with a claim pending may get (a landed claim is noticed within "
+            "it), and the longest a channel id found absent on chain is taken as absent (never past the block)."
+        ),
     )
     block_max_age: GoDuration = Field(
         "60s",

@@ -38,8 +38,16 @@ without the Go daemon's faults:
   soon as their calls end, until a call comes back while that deletion is
   under way.
 * **No Ethereum RPC per call**: the channel's chain side comes from the
-  chain reader's cache, read afresh only when a check fails in a way a
-  newer chain state could fix (unknown channel, nonce, funds, expiry).
+  chain reader's cache.  It is read afresh when a check fails in a way a
+  newer chain state could fix (nonce, funds, expiry), and, while a claim is
+  pending as far as the stored state tells (its nonce is ahead of the
+  cached chain view), once the cached view is older than about one block
+  poll interval: the claim may land any block, and a claim with
+  ``isSendback`` empties the channel (value and expiration 0) while every
+  check still passes against the old view.  So after a claim lands,
+  payments are checked against it within about one block poll interval,
+  at the cost of an RPC per channel and interval only while claims are
+  pending.
 * **Several daemons on one storage never accept more than was signed, nor
   one payment twice**: every state change is conditional on the revision it
   was computed from.
@@ -135,8 +143,9 @@ class ChannelSource(Protocol):
     def current_block(self) -> int:
         """The cached block number; raises when it is too old to trust."""
 
-    async def channel(self, channel_id: int, *, fresh: bool = False) -> ChainChannel | None:
-        """The channel (None if it does not exist); ``fresh`` skips the cache.
+    async def channel(self, channel_id: int, *, fresh: bool = False, recheck: bool = False) -> ChainChannel | None:
+        """The channel (None if it does not exist); ``fresh`` skips the cache,
+        ``recheck`` skips an entry older than about one block poll interval.
 
         Raises:
             ChainError: the Ethereum node could not be read (a cached
@@ -463,9 +472,16 @@ class EscrowLedger:
         chain_fresh = False
         waited = 0.0
         attempts = 0
+        rechecked = False
         while attempts < _MAX_ATTEMPTS:
             attempts += 1
             state = merge(_decode(entry, channel_id), info.nonce)
+            if state.nonce > info.nonce and not rechecked:
+                # A claim is pending as far as we know: our view of the
+                # chain may predate its landing (see the module docstring).
+                rechecked = True
+                info = await self._channel_info(channel_id, terms, recheck=True)
+                state = merge(_decode(entry, channel_id), info.nonce)
             error = _check(payment, state, info, terms, price, self._block())
             if error is not None and error.state_dependent and not entry_fresh:
                 # Our idea of the stored state may be out of date: read it.
@@ -670,7 +686,10 @@ class EscrowLedger:
                 chain reader's cache.  For answers that depend on whether a
                 claim has landed, once the cached nonce disagrees with the
                 stored one: the cache may predate a claim that landed through
-                another daemon of the group (up to ``channel_ttl``).
+                another daemon of the group.  Without it, a stored nonce
+                ahead of the cached one (a claim pending as far as we know)
+                still makes a cached view older than about one block poll
+                interval be read again, as for a paid call.
 
         Returns:
             None only when the chain does not know the channel.
@@ -683,10 +702,7 @@ class EscrowLedger:
                 unreadable.
         """
         terms = self._terms()
-        try:
-            info = await self._read_channel(channel_id, fresh=fresh_chain)
-        except ChainError as exc:
-            raise chain_down(channel_id, exc) from None
+        info = await self._chain_view(channel_id, fresh=fresh_chain)
         if info is None:
             return None
         reason = _not_ours(info, terms)
@@ -697,7 +713,24 @@ class EscrowLedger:
         except StorageError as exc:
             raise _storage_down(exc) from None
         self._remember(channel_id, entry)
-        return merge(_decode(entry, channel_id), info.nonce), info, entry
+        state = merge(_decode(entry, channel_id), info.nonce)
+        if state.nonce > info.nonce and not fresh_chain:
+            info = await self._chain_view(channel_id, recheck=True)
+            if info is None:
+                return None
+            state = merge(_decode(entry, channel_id), info.nonce)
+        return state, info, entry
+
+    async def _chain_view(self, channel_id: int, *, fresh: bool = False, recheck: bool = False) -> ChainChannel | None:
+        """The chain reader's channel for the daemon's own services (see :meth:`stored_channel`).
+
+        Raises:
+            GrpcError: ``UNAVAILABLE`` when the Ethereum node is down.
+        """
+        try:
+            return await self._read_channel(channel_id, fresh, recheck)
+        except ChainError as exc:
+            raise chain_down(channel_id, exc) from None
 
     async def prepay(
         self,
@@ -748,7 +781,7 @@ class EscrowLedger:
             raise GrpcError(
                 Status.UNKNOWN, f"error:{lookup.message} was seen on retrieving details of channelID:{channel_id}"
             ) from None
-        chain_fresh = False
+        chain_fresh = rechecked = False
         await self.quiesce(channel_id)
         read_keys = [state_key, hold_key, planned_key, *also_read]
         waited = 0.0
@@ -762,6 +795,10 @@ class EscrowLedger:
             entry = entries[state_key]
             self._remember(channel_id, entry)
             state = merge(_decode(entry, channel_id), info.nonce)
+            if state.nonce > info.nonce and not rechecked:
+                rechecked = True  # as for a paid call (see _authorize)
+                info = await self._channel_info(channel_id, terms, recheck=True)
+                state = merge(_decode(entry, channel_id), info.nonce)
             precheck(state, info)
             error = _check(payment, state, info, terms, None, self._block())
             if error is not None and error.refreshable and not chain_fresh:
@@ -822,8 +859,11 @@ class EscrowLedger:
         except Exception:
             return GrpcError(Status.INTERNAL, "cannot determine current block")
 
-    async def _channel_info(self, channel_id: int, terms: PaymentTerms, fresh: bool = False) -> ChainChannel:
-        """The chain side of a channel of our group, for a payment.
+    async def _channel_info(
+        self, channel_id: int, terms: PaymentTerms, fresh: bool = False, recheck: bool = False
+    ) -> ChainChannel:
+        """The chain side of a channel of our group, for a payment
+        (``fresh``, ``recheck``: see :meth:`ChannelSource.channel`).
 
         Raises:
             GrpcError: the Go daemon's statuses for a paid call (§6.2):
@@ -832,7 +872,7 @@ class EscrowLedger:
                 ``UNAUTHENTICATED`` when the chain does not know it.
         """
         try:
-            info = await self._read_channel(channel_id, fresh)
+            info = await self._read_channel(channel_id, fresh, recheck)
         except Exception as exc:
             raise GrpcError(Status.INTERNAL, f"payment channel error: {exc}") from None
         if info is None:
@@ -842,7 +882,7 @@ class EscrowLedger:
             raise GrpcError(Status.INTERNAL, f"payment channel error: {reason}")
         return info
 
-    async def _read_channel(self, channel_id: int, fresh: bool) -> ChainChannel | None:
+    async def _read_channel(self, channel_id: int, fresh: bool, recheck: bool = False) -> ChainChannel | None:
         """The channel from the chain reader.
 
         A channel its cache does not know is read from the chain already,
@@ -854,7 +894,7 @@ class EscrowLedger:
         Raises:
             ChainError: from the chain reader.
         """
-        return await self._chain.channel(channel_id, fresh=fresh)
+        return await self._chain.channel(channel_id, fresh=fresh, recheck=recheck)
 
     async def _read_state(self, channel_id: int, state_key: str) -> Entry | None:
         try:

@@ -110,13 +110,17 @@ class ChannelStateService:
         """The payment being claimed, for a stored nonce ahead of the chain's.
 
         The Go daemon reads the chain's nonce on every request; this one
-        trusts the chain reader's cache, which may predate a claim that
-        landed through another daemon of the group, and that daemon may have
-        deleted its record of the claim since.  So a missing record makes
-        the chain be read once before the request is refused: snet-sdk asks
-        for the state before every paid call, and refusing would fail them
-        all on this daemon until the cache expires.  A claim really in
-        progress has its record and costs no RPC.
+        trusts the chain reader's cache, rechecked by the ledger once it is
+        older than about one block poll interval while a claim is pending
+        (so a claim that landed, with its record still there, is reported
+        landed within that time).  The cache may still predate a claim that
+        landed through another daemon of the group just now, and that
+        daemon may have deleted its record of the claim since.  So a missing
+        record makes the chain be read once before the request is refused:
+        snet-sdk asks for the state before every paid call, and refusing
+        would fail them all on this daemon until the cache is read again.
+        A claim really in progress has its record and costs no RPC beyond
+        the ledger's recheck.
 
         Returns:
             The state and chain view to answer with, and the claimed

@@ -55,7 +55,9 @@ class FakeChain:
 
     ``channel_error``, when set, is raised by every channel read that goes
     to the "node" (fresh, or not cached), as the real reader raises
-    ``ChainUnavailable`` while still serving its cache.
+    ``ChainUnavailable`` while still serving its cache.  Cached entries
+    age as :attr:`now` is moved on: a recheck reads those older than
+    :attr:`recheck_after` again (a block poll interval, in the real one).
     """
 
     block: int = 1000
@@ -64,13 +66,18 @@ class FakeChain:
     fresh_reads: int = 0
     block_error: Exception | None = None
     channel_error: Exception | None = None
+    now: float = 0.0
+    recheck_after: float = 6.0
+    cached_at: dict[int, float] = field(default_factory=dict)
 
     def current_block(self) -> int:
         if self.block_error is not None:
             raise self.block_error
         return self.block
 
-    async def channel(self, channel_id: int, *, fresh: bool = False) -> Channel | None:
+    async def channel(self, channel_id: int, *, fresh: bool = False, recheck: bool = False) -> Channel | None:
+        if recheck and self.now - self.cached_at.get(channel_id, self.now) > self.recheck_after:
+            fresh = True
         if fresh or channel_id not in self.cached:
             if self.channel_error is not None:
                 raise self.channel_error
@@ -79,6 +86,7 @@ class FakeChain:
             if found is None:
                 return None
             self.cached[channel_id] = replace(found)
+            self.cached_at[channel_id] = self.now
         return self.cached[channel_id]
 
     def open(self, channel_id: int, **kwargs: Any) -> Channel:
