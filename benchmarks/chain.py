@@ -112,8 +112,7 @@ async def main(args: argparse.Namespace) -> None:
 
         reader = EthereumChainReader(
             JsonRpcClient(anvil.url, now=reactor.seconds),
-            BlockNumber(reactor, 60),
-            clock=reactor,
+            BlockNumber(60),
             network=network_info("local"),
             mpe_address=mpe_address,
         )

@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
 from eth_abi.abi import encode
+from twisted.application.service import MultiService
 from twisted.internet.task import Clock
 
 from snet_daemon.blockchain.blocks import BlockNumber, BlockNumberService
+from snet_daemon.blockchain.build import build_chain
 from snet_daemon.blockchain.chain import ChainReader, ChannelInfo, EthereumChainReader
 from snet_daemon.blockchain.contracts import ZERO_ADDRESS, function, network_info
 from snet_daemon.blockchain.errors import ChainError, ChainUnavailable, StaleBlockNumber
 from snet_daemon.blockchain.fake import FakeChainReader
 from snet_daemon.blockchain.rpc import JsonRpcClient
+from snet_daemon.config.model import DaemonConfig
 from tests.support.aio import aio_fixture, aio_test
 from tests.support.chain import CLIENT, DEFAULT_GROUP_ID, PROVIDER, SIGNER, Anvil, Chain, chain  # noqa: F401
 
@@ -48,13 +53,13 @@ def make_reader(
     ttl: float | None = 300.0,
     recheck_after: float = 6.0,
 ) -> EthereumChainReader:
-    """A reader on ``url`` that retries fast."""
-    clock = clock or reactor_clock()
-    rpc = JsonRpcClient(url, now=clock.seconds, attempts=2, backoff=0.01, timeout=2.0)
+    """A reader on ``url`` that retries fast; its ages run on ``clock`` when one is given."""
+    now = clock.seconds if clock is not None else time.monotonic
+    rpc = JsonRpcClient(url, now=reactor_clock().seconds, attempts=2, backoff=0.01, timeout=2.0)
     return EthereumChainReader(
         rpc,
-        BlockNumber(clock, max_age),
-        clock=clock,
+        BlockNumber(max_age, now=now),
+        now=now,
         network=network_info(network),
         mpe_address=mpe,
         channel_ttl=ttl,
@@ -65,7 +70,7 @@ def make_reader(
 def test_block_number_age_bound() -> None:
     """The cached block number is refused before the first fetch and once older than the bound."""
     clock = Clock()
-    blocks = BlockNumber(clock, max_age=10)
+    blocks = BlockNumber(10, now=clock.seconds)
     with pytest.raises(StaleBlockNumber, match="not known yet"):
         blocks.current()
     blocks.update(42)
@@ -83,7 +88,7 @@ def test_block_number_age_bound() -> None:
 async def test_block_number_service_follows_anvil_mine(chain: Chain) -> None:  # noqa: F811
     """Polling keeps the cached block number fresh as blocks are mined."""
     reader = make_reader(chain.url)
-    service = BlockNumberService(reader.blocks, reader.rpc, clock=reactor_clock(), interval=0.05)
+    service = BlockNumberService(reader.blocks, reader.rpc, interval=0.05)
     service.startService()
     try:
         await wait_for(lambda: reader.blocks.status().number == chain.block_number())
@@ -101,9 +106,7 @@ async def test_block_number_service_follows_anvil_mine(chain: Chain) -> None:  #
 async def test_newheads_over_websocket(chain: Chain) -> None:  # noqa: F811
     """With a WebSocket endpoint, new blocks arrive through newHeads without waiting for a poll."""
     reader = make_reader(chain.url)
-    service = BlockNumberService(
-        reader.blocks, reader.rpc, clock=reactor_clock(), interval=3600, ws_url=chain.anvil.ws_url
-    )
+    service = BlockNumberService(reader.blocks, reader.rpc, interval=3600, ws_url=chain.anvil.ws_url)
     service.startService()
     try:
         await wait_for(lambda: service.ws_connected and reader.blocks.status().number is not None)
@@ -350,7 +353,7 @@ async def test_rpc_down_and_back() -> None:
     """When the node goes away the daemon keeps the last block until it is too old, then recovers."""
     anvil = Anvil().start()
     reader = make_reader(anvil.url, max_age=0.3)
-    service = BlockNumberService(reader.blocks, reader.rpc, clock=reactor_clock(), interval=0.05)
+    service = BlockNumberService(reader.blocks, reader.rpc, interval=0.05)
     service.startService()
     try:
         await wait_for(lambda: reader.health().ok)
@@ -402,3 +405,70 @@ async def test_fake_reader_behaves_like_the_real_one() -> None:
     fake.block_stale = True
     with pytest.raises(StaleBlockNumber):
         reader.current_block()
+
+
+def built_chain(url: str, **keys: Any) -> tuple[EthereumChainReader, BlockNumberService]:
+    """The reader and block service as :func:`build_chain` wires them for the daemon, on ``url``."""
+    config = DaemonConfig(
+        blockchain_network_selected="local",
+        ethereum_json_rpc_http_endpoint=url,
+        registry_address_key=PROVIDER.address,
+        organization_id="org",
+        service_id="svc",
+        **keys,
+    )
+    components = build_chain(config.chain, reactor_clock())
+    assert components.reader is not None
+    root = components.services[0]
+    assert isinstance(root, MultiService)
+    blocks = root.getServiceNamed("chain-blocks")
+    assert isinstance(blocks, BlockNumberService)
+    return components.reader, blocks
+
+
+@aio_test
+async def test_wall_clock_stepped_back_neither_stops_polls_nor_keeps_the_block_fresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wall clock stepped back an hour (an NTP step, a VM resumed; under the asyncio reactor
+    ``reactor.seconds()`` is ``time.time()``): polling goes on, and once the node stops answering
+    the block number goes stale after ``block_max_age``, not an hour later."""
+    anvil = Anvil().start()
+    reader, service = built_chain(anvil.url, block_poll_interval="50ms", block_max_age="1s")
+    service.startService()
+    try:
+        await wait_for(lambda: reader.blocks.status().number == 0)
+        wall = reactor_clock().seconds
+        monkeypatch.setattr(reactor_clock(), "seconds", lambda: wall() - 3600)
+        await reader.rpc.call("evm_mine")
+        await wait_for(lambda: reader.blocks.status().number == 1, within=2)
+        anvil.stop()
+        await wait_for(lambda: not reader.block_status().fresh, within=3)
+        with pytest.raises(StaleBlockNumber, match="not answering"):
+            reader.current_block()
+    finally:
+        await service.stopService().asFuture(asyncio.get_running_loop())
+        await reader.rpc.close()
+        anvil.stop()
+
+
+@aio_test
+async def test_wall_clock_stepped_forward_neither_ages_the_block_nor_the_channel_cache(
+    chain: Chain,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wall clock stepped forward an hour: the block number just fetched is still fresh (payments
+    are not refused as if the node had gone), and a channel just read is still served from the cache."""
+    channel_id = chain.open_channel(amount=10)
+    reader, service = built_chain(chain.url, mpe_contract_address=chain.mpe.address)
+    try:
+        block = await service.refresh()
+        assert (await reader.channel(channel_id)).value == 10  # type: ignore[union-attr]
+        chain.add_funds(channel_id, 5)
+        wall = reactor_clock().seconds
+        monkeypatch.setattr(reactor_clock(), "seconds", lambda: wall() + 3600)
+        assert reader.current_block() == block
+        assert reader.block_status().fresh
+        assert (await reader.channel(channel_id)).value == 10  # type: ignore[union-attr]
+    finally:
+        await reader.rpc.close()

@@ -7,23 +7,28 @@ also following ``newHeads`` over a WebSocket -- and payment code reads the
 cached value without I/O.  The value carries its age; reading it when it is
 older than ``block_max_age`` raises :class:`StaleBlockNumber`, so an RPC
 outage turns into clear refusals instead of decisions made on an old block.
+
+Ages and poll waits are measured on the monotonic clock, never on the wall
+clock: stepped back an hour (an NTP step, a VM resumed), a wall clock would
+make an hour-old block look new and hold the next poll back by that hour.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from snet_daemon import jsontext
 from snet_daemon.blockchain.errors import ChainError, StaleBlockNumber
-from snet_daemon.blockchain.periodic import Periodic, clock_sleep
+from snet_daemon.blockchain.periodic import Periodic, Sleep
 from snet_daemon.blockchain.rpc import JsonRpcClient, redact_url
 
 __all__ = ["BlockNumber", "BlockNumberService", "BlockStatus"]
@@ -37,7 +42,7 @@ class BlockStatus:
 
     Attributes:
         number: Last block number seen, or None before the first.
-        age: Seconds since it was fetched, or None.
+        age: Seconds since it was fetched (monotonic), or None.
         max_age: The configured bound.
         fresh: ``age <= max_age``.
         source: ``"poll"`` or ``"newHeads"``: how the last value arrived.
@@ -54,12 +59,13 @@ class BlockNumber:
     """The latest block number and when it was learnt.
 
     Args:
-        clock: The reactor clock.
         max_age: Seconds after which the value is too old to use.
+        now: A monotonic clock in seconds (the default is the one
+            asyncio's event loop uses); tests pass a fake.
     """
 
-    def __init__(self, clock: IReactorTime, max_age: float) -> None:
-        self._clock = clock
+    def __init__(self, max_age: float, *, now: Callable[[], float] = time.monotonic) -> None:
+        self._now = now
         self.max_age = max_age
         self._number: int | None = None
         self._updated: float | None = None
@@ -72,14 +78,14 @@ class BlockNumber:
         test chain reverted to a snapshot): the node is the authority.
         """
         self._number = number
-        self._updated = self._clock.seconds()
+        self._updated = self._now()
         self._source = source
 
     def age(self) -> float | None:
         """Seconds since the value was fetched, or None before the first fetch."""
         if self._updated is None:
             return None
-        return max(0.0, self._clock.seconds() - self._updated)
+        return max(0.0, self._now() - self._updated)
 
     def current(self) -> int:
         """The latest block number, without I/O.
@@ -120,10 +126,11 @@ class BlockNumberService(Service):
     Args:
         blocks: The cache to keep fresh.
         rpc: The HTTP JSON-RPC client.
-        clock: The reactor clock.
         interval: Seconds between polls.
         ws_url: WebSocket JSON-RPC endpoint for ``newHeads``, or None.
         ws_authorization: ``Authorization`` header for the WebSocket.
+        sleep: How to wait between polls and WebSocket reconnections
+            (monotonic: :func:`asyncio.sleep`; tests pass a fake).
     """
 
     name = "chain-blocks"
@@ -133,15 +140,15 @@ class BlockNumberService(Service):
         blocks: BlockNumber,
         rpc: JsonRpcClient,
         *,
-        clock: IReactorTime,
         interval: float,
         ws_url: str | None = None,
         ws_authorization: str | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.blocks = blocks
         self._rpc = rpc
-        self._clock = clock
-        self._poller = Periodic("block number poll", self._poll, interval, clock)
+        self._sleep = sleep
+        self._poller = Periodic("block number poll", self._poll, interval, sleep=sleep)
         self._ws_url = ws_url
         self._ws_headers = {"Authorization": ws_authorization} if ws_authorization else {}
         self._ws_task: asyncio.Task[None] | None = None
@@ -215,7 +222,7 @@ class BlockNumberService(Service):
                 )
             finally:
                 self.ws_connected = False
-            await clock_sleep(self._clock, delay)
+            await self._sleep(delay)
             delay = min(30.0, delay * 2)
 
     def _on_message(self, data: str) -> None:

@@ -130,10 +130,10 @@ class _ChainIdCheck(Service):
 
     name = "chain-id"
 
-    def __init__(self, reader: EthereumChainReader, clock: IReactorTime) -> None:
+    def __init__(self, reader: EthereumChainReader) -> None:
         self._reader = reader
         self._done = False
-        self._periodic = Periodic("chain id check", self._check, 15.0, clock)
+        self._periodic = Periodic("chain id check", self._check, 15.0)
 
     async def _check(self) -> None:
         if self._done:
@@ -262,7 +262,8 @@ def build_chain(
 
     Args:
         settings: ``config.chain``.
-        reactor: The (asyncio) reactor: clock and scheduler.
+        reactor: The (asyncio) reactor: the wall clock of the timestamps
+            health reports show.  Ages and polls use the monotonic clock.
         metadata_retry: Seconds before the first retry of a failed metadata
             load (doubling up to 60 s).
 
@@ -299,12 +300,11 @@ def build_chain(
     plan = plan_chain(settings)
     network, endpoint, key_in_header, registry = plan.network, plan.endpoint, plan.key_in_header, plan.registry
     rpc = JsonRpcClient(endpoint, now=reactor.seconds, api_key=settings.api_key if key_in_header else "")
-    blocks = BlockNumber(reactor, settings.block_max_age)
+    blocks = BlockNumber(settings.block_max_age)
     ws = settings.ws_endpoint or None
     block_service = BlockNumberService(
         blocks,
         rpc,
-        clock=reactor,
         interval=settings.block_poll_interval,
         ws_url=ws,
         ws_authorization=auth_header(ws, settings.api_key, websocket=True) if ws else None,
@@ -312,7 +312,6 @@ def build_chain(
     reader = EthereumChainReader(
         rpc,
         blocks,
-        clock=reactor,
         network=network,
         mpe_address=settings.mpe_address or None,
         recheck_after=settings.block_poll_interval,
@@ -329,7 +328,7 @@ def build_chain(
 
     metadata.subscribe(use_mpe)
     # Started in this order, stopped in reverse: the RPC pool closes last.
-    for child in (_Closer(rpc), block_service, _ChainIdCheck(reader, reactor), metadata):
+    for child in (_Closer(rpc), block_service, _ChainIdCheck(reader), metadata):
         child.setServiceParent(root)  # type: ignore[no-untyped-call]
     _log.info(
         "chain: network {network}, JSON-RPC {endpoint}{ws}, Registry {registry}",

@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from eth_utils.address import to_checksum_address
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from snet_daemon.blockchain.blocks import BlockNumber, BlockStatus
@@ -180,7 +181,6 @@ class EthereumChainReader:
         rpc: The JSON-RPC client.
         blocks: The block number cache (kept fresh by a
             :class:`~snet_daemon.blockchain.blocks.BlockNumberService`).
-        clock: The reactor clock (cache ages).
         network: Known addresses of the selected network.
         mpe_address: A configured MPE address (``mpe_contract_address``);
             when None, the one service metadata names (:meth:`set_mpe_address`)
@@ -193,6 +193,7 @@ class EthereumChainReader:
             forgotten (``block_poll_interval``: the block number cannot
             show a newer chain any sooner).
         cache_size: Most channels kept (least recently used ones are dropped).
+        now: Monotonic clock of cache ages, in seconds (tests pass a fake).
     """
 
     def __init__(
@@ -200,17 +201,17 @@ class EthereumChainReader:
         rpc: JsonRpcClient,
         blocks: BlockNumber,
         *,
-        clock: IReactorTime,
         network: NetworkInfo,
         mpe_address: str | None = None,
         channel_ttl: float | None = CHANNEL_TTL,
         recheck_after: float = 6.0,
         cache_size: int = 100_000,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rpc = rpc
         self.blocks = blocks
         self.network = network
-        self._clock = clock
+        self._now = now
         self._configured_mpe = to_checksum_address(mpe_address) if mpe_address else None
         # Until service metadata names one, the network's known MPE (if any).
         self._mpe = self._configured_mpe or network.mpe
@@ -315,7 +316,7 @@ class EthereumChainReader:
     async def channel(self, channel_id: int, *, fresh: bool = False, recheck: bool = False) -> ChannelInfo | None:
         """See :meth:`ChainReader.channel`."""
         if not fresh:
-            now = self._clock.seconds()
+            now = self._now()
             cached = self._channels.get(channel_id)
             if cached is not None:
                 info, fetched = cached
@@ -357,7 +358,7 @@ class EthereumChainReader:
         async with self._reads:
             # Block and time from before the call (and its wait for a turn),
             # so that an answer is never kept as newer than it is.
-            block, fetched = self.blocks.status().number, self._clock.seconds()
+            block, fetched = self.blocks.status().number, self._now()
             nonce, sender, signer, recipient, group_id, value, expiration = await self.call(mpe, _CHANNELS, channel_id)
         current = mpe == self._mpe  # not switched to another contract meanwhile
         if int(sender, 16) == 0:

@@ -1,10 +1,15 @@
-"""A coroutine run every N seconds of an injected clock, whose failures cannot stop it.
+"""A coroutine run every N seconds of the monotonic clock, whose failures cannot stop it.
 
 Background work of this package (block polling, Registry event polling,
-metadata retries) is an asyncio task that sleeps on the reactor's clock
-(``IReactorTime.callLater``), so tests can drive it with any clock and a
-failing tick is logged and followed by the next one -- unlike a
-``LoopingCall``, which ends on the first exception.
+metadata retries, the chain id check) is an asyncio task that waits with
+an injected ``sleep``, by default :func:`asyncio.sleep`.  asyncio's timers
+run on the event loop's monotonic clock; Twisted's do not: under the
+asyncio reactor, ``IReactorTime.callLater`` deadlines are wall-clock times
+(``reactor.seconds()`` is ``time.time()``), so a clock stepped back by an
+hour (an NTP step, a VM resumed) would stop every poll for an hour while
+the last block number went on looking fresh.  A failing tick is logged and
+followed by the next one -- unlike a ``LoopingCall``, which ends on the
+first exception.
 """
 
 from __future__ import annotations
@@ -12,28 +17,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-__all__ = ["Periodic", "clock_sleep"]
+__all__ = ["Periodic", "Sleep"]
 
 _log = Logger(namespace="snetd.chain")
 
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-async def clock_sleep(clock: IReactorTime, seconds: float) -> None:
-    """Sleep ``seconds`` on ``clock`` (not on the wall clock)."""
-    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    call = clock.callLater(seconds, _resolve, done)
-    try:
-        await done
-    finally:
-        if call.active():
-            call.cancel()
+#: How a loop waits ``seconds``: :func:`asyncio.sleep`, or a test's fake.
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class Periodic:
@@ -42,34 +33,44 @@ class Periodic:
     Args:
         name: For log lines.
         tick: The work; exceptions are logged, never propagated.
-        interval: Seconds between the end of one tick and the start of the next.
-        clock: Where time comes from.
+        interval: Seconds between the end of one tick and the start of the
+            next; may be changed between ticks.
+        sleep: How to wait (tests pass a fake).
+
+    Attributes:
+        failures: Ticks that raised.
     """
 
-    def __init__(self, name: str, tick: Callable[[], Awaitable[object]], interval: float, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        name: str,
+        tick: Callable[[], Awaitable[object]],
+        interval: float,
+        *,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
         self.name = name
         self.interval = interval
         self.failures = 0
         self._tick = tick
-        self._clock = clock
+        self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Future[None] | None = None
-        self._call: IDelayedCall | None = None
+        self._finished = False
 
     @property
     def running(self) -> bool:
         """Whether the loop is running."""
         return self._task is not None and not self._task.done()
 
-    def start(self, *, now: bool = True) -> None:
-        """Start the loop; the first tick runs at once unless ``now`` is false."""
+    def start(self) -> None:
+        """Start the loop; the first tick runs at once."""
         if not self.running:
-            self._task = asyncio.ensure_future(self._run(now))
+            self._finished = False
+            self._task = asyncio.ensure_future(self._run())
 
-    def trigger(self) -> None:
-        """Run the next tick now instead of at the end of the current wait."""
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+    def finish(self) -> None:
+        """End the loop when the tick in progress returns: for a tick whose work is done for good."""
+        self._finished = True
 
     async def stop(self) -> None:
         """Stop the loop, cancelling a tick in progress."""
@@ -82,9 +83,7 @@ class Periodic:
         except asyncio.CancelledError:
             pass
 
-    async def _run(self, now: bool) -> None:
-        if not now:
-            await self._sleep()
+    async def _run(self) -> None:
         while True:
             try:
                 await self._tick()
@@ -95,15 +94,6 @@ class Periodic:
                 _log.failure(
                     "{name}: tick failed; trying again in {interval} s", name=self.name, interval=self.interval
                 )
-            await self._sleep()
-
-    async def _sleep(self) -> None:
-        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._wake = wake
-        call = self._clock.callLater(self.interval, _resolve, wake)
-        try:
-            await wake
-        finally:
-            self._wake = None
-            if call.active():
-                call.cancel()
+            if self._finished:
+                return
+            await self._sleep(self.interval)

@@ -96,7 +96,9 @@ class MetadataSource(Service):
 
     Args:
         loader: Fetches and verifies documents.
-        clock: The reactor clock.
+        clock: The reactor clock: the (wall) time of
+            :attr:`MetadataStatus.loaded_at`.  Retries and polls wait on
+            the monotonic clock (:class:`~snet_daemon.blockchain.periodic.Periodic`).
         organization_id: ``organization_id``.
         service_id: ``service_id``.
         group_name: ``daemon_group_name``.
@@ -147,7 +149,7 @@ class MetadataSource(Service):
         self._lock = asyncio.Lock()
         self._retry_first = retry_interval
         self._retry = retry_interval
-        self._periodic = Periodic("metadata", self._tick, retry_interval, clock)
+        self._periodic = Periodic("metadata", self._tick, retry_interval)
         self._last_checked_block: int | None = None
         #: Registry events seen from block :attr:`_seen_from` on (see _poll_events).
         self._seen_events: set[tuple[str, str, int]] = set()

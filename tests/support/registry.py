@@ -177,12 +177,12 @@ def metadata_source(
     Nothing runs by itself: a test updates the block cache from ``rpc.head``
     and calls ``source._tick()`` for each poll.
     """
-    blocks = BlockNumber(clock, 60)
+    blocks = BlockNumber(60, now=clock.seconds)
     blocks.update(rpc.head)
     reader = EthereumChainReader(
         cast(JsonRpcClient, rpc),
         blocks,
-        clock=clock,
+        now=clock.seconds,
         network=NetworkInfo(name="local", chain_id=None, registry=None, mpe=None, token=None),
     )
     loader = DocumentLoader()
