@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -12,8 +13,9 @@ import pytest
 from aiohttp import web
 
 from snet_daemon.blockchain.errors import ChainUnavailable, ContractCallFailed, RateLimited
-from snet_daemon.blockchain.rpc import JsonRpcClient, auth_header, redact_url
+from snet_daemon.blockchain.rpc import MAX_ANSWER_SIZE, JsonRpcClient, auth_header, redact_url
 from tests.support.aio import aio_fixture, aio_test
+from tests.support.rpcnode import serving
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
 
@@ -65,15 +67,8 @@ async def node() -> AsyncIterator[tuple[str, Script]]:
         text = answer if isinstance(answer, str) else json.dumps(answer)
         return web.Response(status=status, text=text, headers=headers, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_post("/", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}/", script
-    await runner.cleanup()
+    async with serving(handle) as url:
+        yield url, script
 
 
 class Sleeps:
@@ -272,5 +267,65 @@ async def test_deeply_nested_answers_are_refused_before_decoding(node: tuple[str
     try:
         with pytest.raises(ChainUnavailable, match="nested deeper than 200"):
             await rpc.call("eth_blockNumber")
+    finally:
+        await rpc.close()
+
+
+def _oversized_answer() -> bytes:
+    """A valid JSON-RPC answer one byte over :data:`MAX_ANSWER_SIZE`."""
+    head, tail = b'{"jsonrpc": "2.0", "id": 1, "result": "0x', b'"}'
+    return head + b"0" * (MAX_ANSWER_SIZE + 1 - len(head) - len(tail)) + tail
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "gzip"])
+@aio_test
+async def test_oversized_answers_are_refused(framing: str) -> None:
+    """An answer over 8 MiB (a broken node, an endpoint URL serving a file) is refused, not read
+    into memory whole: at once when its Content-Length says so, else as soon as the bytes read (once
+    inflated, for a compressed body) pass the limit; asking again would fetch it again, so it is not
+    retried."""
+    answer = _oversized_answer()
+    requests = 0
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        nonlocal requests
+        requests += 1
+        await request.read()
+        if framing == "content-length":
+            return web.Response(body=answer, content_type="application/json")
+        if framing == "gzip":
+            packed = gzip.compress(answer)
+            return web.Response(body=packed, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            for start in range(0, len(answer), 65536):
+                await response.write(answer[start : start + 65536])
+        except ConnectionResetError:
+            pass  # the client gave up reading, as it should
+        return response
+
+    sleeps = Sleeps()
+    async with serving(handle) as url:
+        rpc = client(url, sleeps)
+        try:
+            with pytest.raises(ChainUnavailable, match=f"refused \\(limit {MAX_ANSWER_SIZE}\\)"):
+                await rpc.call("eth_blockNumber")
+            assert (requests, sleeps.delays) == (1, [])
+            assert "is the endpoint an Ethereum node?" in (rpc.health().last_error or "")
+        finally:
+            await rpc.close()
+
+
+@aio_test
+async def test_answers_up_to_the_limit_are_read(node: tuple[str, Script]) -> None:
+    """An answer of exactly the limit is read (the refusal is for larger ones only)."""
+    url, script = node
+    result = "0x" + "0" * (MAX_ANSWER_SIZE - len(json.dumps({"result": "0x", "jsonrpc": "2.0", "id": 1})))
+    script.answers = [ok(result)]
+    rpc = client(url, Sleeps(), attempts=1)
+    try:
+        assert await rpc.call("eth_blockNumber") == result
     finally:
         await rpc.close()

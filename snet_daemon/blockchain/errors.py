@@ -32,7 +32,8 @@ class ChainUnavailable(ChainError):
 
     Attributes:
         retry_after: Seconds the provider asked us to wait, if it said.
-        permanent: Retrying cannot help (the provider refused our credentials).
+        permanent: Retrying cannot help (the provider refused our
+            credentials, or answered more than the client reads).
     """
 
     def __init__(self, message: str, *, retry_after: float | None = None, permanent: bool = False) -> None:

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from snet_daemon import jsontext
 from snet_daemon.blockchain.errors import ChainUnavailable, ContractCallFailed, RateLimited
 
-__all__ = ["JsonRpcClient", "RpcHealth", "auth_header", "redact_url"]
+__all__ = ["MAX_ANSWER_SIZE", "JsonRpcClient", "RpcHealth", "auth_header", "redact_url"]
 
 _log = Logger(namespace="snetd.chain.rpc")
 
@@ -50,6 +50,13 @@ _RATE_LIMIT_TEXT = re.compile(r"rate.?limit|too many requests|request limit|exce
 _LOG_RANGE_TEXT = re.compile(r"block range|more than \d+ results|response size", re.IGNORECASE)
 
 Sleep = Callable[[float], Awaitable[None]]
+
+#: Largest JSON-RPC answer read, in bytes.  Real ones are small: a channel
+#: read is under 1 KiB, and Registry logs are asked for in block ranges of
+#: at most 2,000 blocks filtered by our organisation.  A broken or hostile
+#: node, or an endpoint URL that serves a file, could otherwise fill memory
+#: with one answer (and have it parsed on the reactor thread).
+MAX_ANSWER_SIZE = 8 * 1024 * 1024
 
 
 def auth_header(endpoint: str, api_key: str, *, websocket: bool = False) -> str | None:
@@ -110,7 +117,9 @@ class JsonRpcClient:
     are retried with exponential backoff -- honouring ``Retry-After`` -- and
     then raised as :class:`ChainUnavailable` / :class:`RateLimited`.  A
     JSON-RPC error answer (a revert, an unknown method) is raised at once as
-    :class:`ContractCallFailed`.
+    :class:`ContractCallFailed`, and an answer larger than
+    :data:`MAX_ANSWER_SIZE` as a :class:`ChainUnavailable` that is not
+    retried (asking again would fetch it again).
 
     Args:
         url: The endpoint.
@@ -233,7 +242,7 @@ class JsonRpcClient:
         body = json.dumps({"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params})
         try:
             async with self._get_session().post(self.url, data=body) as response:
-                payload = await response.read()
+                payload = await _read_capped(response, method)
                 status = response.status
                 retry_after = _retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -274,6 +283,36 @@ class JsonRpcClient:
         session, self._session = self._session, None
         if session is not None and not session.closed:
             await session.close()
+
+
+async def _read_capped(response: aiohttp.ClientResponse, method: str) -> bytes:
+    """The answer's body, refused past :data:`MAX_ANSWER_SIZE` without reading the rest.
+
+    Raises:
+        ChainUnavailable: the body is larger (``permanent``: not retried).
+    """
+    declared = response.content_length
+    if declared is not None and declared > MAX_ANSWER_SIZE:
+        raise _too_large(method, f"{declared} bytes")
+    if declared is not None and "Content-Encoding" not in response.headers:
+        # The body ends after the declared length: one read is enough.  (A
+        # compressed body is counted as it is inflated, below.)
+        return await response.read()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > MAX_ANSWER_SIZE:
+            raise _too_large(method, f"more than {MAX_ANSWER_SIZE} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(method: str, size: str) -> ChainUnavailable:
+    return ChainUnavailable(
+        f"{method}: answer of {size} refused (limit {MAX_ANSWER_SIZE}); is the endpoint an Ethereum node?",
+        permanent=True,
+    )
 
 
 def _error_text(payload: bytes) -> str:
