@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 
 from snet_daemon.blockchain.cid import (
     DAG_PB,
+    MAX_CID_TEXT,
     RAW,
     Cid,
     CidError,
@@ -21,6 +23,7 @@ from snet_daemon.blockchain.cid import (
     parse_dag_pb,
     verify_content,
 )
+from snet_daemon.blockchain.loader import clean_uri
 from tests.support.aio import aio_test
 
 
@@ -95,6 +98,19 @@ def test_parse_rejects_malformed_or_unsupported(text: str) -> None:
     """Malformed CIDs, non-sha2-256 hashes and non-file codecs are refused."""
     with pytest.raises(CidError):
         Cid.parse(text)
+
+
+def test_parse_refuses_long_text_before_decoding() -> None:
+    """Text longer than any CID is refused before base58 decoding, whose time grows with the square
+    of the length (200 KB took seconds): a Registry URI is any text the node returns."""
+    started = time.monotonic()
+    with pytest.raises(CidError, match="200001 characters, at most 128"):
+        Cid.parse("z" + "2" * 200_000)
+    assert time.monotonic() - started < 0.5
+    assert clean_uri("z" + "2" * 200_000) == "z" + "2" * 200_000  # not a CID: left as it is (a path)
+    hex_v1 = "f" + Cid.parse("bafkreifjjcie6lypi6ny7amxnfftagclbuxndqonfipmb64f2km2devei4").to_bytes().hex()
+    assert len(hex_v1) < MAX_CID_TEXT  # the longest form of a CID the daemon accepts
+    assert Cid.parse(hex_v1).codec == RAW
 
 
 def test_verify_content_detects_mismatch() -> None:

@@ -39,6 +39,7 @@ from snet_daemon.varint import encode_varint
 
 __all__ = [
     "DAG_PB",
+    "MAX_CID_TEXT",
     "RAW",
     "Cid",
     "CidError",
@@ -67,6 +68,12 @@ DEFAULT_MAX_LINKS = 174
 _UNIXFS_RAW = 0
 _UNIXFS_FILE = 2
 _UNIXFS_TYPE_NAMES = {0: "raw", 1: "directory", 2: "file", 3: "metadata", 4: "symlink", 5: "HAMT shard"}
+
+#: Longest CID text parsed.  A sha2-256 CID is at most 73 characters (CIDv1
+#: in base16); base58 decoding takes time quadratic in the length, and the
+#: text comes from the Registry (any ``metadataURI`` without a scheme), so a
+#: long one could hold the reactor thread for minutes.
+MAX_CID_TEXT = 128
 
 _B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _B58_INDEX = {char: index for index, char in enumerate(_B58_ALPHABET)}
@@ -169,6 +176,8 @@ class Cid:
                 sha2-256 with dag-pb or raw.
         """
         text = text.strip()
+        if len(text) > MAX_CID_TEXT:
+            raise CidError(f"{text[:20]!r}... is not a CID ({len(text)} characters, at most {MAX_CID_TEXT})")
         if len(text) == 46 and text.startswith("Qm"):
             return cls.from_bytes(_b58decode(text))
         if not text:
