@@ -459,6 +459,35 @@ async def test_registry_events_refused_even_for_one_block_are_a_warning() -> Non
     assert source_price(source) == 25
 
 
+@aio_test
+async def test_malformed_registry_logs_are_skipped_with_a_warning() -> None:
+    """Log entries that are not objects, or whose blockNumber is not a quantity (null for a pending
+    log), are skipped with a warning each: the poll goes on past them and finds the real event, where
+    one such entry used to fail every poll of the same range (the position never advancing)."""
+    rpc = FakeRegistryRpc()
+    source, blocks, _ = metadata_source(rpc, Clock())
+    await source._tick()
+    rpc.junk_logs = [
+        "junk",
+        {"topics": "0x1"},
+        rpc.log("ServiceMetadataModified", None, SVC),
+        rpc.log("OrganizationModified", "-0x10"),
+        rpc.log("OrganizationModified", "0x10", "ignored") | {"topics": []},  # not ours: skipped quietly
+    ]
+    rpc.set_service_uri("svc-v25.json")
+    with warnings_logged() as warnings:
+        await poll(source, blocks, rpc)
+    assert source_price(source) == 25
+    assert len(warnings) == 4
+    assert all(text.startswith("eth_getLogs: skipped a") for text in warnings)
+    assert "ServiceMetadataModified blockNumber: None is not a quantity" in warnings[2]
+    assert "'-0x10' is not a quantity" in warnings[3]
+    scanned_to = rpc.get_logs[-1][1]
+    rpc.mine()
+    await poll(source, blocks, rpc)
+    assert rpc.get_logs[-1][1] == scanned_to + 1
+
+
 def _reader(rpc: FakeRegistryRpc) -> RegistryReader:
     source, _, _ = metadata_source(rpc, Clock())
     assert source.registry is not None

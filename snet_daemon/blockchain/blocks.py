@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from snet_daemon import jsontext
 from snet_daemon.blockchain.errors import ChainError, StaleBlockNumber
 from snet_daemon.blockchain.periodic import Periodic, Sleep
-from snet_daemon.blockchain.rpc import JsonRpcClient, redact_url
+from snet_daemon.blockchain.rpc import JsonRpcClient, quantity, redact_url
 
 __all__ = ["BlockNumber", "BlockNumberService", "BlockStatus"]
 
@@ -178,9 +178,10 @@ class BlockNumberService(Service):
         """Fetch the block number now (also used once at startup).
 
         Raises:
-            ChainError: the node could not be asked.
+            ChainError: the node could not be asked, or its answer is not
+                a block number.
         """
-        number = int(await self._rpc.call("eth_blockNumber"), 16)
+        number = quantity(await self._rpc.call("eth_blockNumber"), "eth_blockNumber")
         self.blocks.update(number, "poll")
         return number
 
@@ -237,8 +238,12 @@ class BlockNumberService(Service):
         elif message.get("id") == 1 and "error" in message:
             raise ChainError(f"eth_subscribe newHeads refused: {message['error']}")
         elif message.get("method") == "eth_subscription":
-            head = message.get("params", {}).get("result", {})
-            number = head.get("number") if isinstance(head, dict) else None
-            if isinstance(number, str):
-                self.ws_connected = True
-                self.blocks.update(int(number, 16), "newHeads")
+            params = message.get("params")
+            head = params.get("result") if isinstance(params, dict) else None
+            if not isinstance(head, dict):
+                return
+            # A head that is not a number raises: the subscription is
+            # dropped with a warning and made again, as on other failures.
+            number = quantity(head.get("number"), "newHeads")
+            self.ws_connected = True
+            self.blocks.update(number, "newHeads")

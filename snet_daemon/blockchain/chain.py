@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from snet_daemon.blockchain.blocks import BlockNumber, BlockStatus
 from snet_daemon.blockchain.contracts import ZERO_ADDRESS, AbiFunction, NetworkInfo, function
 from snet_daemon.blockchain.errors import ChainError, ContractCallFailed
-from snet_daemon.blockchain.rpc import JsonRpcClient, RpcHealth
+from snet_daemon.blockchain.rpc import JsonRpcClient, RpcHealth, quantity
 
 __all__ = ["ChainHealth", "ChainReader", "ChannelInfo", "EthereumChainReader"]
 
@@ -293,7 +293,7 @@ class EthereumChainReader:
         """
         if self.network.chain_id is None:
             return
-        chain_id = int(await self.rpc.call("eth_chainId"), 16)
+        chain_id = quantity(await self.rpc.call("eth_chainId"), "eth_chainId")
         if chain_id != self.network.chain_id:
             self.chain_id_error = (
                 f"the Ethereum node's chain id is {chain_id}, but blockchain_network_selected "

@@ -86,13 +86,19 @@ class AbiFunction:
         """``eth_call`` data (hex) for these arguments."""
         return "0x" + (self.selector + encode(list(self.inputs), list(args))).hex()
 
-    def decode_result(self, data: str) -> tuple[Any, ...]:
+    def decode_result(self, data: object) -> tuple[Any, ...]:
         """Decode an ``eth_call`` answer (hex).
+
+        Args:
+            data: The JSON-RPC ``result``, whatever JSON the node sent.
 
         Raises:
             ValueError: the answer is not an encoding of :attr:`outputs` --
-                typically ``0x`` because nothing is deployed at the address.
+                typically ``0x`` because nothing is deployed at the address
+                -- or not even a string.
         """
+        if not isinstance(data, str):
+            raise ValueError(f"{self.name}() returned {type(data).__name__} instead of hex data")
         raw = bytes.fromhex(data[2:] if data.startswith("0x") else data)
         if not raw and self.outputs:
             raise ValueError(f"{self.name}() returned no data (is the contract address right?)")

@@ -9,8 +9,9 @@ from twisted.logger import Logger
 
 from snet_daemon.blockchain.chain import EthereumChainReader
 from snet_daemon.blockchain.contracts import event_topic, function, id_to_bytes32
-from snet_daemon.blockchain.errors import ChainError, ContractCallFailed, MetadataError
+from snet_daemon.blockchain.errors import ChainError, ChainUnavailable, ContractCallFailed, MetadataError
 from snet_daemon.blockchain.loader import clean_uri
+from snet_daemon.blockchain.rpc import quantity
 
 __all__ = ["ORG_EVENTS", "SERVICE_EVENTS", "RegistryEvent", "RegistryReader"]
 
@@ -66,9 +67,10 @@ class RegistryReader:
         """The node's latest block number (asked directly, not from the cache).
 
         Raises:
-            ChainError: the node could not be asked.
+            ChainError: the node could not be asked, or its answer is not
+                a block number.
         """
-        return int(await self._chain.rpc.call("eth_blockNumber"), 16)
+        return quantity(await self._chain.rpc.call("eth_blockNumber"), "eth_blockNumber")
 
     async def organization_uri(self, org_id: str, *, block: int | None = None) -> str:
         """The organisation's metadata URI, cleaned (see :func:`clean_uri`).
@@ -182,19 +184,31 @@ class RegistryReader:
 
     @staticmethod
     def _events(logs: list[Any], service_topic: str) -> list[RegistryEvent]:
+        """Our events among ``logs``; malformed entries are skipped with a warning.
+
+        Skipped rather than failing the whole answer: a failure would leave
+        the poll position where it is, so the same range -- and the same
+        entry -- would fail every poll, and no later event would ever be
+        seen.  A log not yet in a block (``blockNumber`` null, as nodes
+        answer for pending ones) is seen again by a later poll, which scans
+        the last blocks again.
+        """
         events: list[RegistryEvent] = []
         for log in logs:
-            topics = [str(topic).lower() for topic in log.get("topics", ())]
+            raw_topics = log.get("topics", []) if isinstance(log, dict) else None
+            if not isinstance(raw_topics, list):
+                _log.warn("eth_getLogs: skipped a malformed log entry {entry}", entry=repr(log)[:200])
+                continue
+            topics = [str(topic).lower() for topic in raw_topics]
             name = _TOPICS.get(topics[0]) if topics else None
             if name is None:
                 continue
             if name in SERVICE_EVENTS and (len(topics) < 3 or topics[2] != service_topic):
                 continue  # another service of our organisation
-            events.append(
-                RegistryEvent(
-                    name=name,
-                    block=int(log.get("blockNumber", "0x0"), 16),
-                    transaction=str(log.get("transactionHash", "")),
-                )
-            )
+            try:
+                block = quantity(log.get("blockNumber"), f"eth_getLogs {name} blockNumber")
+            except ChainUnavailable as exc:
+                _log.warn("eth_getLogs: skipped a log: {error}", error=exc)
+                continue
+            events.append(RegistryEvent(name=name, block=block, transaction=str(log.get("transactionHash", ""))))
         return events

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from snet_daemon import jsontext
 from snet_daemon.blockchain.errors import ChainUnavailable, ContractCallFailed, RateLimited
 
-__all__ = ["MAX_ANSWER_SIZE", "JsonRpcClient", "RpcHealth", "auth_header", "redact_url"]
+__all__ = ["MAX_ANSWER_SIZE", "JsonRpcClient", "RpcHealth", "auth_header", "quantity", "redact_url"]
 
 _log = Logger(namespace="snetd.chain.rpc")
 
@@ -50,6 +50,9 @@ _RATE_LIMIT_TEXT = re.compile(r"rate.?limit|too many requests|request limit|exce
 _LOG_RANGE_TEXT = re.compile(r"block range|more than \d+ results|response size", re.IGNORECASE)
 
 Sleep = Callable[[float], Awaitable[None]]
+
+# A JSON-RPC quantity as go-ethereum's hexutil.DecodeUint64 takes it.
+_QUANTITY = re.compile(r"0x[0-9a-fA-F]{1,16}")
 
 #: Largest JSON-RPC answer read, in bytes.  Real ones are small: a channel
 #: read is under 1 KiB, and Registry logs are asked for in block ranges of
@@ -89,6 +92,30 @@ def redact_url(url: str) -> str:
     """
     url = re.sub(r"//[^/@]*@", "//***@", url)
     return re.sub(r"/([A-Za-z0-9_-]{20,})(?=/|$|\?)", "/***", url)
+
+
+def quantity(value: object, what: str) -> int:
+    """A JSON-RPC quantity (block number, chain id) from a node's answer.
+
+    Only ``0x`` and 1 to 16 hex digits (a uint64), as go-ethereum decodes
+    them.  ``int(value, 16)`` alone would take ``"-0x10"`` (a block -16
+    turns the channel expiry check off), ``"0x1_0"`` and any number of
+    digits, and fail on ``null`` or a number with a ``TypeError`` outside
+    the :class:`~snet_daemon.blockchain.errors.ChainError` contract.
+
+    Args:
+        value: The JSON value.
+        what: Where it came from, for the message (``eth_blockNumber``).
+
+    Raises:
+        ChainUnavailable: it is not a quantity: the node is broken, or is
+            not an Ethereum node.
+    """
+    if isinstance(value, str) and _QUANTITY.fullmatch(value):
+        return int(value, 16)
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise ChainUnavailable(f"{what}: {shown} is not a quantity (0x and 1 to 16 hex digits)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,9 @@ class FakeRegistryRpc:
             from that block on.
         service_uris: The same for the service.
         logs: Registry logs, as ``eth_getLogs`` returns them.
+        junk_logs: Entries added to every ``eth_getLogs`` answer, whatever
+            its range: what a broken provider may send (a pending log's
+            ``blockNumber`` is null).
         get_logs: Every ``(fromBlock, toBlock)`` asked for, refused or not.
         refused: ``eth_getLogs`` requests refused for their range.
         call_blocks: The block parameter of every ``eth_call``.
@@ -68,6 +71,7 @@ class FakeRegistryRpc:
     org_uris: list[tuple[int, str]] = field(default_factory=lambda: [(0, "org.json")])
     service_uris: list[tuple[int, str]] = field(default_factory=lambda: [(0, "svc-v10.json")])
     logs: list[dict[str, Any]] = field(default_factory=list)
+    junk_logs: list[Any] = field(default_factory=list)
     get_logs: list[tuple[int, int]] = field(default_factory=list)
     refused: int = 0
     call_blocks: list[int | str] = field(default_factory=list)
@@ -89,17 +93,19 @@ class FakeRegistryRpc:
 
     def emit(self, name: str, block: int, service: str | None = None) -> None:
         """Add a Registry log for our organisation (and ``service``) at ``block``."""
+        self.logs.append(self.log(name, hex(block), service))
+
+    def log(self, name: str, block: Any, service: str | None = None) -> dict[str, Any]:
+        """A Registry log for our organisation (and ``service``) with ``block`` as its ``blockNumber``."""
         topics = [event_topic("Registry", name), "0x" + id_to_bytes32(ORG).hex()]
         if service is not None:
             topics.append("0x" + id_to_bytes32(service).hex())
-        self.logs.append(
-            {
-                "address": REGISTRY,
-                "topics": topics,
-                "blockNumber": hex(block),
-                "transactionHash": "0x" + f"{len(self.logs) + 1:064x}",
-            }
-        )
+        return {
+            "address": REGISTRY,
+            "topics": topics,
+            "blockNumber": block,
+            "transactionHash": "0x" + f"{len(self.logs) + 1:064x}",
+        }
 
     # -- JsonRpcClient ---------------------------------------------------------
 
@@ -122,7 +128,7 @@ class FakeRegistryRpc:
         if self.log_limit is not None and end - start + 1 > self.log_limit:
             self.refused += 1
             raise ContractCallFailed(f"eth_getLogs: eth_getLogs is limited to a {self.log_limit} range", -32614)
-        return [log for log in self.logs if start <= int(log["blockNumber"], 16) <= end]
+        return [log for log in self.logs if start <= int(log["blockNumber"], 16) <= end] + self.junk_logs
 
     def _eth_call(self, call: dict[str, Any], block: str) -> str:
         node_head = self.head

@@ -1,0 +1,153 @@
+"""The chain side against a node that answers nonsense: typed chain errors, nothing stored."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from eth_abi.abi import encode
+
+from snet_daemon.blockchain.blocks import BlockNumber, BlockNumberService
+from snet_daemon.blockchain.chain import EthereumChainReader
+from snet_daemon.blockchain.contracts import ZERO_ADDRESS, function, network_info
+from snet_daemon.blockchain.errors import ChainUnavailable, ContractCallFailed
+from snet_daemon.blockchain.registry import RegistryReader
+from snet_daemon.blockchain.rpc import JsonRpcClient, quantity
+from tests.support.aio import aio_fixture, aio_test
+from tests.support.registry import MPE, REGISTRY
+from tests.support.rpcnode import StubNode, serving
+
+#: The block the reader knew before the node's bad answer.
+KNOWN_BLOCK = 1000
+
+
+@aio_fixture
+async def node() -> AsyncIterator[tuple[str, StubNode]]:
+    """A stub node on a free port, answering what the test sets."""
+    stub = StubNode()
+    async with serving(stub.handle) as url:
+        yield url, stub
+
+
+def reader_on(url: str, network: str = "local") -> EthereumChainReader:
+    """A reader of ``url`` (no retries) whose block cache knows :data:`KNOWN_BLOCK`."""
+    rpc = JsonRpcClient(url, now=lambda: 0.0, attempts=1, timeout=5.0)
+    blocks = BlockNumber(60.0)
+    blocks.update(KNOWN_BLOCK)
+    return EthereumChainReader(rpc, blocks, network=network_info(network), mpe_address=MPE)
+
+
+@pytest.mark.parametrize("value", ["0x0", "0x10", "0xAbC", "0x" + "f" * 16, "0x0000000000000001"])
+def test_quantity_accepts_uint64_hex(value: str) -> None:
+    """``0x`` and 1 to 16 hex digits, either case, is a quantity."""
+    assert quantity(value, "test") == int(value, 16)
+
+
+NOT_QUANTITIES = [None, 42, 1.5, ["0x1"], {"x": "0x1"}, "", "0x", "10", "latest", "0X10", "0x" + "f" * 17]
+NOT_QUANTITIES += ["-0x10", "0x-10", "0x1_0", " 0x10", "0x10\n"]
+
+
+@pytest.mark.parametrize("value", NOT_QUANTITIES)
+def test_quantity_refuses_anything_else(value: Any) -> None:
+    """Not a string, a sign, separators, blanks, no digits, or more than a uint64: a chain error."""
+    with pytest.raises(ChainUnavailable, match=r"test: .* is not a quantity"):
+        quantity(value, "test")
+
+
+def test_quantity_error_shows_the_start_of_a_long_value() -> None:
+    """The message quotes at most 40 characters of what the node sent."""
+    with pytest.raises(ChainUnavailable) as caught:
+        quantity("0x" + "f" * 80, "test")
+    assert str(caught.value) == "test: '0x" + "f" * 34 + "... is not a quantity (0x and 1 to 16 hex digits)"
+
+
+# A block number or chain id that int(x, 16) took (-16 would turn the expiry check off), or that
+# escaped the ChainError contract as TypeError / ValueError.
+GARBAGE_QUANTITIES = [None, 42, "latest", "-0x10", "0x" + "f" * 80, "0x1_0"]
+GARBAGE_IDS = ["null", "number", "latest", "negative", "80 digits", "separator"]
+
+
+@pytest.mark.parametrize("value", GARBAGE_QUANTITIES, ids=GARBAGE_IDS)
+@aio_test
+async def test_block_number_that_is_not_a_quantity_is_refused(node: tuple[str, StubNode], value: Any) -> None:
+    """An eth_blockNumber answer that is not a uint64 in hex is a chain error, and the block number
+    the reader knew stays (ageing towards stale) instead of being replaced."""
+    url, stub = node
+    stub.results["eth_blockNumber"] = value
+    reader = reader_on(url)
+    service = BlockNumberService(reader.blocks, reader.rpc, interval=60)
+    try:
+        with pytest.raises(ChainUnavailable, match=r"eth_blockNumber: .* is not a quantity"):
+            await service.refresh()
+        assert reader.current_block() == KNOWN_BLOCK
+        with pytest.raises(ChainUnavailable, match=r"eth_blockNumber: .* is not a quantity"):
+            await RegistryReader(reader, REGISTRY).latest_block()
+    finally:
+        await reader.rpc.close()
+
+
+@pytest.mark.parametrize("value", GARBAGE_QUANTITIES, ids=GARBAGE_IDS)
+@aio_test
+async def test_chain_id_that_is_not_a_quantity_is_refused(node: tuple[str, StubNode], value: Any) -> None:
+    """An eth_chainId answer that is not a quantity is a chain error (the check is tried again),
+    not a chain id to compare."""
+    url, stub = node
+    stub.results["eth_chainId"] = value
+    reader = reader_on(url, network="main")
+    try:
+        with pytest.raises(ChainUnavailable, match=r"eth_chainId: .* is not a quantity"):
+            await reader.check_chain_id()
+        assert reader.chain_id_error is None
+    finally:
+        await reader.rpc.close()
+
+
+def test_newheads_that_are_not_numbers_are_refused() -> None:
+    """A newHeads notification whose number is not a quantity ends the subscription (it is made
+    again) instead of becoming the block number; one without a head object is ignored."""
+    blocks = BlockNumber(60.0)
+    blocks.update(KNOWN_BLOCK)
+    service = BlockNumberService(blocks, JsonRpcClient("http://127.0.0.1:1", now=lambda: 0.0), interval=60)
+
+    def head(result: Any) -> str:
+        return json.dumps({"jsonrpc": "2.0", "method": "eth_subscription", "params": {"result": result}})
+
+    for number in ("-0x10", None, "0x" + "f" * 80):
+        with pytest.raises(ChainUnavailable, match=r"newHeads: .* is not a quantity"):
+            service._on_message(head({"number": number}))
+    service._on_message(head(None))
+    service._on_message(json.dumps({"jsonrpc": "2.0", "method": "eth_subscription", "params": "junk"}))
+    assert blocks.current() == KNOWN_BLOCK
+    service._on_message(head({"number": "0x3e9"}))
+    assert (blocks.current(), blocks.status().source) == (1001, "newHeads")
+
+
+@pytest.mark.parametrize("result", [None, 42, ["0x1"], {"x": 1}])
+@aio_test
+async def test_eth_call_answer_that_is_not_hex_is_a_chain_error(node: tuple[str, StubNode], result: Any) -> None:
+    """An eth_call result that is not a string is a ContractCallFailed (a chain error the payment
+    code and the daemon's services handle), not an AttributeError reaching the front end."""
+    url, stub = node
+    stub.results["eth_call"] = result
+    reader = reader_on(url)
+    try:
+        with pytest.raises(ContractCallFailed, match=f"channels\\(\\) returned {type(result).__name__} instead"):
+            await reader.channel(7)
+    finally:
+        await reader.rpc.close()
+
+
+@aio_test
+async def test_eth_call_hex_answer_is_decoded(node: tuple[str, StubNode]) -> None:
+    """The check lets a well-formed answer through: a channel without a sender is "not found"."""
+    url, stub = node
+    channels = function("MultiPartyEscrow", "channels")
+    empty = [0, ZERO_ADDRESS, ZERO_ADDRESS, ZERO_ADDRESS, b"\0" * 32, 0, 0]
+    stub.results["eth_call"] = "0x" + encode(list(channels.outputs), empty).hex()
+    reader = reader_on(url)
+    try:
+        assert await reader.channel(7) is None
+    finally:
+        await reader.rpc.close()
