@@ -23,7 +23,7 @@ from snet_daemon.blockchain.errors import ChainError, ChainUnavailable, StaleBlo
 from snet_daemon.blockchain.fake import FakeChainReader
 from snet_daemon.blockchain.rpc import JsonRpcClient
 from snet_daemon.config.model import DaemonConfig
-from tests.support.aio import aio_fixture, aio_test
+from tests.support.aio import aio_fixture, aio_test, wait_for
 from tests.support.chain import CLIENT, DEFAULT_GROUP_ID, PROVIDER, SIGNER, Anvil, Chain, chain  # noqa: F401
 
 
@@ -32,15 +32,6 @@ def reactor_clock() -> Clock:
     from twisted.internet import reactor
 
     return reactor  # type: ignore[return-value]
-
-
-async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll ``predicate`` until true, failing after ``within`` seconds."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 def make_reader(

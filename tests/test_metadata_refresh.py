@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from snet_daemon.blockchain.registry import RegistryReader
 from snet_daemon.config.errors import ConfigError
 from snet_daemon.config.model import DaemonConfig
 from snet_daemon.ops.reload import SighupReload
-from tests.support.aio import aio_test
+from tests.support.aio import aio_test, wait_for
 from tests.support.chain import (  # noqa: F401 - fixtures
     ORG_ID,
     PROVIDER,
@@ -58,15 +58,6 @@ def reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
-
-
-async def wait_for(predicate: Callable[[], bool], within: float = 10.0) -> None:
-    """Poll ``predicate`` until true, failing after ``within`` seconds."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 class Running:

@@ -13,6 +13,8 @@ Deferred to wait on.
     @aio_fixture
     async def storage() -> AsyncIterator[MemoryStorage]:
         yield MemoryStorage(...)
+
+:func:`wait_for` polls a condition from such a test.
 """
 
 from __future__ import annotations
@@ -61,3 +63,13 @@ def aio_fixture(fn: Callable[P, AsyncIterator[T]] | None = None, **fixture_kwarg
         return pytest_twisted.async_yield_fixture(**fixture_kwargs)(wrapper)
 
     return decorate(fn) if fn is not None else decorate
+
+
+async def wait_for(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``predicate`` every 10 ms until true, failing after ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
