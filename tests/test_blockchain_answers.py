@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
 
 import pytest
 from eth_abi.abi import encode
+from twisted.logger import LogEvent, LogLevel, capturedLogs, formatEvent
 
 from snet_daemon.blockchain.blocks import BlockNumber, BlockNumberService
 from snet_daemon.blockchain.chain import EthereumChainReader
@@ -15,7 +17,7 @@ from snet_daemon.blockchain.contracts import ZERO_ADDRESS, function, network_inf
 from snet_daemon.blockchain.errors import ChainUnavailable, ContractCallFailed
 from snet_daemon.blockchain.registry import RegistryReader
 from snet_daemon.blockchain.rpc import JsonRpcClient, quantity
-from tests.support.aio import aio_fixture, aio_test
+from tests.support.aio import aio_fixture, aio_test, wait_for
 from tests.support.registry import MPE, REGISTRY
 from tests.support.rpcnode import StubNode, serving
 
@@ -151,3 +153,83 @@ async def test_eth_call_hex_answer_is_decoded(node: tuple[str, StubNode]) -> Non
         assert await reader.channel(7) is None
     finally:
         await reader.rpc.close()
+
+
+def block_poll_logs(events: Sequence[LogEvent]) -> list[LogEvent]:
+    """The block number service's log events."""
+    return [event for event in events if event.get("log_namespace") == "snetd.chain.blocks"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "cause"),
+    [
+        (
+            {"code": -32601, "message": "method eth_blockNumber is not available"},
+            "eth_blockNumber: method eth_blockNumber is not available",
+        ),
+        (None, "eth_blockNumber: None is not a quantity (0x and 1 to 16 hex digits)"),
+    ],
+    ids=["json-rpc error", "not a quantity"],
+)
+@aio_test
+async def test_health_names_why_the_block_poll_fails(
+    node: tuple[str, StubNode], answer: dict[str, Any] | None, cause: str
+) -> None:
+    """A node answering eth_blockNumber with a JSON-RPC error (the method disabled by the provider) or
+    with something that is not a block number: the JSON-RPC client counts it as reachable, so the
+    heartbeat named no cause.  Now the poll's error is named until a block number arrives; it is
+    logged as a warning on the first failure and every tenth, without a traceback."""
+    url, stub = node
+    if answer is None:
+        stub.results["eth_blockNumber"] = None
+    else:
+        stub.errors["eth_blockNumber"] = answer
+    rpc = JsonRpcClient(url, now=lambda: 0.0, attempts=1, timeout=5.0)
+    reader = EthereumChainReader(rpc, BlockNumber(60.0), network=network_info("local"))
+    service = BlockNumberService(reader.blocks, rpc, interval=0.01)
+    with capturedLogs() as events:
+        service.startService()
+        try:
+            await wait_for(lambda: stub.calls["eth_blockNumber"] >= 12)
+            health = reader.health()
+            assert health.rpc.ok
+            assert not health.ok
+            assert health.error == f"current block number not known yet: {cause}"
+            assert reader.block_status().error == cause
+            stub.errors.clear()
+            stub.results["eth_blockNumber"] = "0x10"
+            await wait_for(lambda: reader.health().ok)
+            assert reader.block_status().error is None
+        finally:
+            await service.stopService().asFuture(asyncio.get_running_loop())
+            await rpc.close()
+    *logged, recovered = block_poll_logs(events)
+    assert formatEvent(recovered).startswith("block number poll works again")
+    assert recovered["failures"] >= 11
+    failed = [event for event in logged if event["log_level"] == LogLevel.warn]
+    assert [event["failures"] for event in failed] == [1, *range(10, recovered["failures"] + 1, 10)]
+    assert cause in formatEvent(failed[0])
+    assert not [event for event in logged if "log_failure" in event]
+
+
+class BrokenRpc:
+    """A JSON-RPC client with a bug: every call raises something that is not a chain error."""
+
+    async def call(self, method: str, params: Sequence[Any] = ()) -> Any:
+        """Fail the way a bug does."""
+        raise RuntimeError(f"bug in {method}")
+
+
+@aio_test
+async def test_unexpected_block_poll_errors_are_logged_with_a_traceback_now_and_then() -> None:
+    """A bug in the poll (not a chain error) is named for the heartbeat and logged with its traceback
+    on the first failure and every tenth, not on every tick."""
+    blocks = BlockNumber(60.0)
+    service = BlockNumberService(blocks, cast(JsonRpcClient, BrokenRpc()), interval=60)
+    with capturedLogs() as events:
+        for _ in range(25):
+            await service._poll()
+    logged = block_poll_logs(events)
+    assert [event["failures"] for event in logged] == [1, 10, 20]
+    assert all("log_failure" in event for event in logged)
+    assert blocks.status().error == "unexpected RuntimeError: bug in eth_blockNumber"

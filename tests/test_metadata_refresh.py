@@ -114,6 +114,7 @@ async def test_metadata_from_registry_and_ipfs(chain: Chain, ipfs: IpfsServer) -
         assert status["ready"]
         assert status["metadata"]["organization_uri"] == org_uri
         assert status["chain"]["block"] == chain.block_number()
+        assert status["chain"]["block_poll_error"] is None
         assert status["registry"] == chain.registry.address
 
 

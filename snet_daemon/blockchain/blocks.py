@@ -46,6 +46,10 @@ class BlockStatus:
         max_age: The configured bound.
         fresh: ``age <= max_age``.
         source: ``"poll"`` or ``"newHeads"``: how the last value arrived.
+        error: Why the last poll failed, until a value arrives again; the
+            cause the heartbeat names when the number is not fresh (the
+            JSON-RPC client's health alone does not show a JSON-RPC error
+            answer or an answer that is not a block number).
     """
 
     number: int | None
@@ -53,6 +57,7 @@ class BlockStatus:
     max_age: float
     fresh: bool
     source: str | None
+    error: str | None = None
 
 
 class BlockNumber:
@@ -70,6 +75,7 @@ class BlockNumber:
         self._number: int | None = None
         self._updated: float | None = None
         self._source: str | None = None
+        self._error: str | None = None
 
     def update(self, number: int, source: str = "poll") -> None:
         """Record ``number`` as the latest block, learnt now.
@@ -80,6 +86,11 @@ class BlockNumber:
         self._number = number
         self._updated = self._now()
         self._source = source
+        self._error = None
+
+    def failed(self, error: str) -> None:
+        """Record why a newer value could not be fetched (kept until one arrives)."""
+        self._error = error
 
     def age(self) -> float | None:
         """Seconds since the value was fetched, or None before the first fetch."""
@@ -113,6 +124,7 @@ class BlockNumber:
             max_age=self.max_age,
             fresh=age is not None and age <= self.max_age,
             source=self._source,
+            error=self._error,
         )
 
 
@@ -122,6 +134,11 @@ class BlockNumberService(Service):
     Polling never stops, even with a WebSocket: when heads arrive, a poll
     finding the value younger than the interval does nothing, and when the
     socket dies polling carries on while it reconnects.
+
+    A failed poll keeps the last value (its age grows), records why in
+    :meth:`BlockNumber.failed` for the heartbeat, and is logged at warning
+    level on the first failure in a row and every tenth after it, so an
+    outage neither goes unexplained nor fills the log.
 
     Args:
         blocks: The cache to keep fresh.
@@ -149,6 +166,7 @@ class BlockNumberService(Service):
         self._rpc = rpc
         self._sleep = sleep
         self._poller = Periodic("block number poll", self._poll, interval, sleep=sleep)
+        self._failures = 0
         self._ws_url = ws_url
         self._ws_headers = {"Authorization": ws_authorization} if ws_authorization else {}
         self._ws_task: asyncio.Task[None] | None = None
@@ -191,9 +209,29 @@ class BlockNumberService(Service):
             return
         try:
             await self.refresh()
-        except ChainError as exc:
-            # The RPC client has logged it; keep the last value (its age grows).
-            _log.debug("block number poll failed: {error}", error=exc)
+        except Exception as exc:
+            self._poll_failed(exc)
+        else:
+            if self._failures:
+                _log.info("block number poll works again after {failures} failures", failures=self._failures)
+            self._failures = 0
+
+    def _poll_failed(self, exc: Exception) -> None:
+        error = str(exc) if isinstance(exc, ChainError) else f"unexpected {type(exc).__name__}: {exc}"
+        self.blocks.failed(error)
+        self._failures += 1
+        if self._failures != 1 and self._failures % 10 != 0:
+            return
+        if isinstance(exc, ChainError):
+            _log.warn(
+                "block number poll failed ({failures} in a row; payments are refused once the block number "
+                "is {max_age:.0f} s old): {error}",
+                failures=self._failures,
+                max_age=self.blocks.max_age,
+                error=error,
+            )
+        else:  # a bug: worth its traceback, but not on every tick
+            _log.failure("block number poll failed ({failures} in a row)", failures=self._failures)
 
     async def _follow_heads(self, url: str) -> None:
         delay = 1.0

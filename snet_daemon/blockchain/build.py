@@ -110,6 +110,7 @@ class ChainComponents:
                 "block_age_seconds": None if health.blocks.age is None else round(health.blocks.age, 1),
                 "block_max_age_seconds": health.blocks.max_age,
                 "block_source": health.blocks.source,
+                "block_poll_error": health.blocks.error,
                 "rpc_consecutive_failures": health.rpc.consecutive_failures,
                 "mpe": self.reader.mpe_address,
             }

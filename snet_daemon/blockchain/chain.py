@@ -427,8 +427,9 @@ class EthereumChainReader:
                 if blocks.number is None
                 else f"current block number is {blocks.age:.0f} s old (bound {blocks.max_age:.0f} s)"
             )
-            if rpc.last_error:
-                error += f": {rpc.last_error}"
+            cause = blocks.error or rpc.last_error
+            if cause:
+                error += f": {cause}"
         elif not rpc.ok and rpc.last_error:
             error = rpc.last_error
         return ChainHealth(ok=error is None, rpc=rpc, blocks=blocks, error=error)
