@@ -9,14 +9,17 @@ from typing import Any, cast
 
 import pytest
 from eth_abi.abi import encode
+from twisted.application.service import MultiService
 from twisted.logger import LogEvent, LogLevel, capturedLogs, formatEvent
 
 from snet_daemon.blockchain.blocks import BlockNumber, BlockNumberService
+from snet_daemon.blockchain.build import _ChainIdCheck, build_chain
 from snet_daemon.blockchain.chain import EthereumChainReader
 from snet_daemon.blockchain.contracts import ZERO_ADDRESS, function, network_info
 from snet_daemon.blockchain.errors import ChainUnavailable, ContractCallFailed
 from snet_daemon.blockchain.registry import RegistryReader
 from snet_daemon.blockchain.rpc import JsonRpcClient, quantity
+from snet_daemon.config.model import DaemonConfig
 from tests.support.aio import aio_fixture, aio_test, wait_for
 from tests.support.registry import MPE, REGISTRY
 from tests.support.rpcnode import StubNode, serving
@@ -233,3 +236,28 @@ async def test_unexpected_block_poll_errors_are_logged_with_a_traceback_now_and_
     assert [event["failures"] for event in logged] == [1, 10, 20]
     assert all("log_failure" in event for event in logged)
     assert blocks.status().error == "unexpected RuntimeError: bug in eth_blockNumber"
+
+
+@aio_test
+async def test_chain_id_is_checked_until_the_node_answers_then_no_more(node: tuple[str, StubNode]) -> None:
+    """The daemon's chain id check asks eth_chainId once the node answers, and then stops its loop
+    (it used to wake every 15 s for the life of the daemon, doing nothing)."""
+    url, stub = node
+    stub.results["eth_chainId"] = "0x1"
+    config = DaemonConfig(blockchain_network_selected="main", ethereum_json_rpc_http_endpoint=url)
+    from twisted.internet import reactor  # the running one (pytest-twisted installed it)
+
+    components = build_chain(config.chain, reactor)
+    assert components.reader is not None
+    root = components.services[0]
+    assert isinstance(root, MultiService)
+    check = root.getServiceNamed("chain-id")
+    assert isinstance(check, _ChainIdCheck)
+    check.startService()
+    try:
+        await wait_for(lambda: not check._periodic.running)
+        assert stub.calls["eth_chainId"] == 1
+        assert components.reader.chain_id_error is None
+    finally:
+        await check.stopService().asFuture(asyncio.get_running_loop())
+        await components.reader.rpc.close()

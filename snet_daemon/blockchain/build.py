@@ -127,24 +127,24 @@ class ChainComponents:
 
 
 class _ChainIdCheck(Service):
-    """Checks ``eth_chainId`` once the node answers (then stops checking)."""
+    """Checks ``eth_chainId`` every 15 s until the node answers, then stops checking.
+
+    A mismatch is not checked again: it is a configuration mistake, shown by
+    the heartbeat until the daemon is restarted with the right endpoint.
+    """
 
     name = "chain-id"
 
     def __init__(self, reader: EthereumChainReader) -> None:
         self._reader = reader
-        self._done = False
         self._periodic = Periodic("chain id check", self._check, 15.0)
 
     async def _check(self) -> None:
-        if self._done:
-            return
         try:
             await self._reader.check_chain_id()
         except ChainError:
             return  # logged by the RPC client; try again later
-        self._done = True
-        await asyncio.sleep(0)
+        self._periodic.finish()
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
