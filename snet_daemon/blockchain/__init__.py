@@ -12,7 +12,7 @@
 * :mod:`~snet_daemon.blockchain.build` -- :func:`build_chain`, called by the
   composition root;
 * :mod:`~snet_daemon.blockchain.fake` -- an in-memory :class:`ChainReader`
-  for the payment code's unit tests.
+  that keeps the real one's contract, for tests.
 """
 
 from snet_daemon.blockchain.blocks import BlockNumber, BlockStatus

@@ -49,7 +49,7 @@ from eth_utils.address import to_checksum_address
 from twisted.logger import Logger
 
 from snet_daemon.blockchain.blocks import BlockNumber, BlockStatus
-from snet_daemon.blockchain.contracts import ZERO_ADDRESS, AbiFunction, NetworkInfo, function
+from snet_daemon.blockchain.contracts import AbiFunction, NetworkInfo, function
 from snet_daemon.blockchain.errors import ChainError, ContractCallFailed
 from snet_daemon.blockchain.rpc import JsonRpcClient, RpcHealth, quantity
 
@@ -433,8 +433,3 @@ class EthereumChainReader:
         elif not rpc.ok and rpc.last_error:
             error = rpc.last_error
         return ChainHealth(ok=error is None, rpc=rpc, blocks=blocks, error=error)
-
-    @staticmethod
-    def is_zero(address: str) -> bool:
-        """Whether ``address`` is the zero address."""
-        return address.lower() == ZERO_ADDRESS

@@ -29,7 +29,6 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
 __all__ = [
-    "KNOWN_NETWORKS",
     "ZERO_ADDRESS",
     "AbiFunction",
     "NetworkInfo",
@@ -196,7 +195,3 @@ def network_info(name: str) -> NetworkInfo:
         mpe=_address("MultiPartyEscrow", chain_id),
         token=_address("FetchToken", chain_id),
     )
-
-
-#: Networks with known addresses.
-KNOWN_NETWORKS = tuple(_CHAIN_IDS)

@@ -1,10 +1,12 @@
-"""An in-memory :class:`~snet_daemon.blockchain.chain.ChainReader` for unit tests.
+"""An in-memory :class:`~snet_daemon.blockchain.chain.ChainReader`, for code that reads the chain in tests.
 
-The payment code is tested at full speed against this fake, and against
-the real reader (anvil) once; both honour the same contract: the cached
-block number may be stale, "not found" is None, and a read through the
-cache returns what was cached until :meth:`invalidate` (a recheck: until
-it is older than ``recheck_after``).
+It honours the real reader's contract (checked side by side with it in
+``tests/test_blockchain_chain.py``): the cached block number may be stale,
+"not found" is None, and a read through the cache returns what was cached
+until :meth:`invalidate` (a recheck: until it is older than
+``recheck_after``).  (The payment code's own tests use
+``tests/support/payments.FakeChain`` instead, which counts fresh reads and
+fails block and channel reads separately.)
 
     chain = FakeChainReader(block=100)
     chain.put_channel(ChannelInfo(...))
