@@ -364,18 +364,34 @@ def test_runs_on_the_asyncio_reactor_and_logs_warnings(upstream: Upstream, tmp_p
 
 
 def test_log_level_and_json_format(upstream: Upstream, tmp_path: Path) -> None:
-    """log.level filters events and log.formatter.type json writes one JSON object per line."""
+    """log.level filters events and log.formatter.type json writes one plain JSON object per line."""
     config = {
         "service_endpoint": upstream.endpoint,
         "log": {"level": "warn", "formatter": {"type": "json"}},
         "rate_limit_per_minute": 9,
     }
     with Daemon(tmp_path, config) as daemon:
-        lines = [line for line in daemon.log_path.read_text().splitlines() if line.strip()]
-    events = [json.loads(line.lstrip("\x1e")) for line in lines]
+        # Split on newlines only, as JSON-lines readers do (str.splitlines also splits on \x1e).
+        lines = [line for line in daemon.log_path.read_text().split("\n") if line.strip()]
+    events = [json.loads(line) for line in lines]
     assert events, "no log output"
-    assert all(event["log_level"]["name"] in ("warn", "error", "critical") for event in events)
-    assert any("rate_limit_per_minute" in event.get("warning", "") for event in events)
+    assert all(event["level"] in ("warn", "error", "critical") for event in events)
+    assert any("rate_limit_per_minute" in event["msg"] for event in events)
+
+
+def test_log_lines_to_the_journal_carry_their_priority(upstream: Upstream, tmp_path: Path) -> None:
+    """When $JOURNAL_STREAM names the daemon's stdout (systemd with the journal), each line starts
+    with its syslog priority, which journald files it under; otherwise lines are left as they are."""
+    daemon = Daemon(tmp_path, {"service_endpoint": upstream.endpoint, "rate_limit_per_minute": 9})
+    daemon.log_path.touch()
+    status = daemon.log_path.stat()
+    daemon.env = {"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
+    with daemon:
+        lines = daemon.log_path.read_text().splitlines()
+    assert lines
+    assert all(re.match(r"<[2-7]>", line) for line in lines), lines
+    assert any(line.startswith("<4>") and "rate_limit_per_minute" in line for line in lines)
+    assert any(line.startswith("<6>") and "listening on" in line for line in lines)
 
 
 def test_port_in_use_fails_startup(tmp_path: Path) -> None:

@@ -1,29 +1,40 @@
-"""Log output for ``twistd snetd``: level filter and text or JSON lines.
+"""Log output for ``twistd snetd``: level filter, text or JSON lines, journal priorities.
 
 twistd chooses where logs go (``--logfile``, stdout with ``-n``, syslog);
 the daemon's config chooses how much and in which format (``log.level``,
-``log.formatter.type``).  :func:`observer_for` builds an observer that
-writes where twistd would, but filtered and formatted as configured; the
-composition root sets it on the twistd application, which twistd then uses
-instead of its own default.  A ``--logger`` given on the twistd command
-line still wins.
+``log.formatter.type``).  :func:`destination` works out where twistd would
+write and :func:`observer_for` builds an observer writing there, filtered
+and formatted as configured; the composition root sets it on the twistd
+application, which twistd then uses instead of its own default.
+
+Left to twistd, and so neither filtered nor formatted as configured:
+``--syslog`` and ``--logger`` (twistd builds those observers itself).  A
+``--logger`` given on the twistd command line wins in any case.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
-    jsonFileLogObserver,
-    textFileLogObserver,
+    formatEvent,
+    formatEventAsClassicLogText,
 )
 from twisted.python.logfile import LogFile
+
+__all__ = ["destination", "json_line", "level_named", "observer_for", "writes_to_journal"]
 
 _LEVELS = {
     "debug": LogLevel.debug,
@@ -36,6 +47,22 @@ _LEVELS = {
     "critical": LogLevel.critical,
 }
 
+#: syslog priorities (``<N>`` line prefixes) of Twisted's levels.
+_PRIORITIES = {
+    LogLevel.debug: 7,
+    LogLevel.info: 6,
+    LogLevel.warn: 4,
+    LogLevel.error: 3,
+    LogLevel.critical: 2,
+}
+
+#: Bookkeeping that ``twisted.python.log`` events carry besides their text
+#: (``time`` repeats ``log_time``, ``message`` and ``why`` are in the text).
+_LEGACY_KEYS = frozenset({"message", "time", "system", "isError", "format", "why", "failure"})
+
+#: The keys every JSON line has; an event field of the same name is left out.
+_JSON_KEYS = ("timestamp", "level", "logger", "msg", "error")
+
 
 def level_named(name: str) -> LogLevel:
     """The Twisted log level for a Go daemon level name (``info``, ``warn``...)."""
@@ -47,7 +74,7 @@ def destination(twistd_options: Mapping[str, Any] | None) -> IO[str] | None:
     """Where twistd would log, given its own options; None means "twistd decides".
 
     Mirrors twistd's Unix logger: ``--logfile=-`` or ``-n`` without a log
-    file means stdout; a daemon without ``--logfile`` writes ``twistd.log``.
+    file means stdout; a daemon without ``--logfile`` writes ``twistd.log``
     Returns None for ``--syslog`` and ``--logger``, which are left to twistd.
     """
     if twistd_options is None:
@@ -60,8 +87,125 @@ def destination(twistd_options: Mapping[str, Any] | None) -> IO[str] | None:
     return LogFile.fromFullPath(name or "twistd.log")  # type: ignore[no-any-return]
 
 
-def observer_for(level: str, json: bool, stream: IO[str]) -> ILogObserver:
-    """An observer writing events at ``level`` or above to ``stream``."""
-    base = jsonFileLogObserver(stream) if json else textFileLogObserver(stream)
+def writes_to_journal(stream: IO[str], environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether ``stream`` is systemd's journal, as ``$JOURNAL_STREAM`` says.
+
+    systemd sets ``JOURNAL_STREAM=device:inode`` for a service whose
+    stdout or stderr goes to the journal; the stream is the journal when
+    its file descriptor has that device and inode (systemd.exec(5)).  That
+    is exact: a terminal, a file, a pipe or a child process whose output
+    was redirected is not mistaken for the journal.
+    """
+    device, sep, inode = environ.get("JOURNAL_STREAM", "").partition(":")
+    if not sep:
+        return False
+    try:
+        status = os.fstat(stream.fileno())
+        return (status.st_dev, status.st_ino) == (int(device), int(inode))
+    except (AttributeError, OSError, ValueError):  # no file descriptor, or a malformed variable
+        return False
+
+
+def observer_for(level: str, json: bool, stream: IO[str], *, journal: bool | None = None) -> ILogObserver:
+    """An observer writing events at ``level`` or above to ``stream``.
+
+    Args:
+        level: a Go level name (:func:`level_named`).
+        json: one JSON object per line (:func:`json_line`); otherwise
+            Twisted's text lines, as twistd writes them.
+        stream: where the lines go.
+        journal: start each line with its syslog priority (``<3>`` for an
+            error...), which journald strips and files the line under, so
+            that ``journalctl -p warning`` finds warnings and errors.
+            Default: when :func:`writes_to_journal` says ``stream`` is the
+            journal; anywhere else the prefix would only be noise.
+    """
+    line: Callable[[LogEvent], str | None] = json_line if json else formatEventAsClassicLogText
+    if writes_to_journal(stream) if journal is None else journal:
+        line = _with_priority(line)
     predicate = LogLevelFilterPredicate(defaultLogLevel=level_named(level))
-    return FilteringLogObserver(base, [predicate])
+    return FilteringLogObserver(FileLogObserver(stream, line), [predicate])
+
+
+def _with_priority(line: Callable[[LogEvent], str | None]) -> Callable[[LogEvent], str | None]:
+    """``line`` with each output line prefixed by the event's syslog priority.
+
+    Every line, not only the first: journald makes a record of each line,
+    and a traceback's lines belong to the error as much as its first one.
+    """
+
+    def prefixed(event: LogEvent) -> str | None:
+        text = line(event)
+        if not text:
+            return text
+        prefix = f"<{_PRIORITIES.get(event.get('log_level', LogLevel.info), 6)}>"
+        return "".join(prefix + part for part in text.splitlines(keepends=True))
+
+    return prefixed
+
+
+def json_line(event: LogEvent) -> str:
+    """One log event as one line of JSON (never raises).
+
+    The line holds ``timestamp`` (ISO 8601, UTC, milliseconds, as Go's
+    default ``log.formatter.timestamp_format``), ``level`` (Twisted's level
+    name), ``logger`` (the namespace), ``msg`` (the rendered message) and,
+    for a failure, ``error``: its traceback, ending with the exception and
+    its message.  The event's other fields follow when they are strings,
+    numbers, booleans or null; anything else is rendered in ``msg`` when the
+    message names it, and left out otherwise (an object's ``repr`` is
+    seldom useful and may hold more than the message meant to show).
+    ``log_*`` keys are Twisted's own and are left out.
+
+    Pure ASCII (``\\u`` escapes), so that writing it cannot fail whatever
+    the stream's encoding, and no RFC 7464 ``\\x1e`` separator, so that
+    any JSON-lines reader, and the journal, take it.
+    """
+    try:
+        record = _json_record(event)
+    except Exception as error:  # a broken event must not take the log down with it
+        record = {"timestamp": _timestamp(None), "level": "error", "msg": f"unloggable event: {error!r}"}
+    return json.dumps(record) + "\n"
+
+
+def _json_record(event: LogEvent) -> dict[str, object]:
+    legacy = event.get("log_namespace") == "log_legacy"
+    fields = {
+        key: _scalar(value)
+        for key, value in event.items()
+        if isinstance(key, str)
+        and not key.startswith("log_")
+        and key not in _JSON_KEYS
+        and not (legacy and key in _LEGACY_KEYS)
+        and _is_scalar(value)
+    }
+    level = event.get("log_level", LogLevel.info)
+    record: dict[str, object] = {
+        "timestamp": _timestamp(event.get("log_time")),
+        "level": level.name if level in _PRIORITIES else "info",
+        "logger": str(event.get("log_namespace", "")),
+        "msg": formatEvent(event),
+    }
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            record["error"] = failure.getTraceback()
+        except Exception as error:
+            record["error"] = f"(traceback unavailable: {error!r})"
+    return record | fields
+
+
+def _timestamp(seconds: object) -> str:
+    when = seconds if isinstance(seconds, int | float) and math.isfinite(seconds) else datetime.now(UTC).timestamp()
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _scalar(value: object) -> object:
+    """JSON has no NaN or infinity: those become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

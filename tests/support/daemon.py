@@ -64,7 +64,8 @@ class Daemon:
         self._config_args = [] if default_config_file else [f"--config={self.config_path}"]
         self.config_path.write_text(json.dumps(self.config))
         self.log_path = workdir / f"snetd-{self.port}.log"
-        self._env = env
+        #: Extra environment variables (may be changed before start).
+        self.env = env
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -77,7 +78,7 @@ class Daemon:
         self.process = subprocess.Popen(
             [*self.prefix, TWISTD, "-n", "--pidfile=", "snetd", *self._config_args],
             cwd=self.workdir,
-            env=daemon_env(self._env),
+            env=daemon_env(self.env),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
