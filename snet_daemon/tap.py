@@ -345,6 +345,9 @@ def makeService(options: Options) -> IService:
     except ConfigError as error:
         print(f"snetd: configuration error: {error}", file=options.stderr)
         raise SystemExit(1) from None
+    except usage.UsageError as error:  # twistd options that cannot work with snetd's log observer
+        print(f"snetd: {error}", file=options.stderr)
+        raise SystemExit(1) from None
     # Bound now, while a failure can still be one line on the terminal (see _PublicPort).
     port = daemon.getServiceNamed("listener")
     assert isinstance(port, _PublicPort)
@@ -428,6 +431,8 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
             network without an endpoint).
     """
     # Imports here keep ``twistd --help`` fast and reactor-free.
+    from twisted.python.logfile import LogFile
+
     from snet_daemon._proto.escrow import control_service_pb2 as cpb
     from snet_daemon._proto.escrow import state_service_pb2 as spb
     from snet_daemon._proto.escrow import token_service_pb2 as tpb
@@ -467,6 +472,8 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     stream = oplog.destination(twistd_options)
     if stream is not None:
         root.log_observer = oplog.observer_for(config.log_settings.level, config.log_settings.json, stream)
+    if isinstance(stream, LogFile):
+        oplog.RotateOnSigusr1(reactor, stream).setServiceParent(root)  # type: ignore[no-untyped-call]
     for warning in loaded.warnings:
         _log.warn("{warning}", warning=warning)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import signal
 import socket
@@ -24,7 +25,7 @@ from snet_daemon.blockchain.build import build_chain
 from snet_daemon.config import ConfigError, load_config
 from snet_daemon.tap import Options, check_supported
 from tests.conftest import make_channel
-from tests.support.daemon import REPO, Daemon, daemon_env, run_twistd
+from tests.support.daemon import REPO, TWISTD, Daemon, daemon_env, run_twistd
 from tests.support.ports import free_port
 from tests.support.upstream import Upstream
 
@@ -392,6 +393,70 @@ def test_log_lines_to_the_journal_carry_their_priority(upstream: Upstream, tmp_p
     assert all(re.match(r"<[2-7]>", line) for line in lines), lines
     assert any(line.startswith("<4>") and "rate_limit_per_minute" in line for line in lines)
     assert any(line.startswith("<6>") and "listening on" in line for line in lines)
+
+
+def _wait_for_line(path: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Wait until ``text`` is in the file at ``path``, while ``process`` runs."""
+    deadline = time.monotonic() + timeout
+    while text not in (path.read_text() if path.exists() else ""):
+        assert process.poll() is None, f"snetd exited with {process.returncode}"
+        assert time.monotonic() < deadline, f"{text!r} not logged in {timeout}s"
+        time.sleep(0.05)
+
+
+def test_sigusr1_rotates_the_log_file(upstream: Upstream, tmp_path: Path) -> None:
+    """With --logfile, SIGUSR1 rotates the file (twistd's signal for it) instead of killing snetd."""
+    config = _write(
+        tmp_path / "c.json",
+        {
+            "daemon_endpoint": f"127.0.0.1:{free_port()}",
+            "blockchain_enabled": False,
+            "service_endpoint": upstream.endpoint,
+        },
+    )
+    logfile = tmp_path / "snetd.log"
+    process = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", f"--logfile={logfile}", "snetd", f"--config={config}"],
+        cwd=tmp_path,
+        env=daemon_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_line(logfile, "listening on", process)
+        process.send_signal(signal.SIGUSR1)
+        rotated = tmp_path / "snetd.log.1"
+        deadline = time.monotonic() + 10
+        while not rotated.exists():
+            assert process.poll() is None, f"snetd died of SIGUSR1 (exit {process.returncode})"
+            assert time.monotonic() < deadline, "SIGUSR1 did not rotate the log file"
+            time.sleep(0.05)
+        assert "listening on" in rotated.read_text()
+        process.send_signal(signal.SIGHUP)  # something to log after the rotation
+        _wait_for_line(logfile, "SIGHUP: nothing to reload", process)
+        assert "listening on" not in logfile.read_text()
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def test_a_daemon_cannot_log_to_stdout(tmp_path: Path) -> None:
+    """--logfile=- without -n is refused before daemonizing, as twistd does, instead of detaching
+    and logging to /dev/null."""
+    config = _write(tmp_path / "c.json", {"daemon_endpoint": f"127.0.0.1:{free_port()}", "blockchain_enabled": False})
+    pidfile = tmp_path / "snetd.pid"
+    try:
+        result = run_twistd(["--logfile=-", f"--pidfile={pidfile}", "snetd", f"--config={config}"], tmp_path)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert result.stderr.strip().splitlines()[-1:] == [
+            "snetd: a daemon cannot log to stdout (--logfile=-): add -n (--nodaemon) to stay in the foreground, "
+            "or give --logfile=FILE"
+        ]
+        assert not pidfile.exists()
+    finally:
+        time.sleep(0.5)  # a daemon that did start writes its pid file after forking
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
 
 
 def test_port_in_use_fails_startup(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ the daemon's config chooses how much and in which format (``log.level``,
 ``log.formatter.type``).  :func:`destination` works out where twistd would
 write and :func:`observer_for` builds an observer writing there, filtered
 and formatted as configured; the composition root sets it on the twistd
-application, which twistd then uses instead of its own default.
+application, which twistd then uses instead of its own default.  Taking
+twistd's place also means taking over what twistd does for its log file:
+:class:`RotateOnSigusr1` handles ``SIGUSR1`` as twistd would.
 
 Left to twistd, and so neither filtered nor formatted as configured:
 ``--syslog`` and ``--logger`` (twistd builds those observers itself).  A
@@ -17,24 +19,31 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, cast
 
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     LogEvent,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
     formatEventAsClassicLogText,
 )
 from twisted.python.logfile import LogFile
+from twisted.python.usage import UsageError
 
-__all__ = ["destination", "json_line", "level_named", "observer_for", "writes_to_journal"]
+__all__ = ["RotateOnSigusr1", "destination", "json_line", "level_named", "observer_for", "writes_to_journal"]
+
+_log = Logger(namespace="snetd")
 
 _LEVELS = {
     "debug": LogLevel.debug,
@@ -70,24 +79,37 @@ def level_named(name: str) -> LogLevel:
     return level
 
 
-def destination(twistd_options: Mapping[str, Any] | None) -> IO[str] | None:
+def destination(twistd_options: Mapping[str, Any] | None) -> IO[str] | LogFile | None:
     """Where twistd would log, given its own options; None means "twistd decides".
 
     Mirrors twistd's Unix logger: ``--logfile=-`` or ``-n`` without a log
     file means stdout; a daemon without ``--logfile`` writes ``twistd.log``
+    (a :class:`LogFile`, which twistd rotates at 1 MB and on ``SIGUSR1``).
     Returns None for ``--syslog`` and ``--logger``, which are left to twistd.
+
+    Raises:
+        UsageError: ``--logfile=-`` without ``-n``.  twistd refuses that
+            ("Daemons cannot log to stdout"), but only in the code this
+            observer replaces: without this check the daemon would detach
+            from the terminal and log to /dev/null.
     """
     if twistd_options is None:
         return sys.stdout
     if twistd_options.get("logger") or twistd_options.get("syslog"):
         return None
     name = twistd_options.get("logfile") or ""
+    if name == "-" and not twistd_options.get("nodaemon"):
+        raise UsageError(
+            "a daemon cannot log to stdout (--logfile=-): add -n (--nodaemon) to stay in the foreground, "
+            "or give --logfile=FILE"
+        )
     if name == "-" or (not name and twistd_options.get("nodaemon")):
         return sys.stdout
-    return LogFile.fromFullPath(name or "twistd.log")  # type: ignore[no-any-return]
+    logfile: LogFile = LogFile.fromFullPath(name or "twistd.log")
+    return logfile
 
 
-def writes_to_journal(stream: IO[str], environ: Mapping[str, str] = os.environ) -> bool:
+def writes_to_journal(stream: IO[str] | LogFile, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether ``stream`` is systemd's journal, as ``$JOURNAL_STREAM`` says.
 
     systemd sets ``JOURNAL_STREAM=device:inode`` for a service whose
@@ -97,16 +119,16 @@ def writes_to_journal(stream: IO[str], environ: Mapping[str, str] = os.environ) 
     was redirected is not mistaken for the journal.
     """
     device, sep, inode = environ.get("JOURNAL_STREAM", "").partition(":")
-    if not sep:
+    if not sep or isinstance(stream, LogFile):  # a log file is never the journal
         return False
     try:
         status = os.fstat(stream.fileno())
         return (status.st_dev, status.st_ino) == (int(device), int(inode))
-    except (AttributeError, OSError, ValueError):  # no file descriptor, or a malformed variable
+    except (OSError, ValueError):  # no file descriptor (io.UnsupportedOperation), a malformed variable
         return False
 
 
-def observer_for(level: str, json: bool, stream: IO[str], *, journal: bool | None = None) -> ILogObserver:
+def observer_for(level: str, json: bool, stream: IO[str] | LogFile, *, journal: bool | None = None) -> ILogObserver:
     """An observer writing events at ``level`` or above to ``stream``.
 
     Args:
@@ -124,7 +146,8 @@ def observer_for(level: str, json: bool, stream: IO[str], *, journal: bool | Non
     if writes_to_journal(stream) if journal is None else journal:
         line = _with_priority(line)
     predicate = LogLevelFilterPredicate(defaultLogLevel=level_named(level))
-    return FilteringLogObserver(FileLogObserver(stream, line), [predicate])
+    # A LogFile has write() and flush(), all that FileLogObserver uses.
+    return FilteringLogObserver(FileLogObserver(cast(IO[str], stream), line), [predicate])
 
 
 def _with_priority(line: Callable[[LogEvent], str | None]) -> Callable[[LogEvent], str | None]:
@@ -209,3 +232,38 @@ def _scalar(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+class RotateOnSigusr1(Service):
+    """``SIGUSR1`` rotates the log file, as under plain twistd.
+
+    twistd installs this handler along with its own log file observer,
+    which snetd replaces; without it ``SIGUSR1``, which logrotate setups
+    and operators send out of twistd habit, would end the daemon at once.
+    As twistd does, an existing handler (or ``SIG_IGN``) is left alone.
+
+    The handler stays installed once the service stops: the drain of
+    running calls comes after, and rotating is harmless at any time.
+
+    Args:
+        reactor: where the rotation runs; the signal handler only hands over
+            to it (``callFromThread`` is safe to call from a signal handler).
+        logfile: the file to rotate.
+    """
+
+    name = "log-rotation"
+
+    def __init__(self, reactor: IReactorFromThreads, logfile: LogFile) -> None:
+        self._reactor = reactor
+        self._logfile = logfile
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        try:
+            if not signal.getsignal(signal.SIGUSR1):  # SIG_DFL (0) or a handler set outside Python (None)
+                signal.signal(signal.SIGUSR1, self._signal)
+        except ValueError as error:  # not the main thread (embedded use)
+            _log.warn("cannot handle SIGUSR1 ({error}); it would stop the daemon", error=error)
+
+    def _signal(self, signum: int, frame: object) -> None:
+        self._reactor.callFromThread(self._logfile.rotate)
