@@ -36,6 +36,7 @@ from snet_daemon.config import (
     render_effective_config,
 )
 from snet_daemon.config.model import GO_DEFAULT_TOKEN_SECRET
+from snet_daemon.lifecycle import OrderedMultiService
 
 if TYPE_CHECKING:
     from snet_daemon.payments.freecall import FreeCallSettings
@@ -378,11 +379,17 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-class _Daemon(MultiService):
-    """The root service; it also gives twistd the configured log observer."""
+class _Daemon(OrderedMultiService):
+    """The root service; it also gives twistd the configured log observer.
+
+    Its children stop one at a time, the last added first, which
+    :func:`build_daemon` relies on: the port closes, then SIGHUP is
+    ignored, then running calls drain and the payment storage closes, and
+    only then do the chain services close what the calls used.
+    """
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.log_observer: ILogObserver | None = None
 
     def setServiceParent(self, parent: Any) -> Any:
@@ -481,6 +488,7 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     identity = config.identity
 
     # -- the chain and the metadata -------------------------------------------------
+    # Added first, so stopped last: running calls use the chain until they have drained.
     chain = build_chain(config.chain, reactor)
     for child in chain.services:
         child.setServiceParent(root)
@@ -489,7 +497,7 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     if chain.metadata is not None:
         metadata_source = chain.metadata
         reloads.append(("metadata", lambda: metadata_source.request_refresh("SIGHUP")))
-    SighupReload(reactor, reloads).setServiceParent(root)  # type: ignore[no-untyped-call]
+    sighup = SighupReload(reactor, reloads)
 
     # -- the service behind the daemon ----------------------------------------------
     upstream_settings = config.upstream
@@ -628,8 +636,7 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     async def stop() -> None:
         # In this order: running calls finish (or are ended after the grace
         # period) and commit their payments, then the service adapters and
-        # the storage close.  MultiService stops its children all at once,
-        # so the order lives here, in one service.
+        # the storage close.  The chain services stop after this one.
         await gateway.drain(SHUTDOWN_GRACE)
         await service.close()
         await grpc_client.close()
@@ -637,6 +644,8 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
             await payments.stop()
 
     _AsyncService("calls", start=start, stop=stop).setServiceParent(root)  # type: ignore[no-untyped-call]
+    # Stopped before the calls drain: a SIGHUP during the drain is ignored (see SighupReload).
+    sighup.setServiceParent(root)  # type: ignore[no-untyped-call]
 
     def announce(address: str) -> None:
         _log.info(

@@ -329,3 +329,21 @@ async def test_answers_up_to_the_limit_are_read(node: tuple[str, Script]) -> Non
         assert await rpc.call("eth_blockNumber") == result
     finally:
         await rpc.close()
+
+
+@aio_test
+async def test_closed_client_opens_no_new_pool(node: tuple[str, Script]) -> None:
+    """After close (the daemon stopping) a call fails at once, unretried, and opens no new
+    connection pool: nobody would close it ("Unclosed client session" at exit)."""
+    url, script = node
+    script.answers = [ok("0x10")]
+    sleeps = Sleeps()
+    rpc = client(url, sleeps)
+    assert await rpc.call("eth_blockNumber") == "0x10"
+    await rpc.close()
+    with pytest.raises(ChainUnavailable, match="closed") as caught:
+        await rpc.call("eth_blockNumber")
+    assert caught.value.permanent
+    assert sleeps.delays == []
+    assert len(script.seen) == 1
+    assert rpc._session is None

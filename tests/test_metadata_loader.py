@@ -174,3 +174,16 @@ async def test_test_server_speaks_the_kubo_api(ipfs: IpfsServer) -> None:  # noq
         assert added["Hash"] == str(build_dag(b'{"added": "by multipart"}').root)
         async with session.get(f"{ipfs.url}/api/v0/cat?arg={added['Hash']}") as response:
             assert await response.read() == b'{"added": "by multipart"}'
+
+
+@aio_test
+async def test_closed_loader_opens_no_new_pool(ipfs: IpfsServer) -> None:  # noqa: F811
+    """After close (the daemon stopping) an HTTP load fails and opens no new connection pool:
+    nobody would close it ("Unclosed client session" at exit)."""
+    loader = MetadataLoader(ipfs_endpoint=ipfs.url, lighthouse_endpoint=ipfs.gateway, timeout=5)
+    ipfs.pages["/metadata/service.json"] = DOC
+    assert await loader.load(f"{ipfs.url}/metadata/service.json") == DOC
+    await loader.close()
+    with pytest.raises(MetadataFetchError, match="closed"):
+        await loader.load(f"{ipfs.url}/metadata/service.json")
+    assert loader._session is None

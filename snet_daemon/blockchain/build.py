@@ -23,7 +23,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -40,6 +40,7 @@ from snet_daemon.blockchain.registry import RegistryReader
 from snet_daemon.blockchain.rpc import JsonRpcClient, auth_header, redact_url
 from snet_daemon.config.errors import ConfigError, ConfigProblem
 from snet_daemon.config.sections import ChainSettings
+from snet_daemon.lifecycle import OrderedMultiService
 
 __all__ = ["ChainComponents", "ChainPlan", "Readiness", "build_chain", "plan_chain"]
 
@@ -70,8 +71,10 @@ class ChainComponents:
         reader: The chain reader, or None with ``blockchain_enabled: false``.
         metadata: The metadata source, or None when there is no metadata
             to load (blockchain disabled and no local URIs).
-        services: Add each to the root service (one ``MultiService``
-            named ``chain`` that starts and stops everything in order).
+        services: Add each to the root service (one ``OrderedMultiService``
+            named ``chain``, whose children stop one at a time so that the
+            RPC pool closes last).  The root must stop it only after running
+            calls have drained: they read channels through the RPC pool.
         registry_address: The Registry in use ("" when none); part of the
             heartbeat's daemon id.
         network: ``blockchain_network_selected``.
@@ -289,8 +292,7 @@ def build_chain(
         service_uri=settings.service_metadata_uri,
         retry_interval=metadata_retry,
     )
-    root = MultiService()
-    root.setName("chain")
+    root = OrderedMultiService("chain")
     if not settings.enabled:
         if not (settings.service_metadata_uri or settings.organization_metadata_uri):
             return ChainComponents(None, None, [], "", settings.network)
@@ -328,7 +330,8 @@ def build_chain(
             reader.set_mpe_address(current.mpe_address)
 
     metadata.subscribe(use_mpe)
-    # Started in this order, stopped in reverse: the RPC pool closes last.
+    # Started in this order, stopped one at a time in reverse: the metadata
+    # source and the block poller have stopped calling when the RPC pool closes.
     for child in (_Closer(rpc), block_service, _ChainIdCheck(reader), metadata):
         child.setServiceParent(root)  # type: ignore[no-untyped-call]
     _log.info(

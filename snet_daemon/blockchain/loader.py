@@ -83,14 +83,19 @@ class MetadataLoader:
         self._timeout = timeout
         self.max_size = max_size
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     async def close(self) -> None:
-        """Close the HTTP connection pool."""
+        """Close the HTTP connection pool, for good: later loads over HTTP fail with :class:`MetadataFetchError`."""
+        self._closed = True
         session, self._session = self._session, None
         if session is not None and not session.closed:
             await session.close()
 
     def _http(self) -> aiohttp.ClientSession:
+        if self._closed:
+            # A new pool now would never be closed ("Unclosed client session").
+            raise MetadataFetchError("the metadata loader is closed (the daemon is stopping)")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
         return self._session

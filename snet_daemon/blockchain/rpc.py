@@ -184,6 +184,7 @@ class JsonRpcClient:
             self._headers["Authorization"] = authorization
         self._ids = itertools.count(1)
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         self._last_success: float | None = None
         self._last_error: str | None = None
         self._failures = 0
@@ -257,6 +258,9 @@ class JsonRpcClient:
             )
 
     def _get_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            # A new pool now would never be closed ("Unclosed client session").
+            raise ChainUnavailable("the JSON-RPC client is closed (the daemon is stopping)", permanent=True)
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
@@ -306,7 +310,8 @@ class JsonRpcClient:
         return answer["result"]
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool, for good: later calls fail with :class:`ChainUnavailable`."""
+        self._closed = True
         session, self._session = self._session, None
         if session is not None and not session.closed:
             await session.close()
