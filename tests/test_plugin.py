@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -586,6 +589,64 @@ def test_systemd_unit_installs_from_the_source_tree_like_readme() -> None:
     config = "--config=/etc/snetd/snetd.config.json"
     assert commands["ExecStart"] == f"/opt/snetd/bin/twistd -n --pidfile= snetd {config}"
     assert commands["ExecStartPre"] == f"/opt/snetd/bin/twistd snetd {config} --check-config"
+
+
+def _systemd_unit() -> dict[str, dict[str, str]]:
+    """etc/snetd.service as ``{section: {key: value}}``."""
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    for raw in (REPO / "etc" / "snetd.service").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+        elif line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            current[key.strip()] = value.strip()
+    return sections
+
+
+def _default(callable_: Any, parameter: str) -> float:
+    """The default value of ``parameter`` of ``callable_`` (a timeout)."""
+    value = inspect.signature(callable_).parameters[parameter].default
+    assert isinstance(value, int | float)
+    return float(value)
+
+
+def test_systemd_unit_lets_running_calls_drain_on_stop() -> None:
+    """etc/snetd.service signals twistd alone on stop (KillMode=mixed): the daemon stops the service's
+    executables and the embedded etcd itself, after the drain.  And it gives the stop more time than
+    the longest it can take, computed from the code's timeouts (the unit's comment lists them)."""
+    from snet_daemon.frontend.gateway import Gateway
+    from snet_daemon.payments import stack
+    from snet_daemon.storage.embedded import EmbeddedEtcd
+    from snet_daemon.storage.lease import LeaseKeeper
+    from snet_daemon.tap import SHUTDOWN_GRACE
+
+    service = _systemd_unit()["Service"]
+    assert service["KillMode"] == "mixed"
+    assert service["KillSignal"] == "SIGTERM"
+    worst = (
+        SHUTDOWN_GRACE  # running calls finish
+        + _default(Gateway.drain, "settle")  # calls ended after the grace are refunded
+        + stack._SETTLE  # background refunds land
+        + _default(LeaseKeeper, "revoke_timeout")  # the storage lease is revoked
+        + 2 * _default(EmbeddedEtcd, "stop_timeout")  # etcd's supervisor stops, then etcd: SIGTERM to SIGKILL
+    )
+    assert worst == 40, "update the TimeoutStopSec comment in etc/snetd.service"
+    assert float(service["TimeoutStopSec"]) >= 1.25 * worst
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_unit_verifies_cleanly(tmp_path: Path) -> None:
+    """systemd-analyze verify has nothing to say about etc/snetd.service: systemd only warns about an
+    unknown key, a key in the wrong section or a bad value, and then ignores it."""
+    unit = tmp_path / "snetd.service"
+    unit.write_text(
+        (REPO / "etc" / "snetd.service").read_text(encoding="utf-8").replace("/opt/snetd/bin/twistd", TWISTD)
+    )
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ""
 
 
 def test_startup_heap_is_frozen_out_of_full_collections() -> None:

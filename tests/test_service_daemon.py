@@ -11,6 +11,7 @@ executables that do not read or never end) the daemon must still answer.
 from __future__ import annotations
 
 import json
+import signal
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -338,6 +339,26 @@ def test_cancelled_calls_leave_the_daemon_healthy(
     if flavour.startswith("process"):
         assert wait_for(lambda: not pids_alive(running.pidfile), 5)
     assert_healthy(running.get(flavour))
+
+
+def test_sigterm_to_twistd_alone_lets_a_running_executable_finish(running: Running, tmp_path: Path) -> None:
+    """What `systemctl stop` does under etc/snetd.service (KillMode=mixed): SIGTERM to twistd alone.
+    The running call's executable is not signalled and the call ends with its reply during the
+    drain.  (With systemd's default, KillMode=control-group, the executable got SIGTERM too and
+    the call failed with INTERNAL.)"""
+    own = Running(tmp_path, running.jsonrpc, running.http)
+    daemon = own.get("process-python")
+    client = Client(daemon, "proto")
+    try:
+        future = client.unary("Slow").future({"text": "late", "options": {"delay_ms": 1500}}, timeout=20)
+        time.sleep(0.5)  # the executable is running
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        assert future.result().text == "late"
+        assert daemon.process.wait(20) == -signal.SIGTERM
+    finally:
+        client.close()
+        own.stop()
 
 
 # --------------------------------------------------------------------------
