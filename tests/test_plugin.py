@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -30,6 +31,7 @@ from snet_daemon.tap import Options, check_supported
 from tests.conftest import make_channel
 from tests.support.daemon import REPO, TWISTD, Daemon, daemon_env, run_twistd
 from tests.support.ports import free_port
+from tests.support.services import wait_for
 from tests.support.upstream import Upstream
 
 
@@ -647,6 +649,19 @@ def test_systemd_unit_verifies_cleanly(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == ""
+
+
+def test_systemctl_reload_sends_sighup(upstream: Upstream, tmp_path: Path) -> None:
+    """etc/snetd.service makes `systemctl reload snetd` work (without ExecReload= it fails, and
+    reload-or-restart restarts, dropping running calls): its command, run as systemd would, reloads
+    the daemon, which keeps running.  README tells operators about it."""
+    command = _systemd_unit()["Service"]["ExecReload"]
+    assert "systemctl reload snetd" in (REPO / "README.md").read_text(encoding="utf-8")
+    with Daemon(tmp_path, {"service_endpoint": upstream.endpoint}) as daemon:
+        assert daemon.process is not None
+        subprocess.run(shlex.split(command.replace("$MAINPID", str(daemon.process.pid))), check=True, timeout=10)
+        assert wait_for(lambda: "SIGHUP: nothing to reload" in daemon.log_path.read_text(), 10), daemon.log_tail()
+        assert daemon.process.poll() is None
 
 
 def test_startup_heap_is_frozen_out_of_full_collections() -> None:
