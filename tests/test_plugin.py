@@ -638,6 +638,18 @@ def test_systemd_unit_lets_running_calls_drain_on_stop() -> None:
     assert float(service["TimeoutStopSec"]) >= 1.25 * worst
 
 
+def test_systemd_unit_gives_up_on_a_daemon_that_keeps_failing() -> None:
+    """A bad configuration fails every start: etc/snetd.service stops restarting it once StartLimitBurst
+    starts fall within StartLimitIntervalSec ([Unit] keys).  systemd's default (5 in 10 s) is never
+    reached with RestartSec=5, so the daemon was restarted forever."""
+    unit = _systemd_unit()
+    interval, burst = float(unit["Unit"]["StartLimitIntervalSec"]), int(unit["Unit"]["StartLimitBurst"])
+    restart_every = float(unit["Service"]["RestartSec"])
+    assert unit["Service"]["Restart"] == "on-failure"
+    assert burst * restart_every < interval / 2  # reached even when each failing start takes a few seconds
+    assert not {"StartLimitIntervalSec", "StartLimitBurst"} & set(unit["Service"])
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_systemd_unit_verifies_cleanly(tmp_path: Path) -> None:
     """systemd-analyze verify has nothing to say about etc/snetd.service: systemd only warns about an
