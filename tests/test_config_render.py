@@ -156,3 +156,12 @@ def test_example_files_load_and_agree() -> None:
     assert from_json.config == from_yaml.config
     assert from_json.config.listen.port == 7000
     assert from_json.config.blockchain_network_selected == "main"
+
+
+def test_example_files_ask_for_nothing_that_is_ignored() -> None:
+    """The examples set no key the daemon warns it ignores (such as log files): what they say happens.
+    Their logs go to stdout, the journal under etc/snetd.service, and so does the embedded etcd's."""
+    for path in (EXAMPLE_JSON, EXAMPLE_YAML):
+        loaded = load_config(str(path), environ={})
+        assert not loaded.warnings, path
+        assert loaded.config.payment_channel_storage_server.log_outputs == ("stderr",)
