@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -281,13 +281,17 @@ def check_supported(config: DaemonConfig) -> None:
 
 
 def check_token_secret(config: DaemonConfig) -> None:
-    """Refuse Go's published ``token_secret_key`` when prepaid tokens are in use.
+    """Refuse a ``token_secret_key`` that others know, when prepaid tokens are in use.
 
-    Anyone can sign prepaid-call tokens with a published key and spend other
-    clients' prepaid calls.  Go accepts it; we refuse to start.
+    Anyone can sign prepaid-call tokens with a known key and spend other
+    clients' prepaid calls.  Two are known to everyone: Go's published
+    default, which Go accepts, and the ``CHANGE-ME`` placeholder of
+    etc/snetd.config.example.*, so that a copied example cannot go live
+    with it.  We refuse to start with either.
 
     Raises:
-        ConfigError: blockchain enabled and the secret is Go's default.
+        ConfigError: blockchain enabled and the secret starts with
+            :data:`EXAMPLE_SECRET_PREFIX` or is Go's default.
     """
     if config.blockchain_enabled and config.token_secret_key.startswith(EXAMPLE_SECRET_PREFIX):
         raise ConfigError(
@@ -405,9 +409,20 @@ class _Daemon(OrderedMultiService):
 
 
 class _AsyncService(Service):
-    """Runs coroutines at start and stop (on the asyncio reactor's loop)."""
+    """A named service that calls ``start()`` when started and awaits ``stop()`` when stopped.
 
-    def __init__(self, name: str, start: Any = None, stop: Any = None) -> None:
+    ``stop`` returns an awaitable, run on the asyncio reactor's loop, so a
+    stop made of ordered asynchronous steps is one service; the Deferred
+    :meth:`stopService` returns makes twistd (and the root) wait for it.
+    ``start`` is a plain function: nothing waits for a service's start.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        start: Callable[[], None] | None = None,
+        stop: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.setName(name)  # type: ignore[no-untyped-call]
         self._start = start
         self._stop = stop

@@ -110,12 +110,10 @@ async def test_metadata_from_registry_and_ipfs(chain: Chain, ipfs: IpfsServer) -
         assert components.reader.mpe_address == chain.mpe.address
         assert price(components) == 10
         await wait_for(lambda: components.readiness().ready)
-        status = components.status()
-        assert status["ready"]
-        assert status["metadata"]["organization_uri"] == org_uri
-        assert status["chain"]["block"] == chain.block_number()
-        assert status["chain"]["block_poll_error"] is None
-        assert status["registry"] == chain.registry.address
+        assert components.metadata.status().org_uri == org_uri
+        assert components.reader.health().blocks.number == chain.block_number()
+        assert components.registry_address == chain.registry.address
+        assert components.reader.health().blocks.error is None
 
 
 @aio_test

@@ -6,7 +6,7 @@ The composition root calls :func:`build_chain` once::
     for service in chain.services:
         service.setServiceParent(root)
     # payment code: chain.reader (ChainReader), chain.metadata.current (DaemonMetadata)
-    # heartbeat:    chain.readiness(), chain.status()
+    # heartbeat:    chain.readiness()
 
 Configuration mistakes that no retry can fix (a custom network without an
 endpoint or a Registry address) raise :class:`ConfigError` here, at startup;
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import functools
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
@@ -98,35 +97,6 @@ class ChainComponents:
             if not status.ready:
                 reasons.append(f"metadata: {status.error or 'not loaded yet'}")
         return Readiness(ready=not reasons, reasons=tuple(reasons))
-
-    def status(self) -> dict[str, Any]:
-        """A JSON-able summary for the heartbeat or a status page (no secrets)."""
-        out: dict[str, Any] = {"network": self.network, "registry": self.registry_address}
-        readiness = self.readiness()
-        out["ready"] = readiness.ready
-        out["problems"] = list(readiness.reasons)
-        if self.reader is not None:
-            health = self.reader.health()
-            out["chain"] = {
-                "endpoint": health.rpc.endpoint,
-                "block": health.blocks.number,
-                "block_age_seconds": None if health.blocks.age is None else round(health.blocks.age, 1),
-                "block_max_age_seconds": health.blocks.max_age,
-                "block_source": health.blocks.source,
-                "block_poll_error": health.blocks.error,
-                "rpc_consecutive_failures": health.rpc.consecutive_failures,
-                "mpe": self.reader.mpe_address,
-            }
-        if self.metadata is not None:
-            status = self.metadata.status()
-            out["metadata"] = {
-                "loaded": status.ready,
-                "organization_uri": status.org_uri,
-                "service_uri": status.service_uri,
-                "last_error": status.error,
-                "loads": status.loads,
-            }
-        return out
 
 
 class _ChainIdCheck(Service):

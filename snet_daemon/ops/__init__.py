@@ -1,1 +1,1 @@
-"""Operations: heartbeat now; logging, metrics, alerts and rate limits later."""
+"""Operations: the heartbeat, log output, and the signals operators send (SIGHUP, SIGUSR1)."""
