@@ -603,8 +603,11 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
         # serving when it answers 200 with a body.
         probe = HttpProbe(heartbeat_settings.endpoint, HttpGet(reactor, timeout=HTTP_PROBE_TIMEOUT))
     else:
-        probe_host, probe_port = host_port(heartbeat_settings.endpoint or upstream_settings.endpoint)
-        probe = _ServiceProbe(service, TcpProbe(probe_host, probe_port))
+        # tcp, none and "": as Go, a TCP connect to the service's own
+        # host:port.  heartbeat_endpoint is not read: Go ignores it for these
+        # types, and one left over in an old Go config must not make a
+        # healthy service Offline.
+        probe = _ServiceProbe(service, TcpProbe(host, port))
 
     def heartbeat_identity() -> HeartbeatIdentity:
         current = chain.metadata.current if chain.metadata is not None else None
@@ -819,11 +822,11 @@ def _payment_blockers(reader: Any, metadata: Any) -> tuple[str, ...]:
 
 
 class _ServiceProbe:
-    """The heartbeat probe for services with no health endpoint configured.
+    """The heartbeat probe of the tcp, none and empty heartbeat types.
 
-    Types with a network endpoint are probed with a TCP connect (Go's
-    default); an executable (``process``) is "serving" when it is ready to
-    run.
+    Types with a network endpoint are probed with a TCP connect to the
+    service (Go's default); an executable (``process``) has no address to
+    connect to, so it is "serving" when it is ready to run.
     """
 
     def __init__(self, service: Any, tcp: Any) -> None:
