@@ -597,7 +597,8 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     heartbeat_settings = config.heartbeat
     probe: Any
     if heartbeat_settings.probe_type == "grpc":
-        probe = GrpcHealthProbe(grpc_client.unary, service="")
+        # Named service_id as Go names it; "" when the server does not know it.
+        probe = GrpcHealthProbe(grpc_client.unary, service=identity.service_id)
     elif heartbeat_settings.probe_type in ("http", "https"):
         # As Go: GET heartbeat_endpoint (an http(s) URL, checked at load),
         # serving when it answers 200 with a body.

@@ -1,16 +1,19 @@
-"""The http/https heartbeat probe: GET the health URL, serving only on 200 with a body."""
+"""The heartbeat probes: http/https GET the health URL, grpc asks a gRPC health server."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
 
-from snet_daemon.ops.heartbeat import HttpGet, HttpProbe
+from snet_daemon.ops.heartbeat import GrpcHealthProbe, HttpGet, HttpProbe
+from snet_daemon.upstream.h2client import H2Upstream
 from tests.support.aio import aio_fixture, aio_test
+from tests.support.health import NOT_SERVING, SERVING, GrpcHealth, aio_health_server
 from tests.support.ports import free_port
 
 
@@ -120,3 +123,55 @@ async def test_http_get_reads_only_the_start_of_a_large_body(health: Health) -> 
     health.body = b"x" * (4 * 1024 * 1024)
     status, body = await HttpGet(_reactor(), body_limit=1000)(health.url)
     assert (status, body) == (200, b"x" * 1000)
+
+
+# ---------------------------------------------------------------------------
+# grpc: a health Check, against a real grpc.aio health server
+
+
+@asynccontextmanager
+async def _health(statuses: dict[str, int]) -> AsyncIterator[tuple[GrpcHealth, H2Upstream]]:
+    """A health server answering ``statuses``, and the daemon's HTTP/2 client to it."""
+    async with aio_health_server(GrpcHealth(statuses=statuses)) as health:
+        client = H2Upstream(_reactor(), "127.0.0.1", health.port, health.target, asyncio.get_running_loop())
+        try:
+            yield health, client
+        finally:
+            await client.close()
+
+
+@aio_test
+async def test_grpc_probe_names_the_service_id() -> None:
+    """The Check asks about service_id, as Go's daemon does: a server that registered only
+    that name is serving (asking about "" was NOT_FOUND there)."""
+    async with _health({"my-service": SERVING}) as (health, client):
+        assert await GrpcHealthProbe(client.unary, service="my-service")()
+        assert health.asked == ["my-service"]
+
+
+@aio_test
+async def test_grpc_probe_falls_back_to_the_whole_server_on_not_found() -> None:
+    """A server that does not know service_id answers NOT_FOUND: the probe asks about ""
+    (what grpcio and grpc-go health servers register by themselves)."""
+    async with _health({"": SERVING}) as (health, client):
+        assert await GrpcHealthProbe(client.unary, service="my-service")()
+        assert health.asked == ["my-service", ""]
+        health.statuses[""] = NOT_SERVING
+        assert not await GrpcHealthProbe(client.unary, service="my-service")()
+
+
+@aio_test
+async def test_grpc_probe_takes_the_named_answer_as_final() -> None:
+    """Only NOT_FOUND falls back: a service that says it is NOT_SERVING is not serving,
+    although the server as a whole is."""
+    async with _health({"": SERVING, "my-service": NOT_SERVING}) as (health, client):
+        assert not await GrpcHealthProbe(client.unary, service="my-service")()
+        assert health.asked == ["my-service"]
+
+
+@aio_test
+async def test_grpc_probe_without_a_service_id_asks_once_about_the_server() -> None:
+    """No service_id: one Check about "", and its NOT_FOUND is not asked again."""
+    async with _health({}) as (health, client):
+        assert not await GrpcHealthProbe(client.unary, service="")()
+        assert health.asked == [""]

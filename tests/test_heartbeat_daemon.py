@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import Daemon
+from tests.support.health import SERVING, GrpcHealth, health_server
 from tests.support.ports import free_port
 from tests.support.rawhttp import http1_request
 from tests.support.services import demo_tarball, python_executable, wait_for
@@ -98,3 +99,19 @@ def test_a_process_service_is_serving_when_ready_whatever_the_endpoints(tmp_path
     with Daemon(tmp_path, config) as daemon:
         # The protos are compiled after the port opens; until then the executable is not ready.
         assert wait_for(lambda: _service_status(_heartbeat(daemon)) == "SERVING", 20), daemon.log_tail()
+
+
+# --------------------------------------------------------------------------
+# grpc: a health Check about service_id
+
+
+def test_grpc_type_asks_the_service_about_its_service_id(tmp_path: Path) -> None:
+    """Without heartbeat_endpoint the service itself is asked, about service_id as Go asks;
+    a health server that registered only that name is SERVING."""
+    with health_server(GrpcHealth(statuses={"my-service": SERVING})) as health:
+        config = {"service_endpoint": health.target, "service_heartbeat_type": "grpc", "service_id": "my-service"}
+        with Daemon(tmp_path, config) as daemon:
+            report = _heartbeat(daemon)
+    assert _service_status(report) == "SERVING", report
+    assert report["status"] == "Online", report
+    assert "my-service" in health.asked

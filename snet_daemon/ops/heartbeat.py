@@ -27,6 +27,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, RedirectAgent, Respons
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
+from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.varint import encode_varint
 
 _log = Logger(namespace="snetd.heartbeat")
@@ -155,14 +156,24 @@ class TcpProbe:
 class GrpcHealthProbe:
     """Serving when ``grpc.health.v1.Health/Check`` answers ``SERVING``.
 
+    The check names ``service``, the daemon's ``service_id``, as Go's daemon
+    does.  A health server that does not know that name answers
+    ``NOT_FOUND``; the check is then asked again about ``""``, the whole
+    server, the one name grpcio's ``HealthServicer`` and grpc-go's
+    ``health.NewServer`` register by themselves: a service that never
+    registered its id is not reported down for that.  Any other answer to
+    the named check is final: a service whose own name is ``NOT_SERVING``
+    is not serving, whatever the whole server says.
+
     The two tiny health messages are encoded by hand (field 1 in each), to
     avoid registering a second copy of the health proto in the process.
 
     Args:
-        unary: makes a unary call to the service: ``(method, request bytes,
-            timeout) -> reply bytes``, raising on failure.
+        unary: makes a unary call to the health server: ``(method, request
+            bytes, timeout) -> reply bytes``, raising on failure
+            (:class:`GrpcError` for a gRPC status).
         service: the ``service`` field of the check ("" = the whole server).
-        timeout: seconds the check may take.
+        timeout: seconds each check may take.
     """
 
     def __init__(
@@ -176,16 +187,23 @@ class GrpcHealthProbe:
         self._timeout = timeout
 
     async def __call__(self) -> bool:
-        request = b""
-        if self._service:
-            request = b"\x0a" + encode_varint(len(self._service)) + self._service
         try:
-            reply = await self._unary(_HEALTH_CHECK, request, self._timeout)
+            try:
+                reply = await self._check(self._service)
+            except GrpcError as exc:
+                if not (self._service and exc.status == Status.NOT_FOUND):
+                    raise
+                reply = await self._check(b"")
         except Exception as exc:  # any failure means "not serving"
             _log.debug("gRPC health probe failed: {error}", error=exc)
             return False
         # HealthCheckResponse { ServingStatus status = 1; } SERVING = 1.
         return reply[:2] == b"\x08\x01"
+
+    async def _check(self, service: bytes) -> bytes:
+        # HealthCheckRequest { string service = 1; }, empty for "".
+        request = b"\x0a" + encode_varint(len(service)) + service if service else b""
+        return await self._unary(_HEALTH_CHECK, request, self._timeout)
 
 
 class HttpProbe:
