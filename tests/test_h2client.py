@@ -187,6 +187,20 @@ async def test_unary_returns_the_reply(upstream: Upstream) -> None:
 
 
 @aio_test
+async def test_a_connection_that_lands_after_close_is_closed(upstream: Upstream) -> None:
+    """close() while the connection is still being made: once made, it is closed and the call
+    waiting for it fails, instead of carrying the call on a connection nobody will close."""
+    client = _upstream_client(upstream.port)
+    call = asyncio.ensure_future(client.unary("/example_service.Echo/Unary", b"", 10))
+    await asyncio.sleep(0)  # the call has started dialling
+    await client.close()
+    with pytest.raises(GrpcError) as info:
+        await call
+    assert info.value.status == Status.UNAVAILABLE
+    assert not client.ready()
+
+
+@aio_test
 async def test_unary_raises_the_service_status(upstream: Upstream) -> None:
     client = _upstream_client(upstream.port)
     try:

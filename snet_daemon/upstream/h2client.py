@@ -67,6 +67,8 @@ _STREAM_WINDOW: Final = 1024 * 1024
 _CONNECTION_WINDOW: Final = 16 * 1024 * 1024
 #: Request bytes a call may queue before its pump waits for window.
 _WRITE_BUFFER: Final = 256 * 1024
+#: Why calls fail once :meth:`H2Upstream.close` has run.
+_SHUTTING_DOWN: Final = "the daemon is shutting down"
 
 # HTTP status → gRPC status, for replies that are not gRPC at all
 # (PROTOCOL-HTTP2.md, "HTTP to gRPC Status Code Mapping").
@@ -693,7 +695,7 @@ class H2Upstream:
         if conn is not None and not conn.lost and not conn.draining:
             return conn
         if self._closed:
-            raise GrpcError(Status.UNAVAILABLE, "the daemon is shutting down")
+            raise GrpcError(Status.UNAVAILABLE, _SHUTTING_DOWN)
         if self._connecting is None:
             now = self._reactor.seconds()
             if now < self._failed_until:
@@ -719,8 +721,15 @@ class H2Upstream:
             result.exception()  # retrieved: nobody may be waiting
         else:
             self._backoff = 0.0
-            self._conn = conn
-            result.set_result(conn)
+            if self._closed:
+                # close() ran while this connection was being made: kept,
+                # it would stay open with nobody left to close it.
+                conn.close()
+                result.set_exception(GrpcError(Status.UNAVAILABLE, _SHUTTING_DOWN))
+                result.exception()
+            else:
+                self._conn = conn
+                result.set_result(conn)
         finally:
             self._connecting = None
             self.capacity_changed()
