@@ -6,8 +6,6 @@ All against real etcd servers (Debian's ``etcd-server``) on loopback ports.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import os
 import signal
 import time
@@ -16,10 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from snet_daemon.storage.base import (
     Condition,
@@ -31,6 +25,7 @@ from snet_daemon.storage.base import (
 )
 from snet_daemon.storage.etcd import EtcdStorage, EtcdTls, parse_endpoint, prefix_range_end
 from tests.support.aio import aio_test
+from tests.support.certs import certificates
 from tests.support.etcd import EtcdServer, etcd_factory, etcd_server
 from tests.support.ports import free_port
 from tests.support.tcpproxy import TcpProxy
@@ -329,50 +324,12 @@ async def test_failed_or_slow_ready_signal_is_unavailable(etcd_server: EtcdServe
 # TLS
 
 
-def _certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and one certificate valid for 127.0.0.1 as server and as client."""
-    now = datetime.datetime.now(datetime.UTC)
-
-    def build(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: Any, ca: bool) -> Any:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if not ca:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-            ).add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "snetd test CA")])
-    ca_cert = build("snetd test CA", ca_key, ca_name, ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = build("etcd", key, ca_name, ca_key, ca=False)
-    paths = (directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
-    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return paths
-
-
 @aio_test
 async def test_mutual_tls(tmp_path: Path) -> None:
     """An https:// endpoint uses the configured CA and client certificate; without the certificate etcd refuses."""
     if not EtcdServer.available():
         pytest.skip("needs the etcd binary")
-    ca, cert, key = _certificates(tmp_path)
+    ca, cert, key = certificates(tmp_path)
     with EtcdServer(tmp_path / "data", tmp_path / "etcd.log", tls=(ca, cert, key)) as server:
         assert server.url.startswith("https://")
         tls = EtcdTls.from_paths(str(ca), str(cert), str(key))
