@@ -10,6 +10,7 @@ configuration.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import secrets
@@ -597,8 +598,27 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     heartbeat_settings = config.heartbeat
     probe: Any
     if heartbeat_settings.probe_type == "grpc":
+        check = grpc_client.unary
+        health_target = heartbeat_settings.grpc_target
+        if health_target is not None:
+            # As Go: the Check goes to heartbeat_endpoint, on a connection of
+            # its own (the service's carries calls).  Made on the first probe
+            # and kept for the next ones, so probes leave no connections
+            # behind; one that times out is dropped (a silently dead peer
+            # would fail every later probe too).  A service of its own closes
+            # it when the daemon stops: it carries no calls to drain first.
+            health_client = H2Upstream(
+                reactor,
+                health_target.host,
+                health_target.port,
+                heartbeat_settings.endpoint,
+                loop,
+                tls=health_target.tls,
+            )
+            check = functools.partial(health_client.unary, drop_on_timeout=True)
+            _AsyncService("heartbeat", stop=health_client.close).setServiceParent(root)  # type: ignore[no-untyped-call]
         # Named service_id as Go names it; "" when the server does not know it.
-        probe = GrpcHealthProbe(grpc_client.unary, service=identity.service_id)
+        probe = GrpcHealthProbe(check, service=identity.service_id)
     elif heartbeat_settings.probe_type in ("http", "https"):
         # As Go: GET heartbeat_endpoint (an http(s) URL, checked at load),
         # serving when it answers 200 with a body.

@@ -137,6 +137,29 @@ def test_heartbeat_probe_type(probe: str, expected: str) -> None:
     assert config.heartbeat == HeartbeatSettings(probe_type=expected, endpoint=endpoint)
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "host", "port", "tls"),
+    [
+        ("localhost:5001", "localhost", 5001, False),
+        ("http://localhost:5001", "localhost", 5001, False),
+        ("https://health.example.com", "health.example.com", 443, True),
+        ("https://[::1]:5001", "::1", 5001, True),
+    ],
+)
+def test_heartbeat_grpc_target(endpoint: str, host: str, port: int, tls: bool) -> None:
+    """The grpc probe's target is heartbeat_endpoint parsed like service_endpoint: host:port
+    or an http(s) URL (Go's validation wants URLs), https meaning TLS."""
+    target = _config(service_heartbeat_type="grpc", heartbeat_endpoint=endpoint).heartbeat.grpc_target
+    assert target is not None
+    assert (target.host, target.port, target.tls) == (host, port, tls)
+
+
+@pytest.mark.parametrize(("probe", "endpoint"), [("grpc", ""), ("tcp", "localhost:5001"), ("", "localhost:5001")])
+def test_heartbeat_without_grpc_target(probe: str, endpoint: str) -> None:
+    """No target: grpc without an endpoint asks the service itself; tcp never reads it."""
+    assert _config(service_heartbeat_type=probe, heartbeat_endpoint=endpoint).heartbeat.grpc_target is None
+
+
 def test_identity() -> None:
     """`identity` gathers organisation, service, group, blockchain switch and network."""
     config = _config(

@@ -111,6 +111,16 @@ INVALID: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
         ("'localhost:5000/health'", "http(s) URL", "'http'"),
     ),
     ({"service_heartbeat_type": "https"}, "heartbeat_endpoint", ("''", "http(s) URL")),
+    (
+        {"service_heartbeat_type": "grpc", "heartbeat_endpoint": "ftp://health:5001"},
+        "heartbeat_endpoint",
+        ("'ftp://health:5001'", "gRPC target", "https://host:port", "scheme"),
+    ),
+    (
+        {"service_heartbeat_type": "grpc", "heartbeat_endpoint": "http://health:port"},
+        "heartbeat_endpoint",
+        ("'http://health:port'", "gRPC target", "port"),
+    ),
     ({"allowed_user_flag": True}, "allowed_user_flag", ("true", "non-empty 'allowed_user_addresses'")),
     (
         {
@@ -245,6 +255,9 @@ VALID: list[dict[str, Any]] = [
     {"log": {"output": {"type": ["file", "stdout", "stderr"]}}},
     {"service_heartbeat_type": "none"},
     {"service_heartbeat_type": "grpc", "heartbeat_endpoint": "localhost:5001"},
+    {"service_heartbeat_type": "grpc", "heartbeat_endpoint": "http://localhost:5001"},
+    {"service_heartbeat_type": "grpc", "heartbeat_endpoint": "https://health.example.com"},
+    {"service_heartbeat_type": "tcp", "heartbeat_endpoint": "not a URL: tcp never reads it"},
     {"service_heartbeat_type": "http", "heartbeat_endpoint": "http://localhost:5000/heartbeat"},
     {"service_heartbeat_type": "tcp"},
     {"allowed_user_flag": True, "allowed_user_addresses": [ADDRESS]},

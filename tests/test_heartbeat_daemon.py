@@ -8,14 +8,20 @@ service's own host:port and never read ``heartbeat_endpoint``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from snet_daemon.config import load_config
+from snet_daemon.tap import build_daemon
+from tests.support.aio import aio_test
+from tests.support.certs import certificates
 from tests.support.daemon import Daemon
-from tests.support.health import SERVING, GrpcHealth, health_server
+from tests.support.health import SERVING, GrpcHealth, connections_to, health_server
 from tests.support.ports import free_port
 from tests.support.rawhttp import http1_request
 from tests.support.services import demo_tarball, python_executable, wait_for
@@ -115,3 +121,92 @@ def test_grpc_type_asks_the_service_about_its_service_id(tmp_path: Path) -> None
     assert _service_status(report) == "SERVING", report
     assert report["status"] == "Online", report
     assert "my-service" in health.asked
+
+
+# --------------------------------------------------------------------------
+# grpc with heartbeat_endpoint: the Check goes there
+
+
+@pytest.mark.parametrize("form", ["{}", "http://{}", "grpc://{}"])
+def test_grpc_type_asks_heartbeat_endpoint(upstream: Upstream, tmp_path: Path, form: str) -> None:
+    """The health server at heartbeat_endpoint is asked, not the service (which has no health
+    service here), whether the endpoint is host:port or the URL Go's validation asks for."""
+    with health_server() as health:
+        config = {
+            "service_endpoint": upstream.endpoint,
+            "service_heartbeat_type": "grpc",
+            "heartbeat_endpoint": form.format(health.target),
+        }
+        with Daemon(tmp_path, config) as daemon:
+            report = _heartbeat(daemon)
+    assert _service_status(report) == "SERVING", report
+    assert health.asked, "the health server was never asked"
+
+
+def test_grpc_type_with_https_checks_over_tls(upstream: Upstream, tmp_path: Path) -> None:
+    """https://: the Check goes over TLS, verified against the system trust roots (here a
+    private CA, through SSL_CERT_FILE)."""
+    ca, cert, key = certificates(tmp_path)
+    with health_server(tls=(cert, key)) as health:
+        config = {
+            "service_endpoint": upstream.endpoint,
+            "service_heartbeat_type": "grpc",
+            "heartbeat_endpoint": f"https://{health.target}",
+        }
+        with Daemon(tmp_path, config, env={"SSL_CERT_FILE": str(ca)}) as daemon:
+            report = _heartbeat(daemon)
+    assert _service_status(report) == "SERVING", report
+
+
+def test_grpc_type_with_https_never_falls_back_to_plaintext(upstream: Upstream, tmp_path: Path) -> None:
+    """https:// to a plaintext health server is NOT_SERVING: TLS or nothing."""
+    with health_server() as health:
+        config = {
+            "service_endpoint": upstream.endpoint,
+            "service_heartbeat_type": "grpc",
+            "heartbeat_endpoint": f"https://{health.target}",
+        }
+        with Daemon(tmp_path, config) as daemon:
+            report = _heartbeat(daemon)
+    assert _service_status(report) == "NOT_SERVING", report
+    assert health.asked == []
+
+
+async def _get_heartbeat(address: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://{address}/heartbeat") as reply:
+        report: dict[str, Any] = await reply.json()
+        return report
+
+
+@aio_test
+async def test_the_health_connection_serves_every_probe_and_closes_when_the_daemon_stops(upstream: Upstream) -> None:
+    """The daemon built in this process: its probes of heartbeat_endpoint share one
+    connection (none is left behind per probe), and stopping the daemon closes it."""
+    from twisted.internet import reactor
+
+    # A thread-pool server: it answers whatever the daemon, on this loop, is busy with.
+    with health_server() as health:
+        address = f"127.0.0.1:{free_port()}"
+        overrides = {
+            "daemon_endpoint": address,
+            "blockchain_enabled": "false",
+            "service_endpoint": upstream.endpoint,
+            "service_heartbeat_type": "grpc",
+            "heartbeat_endpoint": f"http://{health.target}",
+        }
+        root = build_daemon(load_config(None, environ={}, overrides=overrides), reactor)
+        root.startService()
+        try:
+            for _ in range(3):
+                report = await _get_heartbeat(address)
+                assert _service_status(report) == "SERVING", (report, health.asked)
+                await asyncio.sleep(1.1)  # past the heartbeat's cache: the next report probes again
+            assert health.asked.count("YOUR_SERVICE_ID") == 3
+            assert connections_to(health.port) == 1
+        finally:
+            await root.stopService().asFuture(asyncio.get_running_loop())
+        for _ in range(50):
+            if connections_to(health.port) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert connections_to(health.port) == 0

@@ -749,7 +749,11 @@ class DaemonConfig(Section):
         "", description="How to probe the service: grpc, http, https, tcp, none or empty (tcp)."
     )
     # Declared after service_heartbeat_type for its check.
-    heartbeat_endpoint: str = Field("", description="Probe URL (http/https types) or gRPC target.")
+    heartbeat_endpoint: str = Field(
+        "",
+        description="Probe URL (http/https types), or where the grpc type's health Check goes "
+        "(host:port or http(s) URL, https meaning TLS; empty: the service). Not read by tcp/none/empty.",
+    )
 
     # -- rate limiting ------------------------------------------------------------------
     rate_limit_per_minute: Annotated[float | None, BeforeValidator(_blank_to_none), AfterValidator(_non_negative)] = (
@@ -871,10 +875,23 @@ class DaemonConfig(Section):
     @field_validator("heartbeat_endpoint")
     @classmethod
     def _heartbeat_endpoint(cls, value: str, info: ValidationInfo) -> str:
-        """Go: an http(s) probe needs an http(s) URL to probe."""
+        """Go: an http(s) probe needs an http(s) URL to probe.
+
+        The grpc type dials it: ``host:port`` or, since Go's own validation
+        insists on URLs, ``http://host:port`` (plaintext) or
+        ``https://host:port`` (TLS), as ``service_endpoint`` is written.
+        """
         probe = _other(info, "service_heartbeat_type")
         if probe in ("http", "https") and not _is_http_url(value):
             raise _fail(f"is not an http(s) URL, which 'service_heartbeat_type': {probe!r} requires")
+        if probe == "grpc" and value:
+            try:
+                parse_service_endpoint(value)
+            except ValueError as exc:
+                raise _fail(
+                    f"is not a gRPC target for 'service_heartbeat_type': 'grpc' "
+                    f"(host:port, http://host:port or https://host:port): {exc}"
+                ) from None
         return value
 
     @field_validator("token_secret_key")
@@ -936,7 +953,11 @@ class DaemonConfig(Section):
     @cached_property
     def heartbeat(self) -> HeartbeatSettings:
         """How the heartbeat probes the service."""
-        return HeartbeatSettings(probe_type=self.service_heartbeat_type or "tcp", endpoint=self.heartbeat_endpoint)
+        probe_type = self.service_heartbeat_type or "tcp"
+        grpc_target = None
+        if probe_type == "grpc" and self.heartbeat_endpoint:
+            grpc_target = parse_service_endpoint(self.heartbeat_endpoint)
+        return HeartbeatSettings(probe_type=probe_type, endpoint=self.heartbeat_endpoint, grpc_target=grpc_target)
 
     @cached_property
     def identity(self) -> DaemonIdentity:

@@ -253,12 +253,18 @@ class HeartbeatSettings:
     Attributes:
         probe_type: ``grpc``, ``http``, ``https``, ``tcp`` or ``none``; the
             Go default ``""`` is reported as ``tcp`` (what Go does with it).
-        endpoint: URL (http/https) or dial target (grpc) of the probe;
-            ``""`` means "use the service endpoint".
+        endpoint: ``heartbeat_endpoint`` as configured: the URL of the
+            http/https probe, or the dial target of the grpc probe.  The
+            tcp and none types never read it (as Go).
+        grpc_target: where the grpc probe's health ``Check`` goes, parsed
+            from ``endpoint`` (``https://`` means TLS); None for the other
+            types, and for grpc without an endpoint: the service itself is
+            asked then.
     """
 
     probe_type: str
     endpoint: str
+    grpc_target: ServiceAddress | None = None
 
 
 @dataclass(frozen=True, slots=True)

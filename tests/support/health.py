@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -115,8 +116,13 @@ async def aio_health_server(health: GrpcHealth | None = None) -> AsyncIterator[G
 
 
 @contextmanager
-def health_server(health: GrpcHealth | None = None) -> Iterator[GrpcHealth]:
-    """A thread-pool health server (for tests that block, e.g. on a daemon subprocess)."""
+def health_server(health: GrpcHealth | None = None, tls: tuple[Path, Path] | None = None) -> Iterator[GrpcHealth]:
+    """A thread-pool health server (for tests that block, e.g. on a daemon subprocess).
+
+    Args:
+        health: what it answers.
+        tls: ``(certificate, key)`` PEM files to serve TLS with; None: plaintext.
+    """
     state = health or GrpcHealth()
 
     def check(request: Any, context: grpc.ServicerContext) -> Any:
@@ -127,9 +133,29 @@ def health_server(health: GrpcHealth | None = None) -> Iterator[GrpcHealth]:
 
     server = grpc.server(futures.ThreadPoolExecutor(2))
     server.add_generic_rpc_handlers((_handler(check),))
-    state.port = server.add_insecure_port("127.0.0.1:0")
+    if tls is None:
+        state.port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        certificate, key = tls
+        credentials = grpc.ssl_server_credentials([(key.read_bytes(), certificate.read_bytes())])
+        state.port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     try:
         yield state
     finally:
         server.stop(None)
+
+
+def connections_to(port: int) -> int:
+    """Open TCP connections to ``127.0.0.1:port``, counted at their client end.
+
+    A gRPC server does not say how many connections it holds; the kernel
+    does (``/proc/net/tcp``, state 01 is ESTABLISHED).
+    """
+    remote = f"0100007F:{port:04X}"
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[2] == remote and fields[3] == "01":
+            count += 1
+    return count
