@@ -475,6 +475,7 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
         HttpProbe,
         TcpProbe,
         host_port,
+        storage_cert_details,
     )
     from snet_daemon.ops.reload import SighupReload
     from snet_daemon.payments.stack import (
@@ -651,7 +652,13 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
             found.append(f"service: {status.error}")
         return tuple(found)
 
-    heartbeat = Heartbeat(heartbeat_identity, probe, reactor.seconds, problems)
+    heartbeat = Heartbeat(
+        heartbeat_identity,
+        probe,
+        reactor.seconds,
+        problems,
+        storage_cert=storage_cert_details(config.storage.cert_path),
+    )
 
     # -- the public port ------------------------------------------------------------
     gateway = Gateway(

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from snet_daemon.ops.heartbeat import GrpcHealthProbe, HttpGet, HttpProbe
+from snet_daemon.ops.heartbeat import (
+    GrpcHealthProbe,
+    Heartbeat,
+    HeartbeatIdentity,
+    HttpGet,
+    HttpProbe,
+    storage_cert_details,
+)
 from snet_daemon.upstream.h2client import H2Upstream
 from tests.support.aio import aio_fixture, aio_test
+from tests.support.certs import certificates
 from tests.support.health import NOT_SERVING, SERVING, GrpcHealth, aio_health_server
 from tests.support.ports import free_port
 
@@ -175,3 +185,43 @@ async def test_grpc_probe_without_a_service_id_asks_once_about_the_server() -> N
     async with _health({}) as (health, client):
         assert not await GrpcHealthProbe(client.unary, service="")()
         assert health.asked == [""]
+
+
+# ---------------------------------------------------------------------------
+# storageClientCertDetails
+
+
+def test_storage_cert_details_in_gos_words(tmp_path: Path) -> None:
+    """The etcd client certificate's validity, worded and formatted exactly as Go's daemon
+    writes it (fmt "Valid Since: %+v days" of time.Time.String())."""
+    _, cert, _ = certificates(
+        tmp_path,
+        not_before=datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+        not_after=datetime.datetime(2026, 11, 12, 13, 14, 15, tzinfo=datetime.UTC),
+    )
+    assert storage_cert_details(str(cert)) == {
+        "validFrom": "Valid Since: 2024-01-02 03:04:05 +0000 UTC days",
+        "validTill": "Valid Till: 2026-11-12 13:14:15 +0000 UTC days",
+    }
+
+
+def test_storage_cert_details_empty_without_a_certificate(tmp_path: Path) -> None:
+    """No path, a missing file or a file that holds no certificate: Go's empty fields."""
+    (tmp_path / "key-only.pem").write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    empty = {"validFrom": "", "validTill": ""}
+    assert storage_cert_details("") == empty
+    assert storage_cert_details(str(tmp_path / "missing.pem")) == empty
+    assert storage_cert_details(str(tmp_path / "key-only.pem")) == empty
+
+
+@aio_test
+async def test_the_report_carries_the_storage_cert_details() -> None:
+    """The details given are reported as they are, an object of two strings."""
+    details = {"validFrom": "Valid Since: x days", "validTill": "Valid Till: y days"}
+    identity = HeartbeatIdentity("org", "svc", "group", "0xregistry", "1.0", True, "sepolia")
+
+    async def serving() -> bool:
+        return True
+
+    report = await Heartbeat(lambda: identity, serving, lambda: 0.0, storage_cert=details).report()
+    assert report["storageClientCertDetails"] == details

@@ -9,6 +9,7 @@ service's own host:port and never read ``heartbeat_endpoint``.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 from pathlib import Path
 from typing import Any
@@ -210,3 +211,28 @@ async def test_the_health_connection_serves_every_probe_and_closes_when_the_daem
                 break
             await asyncio.sleep(0.05)
         assert connections_to(health.port) == 0
+
+
+# --------------------------------------------------------------------------
+# storageClientCertDetails
+
+
+def test_heartbeat_reports_the_storage_client_certificate(upstream: Upstream, tmp_path: Path) -> None:
+    """With payment_channel_cert_path set, storageClientCertDetails says when the etcd client
+    certificate is valid, in Go's words (it was always empty)."""
+    _, cert, key = certificates(
+        tmp_path,
+        not_before=datetime.datetime(2025, 3, 4, 5, 6, 7, tzinfo=datetime.UTC),
+        not_after=datetime.datetime(2027, 3, 4, 5, 6, 7, tzinfo=datetime.UTC),
+    )
+    config = {
+        "service_endpoint": upstream.endpoint,
+        "payment_channel_cert_path": str(cert),
+        "payment_channel_key_path": str(key),
+    }
+    with Daemon(tmp_path, config) as daemon:
+        report = _heartbeat(daemon)
+    assert report["storageClientCertDetails"] == {
+        "validFrom": "Valid Since: 2025-03-04 05:06:07 +0000 UTC days",
+        "validTill": "Valid Till: 2027-03-04 05:06:07 +0000 UTC days",
+    }

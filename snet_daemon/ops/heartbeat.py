@@ -13,11 +13,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from cryptography import x509
 from hyperlink import EncodedURL
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
@@ -33,6 +37,9 @@ from snet_daemon.varint import encode_varint
 _log = Logger(namespace="snetd.heartbeat")
 
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+#: ``storageClientCertDetails`` without a certificate to describe (Go's empty fields).
+NO_STORAGE_CERT: Mapping[str, str] = MappingProxyType({"validFrom": "", "validTill": ""})
 
 
 class Probe(Protocol):
@@ -72,6 +79,7 @@ class Heartbeat:
         problems: returns why the daemon cannot serve paid calls now
             (chain, metadata, storage); any problem makes it Offline.
         cache_seconds: how long a probe result is reused.
+        storage_cert: ``storageClientCertDetails`` (see :func:`storage_cert_details`).
     """
 
     def __init__(
@@ -81,12 +89,14 @@ class Heartbeat:
         now: Callable[[], float],
         problems: Callable[[], tuple[str, ...]] = lambda: (),
         cache_seconds: float = 1.0,
+        storage_cert: Mapping[str, str] = NO_STORAGE_CERT,
     ) -> None:
         self._identity = identity
         self._problems = problems
         self._probe = probe
         self._now = now
         self._cache_seconds = cache_seconds
+        self._storage_cert = dict(storage_cert)
         self._last: tuple[float, bool] | None = None
         self._running: asyncio.Future[bool] | None = None
 
@@ -131,8 +141,56 @@ class Heartbeat:
             "daemonVersion": ident.daemon_version,
             "blockchainEnabled": ident.blockchain_enabled,
             "blockchainNetwork": ident.network,
-            "storageClientCertDetails": {"validFrom": "", "validTill": ""},
+            "storageClientCertDetails": dict(self._storage_cert),
         }
+
+
+def storage_cert_details(path: str) -> Mapping[str, str]:
+    """``storageClientCertDetails``: when the etcd client certificate is valid.
+
+    Go's daemon fills it from ``payment_channel_cert_path``, in its own
+    words: ``Valid Since: <not before> days`` and ``Valid Till: <not
+    after> days``, each time as Go's ``time.Time.String()`` prints it
+    (``2025-01-02 03:04:05 +0000 UTC``).  "days" after a date is odd, but
+    monitoring that reads the field expects Go's text, so it is kept to
+    the letter.
+
+    Read once, when the daemon starts: that is the certificate the etcd
+    client connects with (it does not reload it either), so a renewed file
+    that still waits for a restart shows as such.
+
+    Args:
+        path: the certificate's PEM file; ``""`` when none is configured.
+
+    Returns:
+        The two fields; empty strings (as Go's) without a certificate, or
+        when the file cannot be read as one (logged).
+    """
+    if not path:
+        return NO_STORAGE_CERT
+    try:
+        certificate = x509.load_pem_x509_certificates(Path(path).read_bytes())[0]
+    except (OSError, ValueError) as exc:
+        _log.warn(
+            "payment_channel_cert_path {path}: no certificate to report in the heartbeat: {error}",
+            path=path,
+            error=exc,
+        )
+        return NO_STORAGE_CERT
+    return MappingProxyType(
+        {
+            "validFrom": f"Valid Since: {_go_time(certificate.not_valid_before_utc)} days",
+            "validTill": f"Valid Till: {_go_time(certificate.not_valid_after_utc)} days",
+        }
+    )
+
+
+def _go_time(moment: datetime) -> str:
+    """A UTC time as Go's ``time.Time.String()`` prints it (no fraction when it is whole)."""
+    text = f"{moment.year:04d}-{moment:%m-%d %H:%M:%S}"
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}".rstrip("0")
+    return text + " +0000 UTC"
 
 
 class TcpProbe:
