@@ -389,8 +389,10 @@ class _Daemon(OrderedMultiService):
 
     Its children stop one at a time, the last added first, which
     :func:`build_daemon` relies on: the port closes, then SIGHUP is
-    ignored, then running calls drain and the payment storage closes, and
-    only then do the chain services close what the calls used.
+    ignored, then running calls drain and the payment storage closes, then
+    the heartbeat's own connection to ``heartbeat_endpoint`` (if any)
+    closes, then the chain services close what the calls used, and the
+    SIGUSR1 log rotation handler (if any) goes last.
     """
 
     def __init__(self) -> None:

@@ -225,3 +225,26 @@ async def test_the_report_carries_the_storage_cert_details() -> None:
 
     report = await Heartbeat(lambda: identity, serving, lambda: 0.0, storage_cert=details).report()
     assert report["storageClientCertDetails"] == details
+
+
+@aio_test
+async def test_the_probe_cache_ignores_a_wall_clock_step() -> None:
+    """The wall clock stepped back an hour (an NTP step, a VM resumed) neither keeps one probe
+    answer for that hour nor changes the cache period: it runs on the monotonic clock, and the
+    wall clock only stamps the report."""
+    identity = HeartbeatIdentity("org", "svc", "group", "0xregistry", "1.0", True, "sepolia")
+    wall = [10_000.0]
+    ticks = [0.0]
+    answers = [True, False]
+
+    async def probe() -> bool:
+        return answers.pop(0)
+
+    heartbeat = Heartbeat(lambda: identity, probe, lambda: wall[0], cache_seconds=1.0, monotonic=lambda: ticks[0])
+    assert await heartbeat.serving()
+    wall[0] -= 3600
+    ticks[0] += 1.5
+    assert not await heartbeat.serving()
+    assert answers == []
+    report = await heartbeat.report()
+    assert report["timestamp"] == str(int(wall[0]))

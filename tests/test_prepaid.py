@@ -21,6 +21,7 @@ import pytest
 
 from snet_daemon._proto.escrow import control_service_pb2 as cpb
 from snet_daemon._proto.escrow import token_service_pb2 as pb
+from snet_daemon.blockchain.errors import ChainUnavailable
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures as sig
 from snet_daemon.payments.claims import ProviderControl
@@ -465,6 +466,27 @@ async def test_prepayment_after_a_sendback_claim_landed_is_refused() -> None:
     world.chain.now = world.chain.recheck_after + 0.5
     error = await refused(world.a.get_token(1, PRICE, nonce=1))
     assert error.message == "signed amount for token request cannot be greater than full amount in channel"
+
+
+@aio_test
+async def test_a_node_down_fails_every_channel_read_of_get_token_alike() -> None:
+    """GetToken answers a failed channel read in Go's words (UNKNOWN), whether it is the first
+    read of an uncached channel or the recheck of a cached one while a claim is pending."""
+    world = World()
+    world.chain.channel_error = ChainUnavailable("node down")
+    first = await refused(world.a.get_token(1, 4 * PRICE))
+
+    world = World()
+    await world.a.get_token(1, 4 * PRICE)
+    await world.a.start_claim(1, 0)
+    world.chain.now = world.chain.recheck_after + 0.5
+    world.chain.channel_error = ChainUnavailable("node down")
+    recheck = await refused(world.a.get_token(1, PRICE, nonce=1))
+
+    for error in (first, recheck):
+        assert error.status == Status.UNKNOWN
+        assert error.message.startswith("error:")
+        assert error.message.endswith("details of channelID:1")
 
 
 @aio_test

@@ -356,8 +356,8 @@ class EthereumChainReader:
             raise ChainError("no MultiPartyEscrow address yet (service metadata not loaded)")
         self.cache_misses += 1
         async with self._reads:
-            # Block and time from before the call (and its wait for a turn),
-            # so that an answer is never kept as newer than it is.
+            # Block and time from before the call (once its turn came), so
+            # that an answer is never kept as newer than it is.
             block, fetched = self.blocks.status().number, self._now()
             nonce, sender, signer, recipient, group_id, value, expiration = await self.call(mpe, _CHANNELS, channel_id)
         current = mpe == self._mpe  # not switched to another contract meanwhile

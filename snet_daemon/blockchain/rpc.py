@@ -51,7 +51,8 @@ _LOG_RANGE_TEXT = re.compile(r"block range|more than \d+ results|response size",
 
 Sleep = Callable[[float], Awaitable[None]]
 
-# A JSON-RPC quantity as go-ethereum's hexutil.DecodeUint64 takes it.
+# A JSON-RPC quantity as go-ethereum's hexutil.DecodeUint64 takes it, except
+# that leading zeros are accepted (harmless, and some nodes send them).
 _QUANTITY = re.compile(r"0x[0-9a-fA-F]{1,16}")
 
 #: Largest JSON-RPC answer read, in bytes.  Real ones are small: a channel
@@ -98,7 +99,7 @@ def quantity(value: object, what: str) -> int:
     """A JSON-RPC quantity (block number, chain id) from a node's answer.
 
     Only ``0x`` and 1 to 16 hex digits (a uint64), as go-ethereum decodes
-    them.  ``int(value, 16)`` alone would take ``"-0x10"`` (a block -16
+    them (it also refuses leading zeros; we accept them).  ``int(value, 16)`` alone would take ``"-0x10"`` (a block -16
     turns the channel expiry check off), ``"0x1_0"`` and any number of
     digits, and fail on ``null`` or a number with a ``TypeError`` outside
     the :class:`~snet_daemon.blockchain.errors.ChainError` contract.

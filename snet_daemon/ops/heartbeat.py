@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -79,6 +80,9 @@ class Heartbeat:
         problems: returns why the daemon cannot serve paid calls now
             (chain, metadata, storage); any problem makes it Offline.
         cache_seconds: how long a probe result is reused.
+        monotonic: the clock of that period (the wall clock ``now`` only
+            stamps reports: stepped back, it would keep one answer cached
+            for as long as the step).
         storage_cert: ``storageClientCertDetails`` (see :func:`storage_cert_details`).
     """
 
@@ -90,11 +94,13 @@ class Heartbeat:
         problems: Callable[[], tuple[str, ...]] = lambda: (),
         cache_seconds: float = 1.0,
         storage_cert: Mapping[str, str] = NO_STORAGE_CERT,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._identity = identity
         self._problems = problems
         self._probe = probe
         self._now = now
+        self._monotonic = monotonic
         self._cache_seconds = cache_seconds
         self._storage_cert = dict(storage_cert)
         self._last: tuple[float, bool] | None = None
@@ -102,7 +108,7 @@ class Heartbeat:
 
     async def serving(self) -> bool:
         """Whether the service is serving, probing at most once per cache period."""
-        now = self._now()
+        now = self._monotonic()
         if self._last is not None and now - self._last[0] < self._cache_seconds:
             return self._last[1]
         if self._running is None:
@@ -113,7 +119,7 @@ class Heartbeat:
         finally:
             if running.done() and self._running is running:
                 self._running = None
-        self._last = (self._now(), ok)
+        self._last = (self._monotonic(), ok)
         return ok
 
     async def report(self) -> dict[str, object]:

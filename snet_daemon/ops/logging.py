@@ -242,8 +242,9 @@ class RotateOnSigusr1(Service):
     and operators send out of twistd habit, would end the daemon at once.
     As twistd does, an existing handler (or ``SIG_IGN``) is left alone.
 
-    The handler stays installed once the service stops: the drain of
-    running calls comes after, and rotating is harmless at any time.
+    The handler stays installed once the service stops (it stops last,
+    after the drain): rotating is harmless at any time, and a SIGUSR1 sent
+    during the rest of the stop must not end the daemon either.
 
     Args:
         reactor: where the rotation runs; the signal handler only hands over

@@ -773,14 +773,20 @@ class EscrowLedger:
         keys = self._keys
         state_key = keys.channel_state(channel_id)
         hold_key = keys.channel_hold(channel_id)
-        try:
-            info = await self._channel_info(channel_id, terms)
-        except GrpcError as lookup:
-            if lookup.status == Status.UNAUTHENTICATED:
-                raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}") from None
-            raise GrpcError(
-                Status.UNKNOWN, f"error:{lookup.message} was seen on retrieving details of channelID:{channel_id}"
-            ) from None
+
+        async def lookup(*, fresh: bool = False, recheck: bool = False) -> ChainChannel:
+            # Every read of the channel fails in Go's words for GetToken,
+            # whichever of the three it is (first, recheck, fresh).
+            try:
+                return await self._channel_info(channel_id, terms, fresh=fresh, recheck=recheck)
+            except GrpcError as failed:
+                if failed.status == Status.UNAUTHENTICATED:
+                    raise GrpcError(Status.UNKNOWN, f"channel is not found, channelId: {channel_id}") from None
+                raise GrpcError(
+                    Status.UNKNOWN, f"error:{failed.message} was seen on retrieving details of channelID:{channel_id}"
+                ) from None
+
+        info = await lookup()
         chain_fresh = rechecked = False
         await self.quiesce(channel_id)
         read_keys = [state_key, hold_key, planned_key, *also_read]
@@ -797,13 +803,13 @@ class EscrowLedger:
             state = merge(_decode(entry, channel_id), info.nonce)
             if state.nonce > info.nonce and not rechecked:
                 rechecked = True  # as for a paid call (see _authorize)
-                info = await self._channel_info(channel_id, terms, recheck=True)
+                info = await lookup(recheck=True)
                 state = merge(_decode(entry, channel_id), info.nonce)
             precheck(state, info)
             error = _check(payment, state, info, terms, None, self._block())
             if error is not None and error.refreshable and not chain_fresh:
                 chain_fresh = True
-                fresh = await self._channel_info(channel_id, terms, fresh=True)
+                fresh = await lookup(fresh=True)
                 if fresh != info:
                     info = fresh
                     continue

@@ -697,7 +697,9 @@ class H2Upstream:
         if self._closed:
             raise GrpcError(Status.UNAVAILABLE, _SHUTTING_DOWN)
         if self._connecting is None:
-            now = self._reactor.seconds()
+            # The event loop's clock is monotonic: a wall clock stepped back
+            # would stretch the backoff by the step.
+            now = self.loop.time()
             if now < self._failed_until:
                 raise GrpcError(Status.UNAVAILABLE, self._last_error)
             self._connecting = self.loop.create_future()
@@ -714,7 +716,7 @@ class H2Upstream:
             conn = await connecting.asFuture(self.loop)
         except Exception as exc:
             self._backoff = min(max(self._backoff * 2, 0.25), self._max_backoff)
-            self._failed_until = self._reactor.seconds() + self._backoff
+            self._failed_until = self.loop.time() + self._backoff
             self._last_error = f"service at {self.endpoint} is unavailable: {_describe(exc)}"
             _log.warn("{error}", error=self._last_error)
             result.set_exception(GrpcError(Status.UNAVAILABLE, self._last_error))

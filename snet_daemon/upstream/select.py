@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -384,7 +385,7 @@ class ServiceUpstream:
             and self._building is None
             and self._adapter_kind != kind
             and self._failed_at is not None
-            and self._reactor.seconds() - self._failed_at >= RETRY_AFTER
+            and time.monotonic() - self._failed_at >= RETRY_AFTER
         )
         if kind == self._wanted and not retry:
             return
@@ -424,7 +425,7 @@ class ServiceUpstream:
             if not isinstance(exc, ProtoError | ValueError):
                 _log.failure("unexpected error while preparing the service adapter")
             self._error = str(exc) if isinstance(exc, ProtoError | ValueError) else "internal error (see the log)"
-            self._failed_at = self._reactor.seconds()
+            self._failed_at = time.monotonic()  # not the wall clock: it can step back
             if self._adapter is not None:
                 _log.error(
                     "cannot switch to service type {service_type}; still serving as {current}: {error}",
