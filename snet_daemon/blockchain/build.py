@@ -76,14 +76,12 @@ class ChainComponents:
             calls have drained: they read channels through the RPC pool.
         registry_address: The Registry in use ("" when none); part of the
             heartbeat's daemon id.
-        network: ``blockchain_network_selected``.
     """
 
     reader: EthereumChainReader | None
     metadata: MetadataSource | None
     services: list[IService]
     registry_address: str
-    network: str
 
     def readiness(self) -> Readiness:
         """Readiness of the chain and the metadata, for the heartbeat."""
@@ -265,10 +263,10 @@ def build_chain(
     root = OrderedMultiService("chain")
     if not settings.enabled:
         if not (settings.service_metadata_uri or settings.organization_metadata_uri):
-            return ChainComponents(None, None, [], "", settings.network)
+            return ChainComponents(None, None, [], "")
         metadata = metadata_source(event_interval=0, require_organization=False)
         metadata.setServiceParent(root)  # type: ignore[no-untyped-call]
-        return ChainComponents(None, metadata, [root], "", settings.network)
+        return ChainComponents(None, metadata, [root], "")
 
     plan = plan_chain(settings)
     network, endpoint, key_in_header, registry = plan.network, plan.endpoint, plan.key_in_header, plan.registry
@@ -311,4 +309,4 @@ def build_chain(
         ws=f", newHeads over {redact_url(ws)}" if ws else "",
         registry=registry or "(none: local metadata URIs)",
     )
-    return ChainComponents(reader, metadata, [root], registry, settings.network)
+    return ChainComponents(reader, metadata, [root], registry)
