@@ -43,6 +43,7 @@ def make_reader(
     network: str = "local",
     ttl: float | None = 300.0,
     recheck_after: float = 6.0,
+    max_waiting_reads: int = 1024,
 ) -> EthereumChainReader:
     """A reader on ``url`` that retries fast; its ages run on ``clock`` when one is given."""
     now = clock.seconds if clock is not None else time.monotonic
@@ -55,6 +56,7 @@ def make_reader(
         mpe_address=mpe,
         channel_ttl=ttl,
         recheck_after=recheck_after,
+        max_waiting_reads=max_waiting_reads,
     )
 
 
@@ -230,6 +232,28 @@ async def test_made_up_channels_leave_connections_to_the_block_poll(slow_node: t
         node.gate.set()
         assert await asyncio.gather(*reads) == [None] * 200
         assert (node.calls, node.most_in_flight) == (200, 16)
+    finally:
+        await reader.rpc.close()
+
+
+@aio_test
+async def test_reads_beyond_the_waiting_limit_fail_at_once(slow_node: tuple[str, SlowNode]) -> None:
+    """With 16 reads at the node and 4 more waiting, a read of another channel fails at once with
+    ChainUnavailable instead of queueing behind them; a read of a channel already being read still
+    shares that read; once the node answers, new reads are taken again."""
+    url, node = slow_node
+    reader = make_reader(url, mpe="0x" + "11" * 20, max_waiting_reads=4)
+    try:
+        reads = [asyncio.ensure_future(reader.channel(channel_id)) for channel_id in range(1000, 1020)]
+        await wait_for(lambda: node.in_flight >= 16)
+        with pytest.raises(ChainUnavailable, match="20 channel reads are waiting"):
+            await reader.channel(2000)
+        shared = asyncio.ensure_future(reader.channel(1019))  # queued, not refused
+        node.gate.set()
+        assert await asyncio.gather(*reads, shared) == [None] * 21
+        assert node.calls == 20
+        assert await reader.channel(2000) is None
+        assert node.calls == 21
     finally:
         await reader.rpc.close()
 

@@ -32,7 +32,9 @@ id from the mined transaction, so they normally never meet this delay).
 Concurrent reads of one channel share one RPC call, and at most
 :data:`_CHANNEL_READS` cache misses are read at once, so a flood of
 made-up ids cannot take all the JSON-RPC connections from the block number
-poll and the Registry reads.
+poll and the Registry reads.  At most ``max_waiting_reads`` more wait for
+their turn; beyond that a read fails at once with :class:`ChainUnavailable`
+instead of queueing without bound while the node is slow.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from twisted.logger import Logger
 
 from snet_daemon.blockchain.blocks import BlockNumber, BlockStatus
 from snet_daemon.blockchain.contracts import AbiFunction, NetworkInfo, function
-from snet_daemon.blockchain.errors import ChainError, ContractCallFailed
+from snet_daemon.blockchain.errors import ChainError, ChainUnavailable, ContractCallFailed
 from snet_daemon.blockchain.rpc import JsonRpcClient, RpcHealth, quantity
 
 __all__ = ["ChainHealth", "ChainReader", "ChannelInfo", "EthereumChainReader"]
@@ -72,6 +74,11 @@ CHANNEL_TTL: Final = 300.0
 #: of them to the block number poll, Registry reads and token balances,
 #: and 16 reads of ~50 ms each still find hundreds of channels a second.
 _CHANNEL_READS: Final = 16
+#: Most cache misses waiting for one of the :data:`_CHANNEL_READS` places
+#: (default of ``max_waiting_reads``).  At ~50 ms a read they are served
+#: within about 3 s by a healthy node; a longer queue only means the node
+#: is slow or someone is sending made-up ids faster than it answers.
+_WAITING_READS: Final = 1024
 #: Most "not found" answers kept (least recently asked are dropped first).
 _ABSENT_LIMIT: Final = 10_000
 
@@ -193,6 +200,8 @@ class EthereumChainReader:
             forgotten (``block_poll_interval``: the block number cannot
             show a newer chain any sooner).
         cache_size: Most channels kept (least recently used ones are dropped).
+        max_waiting_reads: Most cache misses queued behind the
+            :data:`_CHANNEL_READS` being read; more fail at once.
         now: Monotonic clock of cache ages, in seconds (tests pass a fake).
     """
 
@@ -206,6 +215,7 @@ class EthereumChainReader:
         channel_ttl: float | None = CHANNEL_TTL,
         recheck_after: float = 6.0,
         cache_size: int = 100_000,
+        max_waiting_reads: int = _WAITING_READS,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rpc = rpc
@@ -219,6 +229,7 @@ class EthereumChainReader:
         self._ttl = channel_ttl
         self._recheck_after = recheck_after
         self._cache_size = cache_size
+        self._max_reads = _CHANNEL_READS + max_waiting_reads
         self._channels: OrderedDict[int, tuple[ChannelInfo, float]] = OrderedDict()
         #: Channels found absent: the block number and the time of the read.
         self._absent: OrderedDict[int, tuple[int | None, float]] = OrderedDict()
@@ -336,6 +347,10 @@ class EthereumChainReader:
                     return None
         pending = self._inflight.get(channel_id)
         if pending is None:
+            if len(self._inflight) >= self._max_reads:
+                raise ChainUnavailable(
+                    f"{len(self._inflight)} channel reads are waiting for the Ethereum node; try again later"
+                )
             # One read per channel at a time, in a task of its own: callers
             # share it, and one of them going away (its client cancelled)
             # does not cancel it for the others.
