@@ -72,14 +72,12 @@ def test_prefix_range_end(prefix: bytes, end: bytes) -> None:
 def test_tls_material_from_paths(tmp_path: Path) -> None:
     """TLS files are read when set; none set means no TLS; cert without key is an error."""
     assert EtcdTls.from_paths() is None
-    (tmp_path / "ca.pem").write_bytes(b"CA")
-    (tmp_path / "c.pem").write_bytes(b"C")
-    (tmp_path / "k.pem").write_bytes(b"K")
-    tls = EtcdTls.from_paths(str(tmp_path / "ca.pem"), str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
-    assert tls == EtcdTls(ca=b"CA", cert=b"C", key=b"K")
-    assert "K" not in repr(tls)
+    ca, cert, key = certificates(tmp_path)
+    tls = EtcdTls.from_paths(str(ca), str(cert), str(key))
+    assert tls == EtcdTls(ca=ca.read_bytes(), cert=cert.read_bytes(), key=key.read_bytes())
+    assert "PRIVATE" not in repr(tls)
     with pytest.raises(ValueError, match="together"):
-        EtcdTls.from_paths(cert_path=str(tmp_path / "c.pem"))
+        EtcdTls.from_paths(cert_path=str(cert))
     with pytest.raises(OSError):
         EtcdTls.from_paths(ca_path=str(tmp_path / "missing.pem"))
 

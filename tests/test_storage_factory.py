@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from snet_daemon.storage.etcd import DEFAULT_CONNECTION_TIMEOUT, DEFAULT_REQUEST
 from snet_daemon.storage.factory import MetadataStorageClient, StorageSetup, build_storage
 from snet_daemon.storage.memory import MemoryStorage
 from tests.support.aio import aio_test
+from tests.support.certs import certificates
 from tests.support.etcd import EtcdServer, etcd_server, pid_alive, requires_etcd
 from tests.support.ports import free_port
 
@@ -139,6 +141,35 @@ def test_bad_endpoint_or_tls_files_fail_at_build_time(tmp_path: Path) -> None:
                 },
             )
         )
+
+
+def test_wrong_tls_material_fails_at_build_time(tmp_path: Path) -> None:
+    """A CA file with no certificate, a key that is not PEM, and a key of another certificate stop
+    startup with a message naming the file, instead of an OpenSSL error at the first connection."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    ca, cert, key = certificates(tmp_path / "one")
+    _, other_cert, _ = certificates(tmp_path / "two")
+
+    def tls(ca_path: Path, cert_path: Path, key_path: Path) -> None:
+        build(
+            settings(
+                **{
+                    "payment_channel_storage_client.endpoints": "https://h:2379",
+                    "payment_channel_ca_path": str(ca_path),
+                    "payment_channel_cert_path": str(cert_path),
+                    "payment_channel_key_path": str(key_path),
+                },
+            )
+        )
+
+    with pytest.raises(StorageSetupError, match=rf"{re.escape(str(key))}: no PEM certificate"):
+        tls(key, cert, key)
+    with pytest.raises(StorageSetupError, match=rf"{re.escape(str(cert))}: no unencrypted PEM private key"):
+        tls(ca, cert, cert)
+    with pytest.raises(StorageSetupError, match=rf"{re.escape(str(key))}: this key does not belong"):
+        tls(ca, other_cert, key)
+    tls(ca, cert, key)  # the right material builds
 
 
 # ---------------------------------------------------------------------------

@@ -42,7 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from aetcd import rpc  # type: ignore[import-untyped]
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
 
 from snet_daemon.frontend.status import GrpcError, Status
@@ -163,7 +165,9 @@ class EtcdTls:
             The material, or ``None`` if no path is set.
 
         Raises:
-            ValueError: Only one of cert and key is given.
+            ValueError: Only one of cert and key is given, a file holds no
+                PEM certificate or unencrypted PEM key, or the key is not
+                the certificate's (the message names the file).
             OSError: A file cannot be read (the message names it).
         """
         if bool(cert_path) != bool(key_path):
@@ -174,18 +178,49 @@ class EtcdTls:
         def read(path: str) -> bytes | None:
             return Path(path).read_bytes() if path else None
 
-        return cls(ca=read(ca_path), cert=read(cert_path), key=read(key_path))
+        tls = cls(ca=read(ca_path), cert=read(cert_path), key=read(key_path))
+        # Checked here so that a wrong file stops startup with its name,
+        # not the first connection with an OpenSSL error.
+        if tls.ca is not None:
+            _certificate(tls.ca, ca_path)
+        if tls.cert is not None and tls.key is not None:
+            public = _certificate(tls.cert, cert_path).public_key()
+            if _private_key(tls.key, key_path).public_key() != public:
+                raise ValueError(f"{key_path}: this key does not belong to the certificate in {cert_path}")
+        return tls
 
     def client_options(self, host: str) -> Any:
-        """Twisted TLS client options for this material (ALPN h2)."""
-        trust = Certificate.loadPEM(self.ca) if self.ca else None
-        client = PrivateCertificate.loadPEM(self.cert + b"\n" + self.key) if self.cert and self.key else None
+        """Twisted TLS client options for this material (ALPN h2).
+
+        The client certificate and key go to OpenSSL as ``cryptography``
+        objects: Twisted's ``clientCertificate`` hands it pyOpenSSL ones,
+        which pyOpenSSL has deprecated and will stop accepting.
+        """
         kwargs: dict[str, Any] = {"acceptableProtocols": [b"h2"]}
-        if trust is not None:
-            kwargs["trustRoot"] = trust
-        if client is not None:
-            kwargs["clientCertificate"] = client
+        if self.ca:
+            kwargs["trustRoot"] = Certificate.loadPEM(self.ca)
+        if self.cert and self.key:
+            kwargs["extraCertificateOptions"] = {
+                "certificate": _certificate(self.cert, "client certificate"),
+                "privateKey": _private_key(self.key, "client key"),
+            }
         return optionsForClientTLS(host, **kwargs)
+
+
+def _certificate(pem: bytes, name: str) -> x509.Certificate:
+    """The first certificate in ``pem`` (``name`` says where it came from)."""
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise ValueError(f"{name}: no PEM certificate in it") from None
+
+
+def _private_key(pem: bytes, name: str) -> Any:
+    """The unencrypted private key in ``pem`` (``name`` says where it came from)."""
+    try:
+        return load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as error:  # TypeError: the key is encrypted
+        raise ValueError(f"{name}: no unencrypted PEM private key in it ({error})") from None
 
 
 def prefix_range_end(prefix: bytes) -> bytes:
