@@ -177,14 +177,15 @@ class Options(usage.Options):
             )
         try:
             loaded = load_config(path, overrides=self.overrides)
-            check_config(loaded.config)
+            # Startup logs the warnings too, from build_daemon's run of the checks.
+            check_warnings = check_config(loaded.config)
         except ConfigError as error:
             print(f"snetd: configuration error: {error}", file=self.stderr)
             raise SystemExit(1) from None
         if self["check-config"]:
             if self.config_note is not None:
                 print(f"snetd: {self.config_note}", file=self.stderr)
-            for warning in loaded.warnings:
+            for warning in (*loaded.warnings, *check_warnings):
                 print(f"snetd: warning: {warning}", file=self.stderr)
             print(render_effective_config(loaded.config), file=self.stdout)
             raise SystemExit(0)
@@ -192,7 +193,7 @@ class Options(usage.Options):
         self.loaded = loaded
 
 
-def check_config(config: DaemonConfig) -> None:
+def check_config(config: DaemonConfig) -> tuple[str, ...]:
     """Every check startup makes on a loaded configuration, short of connecting anywhere.
 
     ``--check-config`` (the systemd unit's ``ExecStartPre``) and startup
@@ -200,11 +201,17 @@ def check_config(config: DaemonConfig) -> None:
     so a configuration reported valid cannot then be refused at startup for a
     reason that was visible in the file.
 
+    Returns:
+        Warnings about what may still go wrong once the organisation
+        metadata is known (:func:`check_etcd_program`).
+
     Raises:
         ConfigError: listing every problem: settings not supported yet
             (:func:`check_supported`), chain settings no retry can fix
             (``snet_daemon.blockchain.build.plan_chain``), an unsafe
-            ``token_secret_key`` (:func:`check_token_secret`).
+            ``token_secret_key`` (:func:`check_token_secret`), the etcd
+            program missing where the embedded etcd will run
+            (:func:`check_etcd_program`).
     """
     problems: list[ConfigProblem] = []
     for check in (check_supported, _check_chain, check_token_secret):
@@ -212,8 +219,57 @@ def check_config(config: DaemonConfig) -> None:
             check(config)
         except ConfigError as error:
             problems.extend(error.problems)
+    warnings: tuple[str, ...] = ()
+    try:
+        warnings = check_etcd_program(config)
+    except ConfigError as error:
+        problems.extend(error.problems)
     if problems:
         raise ConfigError(problems=tuple(problems))
+    return warnings
+
+
+def check_etcd_program(config: DaemonConfig, program: str | None = None) -> tuple[str, ...]:
+    """The etcd program is installed when payments will run the embedded etcd server.
+
+    Payments build their storage only once the organisation metadata has
+    loaded (``snet_daemon.payments.stack``); a missing program then leaves
+    the daemon running with every paid call failing.  Whether the embedded
+    server runs is clear from the configuration when
+    ``payment_channel_storage_server.enabled`` is true (it always runs) or
+    endpoints are configured (it does not run unless enabled); otherwise it
+    runs only when the organisation metadata names no etcd endpoints either
+    (``snet_daemon.storage.factory.embedded_etcd_need``).
+
+    Args:
+        config: The configuration.
+        program: The etcd program, looked up on ``PATH``; by default the one
+            the storage runs (``snet_daemon.storage.factory.ETCD_PROGRAM``).
+
+    Returns:
+        A warning when the program is missing and only the organisation
+        metadata can tell whether it is needed.
+
+    Raises:
+        ConfigError: The program is missing and the embedded server will
+            run whatever the metadata says.
+    """
+    if not config.blockchain_enabled:
+        return ()  # no payments, no storage
+    # Imported here: the storage modules are heavy, and --help needs none of them.
+    from snet_daemon.storage.embedded import EmbeddedEtcdError, find_etcd
+    from snet_daemon.storage.factory import ETCD_PROGRAM, embedded_etcd_need
+
+    need = embedded_etcd_need(config.storage, None)
+    if need is None:
+        return ()
+    try:
+        find_etcd(program or ETCD_PROGRAM, why=need.why, otherwise=need.otherwise)
+    except EmbeddedEtcdError as error:
+        if not need.certain:
+            return (str(error),)
+        raise ConfigError(str(error), path="payment_channel_storage_server.enabled", value=True) from None
+    return ()
 
 
 def _check_chain(config: DaemonConfig) -> None:
@@ -493,14 +549,14 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
 
     config = loaded.config
     # Again (postOptions ran it), for callers that build without twistd.
-    check_config(config)
+    check_warnings = check_config(config)
     root = _Daemon()
     stream = oplog.destination(twistd_options)
     if stream is not None:
         root.log_observer = oplog.observer_for(config.log_settings.level, config.log_settings.json, stream)
     if isinstance(stream, LogFile):
         oplog.RotateOnSigusr1(reactor, stream).setServiceParent(root)  # type: ignore[no-untyped-call]
-    for warning in loaded.warnings:
+    for warning in (*loaded.warnings, *check_warnings):
         _log.warn("{warning}", warning=warning)
 
     loop = reactor._asyncioEventloop

@@ -26,7 +26,7 @@ from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon._proto import example_service_pb2_grpc as pb_grpc
 from snet_daemon.blockchain.build import build_chain
 from snet_daemon.config import ConfigError, load_config
-from snet_daemon.tap import Options, check_supported
+from snet_daemon.tap import Options, check_etcd_program, check_supported
 from tests.conftest import make_channel
 from tests.support.daemon import REPO, TWISTD, Daemon, daemon_env, run_twistd
 from tests.support.ports import free_port
@@ -172,6 +172,46 @@ def test_check_config_accepts_a_resolvable_chain(tmp_path: Path) -> None:
     status, stdout, stderr = _check_config([f"--config={config}"])
     assert status == 0, stderr
     assert json.loads(stdout)["blockchain_network_selected"] == "sepolia"
+
+
+def test_check_config_reports_a_missing_etcd_program(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Payments on an embedded etcd need the etcd program: --check-config (the unit's ExecStartPre) fails
+    when the embedded etcd will run whatever the metadata says, and warns when it runs only if the
+    organisation metadata, not read yet, names no etcd endpoints.  Startup runs the same check."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no etcd program here
+    chain: dict[str, object] = {"token_secret_key": SECRET, "blockchain_provider_api_key": "k" * 32}
+    # The section without `enabled` enables the server (Go's quirk).
+    server: dict[str, object] = {"payment_channel_storage_server": {"id": "storage-1"}}
+    status, _, stderr = _check_config([f"--config={_write(tmp_path / 'server.json', {**chain, **server})}"])
+    assert status == 1
+    assert "payment_channel_storage_server.enabled is true, so snetd runs an etcd server of its own" in stderr
+    assert "the 'etcd' program was not found: install it (Debian/Ubuntu: apt-get install etcd-server)" in stderr
+
+    status, stdout, stderr = _check_config([f"--config={_write(tmp_path / 'default.json', chain)}"])
+    assert status == 0, stderr
+    assert json.loads(stdout)["payment_channel_storage_type"] == "etcd"
+    assert "snetd: warning: payment_channel_storage_type is 'etcd' and payment_channel_storage_client" in stderr
+    assert "unless the organisation metadata names etcd endpoints, but the 'etcd' program was not found" in stderr
+
+    external: dict[str, object] = {"payment_channel_storage_client": {"endpoints": ["http://10.0.0.5:2379"]}}
+    unpaid: dict[str, object] = {"blockchain_enabled": False, **server}
+    memory: dict[str, object] = {**chain, **server, "payment_channel_storage_type": "memory"}
+    for name, keys in (("external", {**chain, **external}), ("unpaid", unpaid), ("memory", memory)):
+        status, _, stderr = _check_config([f"--config={_write(tmp_path / f'{name}.json', keys)}"])
+        assert (status, stderr) == (0, ""), name
+
+
+def test_check_etcd_program_finds_the_program(tmp_path: Path) -> None:
+    """The check looks for the program the storage runs: found, nothing to say; missing, a ConfigError on
+    payment_channel_storage_server.enabled, or a warning when the metadata decides."""
+    enabled = load_config(None, environ={}, overrides={"payment_channel_storage_server.enabled": "true"}).config
+    assert check_etcd_program(enabled, program=sys.executable) == ()
+    with pytest.raises(ConfigError) as info:
+        check_etcd_program(enabled, program=str(tmp_path / "etcd"))
+    assert info.value.path == "payment_channel_storage_server.enabled"
+    default = load_config(None, environ={}).config
+    (warning,) = check_etcd_program(default, program=str(tmp_path / "etcd"))
+    assert "unless the organisation metadata names etcd endpoints" in warning
 
 
 ADDRESS = "0x3Bb9b2499c283cec176e7C707Ecb495B7a961ebf"

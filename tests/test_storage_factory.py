@@ -14,7 +14,7 @@ from snet_daemon.config import load_config
 from snet_daemon.config.sections import StorageSettings
 from snet_daemon.storage.base import StorageSetupError
 from snet_daemon.storage.etcd import DEFAULT_CONNECTION_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, EtcdStorage
-from snet_daemon.storage.factory import MetadataStorageClient, StorageSetup, build_storage
+from snet_daemon.storage.factory import MetadataStorageClient, StorageSetup, build_storage, embedded_etcd_need
 from snet_daemon.storage.memory import MemoryStorage
 from tests.support.aio import aio_test
 from tests.support.certs import certificates
@@ -126,6 +126,46 @@ def test_missing_etcd_binary_fails_at_build_time(tmp_path: Path) -> None:
     """When the embedded server is needed and etcd is not installed, build_storage raises with the fix."""
     with pytest.raises(StorageSetupError, match="apt-get install etcd-server"):
         build(settings(), workdir=tmp_path, etcd_binary="etcd-not-installed-here")
+
+
+def test_missing_etcd_binary_message_names_the_reason(tmp_path: Path) -> None:
+    """The message says why the embedded server runs: no endpoints anywhere, or server.enabled with
+    endpoints (then "no endpoints are configured" would be false, and the fix is enabled: false)."""
+    with pytest.raises(StorageSetupError) as nowhere:
+        build(settings(), workdir=tmp_path, etcd_binary="etcd-not-installed-here")
+    assert "no etcd endpoints are configured" in str(nowhere.value)
+    assert "configure an external etcd cluster with payment_channel_storage_client.endpoints" in str(nowhere.value)
+    with pytest.raises(StorageSetupError) as enabled:
+        build(
+            settings(**{"payment_channel_storage_server.enabled": "true"}),
+            workdir=tmp_path,
+            metadata=MetadataStorageClient(endpoints=("http://10.0.0.5:2379",)),
+            etcd_binary="etcd-not-installed-here",
+        )
+    message = str(enabled.value)
+    assert "no etcd endpoints are configured" not in message
+    assert message.startswith("payment_channel_storage_server.enabled is true, so snetd runs an etcd server")
+    assert "'etcd-not-installed-here' program was not found: install it (Debian/Ubuntu: apt-get" in message
+    assert message.endswith("set payment_channel_storage_server.enabled to false to use only those endpoints")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "metadata", "expected"),
+    [
+        ({"payment_channel_storage_type": "memory", "payment_channel_storage_server.enabled": "true"}, (), None),
+        ({}, ("http://meta:2379",), None),
+        ({"payment_channel_storage_client.endpoints": "http://h:2379"}, None, None),
+        ({}, (), True),
+        ({}, None, False),  # the metadata, not loaded yet, may name endpoints
+        ({"payment_channel_storage_server.enabled": "true"}, None, True),
+        ({"payment_channel_storage_server.enabled": "true"}, ("http://meta:2379",), True),
+    ],
+)
+def test_embedded_etcd_need(overrides: dict[str, str], metadata: tuple[str, ...] | None, expected: bool | None) -> None:
+    """embedded_etcd_need: none (memory, or endpoints without server.enabled), certain, or up to the
+    organisation metadata when it is not known yet (None) and the configuration names no endpoints."""
+    need = embedded_etcd_need(settings(**overrides), metadata)
+    assert (None if need is None else need.certain) is expected
 
 
 def test_bad_endpoint_or_tls_files_fail_at_build_time(tmp_path: Path) -> None:

@@ -484,6 +484,8 @@ class StorageServerConfig(Section):
 
     Go quirk kept on purpose: when this section appears in the file without
     ``enabled``, the server is enabled (the loader inserts ``enabled: true``).
+    Whether the server runs also depends on the endpoints
+    (``snet_daemon.storage.factory.embedded_etcd_need``).
     """
 
     id: str = Field("storage-1", description="Embedded etcd member name.")
@@ -498,7 +500,13 @@ class StorageServerConfig(Section):
     log_level: str = Field("info", description="etcd server log level.")
     log_outputs: StrList = Field(("./etcd-server.log",), description="etcd server log outputs.")
     enabled: bool = Field(
-        False, description="Start the embedded etcd (true when the section is in the file without `enabled`)."
+        False,
+        description=(
+            "Also run the embedded etcd when etcd endpoints are configured (this daemon hosts a member of the "
+            "group's cluster; the client uses the endpoints). With no endpoints in the configuration or the "
+            "organisation metadata, the embedded etcd runs whatever this says. True when the section is in "
+            "the file without `enabled`."
+        ),
     )
 
 

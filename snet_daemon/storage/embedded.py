@@ -71,9 +71,17 @@ _RESTART_RESET_AFTER = 60.0
 #: Output lines kept for error messages.
 _TAIL_LINES = 30
 
-INSTALL_HINT = (
-    "install it (Debian/Ubuntu: apt-get install etcd-server), or configure an external etcd cluster "
-    "with payment_channel_storage_client.endpoints"
+INSTALL_HINT = "install it (Debian/Ubuntu: apt-get install etcd-server)"
+
+#: Why the embedded server runs, and how to do without it, when the caller
+#: does not know which case applies: true in each.
+_WHY = (
+    "snetd runs its own etcd server (payment_channel_storage_type is 'etcd', and either no etcd endpoints are "
+    "configured or payment_channel_storage_server.enabled is true)"
+)
+_OTHERWISE = (
+    "or use an external etcd cluster alone: list it in payment_channel_storage_client.endpoints and set "
+    "payment_channel_storage_server.enabled to false"
 )
 
 
@@ -81,24 +89,25 @@ class EmbeddedEtcdError(StorageSetupError):
     """The embedded etcd server cannot be run; the message says what to do."""
 
 
-def find_etcd(binary: str = "etcd") -> str:
+def find_etcd(binary: str = "etcd", *, why: str = _WHY, otherwise: str = _OTHERWISE) -> str:
     """Locate the etcd binary.
 
     Args:
         binary: A name looked up on ``PATH``, or a path.
+        why: Why the embedded server runs, for the error message.
+        otherwise: How to do without it, for the error message (after the
+            installation hint).
 
     Returns:
         The absolute path of the executable.
 
     Raises:
-        EmbeddedEtcdError: Not found, with the installation hint.
+        EmbeddedEtcdError: Not found: ``why``, the installation hint and
+            ``otherwise``.
     """
     found = shutil.which(binary)
     if found is None:
-        raise EmbeddedEtcdError(
-            f"payment_channel_storage_type is 'etcd' and no etcd endpoints are configured, so snetd runs "
-            f"its own etcd server, but the '{binary}' program was not found: {INSTALL_HINT}"
-        )
+        raise EmbeddedEtcdError(f"{why}, but the '{binary}' program was not found: {INSTALL_HINT}, {otherwise}")
     return os.path.abspath(found)
 
 

@@ -17,7 +17,10 @@ anything but ``etcd`` (exactly)        :class:`~.memory.MemoryStorage` (state is
 ``payment_channel_storage_server.enabled: true`` also starts the embedded
 server when endpoints are configured (Go's meaning of the key: this daemon
 hosts a member of the group's cluster); the client then uses the configured
-endpoints.
+endpoints.  ``enabled: false`` does not stop the embedded server when no
+endpoints are configured anywhere.  :func:`embedded_etcd_need` is the
+decision; ``snet_daemon.tap.check_config`` asks it too, to report a missing
+etcd program before startup.
 
 Timeouts: the configured value when non-zero, else the metadata's, else
 :data:`~.etcd.DEFAULT_CONNECTION_TIMEOUT` / :data:`~.etcd.DEFAULT_REQUEST_TIMEOUT`.
@@ -30,6 +33,7 @@ and stops them in reverse (lease revoked, client closed, server stopped).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -52,11 +56,24 @@ from snet_daemon.storage.etcd import (
 from snet_daemon.storage.lease import DEFAULT_LEASE_TTL, LeaseKeeper
 from snet_daemon.storage.memory import MemoryStorage
 
-__all__ = ["MetadataStorageClient", "StorageMode", "StorageService", "StorageSetup", "build_storage"]
+__all__ = [
+    "ETCD_PROGRAM",
+    "EmbeddedEtcdNeed",
+    "MetadataStorageClient",
+    "StorageMode",
+    "StorageService",
+    "StorageSetup",
+    "build_storage",
+    "embedded_etcd_need",
+]
 
 _log = Logger(namespace="snetd.storage")
 
 StorageMode = Literal["memory", "etcd", "embedded-etcd"]
+
+#: The program the embedded etcd server runs, looked up on ``PATH``
+#: (Debian's ``etcd-server`` package installs it).
+ETCD_PROGRAM = "etcd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +193,71 @@ class StorageSetup:
         await self.service.ready()
 
 
+@dataclass(frozen=True, slots=True)
+class EmbeddedEtcdNeed:
+    """Why the embedded etcd server runs, in the configuration's words.
+
+    Attributes:
+        why: The keys that make it run.
+        otherwise: How to do without it (ends an error message that has
+            already said how to install etcd).
+        certain: False when it runs only if the organisation metadata,
+            not loaded yet, names no etcd endpoints.
+    """
+
+    why: str
+    otherwise: str
+    certain: bool = True
+
+
+def embedded_etcd_need(settings: StorageSettings, metadata_endpoints: Sequence[str] | None) -> EmbeddedEtcdNeed | None:
+    """Whether :func:`build_storage` runs the embedded etcd server, and why.
+
+    Args:
+        settings: ``config.storage``.
+        metadata_endpoints: The organisation metadata group's etcd
+            endpoints, or None when the metadata is not loaded yet (as for
+            ``--check-config``): then, with no endpoints in the
+            configuration and ``payment_channel_storage_server.enabled``
+            false, the answer is not certain.
+
+    Returns:
+        None when no embedded server runs: storage in memory, or endpoints
+        known and ``payment_channel_storage_server.enabled`` false.
+    """
+    if not settings.uses_etcd:
+        return None
+    endpoints = settings.endpoints or metadata_endpoints
+    if settings.server.enabled:
+        if endpoints:
+            return EmbeddedEtcdNeed(
+                "payment_channel_storage_server.enabled is true, so snetd runs an etcd server of its own "
+                "besides using the configured etcd endpoints",
+                "or set payment_channel_storage_server.enabled to false to use only those endpoints",
+            )
+        return EmbeddedEtcdNeed(
+            "payment_channel_storage_server.enabled is true, so snetd runs an etcd server of its own",
+            "or use an external etcd cluster alone: list it in payment_channel_storage_client.endpoints and set "
+            "payment_channel_storage_server.enabled to false",
+        )
+    if endpoints:
+        return None
+    otherwise = "or configure an external etcd cluster with payment_channel_storage_client.endpoints"
+    if metadata_endpoints is None:
+        return EmbeddedEtcdNeed(
+            "payment_channel_storage_type is 'etcd' and payment_channel_storage_client.endpoints is empty, so "
+            "snetd runs its own etcd server unless the organisation metadata names etcd endpoints",
+            otherwise,
+            certain=False,
+        )
+    return EmbeddedEtcdNeed(
+        "payment_channel_storage_type is 'etcd' and no etcd endpoints are configured (neither "
+        "payment_channel_storage_client.endpoints nor the organisation metadata names any), so snetd runs "
+        "its own etcd server",
+        otherwise,
+    )
+
+
 def _timeout(configured: float, metadata: float, default: float) -> float:
     for value in (configured, metadata):
         if value > 0:
@@ -191,7 +273,7 @@ def build_storage(
     workdir: Path | None = None,
     metadata: MetadataStorageClient | None = None,
     lease_ttl: int = DEFAULT_LEASE_TTL,
-    etcd_binary: str = "etcd",
+    etcd_binary: str = ETCD_PROGRAM,
 ) -> StorageSetup:
     """Build the configured storage (see the module docstring for the rules).
 
@@ -225,8 +307,9 @@ def build_storage(
     external = tuple(settings.endpoints or metadata.endpoints)
     server = settings.server
     embedded: EmbeddedEtcd | None = None
-    if not external or server.enabled:
-        find_etcd(etcd_binary)
+    need = embedded_etcd_need(settings, metadata.endpoints)
+    if need is not None:
+        find_etcd(etcd_binary, why=need.why, otherwise=need.otherwise)
         embedded = EmbeddedEtcd(server, process_reactor, clock, workdir=workdir or Path.cwd(), binary=etcd_binary)
     if external:
         endpoints = external
