@@ -370,7 +370,9 @@ def check_token_secret(config: DaemonConfig) -> None:
 def install_asyncio_reactor(stderr: TextIO) -> None:
     """Install Twisted's asyncio reactor, or exit if another one is in place.
 
-    grpc.aio (the upstream client) needs asyncio; the asyncio reactor runs
+    The daemon's components are asyncio coroutines and futures (the
+    upstream HTTP/2 client, the etcd client, payments), and the chain
+    reader and metadata loader use aiohttp; the asyncio reactor runs
     Twisted and asyncio on one loop.  twistd has imported no reactor yet
     when plugin options are parsed, unless ``--reactor`` forced one.
     """

@@ -655,7 +655,7 @@ class DaemonConfig(Section):
         description="`host:port` the daemon listens on; must differ from the service's address.",
     )
     daemon_type: Annotated[str, _LOWER, _choice("grpc", "http")] = Field(
-        "grpc", description="`grpc` (the daemon) or `http` (Go's development-only HTTP proxy)."
+        "grpc", description="`grpc` (the daemon). `http` (Go's development-only HTTP proxy) is refused at startup."
     )
     daemon_group_name: str = Field("default_group", description="Payment group this daemon serves.")
     organization_id: str = Field("YOUR_ORG_ID", description="Registry organisation id.")

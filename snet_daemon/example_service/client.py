@@ -1,8 +1,8 @@
 """Call the example service, usually through snetd.
 
 ``python -m snet_daemon.example_service.client --endpoint 127.0.0.1:8080 add 2 3``
-prints the result, the service's reply headers and the daemon's heartbeat
-status.  It is the plain grpcio client an AI-service consumer would write.
+prints the result (``add(2, 3) = 5``), or the gRPC error and exits 1.  It
+is the plain grpcio client an AI-service consumer would write.
 """
 
 from __future__ import annotations
