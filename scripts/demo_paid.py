@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.conftest import make_channel  # noqa: E402
-from tests.support.chain import CLIENT, PROVIDER, SIGNER, shared_chain  # noqa: E402
+from tests.support.chain import ANVIL_MISSING, CLIENT, PROVIDER, SIGNER, anvil_available, shared_chain  # noqa: E402
 from tests.support.clients import clients_available, proto_tarball, run_sdk  # noqa: E402
 from tests.support.ipfs import IpfsServer  # noqa: E402
 from tests.support.paid import PRICE, deployed, open_channel  # noqa: E402
@@ -64,6 +64,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--once", action="store_true", help="exit after the calls")
     args = parser.parse_args()
+    if not anvil_available():
+        say(ANVIL_MISSING)
+        return 1
     if not clients_available():
         say("snet-sdk is not installed; run scripts/setup first")
         return 1

@@ -16,12 +16,12 @@ import pytest
 from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon._proto import example_service_pb2_grpc as pb_grpc
 from tests.conftest import make_channel
-from tests.support.chain import Chain, anvil_available, chain  # noqa: F401 (fixture)
+from tests.support.chain import ANVIL_MISSING, Chain, anvil_available, chain  # noqa: F401 (fixture)
 from tests.support.ipfs import IpfsServer, ipfs  # noqa: F401 (fixture)
 from tests.support.paid import PRICE, Deployment, deployed, open_channel, wait_ready
 from tests.support.upstream import Upstream
 
-pytestmark = pytest.mark.skipif(not anvil_available(), reason="anvil is not installed (run scripts/setup)")
+pytestmark = pytest.mark.skipif(not anvil_available(), reason=ANVIL_MISSING)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from snet_daemon._proto.escrow import control_service_pb2 as cpb
 from snet_daemon._proto.escrow import control_service_pb2_grpc as cpb_grpc
 from snet_daemon.payments import signatures as sig
 from tests.conftest import make_channel
-from tests.support.chain import PROVIDER, Chain, anvil_available, chain  # noqa: F401 (fixture)
+from tests.support.chain import ANVIL_MISSING, PROVIDER, Chain, anvil_available, chain  # noqa: F401 (fixture)
 from tests.support.daemon import Daemon
 from tests.support.etcd import EtcdServer, etcd_factory  # noqa: F401 (fixture)
 from tests.support.ipfs import IpfsServer, ipfs  # noqa: F401 (fixture)
@@ -38,7 +38,7 @@ from tests.support.paid import (  # noqa: F401 (fixture)
 from tests.support.tcpproxy import TcpProxy
 from tests.support.upstream import Upstream
 
-pytestmark = pytest.mark.skipif(not anvil_available(), reason="anvil is not installed (run scripts/setup)")
+pytestmark = pytest.mark.skipif(not anvil_available(), reason=ANVIL_MISSING)
 
 
 def paid_echo(deployment: Deployment, address: str, channel_id: int, amount: int, nonce: int = 0) -> pb.EchoReply:

@@ -19,14 +19,14 @@ from snet_daemon._proto.escrow import token_service_pb2 as tpb
 from snet_daemon._proto.escrow import token_service_pb2_grpc as tpb_grpc
 from snet_daemon.payments import signatures as sig
 from tests.conftest import make_channel
-from tests.support.chain import SIGNER, Chain, anvil_available, chain  # noqa: F401 (fixture)
+from tests.support.chain import ANVIL_MISSING, SIGNER, Chain, anvil_available, chain  # noqa: F401 (fixture)
 from tests.support.daemon import Daemon
 from tests.support.etcd import EtcdServer, etcd_factory  # noqa: F401 (fixture)
 from tests.support.ipfs import IpfsServer, ipfs  # noqa: F401 (fixture)
 from tests.support.paid import PRICE, open_channel, two_daemons  # noqa: F401 (fixture)
 from tests.support.upstream import Upstream
 
-pytestmark = pytest.mark.skipif(not anvil_available(), reason="anvil is not installed (run scripts/setup)")
+pytestmark = pytest.mark.skipif(not anvil_available(), reason=ANVIL_MISSING)
 
 IN_FLIGHT = 64
 SIGNER_KEY = bytes.fromhex(SIGNER.private_key[2:])

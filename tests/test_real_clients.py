@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.chain import CLIENT, PROVIDER, SIGNER, Chain, anvil_available, chain  # noqa: F401 (fixture)
+from tests.support.chain import ANVIL_MISSING, CLIENT, PROVIDER, SIGNER, Chain, anvil_available, chain  # noqa: F401 (fixture)
 from tests.support.clients import Cli, clients_available, proto_tarball, run_sdk
 from tests.support.ipfs import IpfsServer, ipfs  # noqa: F401 (fixture)
 from tests.support.paid import PRICE, Deployment, deployed, open_channel
 from tests.support.upstream import Upstream
 
 pytestmark = [
-    pytest.mark.skipif(not anvil_available(), reason="anvil is not installed (run scripts/setup)"),
+    pytest.mark.skipif(not anvil_available(), reason=ANVIL_MISSING),
     pytest.mark.skipif(not clients_available(), reason="snet-sdk/snet-cli are not installed (run scripts/setup)"),
 ]
 

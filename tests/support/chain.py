@@ -53,6 +53,7 @@ from tests.support.ports import free_port
 __all__ = [
     "ACCOUNTS",
     "ANVIL",
+    "ANVIL_MISSING",
     "CLIENT",
     "DEFAULT_GROUP_ID",
     "DEPLOYER",
@@ -75,6 +76,12 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[2]
 #: The anvil binary installed by ``npm ci``.
 ANVIL = REPO / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil"
+#: Why anvil is missing and how to get it: scripts/setup alone cannot
+#: install it without npm, and the pinned package is an x86-64 build.
+ANVIL_MISSING = (
+    "anvil is not installed: it needs x86-64 Linux and Node.js >= 20 with npm; "
+    "install those, then run scripts/setup (npm ci)"
+)
 
 _ARTIFACTS = Path(str(resources.files("snet.contracts"))) / "resources"
 
@@ -170,7 +177,7 @@ class Anvil:
     def start(self, timeout: float = 10.0) -> Anvil:
         """Start anvil and wait until its port accepts connections."""
         if not anvil_available():
-            raise RuntimeError(f"anvil is not installed at {ANVIL}; run scripts/setup (npm ci)")
+            raise RuntimeError(f"{ANVIL_MISSING} (looked for {ANVIL})")
         args = [str(ANVIL), "--host", "127.0.0.1", "--port", str(self.port), "--silent", "--accounts", "6"]
         if self.block_time is not None:
             args += ["--block-time", str(self.block_time)]
