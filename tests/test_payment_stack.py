@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
 from snet_daemon.payments.stack import PaymentStack
+from snet_daemon.storage.base import StorageSetupError
+from snet_daemon.storage.embedded import EmbeddedEtcdError, EmbeddedEtcdStartError
 from tests.support.aio import aio_test
 
 
@@ -26,6 +30,83 @@ class _Service:
         return succeed(None)
 
 
+def _stack(make_storage: Callable[[Any], Any], chain: Any = None) -> PaymentStack:
+    """A stack whose metadata is there from the start, building storage with ``make_storage``."""
+    client = SimpleNamespace(endpoints=(), connection_timeout="", request_timeout="")
+    metadata: Any = SimpleNamespace(current=SimpleNamespace(storage_client=client))
+    metadata.subscribe = lambda callback: (callback(metadata.current), lambda: None)[1]
+    return PaymentStack(
+        upstream=None,  # type: ignore[arg-type]
+        chain=chain,
+        metadata=metadata,
+        make_storage=make_storage,
+        parse_duration=lambda _: 0.0,
+        network="test",
+        organization_id="org",
+        instance="i",
+        not_ready=lambda: (),
+        service_id="svc",
+        free_calls=None,  # type: ignore[arg-type]
+        tokens=None,  # type: ignore[arg-type]
+        clock=lambda: 0.0,
+    )
+
+
+async def _until(predicate: Callable[[], bool], within: float) -> None:
+    """Poll ``predicate()`` until true (the stack retries on the real clock)."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+@aio_test
+async def test_an_embedded_etcd_that_did_not_start_is_started_again() -> None:
+    """The embedded etcd's first start fails (its port was taken for a while): the stack tries
+    again after its backoff and payments come up, without a restart of the daemon (they stayed
+    off for good before)."""
+    builds: list[_Service] = []
+
+    def make_storage(_: object) -> Any:
+        service = _Service()
+        builds.append(service)
+        attempt = len(builds)
+
+        async def ready() -> None:
+            if attempt == 1:
+                raise EmbeddedEtcdStartError("the embedded etcd server did not start (exited with status 1)")
+
+        return SimpleNamespace(service=service, ready=ready, mode="embedded-etcd", embedded=None)
+
+    assert not issubclass(EmbeddedEtcdStartError, StorageSetupError)
+    stack = _stack(make_storage, chain=SimpleNamespace(mpe_address=""))
+    stack.start()
+    await _until(lambda: len(builds) == 1 and not builds[0].running, within=2)
+    assert any("did not start" in problem for problem in stack.problems())
+    await _until(lambda: stack.storage_mode() is not None, within=5)
+    assert len(builds) == 2
+    assert builds[1].running
+    assert not any(problem.startswith("storage:") for problem in stack.problems())
+    await stack.stop()
+
+
+@aio_test
+async def test_a_misconfigured_embedded_etcd_is_not_retried() -> None:
+    """No etcd program (a setup error) is reported and not retried: waiting cannot fix it."""
+    builds: list[object] = []
+
+    def make_storage(_: object) -> Any:
+        builds.append(object())
+        raise EmbeddedEtcdError("the 'etcd' program was not found")
+
+    stack = _stack(make_storage)
+    stack.start()
+    await asyncio.sleep(1.5)  # longer than the first retry's backoff
+    assert len(builds) == 1
+    assert stack.problems() == ("storage: the 'etcd' program was not found",)
+    await stack.stop()
+
+
 @aio_test
 async def test_stop_while_the_storage_starts_stops_the_storage() -> None:
     """The daemon stops before its embedded etcd became ready: the etcd is stopped too (it was
@@ -37,24 +118,7 @@ async def test_stop_while_the_storage_starts_stops_the_storage() -> None:
         await never
 
     setup = SimpleNamespace(service=service, ready=ready, mode="embedded etcd")
-    client = SimpleNamespace(endpoints=(), connection_timeout="", request_timeout="")
-    metadata: Any = SimpleNamespace(current=SimpleNamespace(storage_client=client))
-    metadata.subscribe = lambda callback: (callback(metadata.current), lambda: None)[1]
-    stack = PaymentStack(
-        upstream=None,  # type: ignore[arg-type]
-        chain=None,  # type: ignore[arg-type]
-        metadata=metadata,
-        make_storage=lambda _: setup,  # type: ignore[arg-type,return-value]
-        parse_duration=lambda _: 0.0,
-        network="test",
-        organization_id="org",
-        instance="i",
-        not_ready=lambda: (),
-        service_id="svc",
-        free_calls=None,  # type: ignore[arg-type]
-        tokens=None,  # type: ignore[arg-type]
-        clock=lambda: 0.0,
-    )
+    stack = _stack(lambda _: setup)
     stack.start()
     for _ in range(5):
         await asyncio.sleep(0)

@@ -22,7 +22,14 @@ import pytest
 from twisted.internet import reactor
 
 from snet_daemon.config.sections import StorageServerSettings
-from snet_daemon.storage.embedded import EmbeddedEtcd, EmbeddedEtcdError, etcd_arguments, find_etcd
+from snet_daemon.storage.base import StorageSetupError
+from snet_daemon.storage.embedded import (
+    EmbeddedEtcd,
+    EmbeddedEtcdError,
+    EmbeddedEtcdStartError,
+    etcd_arguments,
+    find_etcd,
+)
 from snet_daemon.storage.etcd import EtcdStorage
 from tests.support.aio import aio_test
 from tests.support.daemon import REPO
@@ -174,9 +181,11 @@ async def test_failed_start_reports_etcd_output_and_leaves_no_process(tmp_path: 
         taken.listen()
         service = embedded(tmp_path, settings)
         service.startService()
-        with pytest.raises(EmbeddedEtcdError, match="did not start") as failed:
+        with pytest.raises(EmbeddedEtcdStartError, match="did not start") as failed:
             await asyncio.wait_for(service.ready(), 30)
     assert "address already in use" in str(failed.value)
+    # Worth trying again later, unlike a missing program: the payment stack retries it.
+    assert not isinstance(failed.value, StorageSetupError)
     assert service.spawned
     assert all(not pid_alive(pid) for pid in service.spawned)
     assert service.restarts == 0  # a first start is not retried
@@ -193,7 +202,7 @@ async def test_start_that_never_gets_healthy_is_stopped(tmp_path: Path) -> None:
 
     service = embedded(tmp_path, server_settings(startup_timeout=1.0), health=never_healthy)
     service.startService()
-    with pytest.raises(EmbeddedEtcdError, match=r"not healthy within 1s"):
+    with pytest.raises(EmbeddedEtcdStartError, match=r"not healthy within 1s"):
         await asyncio.wait_for(service.ready(), 30)
     assert service.pid is None
     assert service.spawned
@@ -225,7 +234,7 @@ async def test_stop_during_startup_leaves_no_process(tmp_path: Path) -> None:
     service.startService()
     await asyncio.sleep(0.05)
     await stop(service)
-    with pytest.raises(EmbeddedEtcdError):
+    with pytest.raises(EmbeddedEtcdStartError):
         await service.ready()
     assert all(not pid_alive(pid) for pid in service.spawned)
 
@@ -255,7 +264,7 @@ async def test_stop_finishes_even_if_the_supervisor_ignores_cancellation(tmp_pat
     assert 0.9 < time.monotonic() - start < 5
     assert service.spawned
     assert all(not pid_alive(pid) for pid in service.spawned)
-    with pytest.raises(EmbeddedEtcdError, match="stopped before it was ready"):
+    with pytest.raises(EmbeddedEtcdStartError, match="stopped before it was ready"):
         await service.ready()
     probes[0].cancel()  # the second cancellation ends the stuck supervisor
     await asyncio.wait(probes, timeout=5)

@@ -252,8 +252,10 @@ class PaymentStack:
     async def _start_storage(self, metadata: Metadata) -> None:
         """Build and start the storage, retrying with backoff until it works.
 
-        An etcd that is down when the daemon starts must not need a restart
-        of the daemon once it is back.
+        An etcd that is down when the daemon starts, or an embedded etcd
+        that cannot start yet, must not need a restart of the daemon once
+        it is back: nothing else would start the storage again (the metadata
+        is followed only when it changes).
         """
         delay = 1.0
         while True:
@@ -283,7 +285,11 @@ class PaymentStack:
                 if setup is not None and setup.service.running:
                     await setup.service.stopService().asFuture(asyncio.get_running_loop())
                 if isinstance(exc, StorageSetupError):
-                    return  # misconfigured (e.g. no etcd binary): waiting will not fix it
+                    # Misconfigured (no etcd binary, a bad endpoint or TLS
+                    # file): waiting will not fix it.  An embedded etcd that
+                    # merely did not start (port in use, data dir locked, too
+                    # slow) is an EmbeddedEtcdStartError, retried below.
+                    return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
         self._storage = setup

@@ -11,7 +11,10 @@ supervises it:
 * **A failed start leaves nothing behind.**  If the first start does not
   become healthy -- etcd exits (port in use, bad data dir), or the timeout
   passes -- the child is stopped and :meth:`ready` fails with an
-  :class:`EmbeddedEtcdError` that quotes etcd's last output lines.
+  :class:`EmbeddedEtcdStartError` that quotes etcd's last output lines.
+  That error is worth retrying (the port may be free and the data dir
+  unlocked a minute later), unlike :class:`EmbeddedEtcdError`: no etcd
+  program, or settings it cannot serve.
 * **Restarts.**  Once it has been healthy, an unexpected exit is logged and
   etcd is started again after a backoff (0.5 s doubling to 30 s, reset after
   a minute of healthy running).  Its data directory is kept, so no state is
@@ -54,9 +57,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from snet_daemon.config.sections import StorageServerSettings
-from snet_daemon.storage.base import StorageSetupError
+from snet_daemon.storage.base import StorageSetupError, StorageUnavailable
 
-__all__ = ["EmbeddedEtcd", "EmbeddedEtcdError", "etcd_arguments", "find_etcd", "http_health"]
+__all__ = ["EmbeddedEtcd", "EmbeddedEtcdError", "EmbeddedEtcdStartError", "etcd_arguments", "find_etcd", "http_health"]
 
 _log = Logger(namespace="snetd.storage.embedded")
 
@@ -86,7 +89,16 @@ _OTHERWISE = (
 
 
 class EmbeddedEtcdError(StorageSetupError):
-    """The embedded etcd server cannot be run; the message says what to do."""
+    """The embedded etcd server cannot be run as configured (no etcd
+    program, a scheme it cannot serve): waiting will not help, the
+    configuration or the installation must change; the message says how."""
+
+
+class EmbeddedEtcdStartError(StorageUnavailable):
+    """The embedded etcd server did not start this time: it exited (a port
+    in use, a data dir locked by another etcd), was not healthy in time, or
+    was stopped first.  Not a :class:`StorageSetupError`: starting again
+    later may well work, so callers retry (with a backoff)."""
 
 
 def find_etcd(binary: str = "etcd", *, why: str = _WHY, otherwise: str = _OTHERWISE) -> str:
@@ -352,8 +364,9 @@ class EmbeddedEtcd(Service):
         """Complete when etcd is healthy for the first time since start.
 
         Raises:
-            EmbeddedEtcdError: It did not start (the message has etcd's
-                output), or the service was stopped first.
+            EmbeddedEtcdStartError: It did not start (the message has
+                etcd's output), or the service was stopped first.
+            EmbeddedEtcdError: The service was never started.
         """
         if self._ready is None:
             raise EmbeddedEtcdError("the embedded etcd server has not been started")
@@ -398,7 +411,9 @@ class EmbeddedEtcd(Service):
             await self._terminate(self._process)
             _log.info("embedded etcd stopped")
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(EmbeddedEtcdError("the embedded etcd server was stopped before it was ready"))
+            self._ready.set_exception(
+                EmbeddedEtcdStartError("the embedded etcd server was stopped before it was ready")
+            )
 
     # -- supervision ----------------------------------------------------------------
 
@@ -415,7 +430,7 @@ class EmbeddedEtcd(Service):
         except Exception as error:
             _log.failure("embedded etcd supervision failed; stopping etcd")
             if self._ready is not None and not self._ready.done():
-                self._ready.set_exception(EmbeddedEtcdError(f"embedded etcd supervision failed: {error}"))
+                self._ready.set_exception(EmbeddedEtcdStartError(f"embedded etcd supervision failed: {error}"))
             if self._process is not None:
                 await self._terminate(self._process)
 
@@ -454,7 +469,7 @@ class EmbeddedEtcd(Service):
                 if not ready.done():
                     # The first start failed: report it, leave nothing running.
                     ready.set_exception(
-                        EmbeddedEtcdError(
+                        EmbeddedEtcdStartError(
                             f"the embedded etcd server at {self.client_url} did not start ({reason}). "
                             f"Its last output:\n{process.output()}"
                         )

@@ -121,7 +121,8 @@ class StorageService(Service):
         """Complete when the storage is usable.
 
         Raises:
-            StorageSetupError: The embedded server did not start.
+            EmbeddedEtcdStartError: The embedded server did not start (a
+                :class:`StorageUnavailable`: worth retrying).
             StorageError: The etcd cluster could not be reached within the
                 connection timeout.
         """
