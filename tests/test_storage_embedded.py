@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 from twisted.internet import reactor
 
 from snet_daemon.config.sections import StorageServerSettings
+from snet_daemon.storage import embedded as embedded_module
 from snet_daemon.storage.base import StorageSetupError
 from snet_daemon.storage.embedded import (
     EmbeddedEtcd,
@@ -29,12 +31,15 @@ from snet_daemon.storage.embedded import (
     EmbeddedEtcdStartError,
     etcd_arguments,
     find_etcd,
+    http_cmdline,
 )
 from snet_daemon.storage.etcd import EtcdStorage
 from tests.support.aio import aio_test
 from tests.support.daemon import REPO
-from tests.support.etcd import pid_alive, requires_etcd
+from tests.support.etcd import EtcdServer, etcd_factory, pid_alive, requires_etcd
 from tests.support.ports import free_port
+
+__all__ = ["etcd_factory"]  # a fixture, imported for pytest
 
 
 def server_settings(**changes: object) -> StorageServerSettings:
@@ -173,23 +178,104 @@ async def test_lifecycle_start_crash_restart_stop_start(tmp_path: Path) -> None:
 @requires_etcd
 @aio_test
 async def test_failed_start_reports_etcd_output_and_leaves_no_process(tmp_path: Path) -> None:
-    """When etcd cannot start (client port taken), ready() fails quoting etcd, and no etcd is left."""
-    settings = server_settings(log_outputs=("stderr",))
-    with socket.socket() as taken:
-        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        taken.bind(("127.0.0.1", settings.client_port))
-        taken.listen()
-        service = embedded(tmp_path, settings)
-        service.startService()
-        with pytest.raises(EmbeddedEtcdStartError, match="did not start") as failed:
-            await asyncio.wait_for(service.ready(), 30)
-    assert "address already in use" in str(failed.value)
+    """When etcd cannot start (its data dir is a file), ready() fails quoting etcd, and no etcd is left."""
+    settings = server_settings(log_outputs=("stderr",), data_dir="not-a-directory")
+    (tmp_path / "not-a-directory").write_text("")
+    service = embedded(tmp_path, settings)
+    service.startService()
+    with pytest.raises(EmbeddedEtcdStartError, match="did not start") as failed:
+        await asyncio.wait_for(service.ready(), 30)
+    assert "not a directory" in str(failed.value)
     # Worth trying again later, unlike a missing program: the payment stack retries it.
     assert not isinstance(failed.value, StorageSetupError)
     assert service.spawned
     assert all(not pid_alive(pid) for pid in service.spawned)
     assert service.restarts == 0  # a first start is not retried
     await stop(service)
+
+
+@requires_etcd
+@pytest.mark.parametrize("port", ["client_port", "peer_port"])
+@aio_test
+async def test_a_port_taken_by_another_process_is_reported_without_starting_etcd(tmp_path: Path, port: str) -> None:
+    """A client or peer port someone else listens on fails the start at once, naming the port and the
+    setting to change; no etcd is spawned."""
+    settings = server_settings()
+    number = getattr(settings, port)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", number))
+        taken.listen()
+        service = embedded(tmp_path, settings)
+        service.startService()
+        with pytest.raises(EmbeddedEtcdStartError, match=f"127.0.0.1:{number} is already in use") as failed:
+            await asyncio.wait_for(service.ready(), 30)
+    assert f"payment_channel_storage_server.{port}" in str(failed.value)
+    assert not service.spawned
+    await stop(service)
+
+
+@requires_etcd
+@aio_test
+async def test_another_etcd_on_the_ports_is_not_taken_for_ours(
+    tmp_path: Path, etcd_factory: Callable[[], EtcdServer]
+) -> None:
+    """Another etcd (Debian's etcd.service, say) serves the configured ports: the start fails, says
+    how to stop it, and nothing is written to that etcd.  (It used to answer /health in place of
+    ours, so the daemon's payments went to its data dir while ours crash-looped.)"""
+    other = etcd_factory().start()
+    settings = server_settings(client_port=other.client_port, peer_port=other.peer_port)
+    service = embedded(tmp_path, settings)
+    service.startService()
+    with pytest.raises(EmbeddedEtcdStartError, match="already in use") as failed:
+        await asyncio.wait_for(service.ready(), 30)
+    assert f"127.0.0.1:{other.client_port}" in str(failed.value)
+    assert "systemctl disable --now etcd" in str(failed.value)
+    assert not service.spawned
+    assert not (tmp_path / settings.data_dir).exists()
+    assert other.pid is not None  # the other etcd is left alone
+    await stop(service)
+
+
+@requires_etcd
+@aio_test
+async def test_another_etcd_that_answers_for_ours_is_recognised(
+    tmp_path: Path, etcd_factory: Callable[[], EtcdServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should another etcd get the port between the check and our start, its healthy answer is still
+    not taken for ours: its command line (name, data dir) is not the one snetd started."""
+    other = etcd_factory().start()
+
+    async def free(url: str) -> None:
+        return None  # the race: the ports looked free
+
+    monkeypatch.setattr(embedded_module, "busy_port", free)
+    settings = server_settings(client_port=other.client_port, peer_port=other.peer_port, startup_timeout=10.0)
+    service = embedded(tmp_path, settings)
+    service.startService()
+    with pytest.raises(EmbeddedEtcdStartError, match="another etcd answers") as failed:
+        await asyncio.wait_for(service.ready(), 30)
+    assert f"--data-dir={other.data_dir}" in str(failed.value)
+    assert f"--data-dir={tmp_path / settings.data_dir}" in str(failed.value)
+    assert service.spawned
+    assert all(not pid_alive(pid) for pid in service.spawned)
+    await stop(service)
+
+
+@requires_etcd
+@aio_test
+async def test_our_etcd_is_recognised_by_its_command_line(tmp_path: Path) -> None:
+    """The command line /debug/vars shows is the one snetd started: what tells ours from another etcd."""
+    settings = server_settings()
+    service = embedded(tmp_path, settings)
+    service.startService()
+    try:
+        await asyncio.wait_for(service.ready(), 30)
+        cmdline = await http_cmdline(service.client_url, 2.0)
+        assert cmdline is not None
+        assert cmdline[1:] == etcd_arguments(settings, tmp_path)
+        assert await http_cmdline(f"http://127.0.0.1:{free_port()}", 1.0) is None
+    finally:
+        await stop(service)
 
 
 @requires_etcd

@@ -5,9 +5,15 @@ cannot, so by default snetd runs Debian's ``etcd`` binary as a child
 process, with the settings of ``payment_channel_storage_server``, and
 supervises it:
 
-* **Ready means healthy.**  :meth:`EmbeddedEtcd.ready` completes once etcd's
-  ``/health`` endpoint reports ``{"health": "true"}`` (a leader is elected
-  and requests are served), within ``startup_timeout``.
+* **Ready means healthy, and ours.**  :meth:`EmbeddedEtcd.ready` completes
+  once etcd's ``/health`` endpoint reports ``{"health": "true"}`` (a leader
+  is elected and requests are served), within ``startup_timeout``, and the
+  server that says so runs with our command line (``/debug/vars``).
+* **Not someone else's etcd.**  Before each start the client and peer
+  ports are checked: if another process listens there (Debian's
+  ``etcd.service`` does, on 2379 and 2380), etcd is not started and the
+  error names the port.  Another etcd's healthy answer, taken for our
+  own, would send the daemon's payment state to that server's data dir.
 * **A failed start leaves nothing behind.**  If the first start does not
   become healthy -- etcd exits (port in use, bad data dir), or the timeout
   passes -- the child is stopped and :meth:`ready` fails with an
@@ -38,11 +44,13 @@ payment writes a revision, and an uncompacted history would fill etcd's
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
+import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -59,12 +67,24 @@ from twisted.python.failure import Failure
 from snet_daemon.config.sections import StorageServerSettings
 from snet_daemon.storage.base import StorageSetupError, StorageUnavailable
 
-__all__ = ["EmbeddedEtcd", "EmbeddedEtcdError", "EmbeddedEtcdStartError", "etcd_arguments", "find_etcd", "http_health"]
+__all__ = [
+    "EmbeddedEtcd",
+    "EmbeddedEtcdError",
+    "EmbeddedEtcdStartError",
+    "busy_port",
+    "etcd_arguments",
+    "find_etcd",
+    "http_cmdline",
+    "http_health",
+]
 
 _log = Logger(namespace="snetd.storage.embedded")
 
 #: Health checks while starting, seconds apart.
 _POLL_INTERVAL = 0.1
+#: Most bytes read of an answer from etcd's HTTP endpoints (``/debug/vars``
+#: is a few kB).
+_HTTP_LIMIT = 1024 * 1024
 #: Restart backoff: first delay, cap, and how long a run must last to reset it.
 _RESTART_FIRST = 0.5
 #: Seconds after SIGKILL before looking whether the exit report was lost.
@@ -152,19 +172,18 @@ def etcd_arguments(settings: StorageServerSettings, workdir: Path) -> list[str]:
     ]
 
 
-async def http_health(url: str, seconds: float) -> bool:
-    """Ask etcd's ``/health`` endpoint whether the server is healthy.
+async def _http_get(url: str, path: str, seconds: float) -> bytes | None:
+    """``GET path`` from etcd's client URL; the body of a 200 answer, else None.
 
     A plain HTTP/1.0 request on a fresh connection: tiny, loopback, and free
-    of connection-pool state that could outlive the daemon's reactor.
+    of connection-pool state that could outlive the daemon's reactor.  The
+    answer is read to its end (HTTP/1.0: the server closes), up to
+    :data:`_HTTP_LIMIT` bytes.
 
     Args:
         url: The server's client URL.
+        path: The path to get.
         seconds: Limit for connecting and for reading the answer.
-
-    Returns:
-        True for HTTP 200 with ``{"health": "true"}``; False for anything
-        else, including connection errors and timeouts.
     """
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 2379
@@ -175,21 +194,108 @@ async def http_health(url: str, seconds: float) -> bool:
         # supervisor that runs this must stop when cancelled.
         async with asyncio.timeout(seconds):
             reader, writer = await asyncio.open_connection(host, port)
-        writer.write(f"GET /health HTTP/1.0\r\nHost: {parts.netloc}\r\n\r\n".encode())
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {parts.netloc}\r\n\r\n".encode())
+        reply = b""
         async with asyncio.timeout(seconds):
-            reply = await reader.read(65536)
+            while len(reply) < _HTTP_LIMIT and (chunk := await reader.read(_HTTP_LIMIT - len(reply))):
+                reply += chunk
     except (OSError, TimeoutError):
-        return False
+        return None
     finally:
         if writer is not None:
             writer.close()
     head, _, body = reply.partition(b"\r\n\r\n")
-    if not head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")):
-        return False
+    return body if head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")) else None
+
+
+async def http_health(url: str, seconds: float) -> bool:
+    """Ask etcd's ``/health`` endpoint whether the server is healthy.
+
+    Args:
+        url: The server's client URL.
+        seconds: Limit for connecting and for reading the answer.
+
+    Returns:
+        True for HTTP 200 with ``{"health": "true"}``; False for anything
+        else, including connection errors and timeouts.
+    """
+    body = await _http_get(url, "/health", seconds)
     try:
-        return bool(json.loads(body).get("health") == "true")
+        return body is not None and bool(json.loads(body).get("health") == "true")
     except (ValueError, AttributeError):
         return False
+
+
+async def http_cmdline(url: str, seconds: float) -> list[str] | None:
+    """The command line of the etcd that serves ``url``, from ``/debug/vars``.
+
+    etcd (3.4 and later) publishes Go's ``expvar`` variables there, among
+    them ``cmdline``: its ``os.Args``.  Those carry the ``--name`` and the
+    ``--data-dir`` the server was started with, which is what tells the
+    etcd snetd started from any other one on the same port -- whose data
+    dir the daemon's payment state must never go to.
+
+    Args:
+        url: The server's client URL.
+        seconds: Limit for connecting and for reading the answer.
+
+    Returns:
+        The arguments, program first; None when there is no answer, or no
+        command line in it.
+    """
+    body = await _http_get(url, "/debug/vars", seconds)
+    try:
+        cmdline = json.loads(body)["cmdline"] if body is not None else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(cmdline, list) or not all(isinstance(arg, str) for arg in cmdline):
+        return None
+    return cmdline
+
+
+def _flag(argv: Sequence[str], name: str) -> str:
+    """The value of ``--name=value`` in ``argv``, or ``?``."""
+    prefix = f"--{name}="
+    return next((arg.removeprefix(prefix) for arg in argv if arg.startswith(prefix)), "?")
+
+
+#: What to do when another etcd holds our ports.
+_OTHER_ETCD_HINT = (
+    "Is it another etcd? Installing Debian's etcd-server package starts one (etcd.service) on "
+    "localhost:2379 and 2380, snetd's default ports: stop it for good with `systemctl disable --now etcd`"
+)
+
+
+async def busy_port(url: str) -> str | None:
+    """Whether another process already listens where etcd would (``url``'s host and port).
+
+    Tried the way etcd itself will listen: a bind with ``SO_REUSEADDR``
+    (what Go sets), so a port in ``TIME_WAIT`` after our own etcd exited
+    counts as free, while one another server listens on -- on this address
+    or on the wildcard -- does not.
+
+    Returns:
+        ``host:port`` when the port is taken; None when it is free, or when
+        the host is not an address of this machine (etcd will say so).
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or 0
+    loop = asyncio.get_running_loop()
+    try:
+        found = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return None
+    # Go's listener takes the first address, IPv4 first.
+    found.sort(key=lambda info: info[0] != socket.AF_INET)
+    family, kind, proto, _, address = found[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    return None
 
 
 class _EtcdProcess(ProcessProtocol):
@@ -291,6 +397,8 @@ class EmbeddedEtcd(Service):
         workdir: Base of relative paths (the daemon's working directory).
         binary: The etcd program (name on ``PATH`` or path).
         health: ``(url, timeout) -> healthy?``; :func:`http_health` by default.
+        identify: ``(url, timeout) -> command line`` of the etcd that
+            answers there (None: no answer); :func:`http_cmdline` by default.
         stop_timeout: Seconds between SIGTERM and SIGKILL when stopping.
         isolate: Start etcd through ``setsid`` and ``setpriv --pdeathsig
             KILL`` when they are installed (see the module docstring).
@@ -310,6 +418,7 @@ class EmbeddedEtcd(Service):
         workdir: Path,
         binary: str = "etcd",
         health: Callable[[str, float], Awaitable[bool]] = http_health,
+        identify: Callable[[str, float], Awaitable[list[str] | None]] = http_cmdline,
         stop_timeout: float = 10.0,
         isolate: bool = True,
     ) -> None:
@@ -324,6 +433,7 @@ class EmbeddedEtcd(Service):
         self._workdir = workdir
         self._binary = binary
         self._health = health
+        self._identify = identify
         self._stop_timeout = stop_timeout
         self._isolate = isolate
         self._process: _EtcdProcess | None = None
@@ -440,46 +550,77 @@ class EmbeddedEtcd(Service):
         ready = self._ready
         assert ready is not None
         while not self._stopping:
-            process = self._spawn(etcd)
-            healthy = await self._wait_healthy(process)
+            blocked = await self._blocked()
             if self._stop_requested():
-                return  # _shutdown terminates the process
-            if healthy:
-                started = self._clock.seconds()
+                return
+            if blocked is not None:
+                # Nothing is spawned: our etcd would exit at once, or sit
+                # waiting for a lock -- while the other server answered in
+                # its place.
                 if not ready.done():
-                    ready.set_result(None)
-                _log.info("embedded etcd healthy at {url} (pid {pid})", url=self.client_url, pid=process.pid)
-                await asyncio.shield(process.ended)
-                if self._stop_requested():
-                    return
-                if self._clock.seconds() - started >= _RESTART_RESET_AFTER:
-                    delay = _RESTART_FIRST
-                _log.error(
-                    "embedded etcd (pid {pid}) {how}; restarting in {delay}s. Last output:\n{output}",
-                    pid=process.pid,
-                    how=process.describe_end(),
-                    delay=delay,
-                    output=process.output(),
-                )
-            else:
-                reason = process.describe_end()
-                if process.running:
-                    reason = f"not healthy within {self._settings.startup_timeout:g}s"
-                    await self._terminate(process)
-                if not ready.done():
-                    # The first start failed: report it, leave nothing running.
                     ready.set_exception(
-                        EmbeddedEtcdStartError(
-                            f"the embedded etcd server at {self.client_url} did not start ({reason}). "
-                            f"Its last output:\n{process.output()}"
-                        )
+                        EmbeddedEtcdStartError(f"the embedded etcd server at {self.client_url} cannot start: {blocked}")
                     )
-                    _log.error("embedded etcd did not start ({reason})", reason=reason)
+                    _log.error("embedded etcd cannot start: {reason}", reason=blocked)
                     return
-                _log.error("embedded etcd restart failed ({reason}); retrying in {delay}s", reason=reason, delay=delay)
+                _log.error("embedded etcd cannot restart ({reason}); retrying in {delay}s", reason=blocked, delay=delay)
+            else:
+                process = self._spawn(etcd)
+                failure = await self._wait_healthy(process)
+                if self._stop_requested():
+                    return  # _shutdown terminates the process
+                if failure is None:
+                    started = self._clock.seconds()
+                    if not ready.done():
+                        ready.set_result(None)
+                    _log.info("embedded etcd healthy at {url} (pid {pid})", url=self.client_url, pid=process.pid)
+                    await asyncio.shield(process.ended)
+                    if self._stop_requested():
+                        return
+                    if self._clock.seconds() - started >= _RESTART_RESET_AFTER:
+                        delay = _RESTART_FIRST
+                    _log.error(
+                        "embedded etcd (pid {pid}) {how}; restarting in {delay}s. Last output:\n{output}",
+                        pid=process.pid,
+                        how=process.describe_end(),
+                        delay=delay,
+                        output=process.output(),
+                    )
+                else:
+                    await self._terminate(process)
+                    if not ready.done():
+                        # The first start failed: report it, leave nothing running.
+                        ready.set_exception(
+                            EmbeddedEtcdStartError(
+                                f"the embedded etcd server at {self.client_url} did not start ({failure}). "
+                                f"Its last output:\n{process.output()}"
+                            )
+                        )
+                        _log.error("embedded etcd did not start ({reason})", reason=failure)
+                        return
+                    _log.error(
+                        "embedded etcd restart failed ({reason}); retrying in {delay}s", reason=failure, delay=delay
+                    )
             await deferLater(self._clock, delay).asFuture(asyncio.get_running_loop())
             delay = min(delay * 2, _RESTART_MAX)
             self.restarts += 1
+
+    async def _blocked(self) -> str | None:
+        """Why etcd cannot be started now (a port already taken), or None.
+
+        Checked before every start: with its port taken our etcd exits at
+        once, but another etcd listening there answers ``/health`` as if it
+        were ours.
+        """
+        ports = (("client", self._settings.client_url), ("peer", self._settings.peer_url))
+        for what, url in ports:
+            taken = await busy_port(url)
+            if taken is not None:
+                return (
+                    f"its {what} port {taken} is already in use by another process. {_OTHER_ETCD_HINT}, "
+                    f"or give snetd another port (payment_channel_storage_server.{what}_port)"
+                )
+        return None
 
     def _spawn(self, etcd: str) -> _EtcdProcess:
         process = _EtcdProcess(asyncio.get_running_loop())
@@ -499,16 +640,55 @@ class EmbeddedEtcd(Service):
         _log.info("embedded etcd starting (pid {pid}): {argv}", pid=process.pid, argv=" ".join(argv))
         return process
 
-    async def _wait_healthy(self, process: _EtcdProcess) -> bool:
-        """Poll ``/health`` until healthy (True), or exit/timeout (False)."""
+    async def _wait_healthy(self, process: _EtcdProcess) -> str | None:
+        """Poll until our etcd is healthy (None), or say why it is not.
+
+        Healthy means that ``/health`` says so *and* that the server which
+        says so is ours: its command line (``/debug/vars``) is the one we
+        started.  Another etcd that took the port between our check and our
+        start would answer just as well, and the daemon's payment state
+        would go to that server's data dir.
+        """
         loop = asyncio.get_running_loop()
+        ours = etcd_arguments(self._settings, self._workdir)
         deadline = self._clock.seconds() + self._settings.startup_timeout
+        unconfirmed = False
         while process.running and self._clock.seconds() < deadline:
             if await self._health(self.client_url, 1.0):
-                # It may have died right after answering; trust the pipe.
-                return process.running
+                cmdline = await self._identify(self.client_url, 1.0)
+                if cmdline is not None and cmdline[1:] != ours:
+                    return self._stranger(cmdline)
+                if process.ended.done():  # (not .running: mypy takes it for still True)
+                    break  # it died right after answering
+                if cmdline is not None:
+                    return None
+                unconfirmed = True
             await deferLater(self._clock, _POLL_INTERVAL).asFuture(loop)
-        return False
+        if process.running:
+            if unconfirmed:
+                return (
+                    f"not confirmed within {self._settings.startup_timeout:g}s: a server at {self.client_url} "
+                    "reports healthy but shows no command line at /debug/vars, so it cannot be told "
+                    "from another etcd"
+                )
+            return f"not healthy within {self._settings.startup_timeout:g}s"
+        ended = process.describe_end()
+        # Another etcd on its ports explains an exit ("bind: address already
+        # in use") better than etcd's own words.
+        cmdline = await self._identify(self.client_url, 1.0)
+        if cmdline is not None and cmdline[1:] != ours:
+            return f"{ended}: {self._stranger(cmdline)}"
+        return ended
+
+    def _stranger(self, cmdline: Sequence[str]) -> str:
+        """The failure when another etcd answers on our client URL."""
+        return (
+            f"another etcd answers at {self.client_url} (--name={_flag(cmdline, 'name')}, "
+            f"--data-dir={_flag(cmdline, 'data-dir')}), not the one snetd started "
+            f"(--name={self._settings.name}, --data-dir={self._workdir / self._settings.data_dir}). "
+            f"{_OTHER_ETCD_HINT}, or give snetd other ports (payment_channel_storage_server.client_port "
+            "and peer_port)"
+        )
 
     async def _terminate(self, process: _EtcdProcess) -> None:
         """SIGTERM, SIGKILL after the stop timeout; return once reaped."""
