@@ -278,6 +278,40 @@ async def test_our_etcd_is_recognised_by_its_command_line(tmp_path: Path) -> Non
         await stop(service)
 
 
+class _SteppedClock:
+    """The reactor as a clock, whose wall clock (``seconds()``) is stepped an hour forward on demand."""
+
+    def __init__(self) -> None:
+        self.step = 0.0
+
+    def seconds(self) -> float:
+        return float(reactor.seconds()) + self.step
+
+    def callLater(self, delay: float, f: Callable[..., object], *args: object, **kwargs: object) -> object:
+        return reactor.callLater(delay, f, *args, **kwargs)
+
+    def getDelayedCalls(self) -> object:
+        return reactor.getDelayedCalls()
+
+
+@requires_etcd
+@aio_test
+async def test_a_wall_clock_step_while_starting_does_not_end_the_wait(tmp_path: Path) -> None:
+    """NTP steps the wall clock an hour forward while etcd starts (a wrong clock at boot): the start
+    still succeeds.  (The deadline was on the wall clock: the wait ended at once and a healthy etcd
+    was killed.)"""
+    clock = _SteppedClock()
+    service = EmbeddedEtcd(server_settings(), reactor, clock, workdir=tmp_path)  # type: ignore[arg-type]
+    service.startService()
+    try:
+        await wait_for(lambda: service.spawned, within=10)
+        clock.step = 3600.0
+        await asyncio.wait_for(service.ready(), 30)
+        assert service.pid == service.spawned[0]
+    finally:
+        await stop(service)
+
+
 @requires_etcd
 @aio_test
 async def test_start_that_never_gets_healthy_is_stopped(tmp_path: Path) -> None:

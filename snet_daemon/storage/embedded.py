@@ -49,6 +49,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -393,7 +394,8 @@ class EmbeddedEtcd(Service):
     Args:
         settings: ``payment_channel_storage_server``.
         reactor: Spawns the process.
-        clock: Times startup, backoff and stop (usually the same reactor).
+        clock: Schedules the polls, backoff and stop timers (usually the
+            same reactor).
         workdir: Base of relative paths (the daemon's working directory).
         binary: The etcd program (name on ``PATH`` or path).
         health: ``(url, timeout) -> healthy?``; :func:`http_health` by default.
@@ -402,6 +404,10 @@ class EmbeddedEtcd(Service):
         stop_timeout: Seconds between SIGTERM and SIGKILL when stopping.
         isolate: Start etcd through ``setsid`` and ``setpriv --pdeathsig
             KILL`` when they are installed (see the module docstring).
+        monotonic: The clock the startup deadline and the backoff reset
+            are measured on.  Not ``clock.seconds()``, the wall clock: NTP
+            stepping it forward while etcd starts (a wrong clock at boot)
+            would end the wait at once and kill a healthy etcd.
 
     Raises:
         EmbeddedEtcdError: ``scheme`` is not ``http``.
@@ -421,6 +427,7 @@ class EmbeddedEtcd(Service):
         identify: Callable[[str, float], Awaitable[list[str] | None]] = http_cmdline,
         stop_timeout: float = 10.0,
         isolate: bool = True,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if settings.scheme != "http":
             raise EmbeddedEtcdError(
@@ -436,6 +443,7 @@ class EmbeddedEtcd(Service):
         self._identify = identify
         self._stop_timeout = stop_timeout
         self._isolate = isolate
+        self._monotonic = monotonic
         self._process: _EtcdProcess | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -570,14 +578,14 @@ class EmbeddedEtcd(Service):
                 if self._stop_requested():
                     return  # _shutdown terminates the process
                 if failure is None:
-                    started = self._clock.seconds()
+                    started = self._monotonic()
                     if not ready.done():
                         ready.set_result(None)
                     _log.info("embedded etcd healthy at {url} (pid {pid})", url=self.client_url, pid=process.pid)
                     await asyncio.shield(process.ended)
                     if self._stop_requested():
                         return
-                    if self._clock.seconds() - started >= _RESTART_RESET_AFTER:
+                    if self._monotonic() - started >= _RESTART_RESET_AFTER:
                         delay = _RESTART_FIRST
                     _log.error(
                         "embedded etcd (pid {pid}) {how}; restarting in {delay}s. Last output:\n{output}",
@@ -651,9 +659,9 @@ class EmbeddedEtcd(Service):
         """
         loop = asyncio.get_running_loop()
         ours = etcd_arguments(self._settings, self._workdir)
-        deadline = self._clock.seconds() + self._settings.startup_timeout
+        deadline = self._monotonic() + self._settings.startup_timeout
         unconfirmed = False
-        while process.running and self._clock.seconds() < deadline:
+        while process.running and self._monotonic() < deadline:
             if await self._health(self.client_url, 1.0):
                 cmdline = await self._identify(self.client_url, 1.0)
                 if cmdline is not None and cmdline[1:] != ours:
