@@ -263,6 +263,28 @@ async def test_another_etcd_that_answers_for_ours_is_recognised(
 
 @requires_etcd
 @aio_test
+async def test_a_data_dir_another_etcd_holds_is_reported_at_once(
+    tmp_path: Path, etcd_factory: Callable[[], EtcdServer]
+) -> None:
+    """Another etcd (on other ports) runs on the configured data dir: the start fails at once naming
+    the data dir and the process holding it.  (Our etcd used to wait silently for its lock until the
+    startup timeout.)"""
+    other = etcd_factory().start()
+    assert other.pid is not None
+    settings = server_settings(data_dir=str(other.data_dir), startup_timeout=15.0)
+    service = embedded(tmp_path, settings)
+    service.startService()
+    start = time.monotonic()
+    with pytest.raises(EmbeddedEtcdStartError, match="is in use by") as failed:
+        await asyncio.wait_for(service.ready(), 30)
+    assert time.monotonic() - start < 5
+    assert f"data dir {other.data_dir} is in use by pid {other.pid} (etcd)" in str(failed.value)
+    assert not service.spawned
+    await stop(service)
+
+
+@requires_etcd
+@aio_test
 async def test_our_etcd_is_recognised_by_its_command_line(tmp_path: Path) -> None:
     """The command line /debug/vars shows is the one snetd started: what tells ours from another etcd."""
     settings = server_settings()
@@ -322,7 +344,7 @@ async def test_start_that_never_gets_healthy_is_stopped(tmp_path: Path) -> None:
 
     service = embedded(tmp_path, server_settings(startup_timeout=1.0), health=never_healthy)
     service.startService()
-    with pytest.raises(EmbeddedEtcdStartError, match=r"not healthy within 1s"):
+    with pytest.raises(EmbeddedEtcdStartError, match=r"not healthy within 1s; is another etcd using its data dir"):
         await asyncio.wait_for(service.ready(), 30)
     assert service.pid is None
     assert service.spawned

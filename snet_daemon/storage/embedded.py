@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -73,6 +74,7 @@ __all__ = [
     "EmbeddedEtcdError",
     "EmbeddedEtcdStartError",
     "busy_port",
+    "data_dir_holder",
     "etcd_arguments",
     "find_etcd",
     "http_cmdline",
@@ -296,6 +298,56 @@ async def busy_port(url: str) -> str | None:
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
                 return f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    return None
+
+
+def data_dir_holder(data_dir: Path) -> str | None:
+    """Whether another process holds the database of etcd's data dir.
+
+    etcd locks ``member/snap/db`` with ``flock`` when it opens it (bbolt),
+    and a second etcd on the same data dir waits for that lock forever,
+    silently at the default log levels, until the startup timeout.  The
+    lock is tried here (and released at once) to say so up front.
+
+    Returns:
+        Who holds it (``pid N (etcd)`` when ``/proc/locks`` tells), or None
+        when nobody does or there is no database yet.
+    """
+    try:
+        fd = os.open(data_dir / "member" / "snap" / "db", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no database yet, or one etcd itself will complain about
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _lock_holder(os.fstat(fd)) or "another process"
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(stat: os.stat_result) -> str | None:
+    """``pid N (name)`` of the process holding a flock on this file, from ``/proc/locks``."""
+    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            lines = locks.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        # "3: FLOCK  ADVISORY  WRITE 17188 fe:00:2237029 0 EOF"; waiters have "->".
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            pid = fields[4]
+            try:
+                with open(f"/proc/{pid}/comm") as comm:
+                    return f"pid {pid} ({comm.read().strip()})"
+            except OSError:
+                return f"pid {pid}"
     return None
 
 
@@ -614,11 +666,11 @@ class EmbeddedEtcd(Service):
             self.restarts += 1
 
     async def _blocked(self) -> str | None:
-        """Why etcd cannot be started now (a port already taken), or None.
+        """Why etcd cannot be started now (a port taken, the data dir locked), or None.
 
         Checked before every start: with its port taken our etcd exits at
         once, but another etcd listening there answers ``/health`` as if it
-        were ours.
+        were ours; with its data dir locked it waits, silently, for ever.
         """
         ports = (("client", self._settings.client_url), ("peer", self._settings.peer_url))
         for what, url in ports:
@@ -628,6 +680,14 @@ class EmbeddedEtcd(Service):
                     f"its {what} port {taken} is already in use by another process. {_OTHER_ETCD_HINT}, "
                     f"or give snetd another port (payment_channel_storage_server.{what}_port)"
                 )
+        data_dir = self._workdir / self._settings.data_dir
+        holder = data_dir_holder(data_dir)
+        if holder is not None:
+            return (
+                f"its data dir {data_dir} is in use by {holder}: another etcd runs on it (a second snetd "
+                "in the same working directory, or an etcd left over). Stop that one, or give this daemon "
+                "a data dir of its own (payment_channel_storage_server.data_dir)"
+            )
         return None
 
     def _spawn(self, etcd: str) -> _EtcdProcess:
@@ -679,7 +739,12 @@ class EmbeddedEtcd(Service):
                     "reports healthy but shows no command line at /debug/vars, so it cannot be told "
                     "from another etcd"
                 )
-            return f"not healthy within {self._settings.startup_timeout:g}s"
+            # An etcd waiting for the lock of a data dir another one holds
+            # looks just like this (its output ends with its configuration).
+            return (
+                f"not healthy within {self._settings.startup_timeout:g}s; is another etcd using its data dir "
+                f"{self._workdir / self._settings.data_dir}?"
+            )
         ended = process.describe_end()
         # Another etcd on its ports explains an exit ("bind: address already
         # in use") better than etcd's own words.
