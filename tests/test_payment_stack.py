@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
+from snet_daemon.ops.heartbeat import Heartbeat, HeartbeatIdentity
 from snet_daemon.payments.stack import PaymentStack
 from snet_daemon.storage.base import StorageSetupError
 from snet_daemon.storage.embedded import EmbeddedEtcdError, EmbeddedEtcdStartError
@@ -88,6 +89,37 @@ async def test_an_embedded_etcd_that_did_not_start_is_started_again() -> None:
     assert builds[1].running
     assert not any(problem.startswith("storage:") for problem in stack.problems())
     await stack.stop()
+
+
+@aio_test
+async def test_an_embedded_etcd_in_trouble_after_starting_makes_the_heartbeat_offline() -> None:
+    """The embedded etcd started, then crashed and is being restarted: the stack's problems, and so
+    the heartbeat, say so (it stayed Online while every paid call failed); Go's fields are unchanged."""
+    embedded = SimpleNamespace(trouble=None)
+    setup = SimpleNamespace(service=_Service(), ready=_no_wait, mode="embedded-etcd", embedded=embedded)
+    stack = _stack(lambda _: setup, chain=SimpleNamespace(mpe_address=""))
+    stack.start()
+    await _until(lambda: stack.storage_mode() is not None, within=2)
+
+    async def serving() -> bool:
+        return True
+
+    identity = HeartbeatIdentity("org", "svc", "group", "0xregistry", "1.0", True, "sepolia")
+    heartbeat = Heartbeat(lambda: identity, serving, lambda: 0.0, lambda: stack.problems(), cache_seconds=0)
+    healthy = await heartbeat.report()
+    embedded.trouble = "the embedded etcd server exited with status 2; restarting it"
+    troubled = await heartbeat.report()
+    assert troubled["status"] == "Offline"
+    assert troubled["ready"] is False
+    assert "storage: the embedded etcd server exited with status 2; restarting it" in troubled["problems"]  # type: ignore[operator]
+    assert troubled.keys() == healthy.keys()
+    embedded.trouble = None
+    assert not any(problem.startswith("storage:") for problem in stack.problems())
+    await stack.stop()
+
+
+async def _no_wait() -> None:
+    """A storage that is ready at once."""
 
 
 @aio_test

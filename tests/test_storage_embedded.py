@@ -177,6 +177,37 @@ async def test_lifecycle_start_crash_restart_stop_start(tmp_path: Path) -> None:
 
 @requires_etcd
 @aio_test
+async def test_trouble_is_reported_while_etcd_is_frozen_or_restarting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once started, a frozen etcd (SIGSTOP) and one being restarted after a crash show in ``trouble``
+    (which the heartbeat reports); it clears when etcd is healthy again."""
+    monkeypatch.setattr(embedded_module, "_WATCH_INTERVAL", 0.2)
+    service = embedded(tmp_path)
+    service.startService()
+    try:
+        await asyncio.wait_for(service.ready(), 30)
+        assert service.trouble is None
+        pid = service.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await wait_for(lambda: service.trouble is not None, within=10)
+            assert f"(pid {pid})" in str(service.trouble)
+            assert "is not healthy" in str(service.trouble)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await wait_for(lambda: service.trouble is None, within=10)
+        os.kill(pid, signal.SIGKILL)
+        await wait_for(lambda: service.trouble is not None, within=10)
+        assert "killed by signal 9; restarting it" in str(service.trouble)
+        await wait_for(lambda: service.pid not in (None, pid) and service.trouble is None, within=15)
+    finally:
+        await stop(service)
+
+
+@requires_etcd
+@aio_test
 async def test_failed_start_reports_etcd_output_and_leaves_no_process(tmp_path: Path) -> None:
     """When etcd cannot start (its data dir is a file), ready() fails quoting etcd, and no etcd is left."""
     settings = server_settings(log_outputs=("stderr",), data_dir="not-a-directory")

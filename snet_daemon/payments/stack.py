@@ -187,8 +187,13 @@ class PaymentStack:
     def problems(self) -> tuple[str, ...]:
         """Why payments cannot be taken now (empty when they can)."""
         reasons = list(self._not_ready())
+        # Once started, an embedded etcd that crashed (and is restarting) or
+        # stopped answering fails every paid call: the heartbeat says so.
+        embedded = self._storage.embedded if self._storage is not None else None
         if self._storage_error is not None:
             reasons.append(f"storage: {self._storage_error}")
+        elif embedded is not None and embedded.trouble is not None:
+            reasons.append(f"storage: {embedded.trouble}")
         elif self._parts is None and not reasons:
             reasons.append("payments: waiting for metadata and storage")
         return tuple(reasons)

@@ -24,7 +24,9 @@ supervises it:
 * **Restarts.**  Once it has been healthy, an unexpected exit is logged and
   etcd is started again after a backoff (0.5 s doubling to 30 s, reset after
   a minute of healthy running).  Its data directory is kept, so no state is
-  lost.
+  lost.  While it is being restarted, or while a running etcd does not
+  answer its health check (every few seconds), :attr:`EmbeddedEtcd.trouble`
+  says so, and the heartbeat with it.
 * **Stopping** sends SIGTERM, then SIGKILL after ``stop_timeout``, and
   completes when the child has been reaped.
 * **No orphans, even if the daemon is SIGKILLed.**  The child is started as
@@ -54,6 +56,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
@@ -94,6 +97,9 @@ _RESTART_FIRST = 0.5
 _KILL_GRACE = 2.0
 _RESTART_MAX = 30.0
 _RESTART_RESET_AFTER = 60.0
+#: Health checks of a running etcd, seconds apart, and how long each may take.
+_WATCH_INTERVAL = 5.0
+_WATCH_TIMEOUT = 2.0
 #: Output lines kept for error messages.
 _TAIL_LINES = 30
 
@@ -502,6 +508,10 @@ class EmbeddedEtcd(Service):
         self._stopping = False
         #: Number of times etcd was started again after an unexpected exit.
         self.restarts = 0
+        #: Why the server, once it had started, does not serve now (it is
+        #: being restarted, or does not answer as healthy); None while it
+        #: does.  For the heartbeat: requests fail meanwhile.
+        self.trouble: str | None = None
         #: PIDs of every etcd process spawned, oldest first (diagnostics, tests).
         self.spawned: list[int] = []
 
@@ -623,6 +633,7 @@ class EmbeddedEtcd(Service):
                     )
                     _log.error("embedded etcd cannot start: {reason}", reason=blocked)
                     return
+                self.trouble = f"the embedded etcd server cannot restart: {blocked}"
                 _log.error("embedded etcd cannot restart ({reason}); retrying in {delay}s", reason=blocked, delay=delay)
             else:
                 process = self._spawn(etcd)
@@ -633,12 +644,14 @@ class EmbeddedEtcd(Service):
                     started = self._monotonic()
                     if not ready.done():
                         ready.set_result(None)
+                    self.trouble = None
                     _log.info("embedded etcd healthy at {url} (pid {pid})", url=self.client_url, pid=process.pid)
-                    await asyncio.shield(process.ended)
+                    await self._watch(process)
                     if self._stop_requested():
                         return
                     if self._monotonic() - started >= _RESTART_RESET_AFTER:
                         delay = _RESTART_FIRST
+                    self.trouble = f"the embedded etcd server {process.describe_end()}; restarting it"
                     _log.error(
                         "embedded etcd (pid {pid}) {how}; restarting in {delay}s. Last output:\n{output}",
                         pid=process.pid,
@@ -658,12 +671,40 @@ class EmbeddedEtcd(Service):
                         )
                         _log.error("embedded etcd did not start ({reason})", reason=failure)
                         return
+                    self.trouble = f"the embedded etcd server did not restart ({failure}); retrying"
                     _log.error(
                         "embedded etcd restart failed ({reason}); retrying in {delay}s", reason=failure, delay=delay
                     )
             await deferLater(self._clock, delay).asFuture(asyncio.get_running_loop())
             delay = min(delay * 2, _RESTART_MAX)
             self.restarts += 1
+
+    async def _watch(self, process: _EtcdProcess) -> None:
+        """Until ``process`` ends, ask it every :data:`_WATCH_INTERVAL` whether it is healthy.
+
+        The answer goes to :attr:`trouble` (and the heartbeat): an etcd that
+        runs but serves nothing -- out of space (its NOSPACE alarm), frozen
+        -- fails every paid call just as one that crashed.
+        """
+        loop = asyncio.get_running_loop()
+        while process.running:
+            tick: asyncio.Future[None] = deferLater(self._clock, _WATCH_INTERVAL).asFuture(loop)
+            try:
+                either: set[asyncio.Future[Any]] = {process.ended, tick}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                tick.cancel()
+            if process.ended.done():
+                return
+            healthy = await self._health(self.client_url, _WATCH_TIMEOUT)
+            if process.ended.done():
+                return
+            if healthy and self.trouble is not None:
+                _log.info("embedded etcd (pid {pid}) is healthy again", pid=process.pid)
+                self.trouble = None
+            elif not healthy and self.trouble is None:
+                self.trouble = f"the embedded etcd server (pid {process.pid}) at {self.client_url} is not healthy"
+                _log.warn("{trouble}", trouble=self.trouble)
 
     async def _blocked(self) -> str | None:
         """Why etcd cannot be started now (a port taken, the data dir locked), or None.
