@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import reactor
+from twisted.logger import LogLevel, capturedLogs
 
 from snet_daemon.config.sections import StorageServerSettings
 from snet_daemon.storage import embedded as embedded_module
@@ -30,6 +31,7 @@ from snet_daemon.storage.embedded import (
     EmbeddedEtcdError,
     EmbeddedEtcdStartError,
     etcd_arguments,
+    etcd_log_level,
     find_etcd,
     http_cmdline,
 )
@@ -99,6 +101,26 @@ def test_arguments_follow_settings_with_paths_relative_to_workdir(tmp_path: Path
     absolute = etcd_arguments(replace(settings, data_dir="/var/lib/snetd/etcd", cluster=""), tmp_path)
     assert "--data-dir=/var/lib/snetd/etcd" in absolute
     assert f"--initial-cluster=storage-1=http://127.0.0.1:{settings.peer_port}" in absolute
+
+
+@pytest.mark.parametrize(
+    ("line", "level"),
+    [
+        ('{"level":"info","msg":"serving client traffic"}', LogLevel.info),
+        ('{"level":"warn","msg":"slow fdatasync","took":"1.2s"}', LogLevel.warn),
+        ('{"level":"error","msg":"failed to publish local member"}', LogLevel.error),
+        ('{"level":"fatal","msg":"failed to list data directory"}', LogLevel.critical),
+        ('{"level":"panic","msg":"failed to open database"}', LogLevel.critical),
+        ('{"level":"debug","msg":"recv"}', LogLevel.debug),
+        ("panic: failed to open database", LogLevel.warn),
+        ("goroutine 1 [running]:", LogLevel.warn),
+        ('{"msg":"no level"}', LogLevel.warn),
+        ("{not json", LogLevel.warn),
+    ],
+)
+def test_etcd_output_is_logged_at_etcds_level(line: str, level: LogLevel) -> None:
+    """etcd's zap JSON lines keep their level; anything else it prints (a Go panic, a flag error) is a warning."""
+    assert etcd_log_level(line) == level
 
 
 def test_missing_binary_says_how_to_fix_it(tmp_path: Path) -> None:
@@ -213,10 +235,15 @@ async def test_failed_start_reports_etcd_output_and_leaves_no_process(tmp_path: 
     settings = server_settings(log_outputs=("stderr",), data_dir="not-a-directory")
     (tmp_path / "not-a-directory").write_text("")
     service = embedded(tmp_path, settings)
-    service.startService()
-    with pytest.raises(EmbeddedEtcdStartError, match="did not start") as failed:
-        await asyncio.wait_for(service.ready(), 30)
+    with capturedLogs() as events:
+        service.startService()
+        with pytest.raises(EmbeddedEtcdStartError, match="did not start") as failed:
+            await asyncio.wait_for(service.ready(), 30)
     assert "not a directory" in str(failed.value)
+    # etcd's own "fatal" line is relayed as critical, not at info: `journalctl -p warning` shows it.
+    relayed = [event for event in events if "not a directory" in event.get("line", "")]
+    assert relayed
+    assert {event["log_level"] for event in relayed} == {LogLevel.critical}
     # Worth trying again later, unlike a missing program: the payment stack retries it.
     assert not isinstance(failed.value, StorageSetupError)
     assert service.spawned
@@ -452,6 +479,7 @@ loop = asyncio.new_event_loop()
 asyncio.set_event_loop(loop)
 asyncioreactor.install(loop)
 from twisted.internet import reactor
+from twisted.logger import LogLevel, capturedLogs
 from snet_daemon.config.sections import StorageServerSettings
 from snet_daemon.storage.embedded import EmbeddedEtcd
 

@@ -66,7 +66,7 @@ from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReacto
 from twisted.internet.process import reapAllProcesses
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from snet_daemon.config.sections import StorageServerSettings
@@ -79,6 +79,7 @@ __all__ = [
     "busy_port",
     "data_dir_holder",
     "etcd_arguments",
+    "etcd_log_level",
     "find_etcd",
     "http_cmdline",
     "http_health",
@@ -357,6 +358,39 @@ def _lock_holder(stat: os.stat_result) -> str | None:
     return None
 
 
+#: zap's levels (etcd's ``--logger=zap``) as the daemon's.
+_ETCD_LEVELS: dict[str, LogLevel] = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+    "dpanic": LogLevel.critical,
+    "panic": LogLevel.critical,
+    "fatal": LogLevel.critical,
+}
+
+
+def etcd_log_level(line: str) -> LogLevel:
+    """The daemon's log level for one line of etcd's output.
+
+    etcd runs with ``--logger=zap``: each line is a JSON object whose
+    ``level`` is zap's.  Relayed at that level, etcd's warnings and errors
+    reach ``journalctl -p warning`` and a daemon logging at ``warn``, and
+    its chatter at ``info`` stays out of them.  A line that is not zap's
+    JSON is what etcd writes outside its logger -- a Go panic and its
+    stack, a flag error -- and is relayed as a warning.
+    """
+    relayed: LogLevel = LogLevel.warn
+    if line.startswith("{"):
+        try:
+            level = json.loads(line).get("level")
+        except (ValueError, AttributeError):
+            return relayed
+        if isinstance(level, str):
+            relayed = _ETCD_LEVELS.get(level, relayed)
+    return relayed
+
+
 class _EtcdProcess(ProcessProtocol):
     """One run of the etcd child: its output tail and its end."""
 
@@ -385,7 +419,7 @@ class _EtcdProcess(ProcessProtocol):
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 self.tail.append(line)
-                _log.info("etcd: {line}", line=line)
+                _log.emit(etcd_log_level(line), "etcd: {line}", line=line)
 
     def processExited(self, reason: Failure) -> None:
         # The child is reaped: it is gone, even if a pipe is still open
