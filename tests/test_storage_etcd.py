@@ -265,6 +265,40 @@ async def test_next_endpoint_is_used_when_one_is_down(etcd_server: EtcdServer) -
 
 
 @aio_test
+async def test_next_endpoint_is_used_when_the_one_in_use_hangs(etcd_factory: Callable[[], EtcdServer]) -> None:
+    """The endpoint in use freezes (SIGSTOP: it still accepts connections, answers nothing): one request
+    times out, and the following ones go to the next endpoint.  (They all timed out on the frozen one.)"""
+    first, second = etcd_factory().start(), etcd_factory().start()
+    await _direct_put(second, "hang-over/which", b"second")
+    storage = EtcdStorage([first.url, second.url], request_timeout=0.5, connection_timeout=1.0)
+    pid = first.pid
+    assert pid is not None
+    try:
+        assert await storage.get("hang-over/which") is None  # the first endpoint answers
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StorageTimeout, match=first.url):
+                await storage.get("hang-over/which")
+            start = time.monotonic()
+            entry = await storage.get("hang-over/which")
+            assert entry is not None
+            assert entry.value == b"second"
+            assert time.monotonic() - start < 0.5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        await storage.close()
+
+
+async def _direct_put(server: EtcdServer, key: str, value: bytes) -> None:
+    storage = EtcdStorage([server.url])
+    try:
+        await storage.put(key, value)
+    finally:
+        await storage.close()
+
+
+@aio_test
 async def test_closed_storage_refuses_requests(etcd_server: EtcdServer) -> None:
     """After close() requests fail with StorageUnavailable instead of reconnecting."""
     storage = EtcdStorage([etcd_server.url])

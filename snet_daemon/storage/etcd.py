@@ -21,7 +21,9 @@ Behaviour the daemon relies on:
   of etcd coming back.  A request that times out drops its connection (a
   silently dead peer would otherwise keep every request waiting).
 * **Several endpoints.**  Requests go to one endpoint at a time; when it is
-  unavailable the next one is used for the following requests.  A failed
+  unavailable, or does not answer within the request timeout (a member that
+  is frozen, overloaded or cut off from its cluster still accepts
+  connections), the next one is used for the following requests.  A failed
   request is not retried here: a retried conditional write that had in fact
   been applied would come back as a spurious condition failure.
 * **Group commit.**  Transactions (and multi-key reads) that arrive while
@@ -404,7 +406,7 @@ class EtcdStorage:
                 failures.append(f"{conn.endpoint.url}: no connection within {self._connection_timeout:g}s")
             except StorageError as error:
                 failures.append(f"{conn.endpoint.url}: {error}")
-            self._rotate(conn)
+            self._rotate(conn, "unreachable")
         raise StorageUnavailable("cannot reach etcd: " + "; ".join(failures))
 
     @staticmethod
@@ -603,6 +605,10 @@ class EtcdStorage:
                 drop_on_timeout=True,
             )
         except TimeoutError:
+            # Its connection was dropped, but dialling the same endpoint
+            # again would "succeed" (the kernel accepts for a frozen etcd):
+            # the next request tries the next endpoint.
+            self._rotate(conn, f"did not answer within {self._timeout:g}s")
             raise StorageTimeout(f"etcd at {conn.endpoint.url} did not answer within {self._timeout:g}s") from None
         except GrpcError as error:
             raise self._translate(error, conn, lease) from None
@@ -614,23 +620,26 @@ class EtcdStorage:
         details = error.message or f"status {code}"
         url = conn.endpoint.url
         if code == Status.DEADLINE_EXCEEDED:
+            self._rotate(conn, "timed out")
             return StorageTimeout(f"etcd at {url} did not answer within {self._timeout:g}s")
         if isinstance(error, AnswerLost):
             # Sent, and no answer: it may have been applied (a write's
             # outcome is unknown, as after a timeout).
             if code == Status.UNAVAILABLE:
-                self._rotate(conn)
+                self._rotate(conn, "lost the connection")
             return StorageTimeout(f"etcd at {url} gave no answer: {details}")
         if code == Status.UNAVAILABLE and ("timed out" in details or "leader changed" in details):
             # etcd's own "request timed out" and "leader changed": the
-            # proposal may still be committed.
+            # proposal may still be committed.  A member that times out
+            # its proposals may be cut off from its cluster: try another.
+            self._rotate(conn, details)
             return StorageTimeout(f"etcd at {url}: {details}")
         if code == Status.NOT_FOUND and _LEASE_NOT_FOUND in details:
             return LeaseNotFound(lease)
         if code == Status.INVALID_ARGUMENT:
             return ValueError(f"etcd rejected the request: {details}")
         if code in (Status.UNAVAILABLE, Status.CANCELLED):
-            self._rotate(conn)
+            self._rotate(conn, "unavailable")
             return StorageUnavailable(f"etcd at {url} is unavailable: {details}")
         if code == Status.RESOURCE_EXHAUSTED:
             # e.g. "mvcc: database space exceeded": nothing was written.
@@ -639,15 +648,21 @@ class EtcdStorage:
             return StorageError(f"etcd at {url} refused access: {details}")
         return StorageError(f"etcd at {url} failed: {code}: {details}")
 
-    def _rotate(self, failed: _Connection) -> None:
-        """After ``failed`` proved unusable, use the next endpoint (if any)."""
+    def _rotate(self, failed: _Connection, why: str) -> None:
+        """After ``failed`` proved unusable (``why``), use the next endpoint (if any).
+
+        Only once per failed connection: the other requests that were in
+        flight on it fail the same way, and must not skip the endpoint the
+        first one moved to.
+        """
         if len(self._endpoints) == 1 or self._conn is not failed:
             return
         self._index = (self._index + 1) % len(self._endpoints)
         self._conn = None
         _log.warn(
-            "etcd endpoint {failed} unavailable; switching to {next}",
+            "etcd endpoint {failed}: {why}; switching to {next}",
             failed=failed.endpoint.url,
+            why=why,
             next=self._endpoints[self._index].url,
         )
         # Requests still in flight on the old connection fail over to the
