@@ -9,6 +9,7 @@ import h2.config
 import h2.connection
 import pytest
 from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
 
 from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon.frontend.status import GrpcError, Status
@@ -21,6 +22,8 @@ class _Pool:
     """The bits of H2Upstream a connection calls back."""
 
     endpoint = "http://service.test:5000"
+    peer = "the service"
+    log = Logger(namespace="tests.h2client")
 
     def __init__(self) -> None:
         self.loop = asyncio.get_event_loop()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.logger import capturedLogs, formatEvent
 
 from snet_daemon.storage.base import (
     Condition,
@@ -241,6 +242,28 @@ async def test_open_reports_unreachable_endpoint_within_connection_timeout() -> 
         assert time.monotonic() - start < 2.0
     finally:
         await storage.close()
+
+
+@aio_test
+async def test_an_etcd_outage_is_reported_as_etcd_not_as_the_service() -> None:
+    """With etcd down, the error and the log name etcd, under the storage's log namespace: an operator
+    reading "service at ... is unavailable" under snetd.upstream looked at the AI service."""
+    url = f"http://127.0.0.1:{free_port()}"
+    storage = EtcdStorage([url], request_timeout=0.5)
+    try:
+        with capturedLogs() as events, pytest.raises(StorageUnavailable) as failed:
+            await storage.get("named/a")
+    finally:
+        await storage.close()
+    message = str(failed.value)
+    assert message.startswith(f"etcd at {url} is unavailable: ")
+    assert message.count(url) == 1
+    assert "service" not in message
+    logged = [event for event in events if url in formatEvent(event)]
+    assert logged
+    for event in logged:
+        assert event["log_namespace"] == "snetd.storage.etcd"
+        assert "service" not in formatEvent(event)
 
 
 @aio_test

@@ -317,6 +317,11 @@ class _Connection:
             tls_options=tls.client_options(host) if (endpoint.tls and tls is not None) else None,
             max_message_size=_MAX_REPLY,
             max_backoff=1.0,
+            # Its errors and logs say "etcd at ...": with "the service at
+            # ... is unavailable" under snetd.upstream, an operator would
+            # look at the AI service while the payment storage is down.
+            peer="etcd",
+            log=_log,
         )
 
 
@@ -640,6 +645,8 @@ class EtcdStorage:
             return ValueError(f"etcd rejected the request: {details}")
         if code in (Status.UNAVAILABLE, Status.CANCELLED):
             self._rotate(conn, "unavailable")
+            if details.startswith(f"etcd at {url} "):
+                return StorageUnavailable(details)  # the connection's own words name it already
             return StorageUnavailable(f"etcd at {url} is unavailable: {details}")
         if code == Status.RESOURCE_EXHAUSTED:
             # e.g. "mvcc: database space exceeded": nothing was written.

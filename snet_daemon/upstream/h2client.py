@@ -67,6 +67,8 @@ _STREAM_WINDOW: Final = 1024 * 1024
 _CONNECTION_WINDOW: Final = 16 * 1024 * 1024
 #: Request bytes a call may queue before its pump waits for window.
 _WRITE_BUFFER: Final = 256 * 1024
+#: Who answers, in messages, unless :class:`H2Upstream` is told otherwise.
+_SERVICE: Final = "the service"
 #: Why calls fail once :meth:`H2Upstream.close` has run.
 _SHUTTING_DOWN: Final = "the daemon is shutting down"
 
@@ -152,6 +154,11 @@ class _Relay:
         if self.drainer is not None and not self.drainer.done():
             self.drainer.set_result(None)
 
+    def peer(self) -> str:
+        """Who answers, for messages ("the service", "etcd")."""
+        conn = self.conn
+        return conn.peer if conn is not None else _SERVICE
+
     # -- events from the connection ---------------------------------------
 
     def on_headers(self, headers: list[tuple[str, str]], end_stream: bool) -> None:
@@ -162,13 +169,13 @@ class _Relay:
         self.headers_seen = True
         status = _get(headers, ":status")
         if status != "200":
-            self.finish(_http_error(status, headers))
+            self.finish(_http_error(status, headers, self.peer()))
             return
         try:
             self.decoder = MessageDecoder(self.max_message, check_encoding(_get(headers, "grpc-encoding")))
             metadata = metadata_from_headers(headers)
         except GrpcError as error:
-            self.finish(GrpcError(Status.INTERNAL, f"bad reply headers from the service: {error.message}"))
+            self.finish(GrpcError(Status.INTERNAL, f"bad reply headers from {self.peer()}: {error.message}"))
             return
         self.call.send_initial_metadata(metadata)
 
@@ -179,7 +186,7 @@ class _Relay:
         try:
             messages = self.decoder.feed(data)
         except GrpcError as error:
-            self.finish(GrpcError(error.status, f"bad reply from the service: {error.message}"))
+            self.finish(GrpcError(error.status, f"bad reply from {self.peer()}: {error.message}"))
             return size
         call = self.call
         for message in messages:
@@ -203,19 +210,19 @@ class _Relay:
         if raw_status is None:
             status = _get(headers, ":status")
             if status is not None and status != "200":
-                self.finish(_http_error(status, headers))
+                self.finish(_http_error(status, headers, self.peer()))
             else:
-                self.finish(GrpcError(Status.INTERNAL, "the service ended the call without a grpc-status"))
+                self.finish(GrpcError(Status.INTERNAL, f"{self.peer()} ended the call without a grpc-status"))
             return
         try:
             code = int(raw_status)
             trailers = metadata_from_headers(headers)
         except (ValueError, GrpcError):
-            self.finish(GrpcError(Status.INTERNAL, "malformed trailers from the service"))
+            self.finish(GrpcError(Status.INTERNAL, f"malformed trailers from {self.peer()}"))
             return
         message = decode_message(_get(headers, "grpc-message") or "")
         if not self.decoder.at_boundary():
-            self.finish(GrpcError(Status.INTERNAL, "the service's reply ended in the middle of a message"))
+            self.finish(GrpcError(Status.INTERNAL, f"{self.peer()}'s reply ended in the middle of a message"))
         elif code == 0:
             self.call.set_trailing_metadata(trailers)
             self.finish(None)
@@ -224,11 +231,11 @@ class _Relay:
 
     def on_reset(self, code: int) -> None:
         if code == h2.errors.ErrorCodes.REFUSED_STREAM:
-            error = GrpcError(Status.UNAVAILABLE, "the service refused the call (REFUSED_STREAM)")
+            error = GrpcError(Status.UNAVAILABLE, f"{self.peer()} refused the call (REFUSED_STREAM)")
         elif code == h2.errors.ErrorCodes.CANCEL:
-            error = AnswerLost(Status.CANCELLED, "the service cancelled the call")
+            error = AnswerLost(Status.CANCELLED, f"{self.peer()} cancelled the call")
         else:
-            error = AnswerLost(Status.INTERNAL, f"the service reset the call (HTTP/2 error {code})")
+            error = AnswerLost(Status.INTERNAL, f"{self.peer()} reset the call (HTTP/2 error {code})")
         self.finish(error)
 
 
@@ -269,8 +276,11 @@ class UpstreamConnection(Protocol):
         try:
             events = self._conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            _log.warn(
-                "HTTP/2 protocol error from the service at {endpoint}: {error}", endpoint=self._pool.endpoint, error=exc
+            self._pool.log.warn(
+                "HTTP/2 protocol error from {peer} at {endpoint}: {error}",
+                peer=self._pool.peer,
+                endpoint=self._pool.endpoint,
+                error=exc,
             )
             # No new streams here from now on (connectionLost comes later).
             self.draining = True
@@ -310,7 +320,7 @@ class UpstreamConnection(Protocol):
             relay = self._relays.pop(event.stream_id, None)  # type: ignore[attr-defined]
             if relay is not None:
                 if not relay.closed:
-                    relay.finish(GrpcError(Status.INTERNAL, "the service ended the call without a status"))
+                    relay.finish(GrpcError(Status.INTERNAL, f"{self._pool.peer} ended the call without a status"))
                 self._forget(relay)
         elif kind is _StreamReset:
             relay = self._relays.pop(event.stream_id, None)  # type: ignore[attr-defined]
@@ -331,10 +341,17 @@ class UpstreamConnection(Protocol):
         self._relays.clear()
         self._blocked.clear()
         for relay in relays:
-            relay.finish(AnswerLost(Status.UNAVAILABLE, f"lost the connection to the service at {self._pool.endpoint}"))
+            relay.finish(
+                AnswerLost(Status.UNAVAILABLE, f"lost the connection to {self._pool.peer} at {self._pool.endpoint}")
+            )
         self._pool.connection_lost(self)
 
     # -- for the pool -----------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        """Who answers on this connection, for messages."""
+        return self._pool.peer
 
     def has_capacity(self) -> bool:
         if self.lost or self.draining:
@@ -443,7 +460,7 @@ class UpstreamConnection(Protocol):
         self.draining = True
         for sid in [s for s in self._relays if s > last_stream_id]:
             relay = self._relays.pop(sid)
-            relay.finish(GrpcError(Status.UNAVAILABLE, "the service is shutting down (GOAWAY)"))
+            relay.finish(GrpcError(Status.UNAVAILABLE, f"{self._pool.peer} is shutting down (GOAWAY)"))
             self._forget(relay)
         self._pool.capacity_changed()
         if not self._relays:
@@ -489,6 +506,11 @@ class H2Upstream:
             roots (a private CA, a client certificate: etcd with mTLS).
         max_backoff: longest wait, in seconds, before retrying a failed
             connection (calls fail fast meanwhile).
+        peer: who answers, as errors and logs name it: "the service", or
+            "etcd" for the payment storage's client (an operator reading
+            "the service at ... is unavailable" looks at the AI service).
+        log: where connection failures are logged (the storage client's
+            go under its own namespace).
     """
 
     def __init__(
@@ -504,8 +526,12 @@ class H2Upstream:
         connect_timeout: float = 10.0,
         tls_options: Any = None,
         max_backoff: float = 5.0,
+        peer: str = _SERVICE,
+        log: Logger = _log,
     ) -> None:
         self._reactor = reactor
+        self.peer = peer
+        self.log = log
         self._tls_options = tls_options
         self._max_backoff = max_backoff
         self.host = host
@@ -717,8 +743,8 @@ class H2Upstream:
         except Exception as exc:
             self._backoff = min(max(self._backoff * 2, 0.25), self._max_backoff)
             self._failed_until = self.loop.time() + self._backoff
-            self._last_error = f"service at {self.endpoint} is unavailable: {_describe(exc)}"
-            _log.warn("{error}", error=self._last_error)
+            self._last_error = f"{self.peer} at {self.endpoint} is unavailable: {_describe(exc)}"
+            self.log.warn("{error}", error=self._last_error)
             result.set_exception(GrpcError(Status.UNAVAILABLE, self._last_error))
             result.exception()  # retrieved: nobody may be waiting
         else:
@@ -781,13 +807,13 @@ def _get(headers: list[tuple[str, str]], name: str) -> str | None:
     return None
 
 
-def _http_error(status: str | None, headers: list[tuple[str, str]]) -> GrpcError:
-    """A gRPC error for a reply that is not gRPC (wrong HTTP status)."""
+def _http_error(status: str | None, headers: list[tuple[str, str]], peer: str) -> GrpcError:
+    """A gRPC error for a reply of ``peer`` that is not gRPC (wrong HTTP status)."""
     raw = _get(headers, "grpc-status")
     if raw is not None and raw.isdigit():
         return GrpcError(int(raw), decode_message(_get(headers, "grpc-message") or ""))
     code = _HTTP_TO_GRPC.get(int(status or 0) if (status or "").isdigit() else 0, Status.UNKNOWN)
-    return GrpcError(code, f"the service answered HTTP status {status} instead of gRPC")
+    return GrpcError(code, f"{peer} answered HTTP status {status} instead of gRPC")
 
 
 def _describe(exc: BaseException) -> str:
