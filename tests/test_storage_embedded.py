@@ -432,11 +432,13 @@ async def test_stop_during_startup_leaves_no_process(tmp_path: Path) -> None:
     """Stopping while etcd is still starting stops it and fails ready()."""
     service = embedded(tmp_path)
     service.startService()
-    await asyncio.sleep(0.05)
+    # Stopped once etcd is spawned (not before: that would prove nothing), well before it is healthy.
+    await wait_for(lambda: service.spawned, within=10)
     await stop(service)
-    with pytest.raises(EmbeddedEtcdStartError):
+    with pytest.raises(EmbeddedEtcdStartError, match="stopped before it was ready"):
         await service.ready()
-    assert all(not pid_alive(pid) for pid in service.spawned)
+    assert len(service.spawned) == 1
+    assert not pid_alive(service.spawned[0])
 
 
 @requires_etcd

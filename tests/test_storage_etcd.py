@@ -185,10 +185,15 @@ async def test_write_whose_answer_is_lost_with_the_connection_is_of_unknown_outc
     storage = EtcdStorage([proxy.url], request_timeout=10.0)
     try:
         txn = asyncio.ensure_future(storage.transaction([Condition.absent("lost/k")], [Put("lost/k", b"mine")]))
+        applied = None
         for _ in range(100):  # ... until etcd has applied it
-            if await _direct_get(etcd_server, "lost/k") is not None:
+            applied = await _direct_get(etcd_server, "lost/k")
+            if applied is not None:
                 break
             await asyncio.sleep(0.05)
+        assert applied is not None, "etcd never applied the transaction: the premise does not hold"
+        assert applied.value == b"mine"
+        assert not txn.done()  # its answer is still held back
         proxy.down()  # and the connection dies
         with pytest.raises(StorageTimeout):
             await txn
