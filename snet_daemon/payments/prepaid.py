@@ -47,7 +47,6 @@ or more after ours).  Version 1 used amounts (no history) are read as well.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -67,14 +66,11 @@ from snet_daemon.payments.escrow import (
     PaymentTerms,
 )
 from snet_daemon.payments.state_service import check_block
-from snet_daemon.payments.tagged import HISTORY, RECORD, UNREAD, Tags, decode_history, encode_history, settle
+from snet_daemon.payments.tagged import HISTORY, RECORD, UNREAD, Tags, decode_history, encode_history, write
 from snet_daemon.payments.tokens import PrepaidTokens
 from snet_daemon.storage.base import (
     AtomicStorage,
-    Condition,
-    ConditionFailed,
     Entry,
-    Put,
     StorageError,
     StorageTimeout,
 )
@@ -335,43 +331,35 @@ class PrepaidLedger:
                 planned_fresh = True
                 continue
             if admitted or refunds:
-                tag = self._tags.next()
-                parent = 0 if used_entry is None else used_entry.mod_revision
-                value = encode_used(total, [(tag, parent), *_history(used_entry)])
                 try:
-                    revision = await self._storage.transaction(
-                        [Condition.unchanged(used_key, used_entry)], [Put(used_key, value)]
-                    )
-                except ConditionFailed as failed:
-                    books.used = failed.current.get(used_key)
-                    continue
-                except StorageTimeout as exc:
-                    # The reply was lost: find out whether the write happened.
-                    books.planned = _UNREAD
-                    written, books.used = await settle(
+                    written, books.used, settled = await write(
                         self._storage,
                         used_key,
-                        tag,
-                        parent,
+                        used_entry,
+                        total,
+                        tags=self._tags,
+                        encode=encode_used,
+                        decode=_amount,
                         history=_history,
-                        fence=functools.partial(self._fence, parent),
                         sleep=self._sleep,
                     )
-                    if written is False:
+                except StorageTimeout as exc:
+                    # The reply was lost, and whether the write happened cannot be told.
+                    books.used = books.planned = _UNREAD
+                    self._unknown(channel_id, admitted, refunds, exc)
+                    for request in refused:
+                        _settle(request, usage_exceeded(channel_id))
+                    return []
+                except StorageError as exc:
+                    raise _storage_down(exc) from None
+                if settled:
+                    books.planned = _UNREAD  # storage was flaky: read planned again too
+                if not written:
+                    if settled:
                         # It did not happen, and now never will: try again.
                         await self._read(books, used_key, planned_key)
                         planned_fresh = True
-                        continue
-                    if written is None:
-                        books.used = _UNREAD
-                        self._unknown(channel_id, admitted, refunds, exc)
-                        for request in refused:
-                            _settle(request, usage_exceeded(channel_id))
-                        return []
-                except StorageError as exc:
-                    raise _storage_down(exc) from None
-                else:
-                    books.used = Entry(used_key, value, revision, revision, 1)
+                    continue
             for request in admitted:
                 _settle(request, None)
             for request in refunds:
@@ -383,10 +371,6 @@ class PrepaidLedger:
         for request in charges:
             _settle(request, busy)
         return refunds
-
-    def _fence(self, parent: int, entry: Entry | None) -> bytes:
-        """``entry``'s amount again, as a write conditioned on ``parent`` (see ``tagged.settle``)."""
-        return encode_used(_amount(entry), [(self._tags.next(), parent), *_history(entry)])
 
     def _unknown(self, channel_id: int, admitted: list[_Request], refunds: list[_Request], error: Exception) -> None:
         """A write whose outcome could not be told: nobody is served, nothing is retried.

@@ -17,6 +17,8 @@ happened; if another's (another daemon, or our own next write), ours never
 will; and if nothing was written since R, a no-op write conditioned on R
 (the *fence*) makes sure ours never lands.  The value alone cannot tell:
 another writer may have written the same value.
+
+:func:`write` makes such a write and settles it when its reply is lost.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from snet_daemon.storage.base import AtomicStorage, Condition, ConditionFailed, Entry, Put, StorageError
+from snet_daemon.storage.base import (
+    AtomicStorage,
+    Condition,
+    ConditionFailed,
+    Entry,
+    Put,
+    StorageError,
+    StorageTimeout,
+)
 
 #: Writes remembered in a value.
 HISTORY: Final = 8
@@ -116,6 +126,56 @@ async def settle(
     return None, current
 
 
+async def write(
+    storage: AtomicStorage,
+    key: str,
+    entry: Entry | None,
+    amount: int,
+    *,
+    tags: Tags,
+    encode: Callable[[int, Sequence[tuple[bytes, int]]], bytes],
+    decode: Callable[[Entry | None], int],
+    history: Callable[[Entry | None], History],
+    sleep: Callable[[float], object],
+) -> tuple[bool, object, bool]:
+    """Write ``amount`` to ``key`` if it still is ``entry``, as a tagged write; settle a lost reply.
+
+    Args:
+        encode: a value of an amount and the writes that made it (newest first).
+        decode: the amount of an entry.
+        history: the writes recorded in an entry (newest first).
+
+    Returns:
+        Whether it was written, the entry last known (the one now stored
+        when written, the one found when not; :data:`UNREAD` when not
+        known), and whether the reply was lost and the outcome settled.
+
+    Raises:
+        StorageTimeout: the reply was lost and whether the write happened
+            cannot be told.
+        StorageError: storage failed (nothing was written).
+    """
+    tag = tags.next()
+    parent = 0 if entry is None else entry.mod_revision
+    value = encode(amount, [(tag, parent), *history(entry)])
+
+    def fence(found: Entry | None) -> bytes:
+        return encode(decode(found), [(tags.next(), parent), *history(found)])
+
+    try:
+        revision = await storage.transaction([Condition.unchanged(key, entry)], [Put(key, value)])
+    except ConditionFailed as failed:
+        return False, failed.current.get(key), False
+    except StorageTimeout:
+        written, after = await settle(storage, key, tag, parent, history=history, fence=fence, sleep=sleep)
+        if written is None:
+            raise
+        return written, after, True
+    if entry is None:
+        return True, Entry(key, value, revision, revision, 1), False
+    return True, Entry(key, value, revision, entry.create_revision, entry.version + 1), False
+
+
 __all__: Sequence[str] = (
     "HISTORY",
     "RECORD",
@@ -125,4 +185,5 @@ __all__: Sequence[str] = (
     "decode_history",
     "encode_history",
     "settle",
+    "write",
 )
