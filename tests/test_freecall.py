@@ -646,3 +646,62 @@ async def test_availability_rejections_are_plain_errors() -> None:
     world.chain.block += TOKEN_LIFETIME + 1
     error = await refused(world.available(token))
     assert error.message == "authentication failed as the Free Call Token passed has expired"
+
+
+# -- status codes, tokens, user ids --------------------------------------------------------
+
+
+@aio_test
+async def test_an_unreadable_chain_is_unavailable_everywhere() -> None:
+    """Block number unknown (RPC node down): GetFreeCallToken, GetFreeCallsAvailable and the call
+    itself all answer UNAVAILABLE (they answered UNKNOWN, INTERNAL, INTERNAL)."""
+    world = World()
+    token = await world.token()
+    request = world.token_request()
+    world.chain.block_error = ConnectionError("rpc down")
+    for attempt in (
+        world.free.get_free_call_token(request, CALL),
+        world.available(token),
+        world.free.authorize(world.headers(token, block=5000)),
+    ):
+        error = await refused(attempt)
+        assert (error.status, error.message) == (Status.UNAVAILABLE, "cannot determine current block")
+
+
+@pytest.mark.parametrize("expiry", [b"123\n", b"123 ", b" 123", b"9" * 79, b"0x10"])
+def test_token_expiry_must_be_only_a_number_of_at_most_78_digits(expiry: bytes) -> None:
+    """A trailing newline (accepted by "$"), spaces, or more digits than any uint256 has: Go's
+    "invalid block number" (not Python's int() limit text)."""
+    with pytest.raises(ValueError, match=r"^invalid block number$"):
+        parse_token(b"\x01" * 65 + b"_" + expiry)
+
+
+def test_token_expiry_of_78_digits_and_a_sign_parse() -> None:
+    """Go's big.Int reads a sign; 78 digits are still a number."""
+    assert parse_token(b"s_" + b"9" * 78) == (b"s", int("9" * 78))
+    assert parse_token(b"s_+12") == (b"s", 12)
+
+
+@aio_test
+async def test_a_token_with_a_newline_appended_is_refused() -> None:
+    """The daemon's own token with "\\n" appended is not served (Go refuses it)."""
+    world = World()
+    token = await world.token() + b"\n"
+    error = await refused(world.free.authorize(world.headers(token)))
+    assert (error.status, error.message) == (Status.INVALID_ARGUMENT, "invalid token: invalid block number")
+
+
+@aio_test
+async def test_a_non_ascii_user_id_is_checked_on_its_raw_header_bytes() -> None:
+    """A UTF-8 user id reaches the call path as the header's bytes (decoded as latin-1 by the front
+    end): the signature is checked over those bytes, as Go does, and the call counts where
+    GetFreeCallsAvailable looks."""
+    world = World()
+    user_id = "josé@example.org"
+    token = await world.token(TRUSTED_KEY, user_id=user_id)
+    assert await world.available(token, TRUSTED_KEY, user_id=user_id) == 2
+    values = world.headers(token, TRUSTED_KEY, user_id=user_id)
+    values["snet-free-call-user-id"] = [user_id.encode().decode("latin-1")]  # as the front end hands it over
+    counted = await world.free.authorize(values)
+    assert counted.user_address == TRUSTED
+    assert await world.available(token, TRUSTED_KEY, user_id=user_id) == 1

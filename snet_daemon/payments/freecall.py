@@ -40,12 +40,22 @@ What differs from Go, on purpose:
   token it sees 0 free calls and pays instead.  Tokens issued by another
   daemon of the group (with the key) are still honoured: checking them
   needs only the metadata's signer address.
+* **An unreadable chain is ``UNAVAILABLE``** ("cannot determine current
+  block"), from ``GetFreeCallToken``, ``GetFreeCallsAvailable`` and the
+  call path alike.  Go's answers there are accidents of plain errors
+  (``UNKNOWN`` from the service methods, ``INTERNAL "internal error: …"``
+  on the call path, with the RPC error's text); no client tells them
+  apart, and ``UNAVAILABLE`` says a retry may work.  (The escrow path
+  keeps Go's ``INTERNAL``: there Go answers it on purpose.)
 * Call-path rejections that Go reports as ``INTERNAL`` because they happen
   to be plain errors get the code that says what happened, with Go's text:
   an expired token or a stale block number is ``UNAUTHENTICATED``, the
   limit reached is ``RESOURCE_EXHAUSTED``.  The service methods answer as
   Go does (plain errors, ``UNKNOWN``; ``PERMISSION_DENIED`` for a low
   balance), and ``UNAVAILABLE`` when the chain or storage cannot be read.
+* The user id on the call path is hashed as the header's raw bytes, as
+  Go does, and a token's expiry is a decimal number of at most 78 digits
+  with nothing after it (Go's ``big.Int`` also refuses a trailing newline).
 """
 
 from __future__ import annotations
@@ -100,7 +110,10 @@ TOKEN_DECIMALS: Final = 18
 _VERSION_1: Final = 1
 _VERSION_2: Final = 2
 _MAX_ATTEMPTS: Final = 8
-_EXPIRY: Final = re.compile(rb"^[+-]?[0-9]+$")
+#: A token's expiry: a decimal number, as Go's ``big.Int.SetString(s, 10)``
+#: reads it, of at most 78 digits (2**256 has 78: no uint256 is longer, and
+#: Python's ``int()`` refuses more than 4300 with its own words).
+_EXPIRY: Final = re.compile(rb"[+-]?[0-9]{1,78}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,11 +189,26 @@ class FreeCall:
 
 @dataclass(frozen=True, slots=True)
 class _Request:
+    """A free call's (or ``GetFreeCallsAvailable``'s) fields.
+
+    ``user_id`` is the bytes the client signed: the header's raw bytes on
+    the call path (Go hashes those; re-encoding the text the front end
+    decoded as latin-1 would change a non-ASCII id), the UTF-8 of the
+    protobuf string in ``GetFreeCallsAvailable``.
+    """
+
     address: str
-    user_id: str
+    user_id: bytes
     block: int
     signature: bytes
     token: bytes
+
+    @property
+    def user_text(self) -> str:
+        """The user id as text, as ``GetFreeCallToken`` and ``GetFreeCallsAvailable``
+        receive it: the counter key is the same for all three.  (Bytes that
+        are not UTF-8 never got a token: protobuf strings are UTF-8.)"""
+        return self.user_id.decode("utf-8", errors="replace")
 
 
 def encode_count(count: int, history: Sequence[tuple[bytes, int]] = ()) -> bytes:
@@ -231,7 +259,8 @@ def parse_token(token: bytes) -> tuple[bytes, int]:
     if cut < 0:
         raise ValueError("no '_' found")
     expiry = token[cut + 1 :]
-    if not _EXPIRY.match(expiry):
+    # fullmatch: "$" would let a trailing newline through, which Go refuses.
+    if not _EXPIRY.fullmatch(expiry):
         raise ValueError("invalid block number")
     return token[:cut], int(expiry)
 
@@ -310,7 +339,7 @@ class FreeCalls:
                 f"invalid signer, {request.address} (from request) is not equal to "
                 f"{signatures.checksum(signer)} (signer)",
             )
-        current = self._current_block(Status.UNKNOWN)
+        current = self._current_block()
         if abs(request.current_block - current) > BLOCK_TOLERANCE:
             raise GrpcError(Status.UNKNOWN, "authentication failed as the signature passed has expired")
         if signer not in self._settings.trusted_signers:
@@ -335,15 +364,26 @@ class FreeCalls:
     async def get_free_calls_available(
         self, request: pb.FreeCallStateRequest, call: ServerCall
     ) -> pb.FreeCallStateReply:
-        """How many free calls the token's holder has left (0 for no token)."""
+        """How many free calls the token's holder has left (0 for no token).
+
+        Raises:
+            GrpcError: ``UNKNOWN`` with the call path's text for what the
+                call path refuses; ``UNAVAILABLE`` when storage or the
+                current block cannot be read; ``INTERNAL`` for an unreadable
+                counter.
+        """
         if not request.free_call_token:
             return pb.FreeCallStateReply(free_calls_available=0)
         try:
             parsed = _Request(
-                request.address, request.user_id, request.current_block, request.signature, request.free_call_token
+                request.address,
+                request.user_id.encode(),
+                request.current_block,
+                request.signature,
+                request.free_call_token,
             )
             signer = self._validate(parsed)
-            key = self._counter_key(signer, parsed.user_id)
+            key = self._counter_key(signer, parsed.user_text)
             entry = await self._read(key)
         except GrpcError as error:
             raise _plain(error) from None
@@ -362,11 +402,11 @@ class FreeCalls:
                 ``UNAUTHENTICATED`` for a bad signature or token, an expired
                 token or a stale block number, ``RESOURCE_EXHAUSTED`` when the
                 user's free calls are used up, ``UNAVAILABLE`` when storage
-                is down.
+                is down or the current block cannot be read.
         """
         request = _parse(values)
         signer = self._validate(request)
-        key = self._counter_key(signer, request.user_id)
+        key = self._counter_key(signer, request.user_text)
         allowed = self._allowed(signer)
         entry = await self._read(key)
         for _ in range(_MAX_ATTEMPTS):
@@ -494,7 +534,7 @@ class FreeCalls:
             raise GrpcError(Status.UNAUTHENTICATED, f"sign is not valid: {exc}") from None
         if terms.signer_address is None or token_signer != terms.signer_address:
             raise GrpcError(Status.UNAUTHENTICATED, "token sign is not valid")
-        current = self._current_block(Status.INTERNAL)
+        current = self._current_block()
         if expiry < current:
             raise GrpcError(Status.UNAUTHENTICATED, "authentication failed as the Free Call Token passed has expired")
         if abs(request.block - current) > BLOCK_TOLERANCE:
@@ -511,11 +551,18 @@ class FreeCalls:
             signatures.checksum(address), user_id, terms.organization_id, terms.service_id, terms.group_id
         )
 
-    def _current_block(self, code: Status) -> int:
+    def _current_block(self) -> int:
+        """The current block number.
+
+        Raises:
+            GrpcError: ``UNAVAILABLE`` (Go's text) when it cannot be read,
+                for the service methods and the call path alike: the chain
+                node is down or behind, a retry may succeed.
+        """
         try:
             return self._chain.current_block()
         except Exception:
-            raise GrpcError(code, "cannot determine current block") from None
+            raise GrpcError(Status.UNAVAILABLE, "cannot determine current block") from None
 
     async def _read(self, key: str) -> Entry | None:
         try:
@@ -549,7 +596,7 @@ def _parse(values: dict[str, list[str | bytes]]) -> _Request:
     token = _required(values, AUTH_TOKEN)
     return _Request(
         address=_text(address),
-        user_id="" if raw_user is None else _text(raw_user),
+        user_id=b"" if raw_user is None else _bytes(raw_user),
         block=block,
         signature=_bytes(signature),
         token=_bytes(token),

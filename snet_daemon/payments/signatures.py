@@ -171,19 +171,20 @@ def start_claim_multiple(mpe: bytes, channel_ids: Iterable[int], current_block: 
 
 
 def free_call_token_request(
-    address: str, user_id: str, organization_id: str, service_id: str, group_id: str, current_block: int
+    address: str, user_id: str | bytes, organization_id: str, service_id: str, group_id: str, current_block: int
 ) -> bytes:
     """``GetFreeCallToken``, signed by the user.
 
     ``address`` is the text exactly as the client sent it (snet-sdk sends
     its checksummed form) and ``group_id`` the group id in base64, as in
-    the metadata: both are hashed as strings, not as bytes.
+    the metadata: both are hashed as strings, not as bytes.  ``user_id``
+    is hashed as its UTF-8, or as given when bytes (a header's raw bytes).
     """
     return b"".join(
         (
             FREE_CALL,
             address.encode(),
-            user_id.encode(),
+            _utf8(user_id),
             organization_id.encode(),
             service_id.encode(),
             group_id.encode(),
@@ -194,7 +195,7 @@ def free_call_token_request(
 
 def free_call(
     address: str,
-    user_id: str,
+    user_id: str | bytes,
     organization_id: str,
     service_id: str,
     group_id: str,
@@ -205,10 +206,17 @@ def free_call(
     return free_call_token_request(address, user_id, organization_id, service_id, group_id, current_block) + token
 
 
-def free_call_token(organization_id: str, group_name: str, user: bytes, user_id: str, expiration_block: int) -> bytes:
+def free_call_token(
+    organization_id: str, group_name: str, user: bytes, user_id: str | bytes, expiration_block: int
+) -> bytes:
     """The part of a free-call token the daemon signs.
 
     ``group_name`` is the daemon's ``daemon_group_name`` (not the group
     id) and ``user`` the 20 bytes of the user's address, as in Go.
     """
-    return organization_id.encode() + group_name.encode() + user + user_id.encode() + uint256(expiration_block)
+    return organization_id.encode() + group_name.encode() + user + _utf8(user_id) + uint256(expiration_block)
+
+
+def _utf8(text: str | bytes) -> bytes:
+    """``text`` as Go's ``[]byte(s)`` sees it: UTF-8, or the bytes themselves."""
+    return text if isinstance(text, bytes) else text.encode()
