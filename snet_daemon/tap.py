@@ -884,6 +884,7 @@ def _free_call_settings(config: DaemonConfig) -> FreeCallSettings:
         trusted_signers=frozenset(address_bytes(a) for a in config.trusted_free_call_signers),
         min_balance=int(config.min_balance_for_free_call),
         per_address={address_bytes(a): n for a, n in config.free_calls_per_address.items()},
+        block_interval=config.chain.block_poll_interval,
     )
 
 

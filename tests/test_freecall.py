@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from snet_daemon._proto.escrow import state_service_pb2 as pb
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures as sig
+from snet_daemon.payments.balances import BalanceCache
 from snet_daemon.payments.escrow import metadata_values
 from snet_daemon.payments.freecall import (
     TOKEN_LIFETIME,
@@ -80,6 +82,7 @@ class World:
         per_address: dict[bytes, int] | None = None,
         min_balance: int = 10,
         storage: Any = None,
+        **options: Any,
     ) -> None:
         self.chain = Chain(balances={USER: 10 * WHOLE, OTHER: 10 * WHOLE})
         self.storage = storage if storage is not None else CountingStorage(MemoryStorage(lambda: 0.0))
@@ -97,7 +100,7 @@ class World:
             min_balance=min_balance,
             per_address=per_address or {},
         )
-        self.free = FreeCalls(self.storage, layout(), self.chain, self.settings, lambda: self.terms)
+        self.free = FreeCalls(self.storage, layout(), self.chain, self.settings, lambda: self.terms, **options)
 
     def token_request(
         self,
@@ -156,6 +159,22 @@ class World:
             request.user_id = user_id
         reply = await self.free.get_free_calls_available(request, CALL)
         return int(reply.free_calls_available)
+
+
+class _FakeTime:
+    """A monotonic clock that a sleep moves on (no real waiting)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.pauses: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
 
 
 async def refused(awaitable: Any) -> GrpcError:
@@ -616,22 +635,42 @@ async def test_balance_threshold_is_whole_tokens_times_ten_to_the_eighteen(
     """min_balance_for_free_call counts whole FET (18 decimals) of the token balance."""
     world = World(min_balance=minimum)
     world.chain.balances[USER] = balance
-    request = world.token_request()
-    if ok:
-        assert (await world.free.get_free_call_token(request, CALL)).token
-    else:
-        error = await refused(world.free.get_free_call_token(request, CALL))
-        assert error.status == Status.PERMISSION_DENIED
-        assert error.message == f"you must have at least {minimum} FET (ASI) in your balance to use free calls"
+    reply = await world.free.get_free_call_token(world.token_request(), CALL)
+    assert bool(reply.token) == ok
 
 
 @aio_test
-async def test_unreadable_balance_is_unavailable() -> None:
-    """When the balance cannot be read, the answer is UNAVAILABLE (retry), not a denial."""
+async def test_a_low_balance_gets_an_empty_token_and_is_logged_once() -> None:
+    """Below the minimum the token is empty (snet-sdk then pays; Go's PERMISSION_DENIED failed
+    every call of its default strategy), and the log says why, once per address."""
+    world = World()
+    world.chain.balances[USER] = 10 * WHOLE - 1
+    with capturedLogs() as events:
+        for _ in range(3):
+            reply = await world.free.get_free_call_token(world.token_request(), CALL)
+            assert (reply.token, reply.token_hex, reply.token_expiration_block) == (b"", "", 0)
+    told = [formatEvent(event) for event in events if event.get("address") == USER]
+    assert len(told) == 1
+    assert "less than min_balance_for_free_call" in told[0]
+    assert events[0]["log_level"] == LogLevel.info
+    assert await world.available(b"") == 0
+
+
+@aio_test
+async def test_an_unreadable_balance_gets_an_empty_token_and_a_warning() -> None:
+    """When the balance cannot be read the token is empty too (the SDK pays), with a
+    warning at most once a minute."""
     world = World()
     world.chain.balance_error = ConnectionError("rpc down")
-    error = await refused(world.free.get_free_call_token(world.token_request(), CALL))
-    assert error.status == Status.UNAVAILABLE
+    with capturedLogs() as events:
+        for _ in range(2):
+            reply = await world.free.get_free_call_token(world.token_request(), CALL)
+            assert reply.token == b""
+    assert [event["log_level"] for event in events] == [LogLevel.warn]
+    assert "cannot read its token balance" in formatEvent(events[0])
+    assert "rpc down" in formatEvent(events[0])
+    world.chain.balance_error = None
+    assert (await world.free.get_free_call_token(world.token_request(), CALL)).token
 
 
 @aio_test
@@ -646,6 +685,93 @@ async def test_availability_rejections_are_plain_errors() -> None:
     world.chain.block += TOKEN_LIFETIME + 1
     error = await refused(world.available(token))
     assert error.message == "authentication failed as the Free Call Token passed has expired"
+
+
+# -- token balances ----------------------------------------------------------------------
+
+
+class _CountingChain(Chain):
+    """A chain that counts balance reads, each taking a turn of the event loop."""
+
+    reads: int = 0
+
+    async def token_balance(self, address: str) -> int:
+        self.reads += 1
+        await asyncio.sleep(0)
+        return await super().token_balance(address)
+
+
+@aio_test
+async def test_token_requests_of_one_user_read_the_balance_once() -> None:
+    """snet-sdk asks for a token before every call: five requests, one after another and five at
+    once, read the balance from the chain once (it was read every time)."""
+    world = World()
+    world.chain = chain = _CountingChain(balances=dict(world.chain.balances))
+    world.free = FreeCalls(world.storage, layout(), chain, world.settings, lambda: world.terms)
+    for _ in range(5):
+        assert (await world.free.get_free_call_token(world.token_request(), CALL)).token
+    await asyncio.gather(*(world.free.get_free_call_token(world.token_request(), CALL) for _ in range(5)))
+    assert chain.reads == 1
+
+
+@pytest.mark.parametrize(("balance", "kept_for"), [(10 * WHOLE, 5 * 6.0), (WHOLE, 2 * 6.0)])
+@aio_test
+async def test_balances_are_kept_a_few_block_polls(balance: int, kept_for: float) -> None:
+    """A balance high enough is kept five block-poll intervals, a low one two: a user who
+    tops up waits less."""
+    time = _FakeTime()
+    world = World()
+    world.chain = chain = _CountingChain(balances={USER: balance})
+    world.free = FreeCalls(world.storage, layout(), chain, world.settings, lambda: world.terms, clock=time.clock)
+    await world.free.get_free_call_token(world.token_request(), CALL)
+    time.now = kept_for - 0.1
+    await world.free.get_free_call_token(world.token_request(), CALL)
+    assert chain.reads == 1
+    time.now = kept_for
+    await world.free.get_free_call_token(world.token_request(), CALL)
+    assert chain.reads == 2
+
+
+@aio_test
+async def test_the_balance_cache_is_bounded_and_drops_the_least_recently_used() -> None:
+    """At most ``size`` addresses are kept; the one used least recently goes first."""
+    reads: list[str] = []
+
+    async def read(address: str) -> int:
+        reads.append(address)
+        return 1
+
+    cache = BalanceCache(read, minimum=1, enough_for=60.0, short_for=10.0, now=lambda: 0.0, size=2)
+    for address in ("a", "b", "a", "c", "a", "b"):
+        await cache.balance(address)
+    assert reads == ["a", "b", "c", "b"]
+
+
+@aio_test
+async def test_a_balance_read_survives_a_caller_going_away_and_failures_are_not_kept() -> None:
+    """Callers share one read; one cancelled does not cancel it for the others; a failed read
+    is not kept."""
+    gate = asyncio.Event()
+    answers: list[int | Exception] = [7, RuntimeError("node down"), 8]
+
+    async def read(address: str) -> int:
+        await gate.wait()
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    cache = BalanceCache(read, minimum=100, enough_for=60.0, short_for=0.0, now=lambda: 0.0)
+    first = asyncio.ensure_future(cache.balance("a"))
+    second = asyncio.ensure_future(cache.balance("a"))
+    await asyncio.sleep(0)
+    first.cancel()
+    gate.set()
+    assert await second == 7
+    assert cache.reads == 1
+    with pytest.raises(RuntimeError):
+        await cache.balance("a")  # 7 was low: kept for 0 s
+    assert await cache.balance("a") == 8
 
 
 # -- status codes, tokens, user ids --------------------------------------------------------

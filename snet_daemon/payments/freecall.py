@@ -40,6 +40,17 @@ What differs from Go, on purpose:
   token it sees 0 free calls and pays instead.  Tokens issued by another
   daemon of the group (with the key) are still honoured: checking them
   needs only the metadata's signer address.
+* **A balance below ``min_balance_for_free_call``, or one that cannot be
+  read**, gets an empty token too, for the same reason (snet-sdk 6.0.0's
+  ``FreeCallPaymentStrategy.get_free_calls_available`` calls
+  ``GetFreeCallToken`` outside its ``try``: Go's ``PERMISSION_DENIED``
+  made every call of a default-strategy user with less than the minimum
+  fail, paid ones included).  The reason is logged (once per address for a
+  low balance, at most once a minute for an unreadable one).  A client
+  asking for free calls explicitly learns only that it has none.
+  Balances are cached for a few block-poll intervals
+  (:mod:`snet_daemon.payments.balances`): the SDK asks before every call,
+  and anyone can ask at no cost.
 * **An unreadable chain is ``UNAVAILABLE``** ("cannot determine current
   block"), from ``GetFreeCallToken``, ``GetFreeCallsAvailable`` and the
   call path alike.  Go's answers there are accidents of plain errors
@@ -51,8 +62,8 @@ What differs from Go, on purpose:
   to be plain errors get the code that says what happened, with Go's text:
   an expired token or a stale block number is ``UNAUTHENTICATED``, the
   limit reached is ``RESOURCE_EXHAUSTED``.  The service methods answer as
-  Go does (plain errors, ``UNKNOWN``; ``PERMISSION_DENIED`` for a low
-  balance), and ``UNAVAILABLE`` when the chain or storage cannot be read.
+  Go does (plain errors, ``UNKNOWN``), and ``UNAVAILABLE`` when the chain
+  or storage cannot be read.
 * The user id on the call path is hashed as the header's raw bytes, as
   Go does, and a token's expiry is a decimal number of at most 78 digits
   with nothing after it (Go's ``big.Int`` also refuses a trailing newline).
@@ -63,14 +74,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
+
+from twisted.logger import Logger
 
 from snet_daemon._proto.escrow import state_service_pb2 as pb
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures
+from snet_daemon.payments.balances import BalanceCache
 from snet_daemon.payments.escrow import SIGNATURE, parse_integer, single
 from snet_daemon.payments.state_service import BLOCK_TOLERANCE
 from snet_daemon.payments.tagged import (
@@ -93,6 +109,8 @@ from snet_daemon.storage.base import (
     StorageTimeout,
 )
 
+_log = Logger(namespace="snetd.payments.freecall")
+
 USER_ID: Final = "snet-free-call-user-id"
 USER_ADDRESS: Final = "snet-free-call-user-address"
 CURRENT_BLOCK: Final = "snet-current-block-number"
@@ -114,6 +132,13 @@ _MAX_ATTEMPTS: Final = 8
 #: reads it, of at most 78 digits (2**256 has 78: no uint256 is longer, and
 #: Python's ``int()`` refuses more than 4300 with its own words).
 _EXPIRY: Final = re.compile(rb"[+-]?[0-9]{1,78}")
+#: How long a token balance is kept, in block-poll intervals (see ``balances``).
+_ENOUGH_FOR_POLLS: Final = 5
+_SHORT_FOR_POLLS: Final = 2
+#: Seconds between warnings that balances cannot be read.
+_WARN_EVERY: Final = 60.0
+#: Addresses told once (in the log) that their balance is too low.
+_TOLD: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +151,16 @@ class FreeCallSettings:
         min_balance: ``min_balance_for_free_call``, in whole tokens.
         per_address: ``free_calls_per_address`` by 20-byte address; -1 is
             unlimited, 0 means "the metadata's number".
+        block_interval: ``block_poll_interval``, in seconds: the chain
+            cannot be seen to move sooner, so token balances are kept for a
+            few of these.
     """
 
     signer_key: bytes | None = None
     trusted_signers: frozenset[bytes] = frozenset()
     min_balance: int = 10
     per_address: Mapping[bytes, int] = field(default_factory=dict)
+    block_interval: float = 6.0
 
     def __repr__(self) -> str:
         key = "***" if self.signer_key else None
@@ -274,6 +303,8 @@ class FreeCalls:
         chain: block number and token balances.
         settings: the free-call configuration.
         terms: returns the current :class:`FreeCallTerms`.
+        sleep: waits between storage tries (``asyncio.sleep``; tests pass a fake).
+        clock: a monotonic clock (balance ages, log rate limits).
     """
 
     def __init__(
@@ -284,6 +315,7 @@ class FreeCalls:
         settings: FreeCallSettings,
         terms: Callable[[], FreeCallTerms],
         sleep: Callable[[float], object] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._storage = storage
         self._sleep = sleep
@@ -297,6 +329,19 @@ class FreeCalls:
         #: Give-backs of calls cancelled while being counted (asyncio keeps
         #: only weak references to tasks).
         self._releases: set[asyncio.Future[None]] = set()
+        self._clock = clock
+        self._balances = BalanceCache(
+            chain.token_balance,
+            minimum=settings.min_balance * 10**TOKEN_DECIMALS,
+            enough_for=_ENOUGH_FOR_POLLS * settings.block_interval,
+            short_for=_SHORT_FOR_POLLS * settings.block_interval,
+            now=clock,
+        )
+        #: Addresses told in the log that their balance is too low (once
+        #: each; least recently told first).
+        self._told: OrderedDict[str, None] = OrderedDict()
+        #: When an unreadable balance was last logged (None: never).
+        self._warned_at: float | None = None
 
     def issuing_key(self) -> bytes | None:
         """The key tokens are signed with, if it is the metadata's free-call signer."""
@@ -320,7 +365,17 @@ class FreeCalls:
     # -- escrow.FreeCallStateService -------------------------------------------------
 
     async def get_free_call_token(self, request: pb.GetFreeCallTokenRequest, call: ServerCall) -> pb.FreeCallToken:
-        """A token for ``request.address`` (an empty one when this daemon issues none)."""
+        """A token for ``request.address``.
+
+        An empty one when this daemon issues none, and when the address
+        holds less than ``min_balance_for_free_call`` or its balance cannot
+        be read (see the module docstring: Go answers errors there).
+
+        Raises:
+            GrpcError: ``UNKNOWN`` with Go's text for a bad signature, a
+                stale block number, or a user id from an untrusted address;
+                ``UNAVAILABLE`` when the current block cannot be read.
+        """
         key = self.issuing_key()
         if key is None:
             return pb.FreeCallToken()
@@ -348,7 +403,10 @@ class FreeCalls:
                     Status.UNKNOWN,
                     "your address is not trusted by this service provider, the use of user_id is not allowed",
                 )
-            await self._check_balance(signer)
+            if not await self._eligible(signer):
+                # An empty token, as without a key: snet-sdk's default
+                # strategy then pays, where an error fails the call.
+                return pb.FreeCallToken()
         lifetime = TOKEN_LIFETIME
         if request.HasField("token_lifetime_in_blocks") and request.token_lifetime_in_blocks <= TOKEN_LIFETIME:
             lifetime = request.token_lifetime_in_blocks
@@ -570,18 +628,36 @@ class FreeCalls:
         except StorageError as exc:
             raise _storage_down(exc) from None
 
-    async def _check_balance(self, address: bytes) -> None:
+    async def _eligible(self, address: bytes) -> bool:
+        """Whether ``address`` holds ``min_balance_for_free_call`` whole tokens (logged when not)."""
         text = signatures.checksum(address)
-        try:
-            balance = await self._chain.token_balance(text)
-        except Exception as exc:
-            raise GrpcError(Status.UNAVAILABLE, f"cannot read the token balance of {text}: {exc}") from None
         minimum = self._settings.min_balance
-        if balance < minimum * 10**TOKEN_DECIMALS:
-            raise GrpcError(
-                Status.PERMISSION_DENIED,
-                f"you must have at least {minimum} FET (ASI) in your balance to use free calls",
+        try:
+            balance = await self._balances.balance(text)
+        except Exception as exc:
+            now = self._clock()
+            if self._warned_at is None or now - self._warned_at >= _WARN_EVERY:
+                self._warned_at = now
+                _log.warn(
+                    "no free-call token for {address}: cannot read its token balance ({error}); "
+                    "such requests get an empty token (logged at most once a minute)",
+                    address=text,
+                    error=exc,
+                )
+            return False
+        if balance >= minimum * 10**TOKEN_DECIMALS:
+            return True
+        if text not in self._told:
+            self._told[text] = None
+            if len(self._told) > _TOLD:
+                self._told.popitem(last=False)
+            _log.info(
+                "no free-call token for {address}: it holds less than min_balance_for_free_call "
+                "({minimum} FET/ASI); it gets an empty token (logged once per address)",
+                address=text,
+                minimum=minimum,
             )
+        return False
 
 
 def _parse(values: dict[str, list[str | bytes]]) -> _Request:
