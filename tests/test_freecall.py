@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +18,10 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from snet_daemon._proto.escrow import state_service_pb2 as pb
 from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.payments import counters
 from snet_daemon.payments import signatures as sig
 from snet_daemon.payments.balances import BalanceCache
+from snet_daemon.payments.counters import GIVE_BACK_WITHIN, MAX_ATTEMPTS, RACE_BACKOFF
 from snet_daemon.payments.escrow import metadata_values
 from snet_daemon.payments.freecall import (
     TOKEN_LIFETIME,
@@ -315,15 +318,22 @@ class _LosesReplies(CountingStorage):
         self.other: tuple[str, bytes] | None = None
         #: Reads fail too (storage down while the outcome is looked for).
         self.fail_gets = False
+        #: Reads start failing once a transaction was sent.
+        self.fail_gets_on_write = False
+        self.failed_gets = 0
 
     async def get(self, key: str) -> Entry | None:
         if self.fail_gets:
+            self.failed_gets += 1
             raise StorageTimeout("no answer")
         return await super().get(key)
 
     async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+        if self.fail_gets_on_write:
+            self.fail_gets = True
         if not self.plan:
             return await super().transaction(conditions, ops)
+        self.calls.append("transaction")
         step = self.plan.pop(0)
         if step == "apply":
             await self.inner.transaction(conditions, ops)
@@ -359,15 +369,20 @@ async def test_a_count_whose_reply_was_lost_is_settled_not_charged_for_nothing(p
 
 @aio_test
 async def test_a_count_whose_outcome_cannot_be_told_is_refused() -> None:
-    """Storage failing all through the settling: the call is refused as storage being down."""
+    """The count was sent, its reply lost, and storage fails all through the settling:
+    the call is refused as storage being down, never served uncounted."""
     storage = _LosesReplies()
-    world = World(storage=storage)
+    world = World(storage=storage, sleep=_FakeTime().sleep)
     token = await world.token()
     storage.plan = ["drop"]
-    storage.fail_gets = True
+    storage.fail_gets_on_write = True
+    storage.calls.clear()
     with pytest.raises(GrpcError) as info:
         await world.free.authorize(world.headers(token))
     assert info.value.status == Status.UNAVAILABLE
+    # The count went out and settling was tried: reads after the write.
+    assert storage.calls[:2] == ["get", "transaction"]
+    assert storage.failed_gets > 0
 
 
 def test_version_1_counters_are_read_and_rewritten_with_history() -> None:
@@ -687,6 +702,260 @@ async def test_availability_rejections_are_plain_errors() -> None:
     assert error.message == "authentication failed as the Free Call Token passed has expired"
 
 
+# -- many calls of one user at once ----------------------------------------------------
+
+
+class _Slow:
+    """A storage with a round trip of 0.5-1.5 ms (as etcd has), shared by several daemons."""
+
+    def __init__(self, seed: int = 1) -> None:
+        self.inner = MemoryStorage(lambda: 0.0)
+        self._random = random.Random(seed)
+        self.transactions = 0
+        #: Round trips that fail (StorageUnavailable) before any succeeds.
+        self.failures = 0
+
+    async def _trip(self) -> None:
+        await asyncio.sleep(self._random.uniform(0.0005, 0.0015))
+        if self.failures:
+            self.failures -= 1
+            raise StorageUnavailable("etcd is down")
+
+    async def get(self, key: str) -> Entry | None:
+        await self._trip()
+        return await self.inner.get(key)
+
+    async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+        self.transactions += 1
+        await self._trip()
+        return await self.inner.transaction(conditions, ops)
+
+
+def _outcomes(results: Sequence[object]) -> tuple[int, dict[tuple[Status, str], int]]:
+    """How many calls were served, and the refusals by status and message."""
+    refusals: dict[tuple[Status, str], int] = {}
+    for result in results:
+        if isinstance(result, GrpcError):
+            reason = (Status(result.status), result.message)
+            refusals[reason] = refusals.get(reason, 0) + 1
+        else:
+            assert not isinstance(result, BaseException), result
+    return sum(1 for result in results if not isinstance(result, BaseException)), refusals
+
+
+@pytest.mark.parametrize("unlimited", [False, True])
+@aio_test
+async def test_sixty_four_calls_of_one_user_at_once_are_all_served(unlimited: bool) -> None:
+    """64 simultaneous free calls of a user with calls left, on a storage with ~1 ms round trips:
+    all are served and counted, in a few writes (they were refused "too much contention" from
+    the ninth on, and cost O(N^2) transactions)."""
+    storage = _Slow()
+    per_address = {sig.address_of(USER_KEY): UNLIMITED} if unlimited else {}
+    world = World(free_calls=100, storage=storage, per_address=per_address)
+    token = await world.token()
+    results = await asyncio.gather(
+        *(world.free.authorize(world.headers(token)) for _ in range(64)), return_exceptions=True
+    )
+    assert _outcomes(results) == (64, {})
+    key = world.free._counter_key(sig.address_of(USER_KEY), "")
+    assert decode_count(await storage.get(key)) == 64
+    assert storage.transactions <= 8
+
+
+@aio_test
+async def test_calls_past_the_limit_at_once_get_the_limit_answer() -> None:
+    """64 simultaneous calls with 40 free calls left: 40 are served, the rest get the normal
+    RESOURCE_EXHAUSTED answer (not UNAVAILABLE)."""
+    world = World(free_calls=40, storage=_Slow())
+    token = await world.token()
+    results = await asyncio.gather(
+        *(world.free.authorize(world.headers(token)) for _ in range(64)), return_exceptions=True
+    )
+    limit = "free call limit has been exceeded, calls made = 40, total free calls eligible = 40"
+    assert _outcomes(results) == (40, {(Status.RESOURCE_EXHAUSTED, limit): 24})
+    assert await world.available(token) == 0
+
+
+@pytest.mark.parametrize(("limit", "served"), [(1000, 64), (50, 50)])
+@aio_test
+async def test_daemons_racing_on_one_storage_serve_all_and_never_exceed_the_limit(limit: int, served: int) -> None:
+    """Four daemons, 16 simultaneous calls of one user each, one storage with ~1 ms round trips:
+    with calls left all 64 are served; with 50 left exactly 50 are, whoever wins the races."""
+    storage = _Slow(seed=7)
+    daemons = [World(free_calls=limit, storage=storage) for _ in range(4)]
+    token = await daemons[0].token()
+    results = await asyncio.gather(
+        *(daemon.free.authorize(daemon.headers(token)) for daemon in daemons for _ in range(16)),
+        return_exceptions=True,
+    )
+    count, refusals = _outcomes(results)
+    assert count == served
+    assert all(status == Status.RESOURCE_EXHAUSTED for status, _ in refusals)
+    key = daemons[0].free._counter_key(sig.address_of(USER_KEY), "")
+    assert decode_count(await storage.get(key)) == served
+
+
+class _Contended(CountingStorage):
+    """Another daemon counts a call of the user just before each of our next ``races`` writes."""
+
+    def __init__(self, races: int) -> None:
+        super().__init__(MemoryStorage(lambda: 0.0))
+        self.races = races
+
+    async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+        if self.races:
+            self.races -= 1
+            (condition,) = conditions
+            entry = await self.inner.get(condition.key)
+            await self.inner.put(condition.key, encode_count(decode_count(entry) + 1))
+        return await super().transaction(conditions, ops)
+
+
+@aio_test
+async def test_races_lost_to_other_daemons_are_retried_after_jittered_pauses() -> None:
+    """Twelve writes in a row lost to another daemon: the call is still served (it gave up after
+    eight), after random pauses below an exponentially growing bound."""
+    storage = _Contended(races=12)
+    pauses: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    world = World(free_calls=100, storage=storage, sleep=sleep)
+    token = await world.token()
+    await world.free.authorize(world.headers(token))
+    assert await world.available(token) == 100 - 13
+    assert len(pauses) == 12
+    base, cap = RACE_BACKOFF
+    for lost, pause in enumerate(pauses, 1):
+        assert 0 <= pause <= min(cap, base * 2 ** (lost - 1))
+    assert len(set(pauses)) == 12  # drawn at random: daemons do not retry in step
+
+
+@aio_test
+async def test_a_call_that_loses_every_race_is_unavailable() -> None:
+    """Another daemon writing first every time: after MAX_ATTEMPTS tries, UNAVAILABLE (retry)."""
+    storage = _Contended(races=10_000)
+
+    async def sleep(seconds: float) -> None:
+        pass
+
+    world = World(free_calls=100_000, storage=storage, sleep=sleep)
+    token = await world.token()
+    error = await refused(world.free.authorize(world.headers(token)))
+    assert (error.status, error.message) == (
+        Status.UNAVAILABLE,
+        "too much contention on this user's free calls; retry",
+    )
+    assert storage.calls.count("transaction") == MAX_ATTEMPTS
+
+
+@pytest.mark.parametrize("plan", [["apply"], ["drop"], ["drop", "apply"]])
+@aio_test
+async def test_a_shared_count_whose_reply_was_lost_is_settled_once_for_all(plan: list[str]) -> None:
+    """Five calls counted by one write whose reply was lost: settling tells whether that one
+    write landed; all five are served and counted exactly once."""
+    storage = _LosesReplies()
+    world = World(free_calls=10, storage=storage)
+    token = await world.token()
+    storage.plan = list(plan)
+    results = await asyncio.gather(*(world.free.authorize(world.headers(token)) for _ in range(5)))
+    assert len(results) == 5
+    assert await world.available(token) == 5
+
+
+@aio_test
+async def test_calls_cancelled_while_waiting_are_not_counted() -> None:
+    """Calls cancelled while they wait for the write under way are never counted."""
+    world = World(free_calls=10)
+    token = await world.token()
+    world.storage.reply_after = reply = asyncio.Event()
+    first = asyncio.ensure_future(world.free.authorize(world.headers(token)))
+    await world.storage.applied.wait()
+    waiting = [asyncio.ensure_future(world.free.authorize(world.headers(token))) for _ in range(3)]
+    await asyncio.sleep(0)
+    for call in waiting:
+        call.cancel()
+    reply.set()
+    await first
+    assert all(call.cancelled() for call in waiting)
+    await world.free.settle(1.0)
+    assert await world.available(token) == 9
+
+
+# -- give-backs ------------------------------------------------------------------------
+
+
+@aio_test
+async def test_failed_calls_given_back_at_once_are_all_given_back() -> None:
+    """20 counted calls fail at once: all 20 are given back (10 were lost, silently), in a few writes."""
+    storage = _Slow(seed=3)
+    world = World(free_calls=100, storage=storage)
+    token = await world.token()
+    counted = [await world.free.authorize(world.headers(token)) for _ in range(20)]
+    assert await world.available(token) == 80
+    before = storage.transactions
+    await asyncio.gather(*(world.free.release(call) for call in counted))
+    assert await world.available(token) == 100
+    assert storage.transactions - before <= 4
+
+
+@aio_test
+async def test_a_give_back_is_tried_again_while_storage_is_down() -> None:
+    """Storage down for a while when a failed call is given back: it is tried again, with
+    pauses, until it lands (it was dropped at the first failure)."""
+    storage = _Slow()
+    time = _FakeTime()
+    world = World(storage=storage, sleep=time.sleep)
+    token = await world.token()
+    counted = await world.free.authorize(world.headers(token))
+    storage.failures = 5
+    await world.free.release(counted)  # returns at the first failure: the client need not wait
+    assert storage.failures == 4
+    await world.free.settle(5.0)
+    assert storage.failures == 0
+    assert len(time.pauses) >= 4
+    assert await world.available(token) == 2
+
+
+@aio_test
+async def test_a_give_back_lost_past_its_deadline_is_logged() -> None:
+    """Storage down past the give-back deadline: the loss is logged as a warning with the counter
+    key and the reason (it vanished without a word), and release returns."""
+    time = _FakeTime()
+    world = World(clock=time.clock, sleep=time.sleep)
+    token = await world.token()
+    counted = await world.free.authorize(world.headers(token))
+    world.storage.fail = StorageUnavailable("etcd is down")
+    with capturedLogs() as events:
+        await world.free.release(counted)
+        await world.free.settle(5.0)
+    assert time.now >= GIVE_BACK_WITHIN
+    (event,) = [event for event in events if event["log_level"] == LogLevel.warn]
+    assert event["key"] == counted.key
+    assert "etcd is down" in formatEvent(event)
+    assert "not given back" in formatEvent(event)
+    world.storage.fail = None
+    assert await world.available(token) == 1
+
+
+@aio_test
+async def test_a_give_back_whose_outcome_cannot_be_told_is_not_repeated() -> None:
+    """A give-back whose reply was lost while storage stayed down may have landed: it is not
+    written again (the user could exceed the limit), and the loss is logged."""
+    storage = _LosesReplies()
+    world = World(storage=storage, sleep=_FakeTime().sleep)
+    token = await world.token()
+    counted = await world.free.authorize(world.headers(token))
+    storage.plan = ["apply"]
+    storage.fail_gets_on_write = True
+    with capturedLogs() as events:
+        await world.free.release(counted)
+    assert any("outcome unknown" in formatEvent(event) for event in events)
+    storage.fail_gets = storage.fail_gets_on_write = False
+    assert await world.available(token) == 2  # it had landed: given back once
+
+
 # -- token balances ----------------------------------------------------------------------
 
 
@@ -831,3 +1100,25 @@ async def test_a_non_ascii_user_id_is_checked_on_its_raw_header_bytes() -> None:
     counted = await world.free.authorize(values)
     assert counted.user_address == TRUSTED
     assert await world.available(token, TRUSTED_KEY, user_id=user_id) == 1
+
+
+@aio_test
+async def test_a_call_cancelled_just_as_it_was_counted_is_given_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count landed and the caller was cancelled before it could see it: the call is given
+    back (nobody will make it)."""
+    world = World()
+    token = await world.token()
+    call: asyncio.Future[Any] | None = None
+    resolve = counters._resolve
+
+    def resolve_then_cancel(done: asyncio.Future[None]) -> None:
+        resolve(done)
+        if call is not None and not call.done():
+            call.cancel()  # before the caller resumes: it sees the cancellation, not the result
+
+    monkeypatch.setattr(counters, "_resolve", resolve_then_cancel)
+    call = asyncio.ensure_future(world.free.authorize(world.headers(token)))
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await world.free.settle(1.0)
+    assert await world.available(token) == 2

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
 from snet_daemon.ops.heartbeat import Heartbeat, HeartbeatIdentity
+from snet_daemon.payments import signatures as sig
+from snet_daemon.payments.freecall import FreeCall, FreeCallSettings, decode_count, encode_count
 from snet_daemon.payments.stack import PaymentStack
-from snet_daemon.storage.base import StorageSetupError
+from snet_daemon.payments.tokens import TokenSettings
+from snet_daemon.storage.base import Condition, Op, StorageSetupError
 from snet_daemon.storage.embedded import EmbeddedEtcdError, EmbeddedEtcdStartError
-from tests.support.aio import aio_test
+from snet_daemon.storage.memory import MemoryStorage
+from tests.support.aio import aio_test, wait_for
+from tests.support.payments import GROUP, MPE, PROVIDER
 
 
 class _Service:
@@ -31,10 +36,13 @@ class _Service:
         return succeed(None)
 
 
-def _stack(make_storage: Callable[[Any], Any], chain: Any = None) -> PaymentStack:
-    """A stack whose metadata is there from the start, building storage with ``make_storage``."""
-    client = SimpleNamespace(endpoints=(), connection_timeout="", request_timeout="")
-    metadata: Any = SimpleNamespace(current=SimpleNamespace(storage_client=client))
+_CLIENT = SimpleNamespace(endpoints=(), connection_timeout="", request_timeout="")
+
+
+def _stack(make_storage: Callable[[Any], Any], chain: Any = None, current: Any = None) -> PaymentStack:
+    """A stack whose metadata (``current``, or only storage settings) is there from the start,
+    building storage with ``make_storage``."""
+    metadata: Any = SimpleNamespace(current=current or SimpleNamespace(storage_client=_CLIENT))
     metadata.subscribe = lambda callback: (callback(metadata.current), lambda: None)[1]
     return PaymentStack(
         upstream=None,  # type: ignore[arg-type]
@@ -47,8 +55,8 @@ def _stack(make_storage: Callable[[Any], Any], chain: Any = None) -> PaymentStac
         instance="i",
         not_ready=lambda: (),
         service_id="svc",
-        free_calls=None,  # type: ignore[arg-type]
-        tokens=None,  # type: ignore[arg-type]
+        free_calls=FreeCallSettings(),
+        tokens=TokenSettings(secret=b"s" * 32, expiry_minutes=1),
         clock=lambda: 0.0,
     )
 
@@ -157,3 +165,57 @@ async def test_stop_while_the_storage_starts_stops_the_storage() -> None:
     assert service.running
     await stack.stop()
     assert not service.running
+
+
+class _SlowWrites(MemoryStorage):
+    """Storage whose writes take ``delay`` seconds to apply."""
+
+    delay = 0.0
+
+    async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+        await asyncio.sleep(self.delay)
+        return await super().transaction(conditions, ops)
+
+
+@aio_test
+async def test_stop_waits_for_free_call_give_backs_before_the_storage_closes() -> None:
+    """A failed free call's give-back still under way when the daemon stops lands before the
+    storage closes (the stop waited only for escrow refunds: the user lost a free call)."""
+    storage = _SlowWrites(lambda: 0.0)
+    counted_at_close: list[int] = []
+
+    class Service(_Service):
+        def stopService(self) -> Deferred[None]:
+            counted_at_close.append(decode_count(storage._data.get(key)))  # no await: the storage closes
+            return super().stopService()
+
+    key = "test/free-call-user/a"
+
+    async def ready() -> None:
+        pass
+
+    service = Service()
+    setup = SimpleNamespace(service=service, ready=ready, mode="memory", storage=storage, lease_keeper=None)
+    current = SimpleNamespace(
+        storage_client=_CLIENT,
+        group_id=GROUP,
+        group_id_base64="AAEC",
+        group_name="default_group",
+        free_calls=2,
+        free_call_signer_address=None,
+        payment_address=sig.checksum(PROVIDER),
+        payment_expiration_threshold=100,
+        price=lambda method: 10,
+    )
+    stack = _stack(lambda _: setup, SimpleNamespace(mpe_address=sig.checksum(MPE), token_balance=None), current)
+    stack.start()
+    await wait_for(lambda: stack._parts is not None)
+    assert stack._parts is not None
+    await storage.put(key, encode_count(1))
+    storage.delay = 0.05
+    # The gate's give-back of a call whose client went away, left to run in the background.
+    background = asyncio.ensure_future(stack._parts.free_calls.release(FreeCall(key, sig.checksum(PROVIDER))))
+    await asyncio.sleep(0)
+    await stack.stop()
+    assert counted_at_close == [0]
+    assert background.done()

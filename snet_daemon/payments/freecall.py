@@ -25,13 +25,18 @@ What differs from Go, on purpose:
 * **The counter key is normalised**: ``{ID:<checksummed address>/...}``.
   Go uses the address text as sent, so changing the case of a hex letter
   gave a user a fresh set of free calls.
-* **No lock, one conditional write per call**: the counter is incremented
-  before the call if it is below the limit, conditional on its revision,
-  so daemons sharing the storage count together and never exceed the
-  limit; a call that fails (or is cancelled) is given back.  A count whose
-  reply was lost is settled by the writes the counter records (see
-  :func:`encode_count`): served if it landed, written again if it did not.
-  Go locks the user for the whole call and counts afterwards.
+* **No lock; the user's waiting calls are counted together**: the counter
+  is incremented before the call if it is below the limit, with a write
+  conditioned on its revision, so daemons sharing the storage count
+  together and never exceed the limit; a call that fails (or is cancelled)
+  is given back.  The calls of one user that wait at once in this daemon
+  share one write, which admits as many as the limit allows; races
+  between daemons are tried again after a random pause
+  (:mod:`snet_daemon.payments.counters`).  A write whose reply was lost is
+  settled by the writes the counter records: its calls are served if it
+  landed, written again if it did not.  Give-backs are tried again until a
+  deadline; one finally lost is logged.  Go locks the user for the whole
+  call (a second call at once fails) and counts afterwards.
 * **Without a key to issue tokens** (none configured, or not the
   metadata's signer), ``GetFreeCallToken`` answers an *empty* token and
   ``GetFreeCallsAvailable`` answers 0 for an empty token, where Go answers
@@ -72,11 +77,11 @@ What differs from Go, on purpose:
 from __future__ import annotations
 
 import asyncio
-import functools
+import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -87,27 +92,10 @@ from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures
 from snet_daemon.payments.balances import BalanceCache
+from snet_daemon.payments.counters import UNLIMITED, Counters, decode_count, encode_count, storage_down
 from snet_daemon.payments.escrow import SIGNATURE, parse_integer, single
 from snet_daemon.payments.state_service import BLOCK_TOLERANCE
-from snet_daemon.payments.tagged import (
-    HISTORY,
-    RECORD,
-    UNREAD,
-    History,
-    Tags,
-    decode_history,
-    encode_history,
-    settle,
-)
-from snet_daemon.storage.base import (
-    AtomicStorage,
-    Condition,
-    ConditionFailed,
-    Entry,
-    Put,
-    StorageError,
-    StorageTimeout,
-)
+from snet_daemon.storage.base import AtomicStorage, Entry, StorageError
 
 _log = Logger(namespace="snetd.payments.freecall")
 
@@ -118,16 +106,11 @@ AUTH_TOKEN: Final = "snet-free-call-auth-token-bin"
 
 #: Longest token lifetime, in blocks (about 24 days at 12 s).
 TOKEN_LIFETIME: Final = 172_800
-#: ``free_calls_per_address`` value meaning "no limit".
-UNLIMITED: Final = -1
 #: What ``GetFreeCallsAvailable`` answers for an unlimited user (Go's number).
 UNLIMITED_AVAILABLE: Final = 99_999_999
 #: FET / ASI have 18 decimals; ``min_balance_for_free_call`` is in whole tokens.
 TOKEN_DECIMALS: Final = 18
 
-_VERSION_1: Final = 1
-_VERSION_2: Final = 2
-_MAX_ATTEMPTS: Final = 8
 #: A token's expiry: a decimal number, as Go's ``big.Int.SetString(s, 10)``
 #: reads it, of at most 78 digits (2**256 has 78: no uint256 is longer, and
 #: Python's ``int()`` refuses more than 4300 with its own words).
@@ -240,44 +223,6 @@ class _Request:
         return self.user_id.decode("utf-8", errors="replace")
 
 
-def encode_count(count: int, history: Sequence[tuple[bytes, int]] = ()) -> bytes:
-    """A stored free-call counter, with the writes that made it (newest first).
-
-    Version 2: ``0x02 | count (8) | (tag (8) | parent revision (8)) x up to
-    8``, the history settling a count whose write timed out (see
-    :mod:`snet_daemon.payments.tagged`).  Version 1 (``0x01 | count``) is
-    read as well.
-    """
-    return bytes((_VERSION_2,)) + count.to_bytes(8, "big") + encode_history(history)
-
-
-def _history(entry: Entry | None) -> History:
-    """The writes recorded in a counter (none for version 1 or absent)."""
-    if entry is None or entry.value[:1] != bytes((_VERSION_2,)):
-        return []
-    return decode_history(entry.value[9:])
-
-
-def decode_count(entry: Entry | None) -> int:
-    """The count in a stored counter (0 when absent).
-
-    Raises:
-        GrpcError: ``INTERNAL`` for an unreadable value.
-    """
-    if entry is None:
-        return 0
-    data = entry.value
-    size = len(data)
-    if not (
-        (size == 9 and data[0] == _VERSION_1)
-        or (
-            data[:1] == bytes((_VERSION_2,)) and size >= 9 and (size - 9) % RECORD == 0 and size <= 9 + RECORD * HISTORY
-        )
-    ):
-        raise GrpcError(Status.INTERNAL, f"internal error: unreadable free-call counter at {entry.key}")
-    return int.from_bytes(data[1:9], "big")
-
-
 def parse_token(token: bytes) -> tuple[bytes, int]:
     """Split a free-call token at its last ``_``: ``(signature, expiry block)``.
 
@@ -304,7 +249,9 @@ class FreeCalls:
         settings: the free-call configuration.
         terms: returns the current :class:`FreeCallTerms`.
         sleep: waits between storage tries (``asyncio.sleep``; tests pass a fake).
-        clock: a monotonic clock (balance ages, log rate limits).
+        clock: the monotonic time ``sleep`` sleeps by (balance ages,
+            give-back deadlines, log rate limits).
+        jitter: random numbers in [0, 1) for the pauses between tries.
     """
 
     def __init__(
@@ -314,22 +261,18 @@ class FreeCalls:
         chain: FreeCallChain,
         settings: FreeCallSettings,
         terms: Callable[[], FreeCallTerms],
-        sleep: Callable[[float], object] = asyncio.sleep,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self._storage = storage
-        self._sleep = sleep
-        #: Tags of our counter writes (see ``tagged``).
-        self._tags = Tags()
+        self._clock = clock
+        self._counters = Counters(storage, sleep=sleep, clock=clock, jitter=jitter)
         self._keys = keys
         self._chain = chain
         self._settings = settings
         self._terms = terms
         self._key_address = None if settings.signer_key is None else signatures.address_of(settings.signer_key)
-        #: Give-backs of calls cancelled while being counted (asyncio keeps
-        #: only weak references to tasks).
-        self._releases: set[asyncio.Future[None]] = set()
-        self._clock = clock
         self._balances = BalanceCache(
             chain.token_balance,
             minimum=settings.min_balance * 10**TOKEN_DECIMALS,
@@ -455,103 +398,42 @@ class FreeCalls:
     async def authorize(self, values: dict[str, list[str | bytes]]) -> FreeCall:
         """Check a free call's metadata and count the call.
 
+        The count is written together with those of the user's other calls
+        waiting (see :mod:`snet_daemon.payments.counters`).  If the caller is
+        cancelled once the call was counted, the call is given back.
+
         Raises:
             GrpcError: ``INVALID_ARGUMENT`` for missing or malformed headers,
                 ``UNAUTHENTICATED`` for a bad signature or token, an expired
                 token or a stale block number, ``RESOURCE_EXHAUSTED`` when the
                 user's free calls are used up, ``UNAVAILABLE`` when storage
-                is down or the current block cannot be read.
+                is down, the current block cannot be read, or other daemons
+                kept counting the user's calls first, ``INTERNAL`` for an
+                unreadable counter.
         """
         request = _parse(values)
         signer = self._validate(request)
         key = self._counter_key(signer, request.user_text)
-        allowed = self._allowed(signer)
-        entry = await self._read(key)
-        for _ in range(_MAX_ATTEMPTS):
-            made = decode_count(entry)
-            if allowed != UNLIMITED and made >= allowed:
-                raise GrpcError(
-                    Status.RESOURCE_EXHAUSTED,
-                    f"free call limit has been exceeded, calls made = {made}, total free calls eligible = {allowed}",
-                )
-            counted = FreeCall(key, signatures.checksum(signer))
-            # Carried to its end if the call is cancelled meanwhile: a call
-            # counted but never made is then given back.
-            write = asyncio.ensure_future(self._write(key, entry, made + 1))
-            try:
-                written, after = await asyncio.shield(write)
-            except asyncio.CancelledError:
-                if not write.cancelled():
-                    write.add_done_callback(functools.partial(self._abandon, counted))
-                raise
-            except StorageError as exc:
-                raise _storage_down(exc) from None
-            if written:
-                return counted
-            entry = await self._read(key) if after is UNREAD else after  # type: ignore[assignment]
-        raise GrpcError(Status.UNAVAILABLE, "too much contention on this user's free calls; retry")
-
-    async def _write(self, key: str, entry: Entry | None, count: int) -> tuple[bool, object]:
-        """Write ``count`` to ``key`` if it still is ``entry``.
-
-        Returns:
-            True (written), or False (not written, and never will be) and
-            the entry found (``tagged.UNREAD``: read it again).
-
-        Raises:
-            StorageError: storage failed; for a write whose reply was lost,
-                only when whether it happened cannot be told.
-        """
-        tag = self._tags.next()
-        parent = 0 if entry is None else entry.mod_revision
-        value = encode_count(count, [(tag, parent), *_history(entry)])
-        try:
-            await self._storage.transaction([Condition.unchanged(key, entry)], [Put(key, value)])
-        except ConditionFailed as failed:
-            return False, failed.current.get(key)
-        except StorageTimeout:
-            # Applied or not?  A call refused while it stays counted would
-            # cost the user one of their free calls.
-            written, after = await settle(
-                self._storage,
-                key,
-                tag,
-                parent,
-                history=_history,
-                fence=functools.partial(self._fence, parent),
-                sleep=self._sleep,
-            )
-            if written is None:
-                raise
-            return written, after
-        return True, None
-
-    def _fence(self, parent: int, entry: Entry | None) -> bytes:
-        """``entry``'s count again, as a write conditioned on ``parent`` (see ``tagged.settle``)."""
-        return encode_count(decode_count(entry), [(self._tags.next(), parent), *_history(entry)])
-
-    def _abandon(self, counted: FreeCall, write: asyncio.Future[tuple[bool, object]]) -> None:
-        """The call was cancelled while it was being counted; the count is now written or not."""
-        if write.cancelled() or write.exception() is not None or not write.result()[0]:
-            return
-        release = asyncio.ensure_future(self.release(counted))
-        self._releases.add(release)
-        release.add_done_callback(self._releases.discard)
+        await self._counters.count(key, self._allowed(signer))
+        return FreeCall(key, signatures.checksum(signer))
 
     async def release(self, free_call: FreeCall) -> None:
-        """Give back a counted call that failed (best effort: a lost refund costs the user one call)."""
-        try:
-            entry = await self._storage.get(free_call.key)
-            for _ in range(_MAX_ATTEMPTS):
-                made = decode_count(entry)
-                if made == 0:
-                    return
-                written, after = await self._write(free_call.key, entry, made - 1)
-                if written:
-                    return
-                entry = await self._storage.get(free_call.key) if after is UNREAD else after  # type: ignore[assignment]
-        except (StorageError, GrpcError):
-            return
+        """Give back a counted call that failed.
+
+        Returns once it landed or failed once; storage that is down is then
+        tried again in the background until a deadline passes.  One finally
+        lost is logged (never raised): it costs the user one free call.
+        """
+        await self._counters.give_back(free_call.key)
+
+    async def settle(self, within: float) -> None:
+        """Wait up to ``within`` seconds for give-backs (and counts) under
+        way in the background (the daemon stops: storage closes next)."""
+        await self._counters.settle(within)
+
+    def close(self) -> None:
+        """Stop writing counters; give-backs still waiting are logged as lost."""
+        self._counters.close()
 
     # -- internals ------------------------------------------------------------------
 
@@ -626,7 +508,7 @@ class FreeCalls:
         try:
             return await self._storage.get(key)
         except StorageError as exc:
-            raise _storage_down(exc) from None
+            raise storage_down(exc) from None
 
     async def _eligible(self, address: bytes) -> bool:
         """Whether ``address`` holds ``min_balance_for_free_call`` whole tokens (logged when not)."""
@@ -711,5 +593,22 @@ def _plain(error: GrpcError) -> GrpcError:
     return GrpcError(Status.UNKNOWN, message)
 
 
-def _storage_down(exc: Exception) -> GrpcError:
-    return GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}")
+__all__ = (
+    "AUTH_TOKEN",
+    "CURRENT_BLOCK",
+    "TOKEN_DECIMALS",
+    "TOKEN_LIFETIME",
+    "UNLIMITED",
+    "UNLIMITED_AVAILABLE",
+    "USER_ADDRESS",
+    "USER_ID",
+    "FreeCall",
+    "FreeCallChain",
+    "FreeCallKeys",
+    "FreeCallSettings",
+    "FreeCallTerms",
+    "FreeCalls",
+    "decode_count",
+    "encode_count",
+    "parse_token",
+)

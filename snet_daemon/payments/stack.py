@@ -87,7 +87,7 @@ class Reader(ChannelSource, Protocol):
 #: Builds the storage from the organization metadata's client settings.
 StorageFactory = Callable[[MetadataStorageClient], StorageSetup]
 
-#: Seconds the stop gives background refunds before the storage closes.
+#: Seconds the stop gives background refunds and give-backs before the storage closes.
 _SETTLE: Final = 3.0
 
 
@@ -174,9 +174,11 @@ class PaymentStack:
             self._unsubscribe()
         if self._parts is not None:
             # Refunds of calls cancelled while their payment was written
-            # (EscrowLedger._abandon) run in the background: let them land.
-            await self._parts.ledger.settle(_SETTLE)
+            # (EscrowLedger._abandon) and give-backs of failed free calls
+            # run in the background: let them land.
+            await asyncio.gather(self._parts.ledger.settle(_SETTLE), self._parts.free_calls.settle(_SETTLE))
             self._parts.ledger.close()  # lingering holds go with our lease's revoke
+            self._parts.free_calls.close()  # give-backs still waiting are logged as lost
         if self._storage_task is not None and not self._storage_task.done():
             self._storage_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -19,6 +19,10 @@ will; and if nothing was written since R, a no-op write conditioned on R
 another writer may have written the same value.
 
 :func:`write` makes such a write and settles it when its reply is lost.
+Settling is about one write, whatever it stands for: a free-call counter
+write may count several calls and give others back at once
+(:mod:`snet_daemon.payments.counters`), and they all share its outcome.  It
+needs a fresh tag for every write, retries included.
 """
 
 from __future__ import annotations
