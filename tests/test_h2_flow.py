@@ -7,9 +7,10 @@ import base64
 
 import h2.errors
 import h2.events
+import h2.settings
 import pytest
 
-from snet_daemon.frontend.call import ServerCall
+from snet_daemon.frontend.call import Handler, ServerCall
 from tests.support.aio import aio_test
 from tests.support.h2pair import H2Pair
 from tests.support.oneport import METADATA_CALLS, metadata_handler
@@ -215,3 +216,91 @@ async def test_an_unsupported_content_type_is_refused_with_cors() -> None:
     headers: dict[str, str] = dict(replies[0].headers or ())  # type: ignore[arg-type]
     assert headers[":status"] == "415"
     assert headers["access-control-allow-origin"] == "*"
+
+
+def _open(pair: H2Pair, path: str, body: bytes = b"\x00\x00\x00\x00\x00") -> int:
+    """Start a gRPC call on ``path`` with one request message; its stream id."""
+    sid: int = pair.client.get_next_available_stream_id()
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", path), *_GRPC]
+    pair.client.send_headers(sid, headers)
+    pair.client.send_data(sid, body, end_stream=True)
+    return sid
+
+
+async def _turns(pair: H2Pair, count: int = 10) -> None:
+    """Let handlers run and deliver what each side sends, ``count`` times."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+        pair.pump()
+
+
+def _trailers(pair: H2Pair, sid: int) -> dict[str, str]:
+    """The trailers (or trailers-only headers) stream ``sid`` ended with, if it did."""
+    for event in pair.events:
+        ends = isinstance(event, (h2.events.TrailersReceived, h2.events.ResponseReceived)) and event.stream_ended
+        if ends and event.stream_id == sid:
+            return dict(event.headers or ())
+    return {}
+
+
+async def _three_replies(call: ServerCall) -> None:
+    await call.read()
+    for _ in range(3):
+        call.write(b"x" * 5000)
+        await call.drain()
+
+
+async def _blocked_calls(handler: Handler, *paths: str) -> tuple[H2Pair, list[int]]:
+    """Calls on ``paths`` whose replies wait for window (the client grants 1000 bytes a stream)."""
+    pair = H2Pair(handler)
+    pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+    pair.pump()
+    sids = [_open(pair, path) for path in paths]
+    await _turns(pair)
+    return pair, sids
+
+
+@aio_test
+async def test_a_window_update_and_a_reset_in_one_read_end_only_that_stream() -> None:
+    """h2 parses a whole read before we see its events: a WINDOW_UPDATE for a stream whose replies
+    wait for window, then the RST_STREAM of that stream, made us send on a stream h2 had closed.
+    The StreamClosedError dropped the connection, and every other call on it; now that stream is
+    simply gone."""
+    pair, (bystander, victim) = await _blocked_calls(_three_replies, "/p.S/Stream", "/p.S/Stream")
+    assert not _trailers(pair, bystander)  # both wait for window
+    pair.client.increment_flow_control_window(500, victim)
+    pair.client.reset_stream(victim, h2.errors.ErrorCodes.CANCEL)
+    pair.to_server()  # one read
+    assert not pair.transport.disconnecting
+    pair.client.increment_flow_control_window(1 << 20, bystander)
+    pair.client.increment_flow_control_window(1 << 20)
+    await _turns(pair)
+    assert _trailers(pair, bystander).get("grpc-status") == "0"
+    assert not pair.transport.disconnecting
+
+
+@aio_test
+async def test_an_error_handling_one_stream_ends_only_that_stream() -> None:
+    """An exception while handling one stream's event (here the relay's callback run by a window
+    update) left dataReceived, and Twisted dropped the connection with every call on it; now that
+    stream alone is reset."""
+
+    def broken() -> None:
+        raise RuntimeError("a bug in a relay")
+
+    async def handler(call: ServerCall) -> None:
+        await _three_replies(call)
+        if call.method == "/p.S/Broken":
+            call.on_writable = broken
+            await asyncio.Event().wait()  # a call that goes on: a stream still open
+
+    pair, (victim, bystander) = await _blocked_calls(handler, "/p.S/Broken", "/p.S/Stream")
+    pair.client.increment_flow_control_window(1 << 20, victim)
+    pair.client.increment_flow_control_window(1 << 20)
+    pair.to_server()
+    pair.to_client()
+    assert any(isinstance(e, h2.events.StreamReset) and e.stream_id == victim for e in pair.events)
+    pair.client.increment_flow_control_window(1 << 20, bystander)
+    await _turns(pair)
+    assert _trailers(pair, bystander).get("grpc-status") == "0"
+    assert not pair.transport.disconnecting

@@ -7,6 +7,9 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
 import pytest
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
@@ -102,58 +105,98 @@ class _Sink:
         pass
 
 
+class _Service:
+    """An :class:`UpstreamConnection` (and its pool) talking to an h2 server connection in memory."""
+
+    def __init__(self, settings: dict[int, int] | None = None) -> None:
+        self.loop = asyncio.get_event_loop()
+        self.pool = H2Upstream(None, "svc", 5000, "http://svc:5000", self.loop)
+        self.conn = UpstreamConnection(self.pool)
+        self.transport = StringTransport()
+        self.conn.makeConnection(self.transport)  # type: ignore[no-untyped-call]
+        self.pool._conn = self.conn
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        self.h2.initiate_connection()
+        if settings:
+            self.h2.update_settings(settings)
+        self.exchange()
+
+    def exchange(self) -> list[Any]:
+        """Deliver what each side has to send; the service's events."""
+        self.conn._flush()
+        data = self.transport.value()
+        self.transport.clear()
+        events = self.h2.receive_data(data) if data else []
+        out = self.h2.data_to_send()
+        if out:
+            self.conn.dataReceived(out)
+        return events
+
+    async def start(self, sink: Any, request: bytes = b"request") -> tuple[asyncio.Task[None], int]:
+        """Forward a call with one request message; its task and the service's stream id."""
+        from snet_daemon.frontend.call import ServerCall
+
+        call = ServerCall("/pkg.Svc/M", (), sink, self.loop)
+        call.deliver(request)
+        call.end_input()
+        task = self.loop.create_task(self.pool.forward(call, ()))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        (sid,) = [e.stream_id for e in self.exchange() if isinstance(e, h2.events.RequestReceived)]
+        return task, sid
+
+    def answer(self, sid: int, end: bool = True) -> None:
+        """Reply headers and one message on ``sid``, and OK trailers when ``end``."""
+        self.h2.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+        self.h2.send_data(sid, b"\x00\x00\x00\x00\x02ok")
+        if end:
+            self.h2.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+
+
 @aio_test
 async def test_clients_that_do_not_read_hold_only_their_own_streams() -> None:
     """Seventeen calls whose clients stopped reading, each with a reply as large as the service's
     stream window: the service can still answer another client (its connection window towards us
     is not used up), and only those streams wait."""
-    from snet_daemon.frontend.call import ServerCall
-
-    loop = asyncio.get_event_loop()
-    pool = H2Upstream(None, "svc", 5000, "http://svc:5000", loop)
-    conn = UpstreamConnection(pool)
-    transport = StringTransport()
-    conn.makeConnection(transport)  # type: ignore[no-untyped-call]
-    pool._conn = conn
-    service = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-    service.initiate_connection()
-
-    def exchange() -> list[Any]:
-        conn._flush()
-        data = transport.value()
-        transport.clear()
-        events = service.receive_data(data) if data else []
-        out = service.data_to_send()
-        if out:
-            conn.dataReceived(out)
-        return events
-
-    async def start(reading: bool) -> tuple[asyncio.Task[None], list[int]]:
-        call = ServerCall("/pkg.Svc/M", (), _Sink(reading), loop)
-        call.deliver(b"request")
-        call.end_input()
-        task = loop.create_task(pool.forward(call, ()))
-        for _ in range(5):
-            await asyncio.sleep(0)
-        return task, [e.stream_id for e in exchange() if isinstance(e, h2.events.RequestReceived)]
-
-    exchange()
+    service = _Service()
     tasks = []
     chunk = b"\x00" + (16 * 1024 - 5).to_bytes(4, "big") + b"x" * (16 * 1024 - 5)
     for _ in range(17):
-        task, (sid,) = await start(reading=False)
+        task, sid = await service.start(_Sink(reading=False))
         tasks.append(task)
-        service.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
-        while service.local_flow_control_window(sid) >= len(chunk):
-            service.send_data(sid, chunk)
-        exchange()
-        assert service.local_flow_control_window(sid) < len(chunk)  # this stream waits
-    task, (sid,) = await start(reading=True)
+        service.h2.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+        while service.h2.local_flow_control_window(sid) >= len(chunk):
+            service.h2.send_data(sid, chunk)
+        service.exchange()
+        assert service.h2.local_flow_control_window(sid) < len(chunk)  # this stream waits
+    task, sid = await service.start(_Sink(reading=True))
     tasks.append(task)
-    assert service.local_flow_control_window(sid) >= 1024 * 1024 - 16 * 1024
+    assert service.h2.local_flow_control_window(sid) >= 1024 * 1024 - 16 * 1024
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@aio_test
+async def test_a_service_that_ends_a_call_early_does_not_drop_the_connection() -> None:
+    """The service answered a call while part of its request still waited for window, and sent a
+    WINDOW_UPDATE for it in the same read: we sent on a stream h2 had closed, and the
+    StreamClosedError dropped the daemon's one connection to the service, failing every other
+    client's call on it (one gRPC-Web body of a million empty messages did it)."""
+    service = _Service({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100})
+    early, early_sid = await service.start(_Sink(reading=True), b"x" * 5000)
+    other, other_sid = await service.start(_Sink(reading=True))
+    service.h2.increment_flow_control_window(50, early_sid)
+    service.answer(early_sid)
+    service.h2.reset_stream(early_sid, h2.errors.ErrorCodes.NO_ERROR)
+    service.exchange()  # one read: WINDOW_UPDATE, then the stream ends
+    await asyncio.sleep(0)
+    assert early.done()
+    assert not service.conn.lost
+    assert not service.transport.disconnecting
+    service.answer(other_sid)
+    service.exchange()
+    await asyncio.wait_for(other, 5)  # served on the same connection
 
 
 def test_authority_omits_default_ports() -> None:
@@ -293,3 +336,30 @@ async def test_a_timeout_drops_only_the_connection_it_used(upstream: Upstream) -
         assert client._conn is not first
     finally:
         await client.close()
+
+
+class _BrokenSink(_Sink):
+    """A client whose transport fails when handed a reply (a bug on the client's side)."""
+
+    def send_message(self, message: bytes) -> None:
+        raise RuntimeError("the client's transport broke")
+
+
+@aio_test
+async def test_an_error_relaying_one_call_ends_only_that_call() -> None:
+    """An exception while relaying one call's reply left dataReceived and dropped the connection
+    to the service, failing every other client's call on it; now that call alone fails."""
+    service = _Service()
+    broken, broken_sid = await service.start(_BrokenSink(reading=True))
+    other, other_sid = await service.start(_Sink(reading=True))
+    service.answer(broken_sid, end=False)
+    service.exchange()
+    with pytest.raises(GrpcError) as info:
+        await asyncio.wait_for(broken, 5)
+    assert info.value.status == Status.INTERNAL
+    assert not service.conn.lost
+    assert not service.transport.disconnecting
+    assert any(isinstance(e, h2.events.StreamReset) and e.stream_id == broken_sid for e in service.exchange())
+    service.answer(other_sid)
+    service.exchange()
+    await asyncio.wait_for(other, 5)

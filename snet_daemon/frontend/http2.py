@@ -52,6 +52,7 @@ from snet_daemon.frontend import grpcweb
 from snet_daemon.frontend._h2_tuning import fast_hpack
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.gateway import Gateway, HttpResponse
+from snet_daemon.frontend.h2flow import send_within_window
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import (
     ACCEPT_ENCODING,
@@ -283,22 +284,44 @@ class H2ServerProtocol(Protocol):
     def _dispatch(self, events: list[h2.events.Event]) -> None:
         for event in events:
             kind = type(event)
-            if kind is _DataReceived:
-                self._on_data(event)  # type: ignore[arg-type]
-            elif kind is _RequestReceived:
-                self._on_request(event)  # type: ignore[arg-type]
-            elif kind is _StreamEnded:
-                self._on_end(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is _WindowUpdated:
-                self._on_window(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is _StreamReset:
-                self._on_reset(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is _RemoteSettingsChanged:
-                self._on_window(0)
-            elif kind is _ConnectionTerminated:
-                self._on_goaway()
+            try:
+                if kind is _DataReceived:
+                    self._on_data(event)  # type: ignore[arg-type]
+                elif kind is _RequestReceived:
+                    self._on_request(event)  # type: ignore[arg-type]
+                elif kind is _StreamEnded:
+                    self._on_end(event.stream_id)  # type: ignore[attr-defined]
+                elif kind is _WindowUpdated:
+                    self._on_window(event.stream_id)  # type: ignore[attr-defined]
+                elif kind is _StreamReset:
+                    self._on_reset(event.stream_id)  # type: ignore[attr-defined]
+                elif kind is _RemoteSettingsChanged:
+                    self._on_window(0)
+                elif kind is _ConnectionTerminated:
+                    self._on_goaway()
+            except Exception:
+                # A bug met by one event: it must not take the connection,
+                # and every other call on it, down (Twisted would drop the
+                # connection for an exception out of dataReceived).  Only
+                # the stream it concerns ends.
+                _log.failure("error handling {event} from {peer}", event=kind.__name__, peer=self._peer)
+                self._stream_failed(getattr(event, "stream_id", None) or 0)
         if self._starting:
             self._start_calls()
+
+    def _stream_failed(self, sid: int) -> None:
+        """End stream ``sid`` after an unexpected error: cancel its call, reset it."""
+        stream = self._streams.get(sid)
+        if stream is None:
+            return
+        if stream.call is not None:
+            stream.call.cancel()
+        stream.local_closed = stream.remote_closed = True
+        try:
+            self._conn.reset_stream(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._discard(stream)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
@@ -771,28 +794,3 @@ def _header(headers: list[tuple[str, str]], name: str) -> str | None:
         if key == name:
             return value
     return None
-
-
-def send_within_window(conn: h2.connection.H2Connection, stream_id: int, data: bytes) -> int:
-    """Hand h2 as much of ``data`` as the flow-control windows allow.
-
-    Shared by the server side and the upstream client.  Returns how many
-    bytes were taken; the caller keeps the rest until a window update.  A
-    stream already closed takes everything (there is no one to send it to).
-    """
-    try:
-        window = conn.local_flow_control_window(stream_id)
-    except h2.exceptions.StreamClosedError:
-        return len(data)
-    max_frame = conn.max_outbound_frame_size
-    total = len(data)
-    if total <= window and total <= max_frame:
-        conn.send_data(stream_id, data)
-        return total
-    offset = 0
-    while offset < total and window > 0:
-        size = min(window, max_frame, total - offset)
-        conn.send_data(stream_id, data[offset : offset + size])
-        offset += size
-        window -= size
-    return offset

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from snet_daemon import __version__
 from snet_daemon.frontend._h2_tuning import fast_hpack
 from snet_daemon.frontend.call import ServerCall
-from snet_daemon.frontend.http2 import send_within_window
+from snet_daemon.frontend.h2flow import send_within_window
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import (
     MessageDecoder,
@@ -290,10 +290,29 @@ class UpstreamConnection(Protocol):
         self._receiving = True
         try:
             for event in events:
-                self._dispatch(event)
+                try:
+                    self._dispatch(event)
+                except Exception:
+                    # This connection carries every client's calls: a bug
+                    # met relaying one event ends that call only (Twisted
+                    # would drop the connection for an exception out of
+                    # dataReceived).
+                    _log.failure(
+                        "error relaying {event} from the service at {endpoint}",
+                        event=type(event).__name__,
+                        endpoint=self._pool.endpoint,
+                    )
+                    self._relay_failed(getattr(event, "stream_id", None) or 0)
         finally:
             self._receiving = False
         self._flush()
+
+    def _relay_failed(self, sid: int) -> None:
+        """End the call on stream ``sid`` after an unexpected error, resetting the stream."""
+        relay = self._relays.get(sid)
+        if relay is not None:
+            relay.finish(GrpcError(Status.INTERNAL, "internal error relaying the service's reply"))
+            self.cancel(relay)
 
     def _dispatch(self, event: h2.events.Event) -> None:
         kind = type(event)
