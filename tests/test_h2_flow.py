@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from typing import Any
 
 import h2.errors
 import h2.events
@@ -304,3 +305,116 @@ async def test_an_error_handling_one_stream_ends_only_that_stream() -> None:
     await _turns(pair)
     assert _trailers(pair, bystander).get("grpc-status") == "0"
     assert not pair.transport.disconnecting
+
+
+async def _one_reply(call: ServerCall) -> None:
+    await call.read()
+    call.write(b"x" * 5000)
+
+
+def _count_drains(pair: H2Pair) -> list[int]:
+    """Count the server's attempts to send waiting replies (one per stream woken)."""
+    drains = [0]
+    drain = pair.server._drain
+
+    def counting(stream: Any) -> None:
+        drains[0] += 1
+        drain(stream)
+
+    pair.server._drain = counting  # type: ignore[method-assign]
+    return drains
+
+
+@aio_test
+async def test_a_connection_window_update_wakes_only_what_it_lets_send() -> None:
+    """Each WINDOW_UPDATE for the connection tried every stream waiting for window: with 100 replies
+    waiting, 100 steps per 13-byte frame a client sends (460 us per frame with 1000).  Now the
+    streams stopped by their own windows are not woken by it, and the walk ends when the
+    connection window is used up."""
+    pair = H2Pair(_one_reply)
+    sids = [_open(pair, "/p.S/M") for _ in range(100)]
+    await _turns(pair)
+    ended = [sid for sid in sids if _trailers(pair, sid)]
+    assert 5 < len(ended) < 20  # the rest wait for the connection window (64 KiB)
+    drains = _count_drains(pair)
+    for _ in range(1000):
+        pair.client.increment_flow_control_window(1)
+    pair.to_server()
+    assert drains[0] <= 1000 + 100
+    # Streams stopped by their own windows (0 here), then connection updates: no stream is tried.
+    pair = H2Pair(_one_reply)
+    pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    pair.pump()
+    for _ in range(100):
+        _open(pair, "/p.S/M")
+    await _turns(pair)
+    drains = _count_drains(pair)
+    for _ in range(1000):
+        pair.client.increment_flow_control_window(1000)
+    pair.to_server()
+    assert drains[0] == 0
+    assert not pair.transport.disconnecting
+
+
+async def _waiting_replies(**limits: Any) -> tuple[H2Pair, list[int]]:
+    """100 calls whose replies wait: the client grants each stream no window at all."""
+    pair = H2Pair(_one_reply, **limits)
+    pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    pair.pump()
+    sids = [_open(pair, "/p.S/M") for _ in range(100)]
+    await _turns(pair)
+    return pair, sids
+
+
+@aio_test
+async def test_settings_that_change_nothing_wake_nothing_and_a_flood_of_them_is_refused() -> None:
+    """Every SETTINGS frame, even an empty one, tried every stream waiting for window.  Now only
+    one that grows INITIAL_WINDOW_SIZE wakes them, and a client flooding frames that change
+    nothing gets GOAWAY(ENHANCE_YOUR_CALM), as one resetting streams too fast does."""
+    pair, _ = await _waiting_replies(max_control_frames_per_second=20)
+    drains = _count_drains(pair)
+    for _ in range(50):
+        pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    pair.to_server()
+    assert drains[0] == 0
+    assert _goaway(pair) is None
+    for _ in range(100):
+        pair.client.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: 16384})
+    pair.to_server()
+    goaway = _goaway(pair)
+    assert goaway is not None
+    assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert drains[0] == 0
+
+
+@aio_test
+async def test_settings_that_grow_the_stream_window_release_the_waiting_replies() -> None:
+    """A client that grows INITIAL_WINDOW_SIZE (as gRPC's window tuning does) gets the replies
+    that waited for it."""
+    pair, sids = await _waiting_replies()
+    assert not any(_trailers(pair, sid) for sid in sids)
+    pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+    pair.client.increment_flow_control_window(1 << 20)
+    await _turns(pair)
+    assert all(_trailers(pair, sid).get("grpc-status") == "0" for sid in sids)
+    assert _goaway(pair) is None
+
+
+@aio_test
+async def test_a_flood_of_empty_data_frames_is_refused() -> None:
+    """Empty DATA frames change nothing and have no flow control (CVE-2019-9518): a client
+    sending them without end gets GOAWAY(ENHANCE_YOUR_CALM)."""
+
+    async def handler(call: ServerCall) -> None:
+        await asyncio.Event().wait()
+
+    pair = H2Pair(handler, max_control_frames_per_second=20)
+    sid = pair.client.get_next_available_stream_id()
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", "/p.S/M"), *_GRPC]
+    pair.client.send_headers(sid, headers)
+    for _ in range(150):
+        pair.client.send_data(sid, b"")
+    pair.to_server()
+    goaway = _goaway(pair)
+    assert goaway is not None
+    assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM

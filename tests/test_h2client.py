@@ -363,3 +363,34 @@ async def test_an_error_relaying_one_call_ends_only_that_call() -> None:
     service.answer(other_sid)
     service.exchange()
     await asyncio.wait_for(other, 5)
+
+
+@aio_test
+async def test_only_window_updates_that_help_wake_waiting_requests() -> None:
+    """Every SETTINGS frame from the service tried every request waiting for its window, and a
+    stream's WINDOW_UPDATE searched all of them; now a SETTINGS frame that does not grow
+    INITIAL_WINDOW_SIZE tries none, and one that does releases them."""
+    service = _Service({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100})
+    calls = [await service.start(_Sink(reading=True), b"x" * 5000) for _ in range(20)]
+    tries = [0]
+    window = service.conn._conn.local_flow_control_window
+
+    def counting(stream_id: int) -> int:
+        tries[0] += 1
+        return window(stream_id)
+
+    service.conn._conn.local_flow_control_window = counting  # type: ignore[method-assign]
+    for _ in range(50):
+        service.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100})
+        service.exchange()
+    assert tries[0] == 0
+    service.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    service.h2.increment_flow_control_window(1 << 20)
+    received = {sid: 0 for _, sid in calls}
+    for event in service.exchange() + service.exchange():
+        if isinstance(event, h2.events.DataReceived):
+            received[event.stream_id] += event.flow_controlled_length or 0
+    assert set(received.values()) == {5005 - 100}  # the rest of each request
+    for task, _ in calls:
+        task.cancel()
+    await asyncio.gather(*(task for task, _ in calls), return_exceptions=True)

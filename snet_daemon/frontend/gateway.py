@@ -56,6 +56,11 @@ class Limits:
             wait for the client to read (the slow-reader bound).
         max_resets_per_second: RST_STREAMs a client may send per second, on
             average, before the connection is closed (rapid-reset defence).
+        max_control_frames_per_second: HTTP/2 frames that change nothing
+            (empty DATA, PRIORITY, SETTINGS that let no reply go on,
+            unsolicited ACKs) a client may send per second, on average,
+            before the connection is closed with ENHANCE_YOUR_CALM.  Both
+            budgets allow bursts of five seconds' worth.
         default_timeout: seconds a call may take when the client set no
             deadline (``service_timeout``); None for no limit.
         idle_timeout: seconds an HTTP/2 connection may stay without an open
@@ -75,6 +80,7 @@ class Limits:
     connection_window: int = 16 * 1024 * 1024
     write_buffer: int = 256 * 1024
     max_resets_per_second: float = 200.0
+    max_control_frames_per_second: float = 200.0
     default_timeout: float | None = None
     idle_timeout: float = 300.0
 

@@ -52,7 +52,7 @@ from snet_daemon.frontend import grpcweb
 from snet_daemon.frontend._h2_tuning import fast_hpack
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.gateway import Gateway, HttpResponse
-from snet_daemon.frontend.h2flow import send_within_window
+from snet_daemon.frontend.h2flow import WindowWaiters, initial_window_grew, send_queued, send_within_window
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import (
     ACCEPT_ENCODING,
@@ -89,6 +89,41 @@ _StreamReset = h2.events.StreamReset
 _WindowUpdated = h2.events.WindowUpdated
 _RemoteSettingsChanged = h2.events.RemoteSettingsChanged
 _ConnectionTerminated = h2.events.ConnectionTerminated
+#: Frames that change nothing for us, counted by the control-frame budget
+#: (:meth:`H2ServerProtocol._spend_control`): priorities (we do not
+#: prioritise), acknowledgements of PINGs we never sent, SETTINGS ACKs (we
+#: send two SETTINGS frames, so two are expected), unknown frame types.
+_USELESS = frozenset(
+    {
+        h2.events.PriorityUpdated,
+        h2.events.PingAckReceived,
+        h2.events.SettingsAcknowledged,
+        h2.events.UnknownFrameReceived,
+    }
+)
+
+
+class _Budget:
+    """A token bucket on the loop clock: ``rate`` tokens a second, five seconds' worth at most.
+
+    Args:
+        rate: tokens added per second.
+        now: the loop time now.
+    """
+
+    __slots__ = ("_cap", "_rate", "_time", "_tokens")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self._rate = rate
+        self._cap = rate * 5
+        self._tokens = self._cap
+        self._time = now
+
+    def spend(self, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens at loop time ``now``; False once the bucket is overdrawn."""
+        self._tokens = min(self._cap, self._tokens + (now - self._time) * self._rate) - cost
+        self._time = now
+        return self._tokens >= 0
 
 
 class _Stream:
@@ -223,7 +258,8 @@ class H2ServerProtocol(Protocol):
         self._conn = h2.connection.H2Connection(config=_H2_CONFIG)
         fast_hpack(self._conn)
         self._streams: dict[int, _Stream] = {}
-        self._blocked: set[_Stream] = set()
+        #: Streams whose replies wait for flow-control window.
+        self._waiters: WindowWaiters[_Stream] = WindowWaiters(self._conn)
         self._starting: list[_Stream] = []
         self._flush_scheduled = False
         self._receiving = False
@@ -232,8 +268,9 @@ class H2ServerProtocol(Protocol):
         self._lost = False
         self.paused = False
         self._peer = ""
-        self._reset_budget = limits.max_resets_per_second * 5
-        self._reset_time = gateway.loop.time()
+        now = gateway.loop.time()
+        self._resets = _Budget(limits.max_resets_per_second, now)
+        self._control_frames = _Budget(limits.max_control_frames_per_second, now)
         self._idle_timeout = limits.idle_timeout
         #: When the last stream closed (loop time); read only by the idle timer.
         self._idle_since = 0.0
@@ -292,13 +329,15 @@ class H2ServerProtocol(Protocol):
                 elif kind is _StreamEnded:
                     self._on_end(event.stream_id)  # type: ignore[attr-defined]
                 elif kind is _WindowUpdated:
-                    self._on_window(event.stream_id)  # type: ignore[attr-defined]
+                    self._waiters.window_updated(event.stream_id, self._drain)  # type: ignore[attr-defined]
                 elif kind is _StreamReset:
                     self._on_reset(event.stream_id)  # type: ignore[attr-defined]
                 elif kind is _RemoteSettingsChanged:
-                    self._on_window(0)
+                    self._on_settings(event)  # type: ignore[arg-type]
                 elif kind is _ConnectionTerminated:
                     self._on_goaway()
+                elif kind in _USELESS:
+                    self._spend_control(1)
             except Exception:
                 # A bug met by one event: it must not take the connection,
                 # and every other call on it, down (Twisted would drop the
@@ -333,7 +372,7 @@ class H2ServerProtocol(Protocol):
             if stream.call is not None:
                 stream.call.cancel()
         self._streams.clear()
-        self._blocked.clear()
+        self._waiters.clear()
 
     # -- IPushProducer: the transport's own write buffer ------------------
 
@@ -495,6 +534,10 @@ class H2ServerProtocol(Protocol):
     def _on_data(self, event: h2.events.DataReceived) -> None:
         sid = event.stream_id
         size = event.flow_controlled_length or 0
+        if not size and event.stream_ended is None:
+            # An empty DATA frame changes nothing, yet costs as much to
+            # handle as a full one (CVE-2019-9518).
+            self._spend_control(1)
         stream = self._streams.get(sid)
         if stream is None or stream.call is None or stream.decoder is None or stream.call.finished:
             # Body of a plain request, or of a call that is already over.
@@ -558,33 +601,52 @@ class H2ServerProtocol(Protocol):
         if stream is not None:
             if not self._streams:
                 self._note_idle()
-            self._blocked.discard(stream)
+            self._waiters.discard(sid)
             self._release_window(stream)
             if stream.call is not None:
                 stream.call.cancel()
         # Rapid-reset defence (CVE-2023-44487): a client that opens and
         # cancels streams faster than the budget refills is dropped.
-        limits = self.gateway.limits
-        now = self.gateway.loop.time()
-        refill = (now - self._reset_time) * limits.max_resets_per_second
-        self._reset_time = now
-        cap = limits.max_resets_per_second * 5
-        self._reset_budget = min(cap, self._reset_budget + refill) - 1
-        if self._reset_budget < 0:
-            _log.warn("closing connection from {peer}: too many stream resets", peer=self._peer)
-            self._conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-            self._flush()
-            self.transport.loseConnection()  # type: ignore[union-attr]
+        if not self._resets.spend(self.gateway.loop.time()):
+            self._calm_down("too many stream resets")
 
-    def _on_window(self, sid: int) -> None:
-        if sid == 0:
-            blocked = list(self._blocked)
-        else:
-            stream = self._streams.get(sid)
-            blocked = [stream] if stream is not None and stream in self._blocked else []
-        for stream in blocked:
-            self._blocked.discard(stream)
-            self._drain(stream)
+    def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        """A SETTINGS frame: send what waited, if it grew every stream's window.
+
+        One that lets nothing be sent is a useless control frame; if it made
+        us look at many waiting streams in vain, it costs one more per 100.
+        """
+        cost = 1
+        if self._waiters and initial_window_grew(event):
+            conn = self._conn
+            before = conn.outbound_flow_control_window
+            woken = self._waiters.wake(self._drain, everyone=True)
+            if conn.outbound_flow_control_window < before:
+                return
+            cost += woken // 100
+        self._spend_control(cost)
+
+    def _spend_control(self, cost: int) -> None:
+        """Count control frames that changed nothing; too many close the connection.
+
+        A client may send a few (its SETTINGS, a PRIORITY now and then), but
+        each costs us the parsing, and they have no flow control: a client
+        flooding them is told to calm down, as one resetting streams too
+        fast is.  PINGs are not counted (gRPC clients use them to measure
+        the connection while data flows, and each gets an answer, so a
+        client that does not read its answers is stopped by the transport),
+        nor WINDOW_UPDATEs (a client sends one per few DATA frames it reads;
+        each wakes only the streams it lets send).
+        """
+        if not self._control_frames.spend(self.gateway.loop.time(), cost):
+            self._calm_down("too many control frames that change nothing")
+
+    def _calm_down(self, why: str) -> None:
+        """Close a connection whose client floods us: GOAWAY(ENHANCE_YOUR_CALM)."""
+        _log.warn("closing connection from {peer}: {why}", peer=self._peer, why=why)
+        self._conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self._flush()
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _on_goaway(self) -> None:
         # The client will open no more streams; finish the running ones.
@@ -691,7 +753,7 @@ class H2ServerProtocol(Protocol):
             if sent < len(data):
                 stream.pending.append(data[sent:])
                 stream.pending_bytes += len(data) - sent
-                self._blocked.add(stream)
+                self._waiters.wait(stream.id, stream)
         self._schedule_flush()
 
     def finish_stream(self, stream: _Stream, trailers: list[tuple[str, str]]) -> None:
@@ -709,17 +771,11 @@ class H2ServerProtocol(Protocol):
 
     def _drain(self, stream: _Stream) -> None:
         """Send what a window update now allows; end the stream if all sent."""
-        pending = stream.pending
-        while pending:
-            chunk = pending[0]
-            sent = send_within_window(self._conn, stream.id, chunk)
-            stream.pending_bytes -= sent
-            if sent < len(chunk):
-                pending[0] = chunk[sent:]
-                self._blocked.add(stream)
-                break
-            pending.popleft()
-        if not pending and stream.final is not None:
+        sent, done = send_queued(self._conn, stream.id, stream.pending)
+        stream.pending_bytes -= sent
+        if not done:
+            self._waiters.wait(stream.id, stream)
+        elif stream.final is not None:
             self._send_final(stream)
         if stream.call is not None and stream.can_write():
             stream.call.writable()
@@ -757,7 +813,7 @@ class H2ServerProtocol(Protocol):
         streams = self._streams
         if streams.pop(stream.id, None) is not None and not streams:
             self._note_idle()
-        self._blocked.discard(stream)
+        self._waiters.discard(stream.id)
         self._release_window(stream)
         if self._closing and not self._streams and not self._lost:
             self._flush()

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from snet_daemon import __version__
 from snet_daemon.frontend._h2_tuning import fast_hpack
 from snet_daemon.frontend.call import ServerCall
-from snet_daemon.frontend.h2flow import send_within_window
+from snet_daemon.frontend.h2flow import WindowWaiters, initial_window_grew, send_queued, send_within_window
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import (
     MessageDecoder,
@@ -247,7 +247,8 @@ class UpstreamConnection(Protocol):
         self._conn = h2.connection.H2Connection(config=_CONFIG)
         fast_hpack(self._conn)
         self._relays: dict[int, _Relay] = {}
-        self._blocked: set[_Relay] = set()
+        #: Calls whose request bytes wait for the service's window.
+        self._waiters: WindowWaiters[_Relay] = WindowWaiters(self._conn)
         self._flush_scheduled = False
         self._receiving = False
         self.lost = False
@@ -347,9 +348,10 @@ class UpstreamConnection(Protocol):
                 relay.on_reset(int(event.error_code or 0))  # type: ignore[attr-defined]
                 self._forget(relay)
         elif kind is _WindowUpdated:
-            self._on_window(event.stream_id)  # type: ignore[attr-defined]
+            self._waiters.window_updated(event.stream_id, self._drain)  # type: ignore[attr-defined]
         elif kind is _RemoteSettingsChanged:
-            self._on_window(0)
+            if self._waiters and initial_window_grew(event):  # type: ignore[arg-type]
+                self._waiters.wake(self._drain, everyone=True)
             self._pool.capacity_changed()
         elif kind is _ConnectionTerminated:
             self._on_goaway(event.last_stream_id or 0)  # type: ignore[attr-defined]
@@ -358,7 +360,7 @@ class UpstreamConnection(Protocol):
         self.lost = True
         relays = list(self._relays.values())
         self._relays.clear()
-        self._blocked.clear()
+        self._waiters.clear()
         for relay in relays:
             relay.finish(
                 AnswerLost(Status.UNAVAILABLE, f"lost the connection to {self._pool.peer} at {self._pool.endpoint}")
@@ -412,7 +414,7 @@ class UpstreamConnection(Protocol):
                 if sent < len(data):
                     relay.pending.append(data[sent:])
                     relay.pending_bytes += len(data) - sent
-                    self._blocked.add(relay)
+                    self._waiters.wait(relay.sid, relay)
         if end_stream:
             if relay.pending:
                 relay.end_after_pending = True
@@ -454,25 +456,17 @@ class UpstreamConnection(Protocol):
         except h2.exceptions.ProtocolError:
             pass
 
-    def _on_window(self, sid: int) -> None:
-        blocked = list(self._blocked) if sid == 0 else [r for r in self._blocked if r.sid == sid]
-        for relay in blocked:
-            self._blocked.discard(relay)
-            pending = relay.pending
-            while pending:
-                chunk = pending[0]
-                sent = send_within_window(self._conn, relay.sid, chunk)
-                relay.pending_bytes -= sent
-                if sent < len(chunk):
-                    pending[0] = chunk[sent:]
-                    self._blocked.add(relay)
-                    break
-                pending.popleft()
-            if not pending and relay.end_after_pending:
-                relay.end_after_pending = False
-                self._end(relay)
-            if relay.pending_bytes < _WRITE_BUFFER:
-                relay.wake()
+    def _drain(self, relay: _Relay) -> None:
+        """Send the request bytes the windows now allow; end the request if all went."""
+        sent, done = send_queued(self._conn, relay.sid, relay.pending)
+        relay.pending_bytes -= sent
+        if not done:
+            self._waiters.wait(relay.sid, relay)
+        elif relay.end_after_pending:
+            relay.end_after_pending = False
+            self._end(relay)
+        if relay.pending_bytes < _WRITE_BUFFER:
+            relay.wake()
         self._schedule_flush()
 
     def _on_goaway(self, last_stream_id: int) -> None:
@@ -486,7 +480,7 @@ class UpstreamConnection(Protocol):
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _forget(self, relay: _Relay) -> None:
-        self._blocked.discard(relay)
+        self._waiters.discard(relay.sid)
         if relay.call.on_writable is not None:
             relay.call.on_writable = None
         if relay.unacked and not self.lost:
