@@ -293,15 +293,17 @@ _PART = b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\nx\r\n'
         ("multipart/form-data; boundary=b", _PART * ((_LIMIT_BODY - 16) // len(_PART)) + b"--b--\r\n"),
         ("application/grpc-web-text", b"AA==" + base64.b64encode(b"x" * (_LIMIT_BODY // 4 * 3 - 3))),
         ("application/grpc-web-text", b"AA==" * (_LIMIT_BODY // 4)),
+        ("application/grpc-web", frame(b"") * (_LIMIT_BODY // 5)),
     ],
-    ids=["urlencoded", "multipart", "grpc-web-text-padding", "grpc-web-text-all-padding"],
+    ids=["urlencoded", "multipart", "grpc-web-text-padding", "grpc-web-text-all-padding", "grpc-web-empty-messages"],
 )
 def test_a_large_body_costs_the_daemon_little_cpu(daemon: Daemon, content_type: str, body: bytes) -> None:
     """No payment is needed to send these; they must not hold the one event loop.  Form bodies
     were parsed by twisted.web before anything looked at them (0.6-0.8 s of CPU here for the
     urlencoded one, 1.3 s for the multipart one), and a padded group early in a grpc-web-text
     body made it decode 4 characters at a time (0.40 s; 0.03 s now), and a body of nothing but
-    padded groups still cost a decode call per group (0.36 s; it is refused early now)."""
+    padded groups still cost a decode call per group (0.36 s; it is refused early now), and a body
+    of a million empty messages was split in one go (4 s; more than MAX_WEB_MESSAGES are refused)."""
     assert daemon.process is not None
     before = _cpu_seconds(daemon.process.pid)
     _post_http1(daemon, content_type, body)

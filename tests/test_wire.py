@@ -31,6 +31,16 @@ def test_frame_prefixes_flag_and_length() -> None:
     assert frame(b"") == b"\x00\x00\x00\x00\x00"
 
 
+def test_decoder_refuses_more_messages_than_allowed_in_one_feed() -> None:
+    """With ``max_messages``, one feed returns at most that many messages; one more is
+    RESOURCE_EXHAUSTED (a body of a million empty messages must not be split at all)."""
+    assert MessageDecoder(100, max_messages=3).feed(frame(b"") * 3) == [b""] * 3
+    with pytest.raises(GrpcError) as info:
+        MessageDecoder(100, max_messages=3).feed(frame(b"") * 4)
+    assert info.value.status == Status.RESOURCE_EXHAUSTED
+    assert len(MessageDecoder(100).feed(frame(b"") * 5000)) == 5000
+
+
 def test_decoder_whole_message_in_one_chunk() -> None:
     """The fast path returns a message that arrives in exactly one chunk."""
     decoder = MessageDecoder(100)

@@ -3,9 +3,11 @@
 Browsers reach the daemon over HTTP/1.1 with gRPC-Web; the heartbeat and
 encoding endpoints are plain GETs.  twisted.web parses HTTP/1.1 well
 (keep-alive, pipelining, header limits, malformed requests), so this module
-is a single leaf resource on a twisted.web ``Site``.  gRPC-Web requests are
-never client-streaming, so buffering the request body (bounded by the
-message size limit) costs nothing; replies stream with chunked encoding.
+is a single leaf resource on a twisted.web ``Site``.  A request body over
+HTTP/1.1 arrives whole (browsers cannot stream one), so it is buffered,
+bounded by the message size limit, and split into at most
+:data:`MAX_WEB_MESSAGES` messages (a browser sends one).  Replies stream with
+chunked encoding.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Leng
 #: with unread bytes makes the kernel reset the connection, and the client
 #: could lose the answer (Go's net/http waits 500 ms the same way).
 _LINGER = 0.5
+#: Most request messages one gRPC-Web body may hold.  Unary and
+#: server-streaming calls take one; the limit only stops absurd bodies: a
+#: body of the largest size holds a million empty messages, which took
+#: seconds of the only event loop to split, and more to forward.
+MAX_WEB_MESSAGES = 1000
 
 
 class _BoundedRequest(server.Request):
@@ -425,7 +432,7 @@ class FrontResource(Resource):
                 decoder = grpcweb.TextDecoder()
                 body = decoder.feed(body)
                 decoder.finish()
-            messages = MessageDecoder(gateway.limits.max_message_size, encoding)
+            messages = MessageDecoder(gateway.limits.max_message_size, encoding, MAX_WEB_MESSAGES)
             for message in messages.feed(body):
                 call.deliver(message)
             if not messages.at_boundary():

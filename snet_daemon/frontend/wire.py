@@ -96,13 +96,18 @@ class MessageDecoder:
             the daemon buffers the body.
         encoding: the request's ``grpc-encoding`` (``identity`` when absent).
             It must be validated with :func:`check_encoding` first.
+        max_messages: most messages one :meth:`feed` may return (None: no
+            limit).  For a body that arrives whole, where a client could
+            otherwise pack a million empty messages into a few megabytes and
+            have them all split in one go.
     """
 
-    __slots__ = ("_buffer", "_encoding", "_max", "pending")
+    __slots__ = ("_buffer", "_encoding", "_max", "_max_messages", "pending")
 
-    def __init__(self, max_message_size: int, encoding: str = "identity") -> None:
+    def __init__(self, max_message_size: int, encoding: str = "identity", max_messages: int | None = None) -> None:
         self._buffer = bytearray()
         self._max = max_message_size
+        self._max_messages = -1 if max_messages is None else max_messages
         self._encoding = encoding
         #: Bytes of the message currently being assembled (0 between messages).
         self.pending = 0
@@ -111,9 +116,10 @@ class MessageDecoder:
         """Add ``data`` and return the messages it completes (maybe none).
 
         Raises:
-            GrpcError: ``RESOURCE_EXHAUSTED`` for an oversized message,
-                ``INTERNAL`` for a compressed message without an encoding
-                or one that does not decompress.
+            GrpcError: ``RESOURCE_EXHAUSTED`` for an oversized message or
+                more messages than ``max_messages``, ``INTERNAL`` for a
+                compressed message without an encoding or one that does
+                not decompress.
         """
         buf = self._buffer
         if not buf and len(data) >= HEADER_LEN:
@@ -124,8 +130,11 @@ class MessageDecoder:
                 self._check_length(length)
                 return [data[HEADER_LEN:]]
         buf += data
-        messages = []
+        messages: list[bytes] = []
+        limit = self._max_messages
         while len(buf) >= HEADER_LEN:
+            if len(messages) == limit:
+                raise GrpcError(Status.RESOURCE_EXHAUSTED, f"too many request messages (more than {limit})")
             flag = buf[0]
             length = int.from_bytes(buf[1:5], "big")
             self._check_length(length)
