@@ -418,3 +418,67 @@ async def test_a_flood_of_empty_data_frames_is_refused() -> None:
     goaway = _goaway(pair)
     assert goaway is not None
     assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def _protocol_error(pair: H2Pair) -> None:
+    # WINDOW_UPDATE(0) with an increment of 0: a connection error (PROTOCOL_ERROR).
+    pair.server.dataReceived(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00" + b"\x00\x00\x00\x00")
+
+
+def _client_goaway(pair: H2Pair) -> None:
+    pair.client.close_connection()
+    pair.to_server()
+
+
+def _rapid_reset(pair: H2Pair) -> None:
+    for _ in range(20):
+        sid = pair.client.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", "/p.S/M"), *_GRPC]
+        pair.client.send_headers(sid, headers)
+        pair.client.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    pair.to_server()
+
+
+@pytest.mark.parametrize(
+    ("trigger", "code"),
+    [
+        (_protocol_error, h2.errors.ErrorCodes.PROTOCOL_ERROR),
+        (_client_goaway, None),
+        (_rapid_reset, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM),
+    ],
+    ids=["protocol-error", "client-goaway", "rapid-reset"],
+)
+@aio_test
+async def test_a_connection_given_up_cancels_its_calls_and_is_aborted_if_it_lingers(
+    trigger: Any, code: int | None
+) -> None:
+    """After a protocol error, a flood, or the client's GOAWAY, the connection was only closed
+    politely: a client that did not read kept it, and its calls and their upstream calls ran on
+    until the deadline it chose.  Now the calls are cancelled at once, and a connection that has
+    not closed abort_grace seconds later is aborted."""
+    calls: list[ServerCall] = []
+
+    async def handler(call: ServerCall) -> None:
+        calls.append(call)
+        await asyncio.Event().wait()
+
+    pair = H2Pair(handler, abort_grace=0.05, max_resets_per_second=1)
+    aborted: list[bool] = []
+    pair.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    _open(pair, "/p.S/Long")
+    await _turns(pair)
+    assert len(calls) == 1
+    trigger(pair)
+    assert calls[0].cancelled
+    if code is not None:
+        goaway = _goaway(pair)
+        assert goaway is not None
+        assert goaway.error_code == code
+    assert pair.transport.disconnecting
+    pair.server.dataReceived(pair.client.data_to_send() or b"junk")  # dropped unread
+    assert not aborted
+    await asyncio.sleep(0.1)
+    assert aborted
+    assert calls[0].task is not None
+    assert calls[0].task.done()
+    assert len(calls) == 1  # the streams of the rapid reset never started

@@ -71,6 +71,9 @@ class Limits:
             calling now and then keeps its connection (gRPC clients reconnect
             transparently after a GOAWAY anyway) and short enough that a few
             hundred abandoned connections are gone before they matter.
+        abort_grace: seconds an HTTP/2 connection the daemon has given up on
+            (a protocol error, a flood, the client's GOAWAY) may take to
+            close before it is aborted; its calls are cancelled at once.
     """
 
     max_message_size: int = 4 * 1024 * 1024
@@ -83,6 +86,7 @@ class Limits:
     max_control_frames_per_second: float = 200.0
     default_timeout: float | None = None
     idle_timeout: float = 300.0
+    abort_grace: float = 5.0
 
 
 class Router:

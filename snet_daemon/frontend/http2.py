@@ -264,6 +264,9 @@ class H2ServerProtocol(Protocol):
         self._flush_scheduled = False
         self._receiving = False
         self._closing = False
+        #: True once the connection is given up (see :meth:`_give_up`).
+        self._given_up = False
+        self._abort_timer: asyncio.TimerHandle | None = None
         self._last_accepted = 2**31 - 1
         self._lost = False
         self.paused = False
@@ -306,6 +309,8 @@ class H2ServerProtocol(Protocol):
         self._flush()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._given_up:
+            return  # GOAWAY sent or received: nothing more is served
         try:
             events = self._conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -320,6 +325,8 @@ class H2ServerProtocol(Protocol):
 
     def _dispatch(self, events: list[h2.events.Event]) -> None:
         for event in events:
+            if self._given_up:
+                break  # the rest of the read is not served
             kind = type(event)
             try:
                 if kind is _DataReceived:
@@ -368,6 +375,9 @@ class H2ServerProtocol(Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
         for stream in list(self._streams.values()):
             if stream.call is not None:
                 stream.call.cancel()
@@ -642,17 +652,54 @@ class H2ServerProtocol(Protocol):
             self._calm_down("too many control frames that change nothing")
 
     def _calm_down(self, why: str) -> None:
-        """Close a connection whose client floods us: GOAWAY(ENHANCE_YOUR_CALM)."""
+        """Give up a connection whose client floods us: GOAWAY(ENHANCE_YOUR_CALM)."""
         _log.warn("closing connection from {peer}: {why}", peer=self._peer, why=why)
-        self._conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-        self._flush()
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._give_up(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _on_goaway(self) -> None:
-        # The client will open no more streams; finish the running ones.
-        self._closing = True
-        if not self._streams:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+        # h2 sends nothing more after the client's GOAWAY (its connection
+        # state is closed), so no running call could answer either.
+        self._give_up(None)
+
+    def _give_up(self, error_code: int | None) -> None:
+        """Stop serving the connection: its calls are cancelled, and it is closed.
+
+        For a protocol error or a flood (GOAWAY with ``error_code``), or the
+        client's GOAWAY (``None``).  No reply can follow either, so every
+        call is cancelled now, which also cancels its upstream call.  Our
+        side of the connection is closed once the GOAWAY is out, and what the
+        client still sends is dropped unread, so that it sees the GOAWAY
+        rather than a reset; a client that does not let the connection close
+        (it stops reading, or keeps sending) is cut off ``abort_grace``
+        seconds later.  Before, ``loseConnection`` alone waited for the
+        client to read, which kept the connection and its calls (up to the
+        deadline the client chose) for as long as it liked.
+        """
+        if self._given_up or self._lost:
+            return
+        self._given_up = self._closing = True
+        if error_code is not None:
+            try:
+                self._conn.close_connection(error_code=error_code)
+            except h2.exceptions.ProtocolError:
+                pass
+        streams = list(self._streams.values())
+        self._streams.clear()
+        self._waiters.clear()
+        self._starting.clear()
+        for stream in streams:
+            stream.local_closed = stream.remote_closed = True
+            stream.pending.clear()
+            if stream.call is not None:
+                stream.call.cancel()
+        self._flush()
+        transport = self.transport
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
+        else:
+            transport.loseConnection()  # type: ignore[union-attr]
+        self._abort_timer = self.gateway.loop.call_later(self.gateway.limits.abort_grace, self.abort)
 
     def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
         _log.info("HTTP/2 protocol error from {peer}: {error}", peer=self._peer, error=exc)
@@ -661,12 +708,7 @@ class H2ServerProtocol(Protocol):
             # h2 reports an undecodable header block as a protocol error;
             # RFC 9113 section 4.3 names it a COMPRESSION_ERROR.
             code = h2.errors.ErrorCodes.COMPRESSION_ERROR
-        try:
-            self._conn.close_connection(error_code=code)
-        except h2.exceptions.ProtocolError:
-            pass
-        self._flush()
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._give_up(code)
 
     # -- plain HTTP -------------------------------------------------------
 
