@@ -12,6 +12,7 @@ import h2.settings
 import pytest
 
 from snet_daemon.frontend.call import Handler, ServerCall
+from snet_daemon.frontend.status import Status
 from tests.support.aio import aio_test
 from tests.support.h2pair import H2Pair
 from tests.support.oneport import METADATA_CALLS, metadata_handler
@@ -219,11 +220,17 @@ async def test_an_unsupported_content_type_is_refused_with_cors() -> None:
     assert headers["access-control-allow-origin"] == "*"
 
 
-def _open(pair: H2Pair, path: str, body: bytes = b"\x00\x00\x00\x00\x00") -> int:
-    """Start a gRPC call on ``path`` with one request message; its stream id."""
+def _headers(pair: H2Pair, path: str) -> int:
+    """Send the headers of a gRPC call on ``path`` (no body yet); its stream id."""
     sid: int = pair.client.get_next_available_stream_id()
     headers = [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", path), *_GRPC]
     pair.client.send_headers(sid, headers)
+    return sid
+
+
+def _open(pair: H2Pair, path: str, body: bytes = b"\x00\x00\x00\x00\x00") -> int:
+    """Start a gRPC call on ``path`` with one request message; its stream id."""
+    sid = _headers(pair, path)
     pair.client.send_data(sid, body, end_stream=True)
     return sid
 
@@ -409,9 +416,7 @@ async def test_a_flood_of_empty_data_frames_is_refused() -> None:
         await asyncio.Event().wait()
 
     pair = H2Pair(handler, max_control_frames_per_second=20)
-    sid = pair.client.get_next_available_stream_id()
-    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", "/p.S/M"), *_GRPC]
-    pair.client.send_headers(sid, headers)
+    sid = _headers(pair, "/p.S/M")
     for _ in range(150):
         pair.client.send_data(sid, b"")
     pair.to_server()
@@ -432,10 +437,7 @@ def _client_goaway(pair: H2Pair) -> None:
 
 def _rapid_reset(pair: H2Pair) -> None:
     for _ in range(20):
-        sid = pair.client.get_next_available_stream_id()
-        headers = [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", "/p.S/M"), *_GRPC]
-        pair.client.send_headers(sid, headers)
-        pair.client.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        pair.client.reset_stream(_headers(pair, "/p.S/M"), h2.errors.ErrorCodes.CANCEL)
     pair.to_server()
 
 
@@ -482,3 +484,65 @@ async def test_a_connection_given_up_cancels_its_calls_and_is_aborted_if_it_ling
     assert calls[0].task is not None
     assert calls[0].task.done()
     assert len(calls) == 1  # the streams of the rapid reset never started
+
+
+async def _echo_sizes(call: ServerCall) -> None:
+    while (message := await call.read()) is not None:
+        call.write(str(len(message)).encode())
+
+
+def _start_message(pair: H2Pair, length: int, sent: int) -> int:
+    """Open a call and send the first ``sent`` bytes of a message of ``length`` bytes."""
+    sid = _headers(pair, "/p.S/Up")
+    data = b"\x00" + length.to_bytes(4, "big") + b"x" * (sent - 5)
+    for offset in range(0, len(data), 16 * 1024):
+        pair.client.send_data(sid, data[offset : offset + 16 * 1024])
+    pair.to_server()
+    return sid
+
+
+@aio_test
+async def test_unfinished_messages_on_a_connection_are_bounded() -> None:
+    """Bytes of a message still arriving are acknowledged at once, so flow control did not bound
+    them: a client announcing a large message on each of 1000 streams, and never finishing one,
+    made the daemon hold 1000 times the message size (4 GiB by default).  The stream whose bytes
+    take the connection over its budget fails with RESOURCE_EXHAUSTED, and its bytes are freed."""
+    pair = H2Pair(_echo_sizes, max_message_size=64 * 1024, max_unfinished_bytes=256 * 1024)
+    await _turns(pair)
+    sids = [_start_message(pair, 60 * 1024, 40 * 1024) for _ in range(10)]
+    await _turns(pair)
+    failed = [sid for sid in sids if _trailers(pair, sid).get("grpc-status") == str(int(Status.RESOURCE_EXHAUSTED))]
+    assert failed == sids[6:]  # 6 x 40 KiB fit in 256 KiB; each later one went over
+    assert "unfinished request messages" in _trailers(pair, failed[0])["grpc-message"]
+    assert pair.server._unfinished == 6 * 40 * 1024
+    # Streams that finish their messages free their share, and are served.
+    rest = b"x" * (20 * 1024 + 5)
+    for sid in sids[:6]:
+        pair.client.send_data(sid, rest[:16384])
+        pair.client.send_data(sid, rest[16384:], end_stream=True)
+    await _turns(pair)
+    assert pair.server._unfinished == 0
+    for sid in sids[:6]:
+        assert _trailers(pair, sid).get("grpc-status") == "0"
+    assert not pair.transport.disconnecting
+
+
+@aio_test
+async def test_a_message_larger_than_the_windows_still_arrives() -> None:
+    """The budget leaves large messages alone: one of 3 MiB, three times the stream window, still
+    arrives whole."""
+    pair = H2Pair(_echo_sizes)
+    size = 3 * 1024 * 1024
+    sid = _start_message(pair, size, 16 * 1024)
+    left = size + 5 - 16 * 1024
+    while left:
+        window = min(pair.client.local_flow_control_window(sid), pair.client.max_outbound_frame_size, left)
+        assert window > 0, "the window was not given back"
+        pair.client.send_data(sid, b"x" * window)
+        left -= window
+        pair.pump()
+    pair.client.end_stream(sid)
+    await _turns(pair)
+    assert _trailers(pair, sid).get("grpc-status") == "0"
+    replies = b"".join(e.data for e in pair.events if isinstance(e, h2.events.DataReceived) and e.stream_id == sid)
+    assert replies[5:] == str(size).encode()

@@ -8,9 +8,12 @@ into trailers.  The transport side talks to the call through a
 :class:`CallSink` and the ``deliver``/``end_input``/``cancel`` methods.
 
 Flow control works in both directions through this object: a handler that
-does not read leaves messages unacknowledged (the transport stops granting
-the client window), and a handler that writes faster than the client reads
-is made to wait in :meth:`ServerCall.drain`.
+does not read leaves the messages delivered to it unacknowledged (the
+transport stops granting the client window once they fill it), and a handler
+that writes faster than the client reads is made to wait in
+:meth:`ServerCall.drain`.  The bytes of a message still being assembled are
+not the handler's to hold back: the transport bounds them itself (HTTP/2: a
+budget per connection; HTTP/1.1: the body size limit).
 """
 
 from __future__ import annotations

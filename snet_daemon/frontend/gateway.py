@@ -46,8 +46,16 @@ class Limits:
 
     Attributes:
         max_message_size: largest request message, in bytes
-            (``max_message_size_in_mb``); larger ones fail with
-            ``RESOURCE_EXHAUSTED`` before they are buffered.
+            (``max_message_size_in_mb``); a larger one fails with
+            ``RESOURCE_EXHAUSTED`` as soon as its length prefix arrives,
+            before its body is buffered.  This bounds one message, not what
+            a connection may have buffered: see ``max_unfinished_bytes``.
+        max_unfinished_bytes: bytes of request messages still being
+            assembled that one HTTP/2 connection may have, on all its
+            streams (never less than twice ``max_message_size``).  Flow
+            control does not bound them (they are acknowledged at once, or a
+            message larger than the window could never complete); the stream
+            that goes over fails with ``RESOURCE_EXHAUSTED``.
         max_concurrent_streams: HTTP/2 streams one connection may have open.
         max_header_list_size: largest request header block (decoded), bytes.
         stream_window: HTTP/2 receive window granted per stream.
@@ -77,6 +85,7 @@ class Limits:
     """
 
     max_message_size: int = 4 * 1024 * 1024
+    max_unfinished_bytes: int = 32 * 1024 * 1024
     max_concurrent_streams: int = 1000
     max_header_list_size: int = 64 * 1024
     stream_window: int = 1024 * 1024

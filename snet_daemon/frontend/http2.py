@@ -14,12 +14,18 @@ Per stream, the request's content type decides the flavour:
 * anything else: plain HTTP (heartbeat, encoding, CORS preflight, 404).
 
 Flow control is honoured both ways.  Request bytes are acknowledged once a
-handler takes the message they belong to (bytes of a message still being
-assembled are acknowledged at once, or a message larger than the window
-could never complete), so a handler that stops reading stops the client.
-Reply bytes beyond the client's window wait in a per-stream queue, and a
-handler writing more than :attr:`Limits.write_buffer` ahead of the client
-waits in :meth:`ServerCall.drain`.
+handler takes the message they belong to, so a handler that stops reading
+stops the client once the complete messages waiting for it fill the window.
+Bytes of a message still being assembled are acknowledged at once (a
+message larger than the window could never complete otherwise), so flow
+control does not bound them: a client announcing a large message on each of
+1000 streams and never finishing one made the daemon hold 1000 times the
+message size.  A budget per connection does,
+:attr:`Limits.max_unfinished_bytes` (never less than twice the largest
+message): the stream whose bytes take the connection over it fails with
+``RESOURCE_EXHAUSTED``.  Reply bytes beyond the client's window wait in a
+per-stream queue, and a handler writing more than :attr:`Limits.write_buffer`
+ahead of the client waits in :meth:`ServerCall.drain`.
 
 Handlers run as asyncio tasks.  New calls are started only after a whole
 read has been processed, so a unary request that arrived complete (HEADERS,
@@ -142,6 +148,7 @@ class _Stream:
         "kind",
         "local_closed",
         "origin",
+        "partial",
         "pending",
         "pending_bytes",
         "proto",
@@ -172,6 +179,9 @@ class _Stream:
         self.local_closed = False
         #: Request bytes received but not yet acknowledged (flow control).
         self.unacked = 0
+        #: Bytes of the request message being assembled, as counted in the
+        #: connection's budget for them.
+        self.partial = 0
         #: grpc-web-text: decoded bytes of messages delivered and not yet
         #: read, which ``unacked`` (base64 on the wire) pays for.
         self.decoded_unread = 0
@@ -255,6 +265,10 @@ class H2ServerProtocol(Protocol):
         limits = gateway.limits
         self.write_buffer = limits.write_buffer
         self._max_message = limits.max_message_size
+        #: Bytes of request messages being assembled, on all streams, and
+        #: the most that may be (see the module docstring).
+        self._unfinished = 0
+        self._max_unfinished = max(limits.max_unfinished_bytes, 2 * limits.max_message_size)
         self._conn = h2.connection.H2Connection(config=_H2_CONFIG)
         fast_hpack(self._conn)
         self._streams: dict[int, _Stream] = {}
@@ -562,13 +576,30 @@ class H2ServerProtocol(Protocol):
                 self._conn.acknowledge_received_data(size, sid)
                 stream.call.fail_input(error)
                 return
+        decoder = stream.decoder
         try:
-            messages = stream.decoder.feed(data)
+            messages = decoder.feed(data)
         except GrpcError as error:
             self._conn.acknowledge_received_data(size, sid)
             stream.call.fail_input(error)
             return
         call = stream.call
+        partial = decoder.pending
+        if partial != stream.partial:
+            self._unfinished += partial - stream.partial
+            stream.partial = partial
+            if self._unfinished > self._max_unfinished:
+                # This stream's bytes took the connection over its budget.
+                self._conn.acknowledge_received_data(size, sid)
+                self._drop_unfinished(stream)
+                call.fail_input(
+                    GrpcError(
+                        Status.RESOURCE_EXHAUSTED,
+                        f"too many bytes of unfinished request messages on this connection "
+                        f"(limit {self._max_unfinished})",
+                    )
+                )
+                return
         if not messages:
             # Part of a message: acknowledge at once (see module docstring).
             if size:
@@ -866,6 +897,14 @@ class H2ServerProtocol(Protocol):
         if stream.unacked and not self._lost:
             self._conn.acknowledge_received_data(stream.unacked, stream.id)
             stream.unacked = 0
+        if stream.partial:
+            self._drop_unfinished(stream)
+
+    def _drop_unfinished(self, stream: _Stream) -> None:
+        """Free the message a stream was assembling, and its share of the budget."""
+        self._unfinished -= stream.partial
+        stream.partial = 0
+        stream.decoder = None
 
     def _schedule_flush(self) -> None:
         if self._receiving:
