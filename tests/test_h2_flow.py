@@ -477,7 +477,11 @@ async def test_a_connection_given_up_cancels_its_calls_and_is_aborted_if_it_ling
         assert goaway is not None
         assert goaway.error_code == code
     assert pair.transport.disconnecting
+    pair.to_client()
     pair.server.dataReceived(pair.client.data_to_send() or b"junk")  # dropped unread
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert pair.transport.value() == b""  # nothing after the GOAWAY
     assert not aborted
     await asyncio.sleep(0.1)
     assert aborted

@@ -562,6 +562,8 @@ class H2ServerProtocol(Protocol):
             # An empty DATA frame changes nothing, yet costs as much to
             # handle as a full one (CVE-2019-9518).
             self._spend_control(1)
+            if self._given_up:
+                return
         stream = self._streams.get(sid)
         if stream is None or stream.call is None or stream.decoder is None or stream.call.finished:
             # Body of a plain request, or of a call that is already over.
@@ -723,7 +725,10 @@ class H2ServerProtocol(Protocol):
             stream.pending.clear()
             if stream.call is not None:
                 stream.call.cancel()
-        self._flush()
+        # The GOAWAY, and the last frames before it; nothing is sent after.
+        data = self._conn.data_to_send()
+        if data:
+            self.transport.write(data)  # type: ignore[union-attr]
         transport = self.transport
         half_close = getattr(transport, "loseWriteConnection", None)
         if half_close is not None:
@@ -916,7 +921,7 @@ class H2ServerProtocol(Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         data = self._conn.data_to_send()
-        if data and not self._lost:
+        if data and not self._lost and not self._given_up:
             send_now(self.transport, data)  # type: ignore[arg-type]
 
 
