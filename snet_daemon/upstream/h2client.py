@@ -298,9 +298,10 @@ class UpstreamConnection(Protocol):
                     # met relaying one event ends that call only (Twisted
                     # would drop the connection for an exception out of
                     # dataReceived).
-                    _log.failure(
-                        "error relaying {event} from the service at {endpoint}",
+                    self._pool.log.failure(
+                        "error relaying {event} from {peer} at {endpoint}",
                         event=type(event).__name__,
+                        peer=self._pool.peer,
                         endpoint=self._pool.endpoint,
                     )
                     self._relay_failed(getattr(event, "stream_id", None) or 0)
@@ -312,7 +313,7 @@ class UpstreamConnection(Protocol):
         """End the call on stream ``sid`` after an unexpected error, resetting the stream."""
         relay = self._relays.get(sid)
         if relay is not None:
-            relay.finish(GrpcError(Status.INTERNAL, "internal error relaying the service's reply"))
+            relay.finish(GrpcError(Status.INTERNAL, f"internal error relaying the reply of {self._pool.peer}"))
             self.cancel(relay)
 
     def _dispatch(self, event: h2.events.Event) -> None:
