@@ -813,8 +813,8 @@ class _Contended(CountingStorage):
 
 @aio_test
 async def test_races_lost_to_other_daemons_are_retried_after_jittered_pauses() -> None:
-    """Twelve writes in a row lost to another daemon: the call is still served (it gave up after
-    eight), after random pauses below an exponentially growing bound."""
+    """Twelve writes in a row lost to another daemon: the call is still served (it used to give up
+    after eight; now after MAX_ATTEMPTS), after random pauses below an exponentially growing bound."""
     storage = _Contended(races=12)
     pauses: list[float] = []
 
@@ -866,12 +866,14 @@ async def test_a_shared_count_whose_reply_was_lost_is_settled_once_for_all(plan:
 
 @aio_test
 async def test_calls_cancelled_while_waiting_are_not_counted() -> None:
-    """Calls cancelled while they wait for the write under way are never counted."""
+    """Calls cancelled while they wait for the write under way are never counted: no write
+    follows the first one (not even a count given back at once)."""
     world = World(free_calls=10)
     token = await world.token()
     world.storage.reply_after = reply = asyncio.Event()
     first = asyncio.ensure_future(world.free.authorize(world.headers(token)))
     await world.storage.applied.wait()
+    writes = world.storage.calls.count("transaction")
     waiting = [asyncio.ensure_future(world.free.authorize(world.headers(token))) for _ in range(3)]
     await asyncio.sleep(0)
     for call in waiting:
@@ -880,6 +882,7 @@ async def test_calls_cancelled_while_waiting_are_not_counted() -> None:
     await first
     assert all(call.cancelled() for call in waiting)
     await world.free.settle(1.0)
+    assert world.storage.calls.count("transaction") == writes
     assert await world.available(token) == 9
 
 

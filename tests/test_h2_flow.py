@@ -425,6 +425,39 @@ async def test_a_flood_of_empty_data_frames_is_refused() -> None:
     assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 
+@aio_test
+async def test_requests_whose_headers_carry_a_priority_do_not_spend_the_control_budget() -> None:
+    """Browsers set a priority in every request's HEADERS, which h2 also reports as a
+    PriorityUpdated: 150 such calls against a budget of 20 a second (100 at once) all complete,
+    while 150 PRIORITY frames of their own get GOAWAY(ENHANCE_YOUR_CALM)."""
+    finished = 0
+
+    async def handler(call: ServerCall) -> None:
+        nonlocal finished
+        finished += 1
+
+    pair = H2Pair(handler, max_control_frames_per_second=20)
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", "/p.S/M"), *_GRPC]
+    for _ in range(150):
+        sid = pair.client.get_next_available_stream_id()
+        pair.client.send_headers(sid, headers, priority_weight=220, priority_depends_on=0, priority_exclusive=True)
+        pair.client.send_data(sid, b"\x00\x00\x00\x00\x00", end_stream=True)
+        pair.to_server()
+        await asyncio.sleep(0)
+        pair.to_client()
+    assert _goaway(pair) is None
+    assert finished == 150
+
+    pair = H2Pair(handler, max_control_frames_per_second=20)
+    sid = _headers(pair, "/p.S/M")
+    for _ in range(150):
+        pair.client.prioritize(sid, weight=220)
+    pair.to_server()
+    goaway = _goaway(pair)
+    assert goaway is not None
+    assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
 def _protocol_error(pair: H2Pair) -> None:
     # WINDOW_UPDATE(0) with an increment of 0: a connection error (PROTOCOL_ERROR).
     pair.server.dataReceived(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00" + b"\x00\x00\x00\x00")

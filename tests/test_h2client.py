@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon.frontend.status import GrpcError, Status
-from snet_daemon.upstream.h2client import H2Upstream, UpstreamConnection
+from snet_daemon.upstream.h2client import AnswerLost, H2Upstream, UpstreamConnection
 from tests.support.aio import aio_test
 from tests.support.upstream import Upstream
 
@@ -348,13 +348,14 @@ class _BrokenSink(_Sink):
 @aio_test
 async def test_an_error_relaying_one_call_ends_only_that_call() -> None:
     """An exception while relaying one call's reply left dataReceived and dropped the connection
-    to the service, failing every other client's call on it; now that call alone fails."""
+    to the service, failing every other client's call on it; now that call alone fails, as an
+    answer lost (the request went out: for etcd, a write whose outcome must be settled)."""
     service = _Service()
     broken, broken_sid = await service.start(_BrokenSink(reading=True))
     other, other_sid = await service.start(_Sink(reading=True))
     service.answer(broken_sid, end=False)
     service.exchange()
-    with pytest.raises(GrpcError) as info:
+    with pytest.raises(AnswerLost) as info:
         await asyncio.wait_for(broken, 5)
     assert info.value.status == Status.INTERNAL
     assert not service.conn.lost

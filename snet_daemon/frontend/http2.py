@@ -338,6 +338,10 @@ class H2ServerProtocol(Protocol):
         self._flush()
 
     def _dispatch(self, events: list[h2.events.Event]) -> None:
+        # h2 reports the priority a request's HEADERS carry (browsers set
+        # one on every request) as a PriorityUpdated after the request: not
+        # a frame of its own, so not a useless one.
+        headers_priority: object = None
         for event in events:
             if self._given_up:
                 break  # the rest of the read is not served
@@ -346,6 +350,7 @@ class H2ServerProtocol(Protocol):
                 if kind is _DataReceived:
                     self._on_data(event)  # type: ignore[arg-type]
                 elif kind is _RequestReceived:
+                    headers_priority = event.priority_updated  # type: ignore[attr-defined]
                     self._on_request(event)  # type: ignore[arg-type]
                 elif kind is _StreamEnded:
                     self._on_end(event.stream_id)  # type: ignore[attr-defined]
@@ -357,7 +362,7 @@ class H2ServerProtocol(Protocol):
                     self._on_settings(event)  # type: ignore[arg-type]
                 elif kind is _ConnectionTerminated:
                     self._on_goaway()
-                elif kind in _USELESS:
+                elif kind in _USELESS and event is not headers_priority:
                     self._spend_control(1)
             except Exception:
                 # A bug met by one event: it must not take the connection,

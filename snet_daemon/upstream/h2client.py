@@ -310,10 +310,15 @@ class UpstreamConnection(Protocol):
         self._flush()
 
     def _relay_failed(self, sid: int) -> None:
-        """End the call on stream ``sid`` after an unexpected error, resetting the stream."""
+        """End the call on stream ``sid`` after an unexpected error, resetting the stream.
+
+        The request went out, so the peer may have acted on it: the call
+        ends with :class:`AnswerLost`, which the etcd client treats as a
+        write of unknown outcome (to be settled), not as one never applied.
+        """
         relay = self._relays.get(sid)
         if relay is not None:
-            relay.finish(GrpcError(Status.INTERNAL, f"internal error relaying the reply of {self._pool.peer}"))
+            relay.finish(AnswerLost(Status.INTERNAL, f"internal error relaying the reply of {self._pool.peer}"))
             self.cancel(relay)
 
     def _dispatch(self, event: h2.events.Event) -> None:
