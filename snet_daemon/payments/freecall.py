@@ -273,9 +273,11 @@ class FreeCalls:
         self._settings = settings
         self._terms = terms
         self._key_address = None if settings.signer_key is None else signatures.address_of(settings.signer_key)
+        #: ``min_balance_for_free_call`` in cogs.
+        self._min_cogs = settings.min_balance * 10**TOKEN_DECIMALS
         self._balances = BalanceCache(
             chain.token_balance,
-            minimum=settings.min_balance * 10**TOKEN_DECIMALS,
+            minimum=self._min_cogs,
             enough_for=_ENOUGH_FOR_POLLS * settings.block_interval,
             short_for=_SHORT_FOR_POLLS * settings.block_interval,
             now=clock,
@@ -513,7 +515,6 @@ class FreeCalls:
     async def _eligible(self, address: bytes) -> bool:
         """Whether ``address`` holds ``min_balance_for_free_call`` whole tokens (logged when not)."""
         text = signatures.checksum(address)
-        minimum = self._settings.min_balance
         try:
             balance = await self._balances.balance(text)
         except Exception as exc:
@@ -527,7 +528,7 @@ class FreeCalls:
                     error=exc,
                 )
             return False
-        if balance >= minimum * 10**TOKEN_DECIMALS:
+        if balance >= self._min_cogs:
             return True
         if text not in self._told:
             self._told[text] = None
@@ -537,7 +538,7 @@ class FreeCalls:
                 "no free-call token for {address}: it holds less than min_balance_for_free_call "
                 "({minimum} FET/ASI); it gets an empty token (logged once per address)",
                 address=text,
-                minimum=minimum,
+                minimum=self._settings.min_balance,
             )
         return False
 

@@ -73,6 +73,7 @@ from snet_daemon.config.sections import StorageServerSettings
 from snet_daemon.storage.base import StorageSetupError, StorageUnavailable
 
 __all__ = [
+    "EXTERNAL_ALONE",
     "EmbeddedEtcd",
     "EmbeddedEtcdError",
     "EmbeddedEtcdStartError",
@@ -112,7 +113,8 @@ _WHY = (
     "snetd runs its own etcd server (payment_channel_storage_type is 'etcd', and either no etcd endpoints are "
     "configured or payment_channel_storage_server.enabled is true)"
 )
-_OTHERWISE = (
+#: How to do without it when it runs whether or not endpoints are configured.
+EXTERNAL_ALONE = (
     "or use an external etcd cluster alone: list it in payment_channel_storage_client.endpoints and set "
     "payment_channel_storage_server.enabled to false"
 )
@@ -131,7 +133,7 @@ class EmbeddedEtcdStartError(StorageUnavailable):
     later may well work, so callers retry (with a backoff)."""
 
 
-def find_etcd(binary: str = "etcd", *, why: str = _WHY, otherwise: str = _OTHERWISE) -> str:
+def find_etcd(binary: str = "etcd", *, why: str = _WHY, otherwise: str = EXTERNAL_ALONE) -> str:
     """Locate the etcd binary.
 
     Args:

@@ -45,7 +45,7 @@ from twisted.logger import Logger
 
 from snet_daemon.config.sections import StorageSettings
 from snet_daemon.storage.base import AtomicStorage, StorageSetupError
-from snet_daemon.storage.embedded import EmbeddedEtcd, find_etcd
+from snet_daemon.storage.embedded import EXTERNAL_ALONE, EmbeddedEtcd, find_etcd
 from snet_daemon.storage.etcd import (
     DEFAULT_CONNECTION_TIMEOUT,
     DEFAULT_REQUEST_TIMEOUT,
@@ -238,8 +238,7 @@ def embedded_etcd_need(settings: StorageSettings, metadata_endpoints: Sequence[s
             )
         return EmbeddedEtcdNeed(
             "payment_channel_storage_server.enabled is true, so snetd runs an etcd server of its own",
-            "or use an external etcd cluster alone: list it in payment_channel_storage_client.endpoints and set "
-            "payment_channel_storage_server.enabled to false",
+            EXTERNAL_ALONE,
         )
     if endpoints:
         return None
