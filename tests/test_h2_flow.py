@@ -464,7 +464,9 @@ def _protocol_error(pair: H2Pair) -> None:
 
 
 def _client_goaway(pair: H2Pair) -> None:
-    pair.client.close_connection()
+    # With an error: the client is done with the connection (a graceful one
+    # lets the calls finish: test_a_clients_graceful_goaway_lets_its_calls_finish).
+    pair.client.close_connection(error_code=h2.errors.ErrorCodes.INTERNAL_ERROR)
     pair.to_server()
 
 
@@ -521,6 +523,40 @@ async def test_a_connection_given_up_cancels_its_calls_and_is_aborted_if_it_ling
     assert calls[0].task is not None
     assert calls[0].task.done()
     assert len(calls) == 1  # the streams of the rapid reset never started
+
+
+@aio_test
+async def test_a_clients_graceful_goaway_lets_its_calls_finish() -> None:
+    """A client shutting its channel down gracefully (grpc-java, Netty) sends GOAWAY(NO_ERROR) and
+    waits for its running calls.  They were cancelled (h2 could send nothing after a GOAWAY it
+    received); now they answer, a stream opened after the GOAWAY is refused, and the connection
+    closes once the calls are done."""
+    from hyperframe.frame import GoAwayFrame
+
+    release = asyncio.Event()
+
+    async def handler(call: ServerCall) -> None:
+        await release.wait()
+        call.write(b"done")
+
+    pair = H2Pair(handler)
+    first = _open(pair, "/p.S/Slow")
+    second = _open(pair, "/p.S/Slow")
+    await _turns(pair)
+    pair.to_server()
+    # Sent beside the client's h2, which would take no reply after its own GOAWAY.
+    pair.server.dataReceived(GoAwayFrame(0, last_stream_id=0, error_code=0).serialize())
+    late = _open(pair, "/p.S/Slow")
+    await _turns(pair)
+    assert any(isinstance(e, h2.events.StreamReset) and e.stream_id == late for e in pair.events)
+    assert not pair.transport.disconnecting
+    release.set()
+    await _turns(pair)
+    for sid in (first, second):
+        assert _trailers(pair, sid).get("grpc-status") == "0"
+        replies = [e.data for e in pair.events if isinstance(e, h2.events.DataReceived) and e.stream_id == sid]
+        assert b"".join(replies) == b"\x00\x00\x00\x00\x04done"
+    assert pair.transport.disconnecting
 
 
 async def _echo_sizes(call: ServerCall) -> None:

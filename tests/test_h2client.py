@@ -11,13 +11,16 @@ import h2.errors
 import h2.events
 import h2.settings
 import pytest
+from hyperframe.frame import GoAwayFrame
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 
 from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.upstream.h2client import AnswerLost, H2Upstream, UpstreamConnection
-from tests.support.aio import aio_test
+from tests.support.aio import aio_test, wait_for
+from tests.support.ports import free_port
 from tests.support.upstream import Upstream
 
 
@@ -56,16 +59,21 @@ def _server_bytes(*frames: str) -> bytes:
 
 
 @aio_test
-async def test_connection_that_errs_takes_no_new_streams() -> None:
-    """After a protocol error (GOAWAY then PING in one read), the connection refuses new streams at once."""
+async def test_a_connection_told_goaway_takes_no_new_streams() -> None:
+    """After the service's GOAWAY (then a PING, in one read) the connection refuses new streams at
+    once, answers the PING (h2 used to raise ProtocolError on it), and, carrying no call, closes."""
     pool = _Pool()
     conn = UpstreamConnection(pool)  # type: ignore[arg-type]
     transport = StringTransport()
     conn.makeConnection(transport)  # type: ignore[no-untyped-call]
+    transport.clear()
     assert conn.has_capacity()
     conn.dataReceived(_server_bytes("goaway", "ping"))
     assert conn.draining
     assert not conn.has_capacity()
+    relay_like: Any = type("R", (), {"conn": None, "sid": 0})()
+    assert conn.start(relay_like, [(":method", "POST"), (":path", "/a.B/C")]) is False
+    assert b"\x00\x00\x08\x06\x01\x00\x00\x00\x0012345678" in transport.value()  # PING ack
     assert transport.disconnecting
     assert pool.capacity_changes >= 1
 
@@ -151,6 +159,61 @@ class _Service:
         self.h2.send_data(sid, b"\x00\x00\x00\x00\x02ok")
         if end:
             self.h2.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+
+
+def _goaway(last_stream_id: int) -> bytes:
+    """A graceful GOAWAY frame (the test's h2 server could not send after its own)."""
+    return GoAwayFrame(0, last_stream_id=last_stream_id, error_code=0).serialize()
+
+
+@aio_test
+async def test_calls_a_goaway_lets_finish_are_relayed_to_their_end() -> None:
+    """A gRPC server shutting down gracefully (or at its max_connection_age) sends GOAWAY naming
+    every stream, a PING, a second GOAWAY naming the last stream it serves, then the replies.
+    h2 closed the connection at the first GOAWAY and the replies raised ProtocolError: calls the
+    service completed failed as answers lost.  Now they end OK, and the connection closes after."""
+    service = _Service()
+    first, first_sid = await service.start(_Sink(reading=True))
+    second, second_sid = await service.start(_Sink(reading=True))
+    service.conn.dataReceived(_goaway(2**31 - 1))
+    service.h2.ping(b"shutdown")
+    events = service.exchange()
+    assert any(isinstance(e, h2.events.PingAckReceived) for e in events + service.exchange())
+    assert service.conn.draining
+    assert not service.transport.disconnecting
+    service.conn.dataReceived(_goaway(second_sid))
+    service.answer(first_sid)
+    service.exchange()
+    await asyncio.wait_for(first, 5)
+    assert not service.transport.disconnecting  # the second call still runs
+    service.answer(second_sid)
+    service.exchange()
+    await asyncio.wait_for(second, 5)
+    assert service.transport.disconnecting
+
+
+@aio_test
+async def test_calls_above_the_goaways_last_stream_fail_unavailable_when_not_resendable() -> None:
+    """A streaming request the service never processed (above the GOAWAY's last stream) cannot be
+    sent again (its messages were consumed): UNAVAILABLE, while the call below goes on."""
+    from snet_daemon.frontend.call import ServerCall
+
+    service = _Service()
+    kept, kept_sid = await service.start(_Sink(reading=True))
+    call = ServerCall("/pkg.Svc/M", (), _Sink(reading=True), service.loop)
+    call.deliver(b"one")  # not ended: the request streams
+    dropped = service.loop.create_task(service.pool.forward(call, ()))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    service.exchange()
+    service.conn.dataReceived(_goaway(kept_sid))
+    with pytest.raises(GrpcError) as info:
+        await asyncio.wait_for(dropped, 5)
+    assert info.value.status == Status.UNAVAILABLE
+    assert "GOAWAY" in info.value.message
+    service.answer(kept_sid)
+    service.exchange()
+    await asyncio.wait_for(kept, 5)
 
 
 @aio_test
@@ -336,6 +399,133 @@ async def test_a_timeout_drops_only_the_connection_it_used(upstream: Upstream) -
         assert client._conn is not first
     finally:
         await client.close()
+
+
+@aio_test
+async def test_calls_in_flight_survive_the_services_max_connection_age() -> None:
+    """A real grpcio service retiring connections (``grpc.max_connection_age_ms``, common behind
+    load balancers): calls running when it sends its GOAWAYs used to fail with the connection
+    (h2 raised ProtocolError on their replies); now every call succeeds, on fresh connections."""
+    service = Upstream(
+        free_port(), options=[("grpc.max_connection_age_ms", 300), ("grpc.max_connection_age_grace_ms", 10_000)]
+    ).start()
+    client = _upstream_client(service.port)
+    method = "/example_service.Echo/Unary"
+    try:
+        connections = set()
+        for round_ in range(4):
+            calls = [
+                asyncio.ensure_future(
+                    client.unary(method, pb.EchoRequest(payload=b"%d" % i, delay_ms=400).SerializeToString(), 10.0)
+                )
+                for i in range(8)
+            ]
+            for _ in range(100):
+                if client._conn is not None:
+                    connections.add(id(client._conn))
+                    break
+                await asyncio.sleep(0.01)
+            replies = [pb.EchoReply.FromString(reply).payload for reply in await asyncio.gather(*calls)]
+            assert replies == [b"%d" % i for i in range(8)], round_
+        assert len(connections) >= 2  # the service did retire connections under the calls
+    finally:
+        await client.close()
+        service.stop()
+
+
+@aio_test
+async def test_a_call_in_flight_survives_the_services_graceful_stop() -> None:
+    """``server.stop(grace)`` lets running calls finish: through the daemon's client too."""
+    service = Upstream(free_port()).start()
+    client = _upstream_client(service.port)
+    try:
+        call = asyncio.ensure_future(
+            client.unary(
+                "/example_service.Echo/Unary", pb.EchoRequest(payload=b"late", delay_ms=800).SerializeToString(), 10.0
+            )
+        )
+        await wait_for(lambda: bool(service.record.metadata))
+        assert service._server is not None
+        stopped = service._server.stop(grace=10)
+        assert pb.EchoReply.FromString(await call).payload == b"late"
+        await asyncio.get_running_loop().run_in_executor(None, stopped.wait)
+    finally:
+        await client.close()
+        service.stop()
+
+
+class _RefusingService(Protocol):
+    """A gRPC server's HTTP/2 side, scripted: while the factory has refusals left it turns away
+    each call it receives, by ``how`` (a GOAWAY naming no stream, after which this connection
+    serves nothing, or RST_STREAM REFUSED_STREAM); then it answers each call with its request."""
+
+    def __init__(self, factory: _RefusingFactory) -> None:
+        self.factory = factory
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.refused: set[int] = set()
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        out = b""
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived) and self.factory.refusals > 0:
+                self.factory.refusals -= 1
+                self.factory.refused += 1
+                self.refused.add(event.stream_id)
+                if self.factory.how == "goaway":
+                    out += _goaway(0)
+                    self.transport.loseConnection()  # type: ignore[union-attr]
+                else:
+                    self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            elif isinstance(event, h2.events.DataReceived) and event.stream_id not in self.refused:
+                self.h2.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id)
+                self.h2.send_headers(event.stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+                self.h2.send_data(event.stream_id, event.data or b"")
+                assert event.stream_ended is not None  # the whole request, in one frame
+                self.h2.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
+        self.transport.write(self.h2.data_to_send() + out)  # type: ignore[union-attr]
+
+
+class _RefusingFactory(Factory):
+    def __init__(self, how: str, refusals: int) -> None:
+        self.how = how
+        self.refusals = refusals
+        self.connections = 0
+        self.refused = 0
+
+    def buildProtocol(self, addr: Any) -> _RefusingService:
+        return _RefusingService(self)
+
+
+@pytest.mark.parametrize("how", ["goaway", "refused_stream"])
+@aio_test
+async def test_a_call_the_service_did_not_process_is_sent_again_once(how: str) -> None:
+    """A unary call above the service's GOAWAY, or reset with REFUSED_STREAM, was never processed:
+    it goes again (on a new connection after a GOAWAY), as gRPC clients retry transparently; but
+    only once."""
+    from twisted.internet import reactor
+
+    factory = _RefusingFactory(how, refusals=1)
+    listening: Any = reactor
+    port: Any = listening.listenTCP(0, factory, interface="127.0.0.1")
+    client = _upstream_client(port.getHost().port)
+    try:
+        assert await client.unary("/pkg.Svc/M", b"again", 10.0) == b"again"
+        assert factory.refused == 1
+        assert factory.connections == (2 if how == "goaway" else 1)
+        factory.refusals = 2  # the call and its one retry are refused
+        with pytest.raises(GrpcError) as info:
+            await client.unary("/pkg.Svc/M", b"no", 10.0)
+        assert info.value.status == Status.UNAVAILABLE
+        assert factory.refused == 3
+        assert await client.unary("/pkg.Svc/M", b"yes", 10.0) == b"yes"
+    finally:
+        await client.close()
+        await port.stopListening().asFuture(asyncio.get_running_loop())
 
 
 class _BrokenSink(_Sink):

@@ -224,6 +224,32 @@ def test_service_down_then_up(workdir: Path) -> None:
             channel.close()
 
 
+def test_calls_run_through_the_services_connection_retirements(workdir: Path) -> None:
+    """A service that retires its connections (grpc's ``max_connection_age``, GOAWAY then the
+    replies of the calls it is finishing): concurrent calls through the daemon all succeed,
+    streaming ones too.  Before, each retirement failed the calls in flight with UNAVAILABLE."""
+    service = Upstream(
+        free_port(), options=[("grpc.max_connection_age_ms", 200), ("grpc.max_connection_age_grace_ms", 10_000)]
+    ).start()
+    try:
+        with Daemon(workdir, {"service_endpoint": service.endpoint}) as daemon:
+            channel = make_channel(daemon.address)
+            echo = pb_grpc.EchoStub(channel)
+
+            def one(i: int) -> bytes:
+                if i % 2:
+                    request = pb.EchoRequest(payload=b"%d" % i, delay_ms=150, repeat=2)
+                    return b"".join(r.payload for r in echo.ServerStream(request, timeout=20))
+                return bytes(echo.Unary(pb.EchoRequest(payload=b"%d" % i, delay_ms=300), timeout=20).payload)
+
+            with ThreadPoolExecutor(8) as pool:
+                replies = list(pool.map(one, range(48)))
+            assert replies == [b"%d" % i * (2 if i % 2 else 1) for i in range(48)]
+            channel.close()
+    finally:
+        service.stop()
+
+
 def test_passthrough_disabled_echoes(workdir: Path) -> None:
     """With passthrough_enabled false the daemon echoes requests (as Go does)."""
     with Daemon(workdir, {"passthrough_enabled": False, "service_endpoint": "http://127.0.0.1:1"}) as daemon:

@@ -18,15 +18,19 @@ the only event loop per 13-byte frame it sent.  :class:`WindowWaiters` files
 each waiting stream under the window that stopped it, so an update wakes
 only the streams it can help, and a connection-level one stops as soon as
 the connection window is used up.
+
+:class:`GracefulH2Connection` keeps a connection open after the peer's
+GOAWAY, so the calls it still lets finish do.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -34,25 +38,51 @@ import h2.settings
 T = TypeVar("T")
 
 
-def send_within_window(conn: h2.connection.H2Connection, stream_id: int, data: bytes) -> int:
+class GracefulH2Connection(h2.connection.H2Connection):
+    """h2's connection, kept open after the peer's GOAWAY.
+
+    h2 4.x closes its state machine when a GOAWAY arrives and drops what was
+    queued to send (python-hyper/h2#1181), so every later frame of the calls
+    the peer still lets finish (those at or below the GOAWAY's last stream
+    id, RFC 9113 §6.8) raised ProtocolError, and the connection was dropped
+    with them.  A gRPC server shutting down gracefully, or retiring a
+    connection at its ``max_connection_age``, does exactly that: GOAWAY, a
+    PING it waits to see answered, a second GOAWAY naming the last stream it
+    serves, then the replies; so does a client shutting its channel down
+    gracefully (grpc-java, Netty) while its calls run.  Here a GOAWAY is only
+    reported (``ConnectionTerminated``): whoever holds the connection opens
+    or accepts no stream after it, and closes it once the calls are done.
+    """
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors._error_code_from_int(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+def send_within_window(conn: h2.connection.H2Connection, stream_id: int, data: bytes, end_stream: bool = False) -> int:
     """Hand h2 as much of ``data`` as the flow-control windows allow.
 
     Returns how many bytes were taken; the caller keeps the rest until a
-    window update.  On a stream h2 has closed (forgotten, or still tracked
-    after a reset or both ends of it) there is no one to send to: all of
-    ``data`` counts as taken.
+    window update.  With ``end_stream``, the frame carrying the last byte
+    also ends the stream (a request in one frame, not a second, empty one
+    to end it), so it ended exactly when all of ``data`` was taken.  On a
+    stream h2 has closed (forgotten, or still tracked after a reset or both
+    ends of it) there is no one to send to: all of ``data`` counts as taken.
     """
     try:
         window = conn.local_flow_control_window(stream_id)
         max_frame = conn.max_outbound_frame_size
         total = len(data)
         if total <= window and total <= max_frame:
-            conn.send_data(stream_id, data)
+            conn.send_data(stream_id, data, end_stream=end_stream)
             return total
         offset = 0
         while offset < total and window > 0:
             size = min(window, max_frame, total - offset)
-            conn.send_data(stream_id, data[offset : offset + size])
+            conn.send_data(stream_id, data[offset : offset + size], end_stream=end_stream and offset + size == total)
             offset += size
             window -= size
         return offset

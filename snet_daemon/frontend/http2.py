@@ -58,7 +58,13 @@ from snet_daemon.frontend import grpcweb
 from snet_daemon.frontend._h2_tuning import fast_hpack
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.gateway import Gateway, HttpResponse
-from snet_daemon.frontend.h2flow import WindowWaiters, initial_window_grew, send_queued, send_within_window
+from snet_daemon.frontend.h2flow import (
+    GracefulH2Connection,
+    WindowWaiters,
+    initial_window_grew,
+    send_queued,
+    send_within_window,
+)
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import (
     ACCEPT_ENCODING,
@@ -269,7 +275,7 @@ class H2ServerProtocol(Protocol):
         #: the most that may be (see the module docstring).
         self._unfinished = 0
         self._max_unfinished = max(limits.max_unfinished_bytes, 2 * limits.max_message_size)
-        self._conn = h2.connection.H2Connection(config=_H2_CONFIG)
+        self._conn = GracefulH2Connection(config=_H2_CONFIG)
         fast_hpack(self._conn)
         self._streams: dict[int, _Stream] = {}
         #: Streams whose replies wait for flow-control window.
@@ -324,7 +330,7 @@ class H2ServerProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._given_up:
-            return  # GOAWAY sent or received: nothing more is served
+            return  # given up (see _give_up): nothing more is served
         try:
             events = self._conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -361,7 +367,7 @@ class H2ServerProtocol(Protocol):
                 elif kind is _RemoteSettingsChanged:
                     self._on_settings(event)  # type: ignore[arg-type]
                 elif kind is _ConnectionTerminated:
-                    self._on_goaway()
+                    self._on_goaway(event.error_code)  # type: ignore[attr-defined]
                 elif kind in _USELESS and event is not headers_priority:
                     self._spend_control(1)
             except Exception:
@@ -694,10 +700,26 @@ class H2ServerProtocol(Protocol):
         _log.warn("closing connection from {peer}: {why}", peer=self._peer, why=why)
         self._give_up(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
-    def _on_goaway(self) -> None:
-        # h2 sends nothing more after the client's GOAWAY (its connection
-        # state is closed), so no running call could answer either.
-        self._give_up(None)
+    def _on_goaway(self, error_code: int | None) -> None:
+        """The client's GOAWAY.
+
+        With an error code the client is done with the connection: it is
+        given up.  A graceful one (NO_ERROR: grpc-java or Netty shutting a
+        channel down while its calls run) means no new streams, and the
+        running calls are still wanted: they finish, and the connection
+        closes after them, as after our own GOAWAY.  (Before, every call was
+        cancelled: h2 could send nothing after the client's GOAWAY.)
+        """
+        if error_code:
+            self._give_up(None)
+        elif self._closing:
+            self._spend_control(1)  # a GOAWAY more changes nothing
+        else:
+            self._closing = True
+            self._last_accepted = self._conn.highest_inbound_stream_id
+            if not self._streams:
+                self._flush()
+                self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _give_up(self, error_code: int | None) -> None:
         """Stop serving the connection: its calls are cancelled, and it is closed.

@@ -37,7 +37,13 @@ from twisted.python.failure import Failure
 from snet_daemon import __version__
 from snet_daemon.frontend._h2_tuning import fast_hpack
 from snet_daemon.frontend.call import ServerCall
-from snet_daemon.frontend.h2flow import WindowWaiters, initial_window_grew, send_queued, send_within_window
+from snet_daemon.frontend.h2flow import (
+    GracefulH2Connection,
+    WindowWaiters,
+    initial_window_grew,
+    send_queued,
+    send_within_window,
+)
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.frontend.wire import (
     MessageDecoder,
@@ -105,6 +111,15 @@ class AnswerLost(GrpcError):
     """
 
 
+class _Refused(GrpcError):
+    """The service did not process the call: its GOAWAY named a last stream
+    below it, or it reset the stream with ``REFUSED_STREAM`` (RFC 9113
+    §8.7).  A call whose whole request is at hand is sent again, once (on
+    another connection after a GOAWAY), as gRPC clients do ("transparent
+    retry"), so a service retiring a connection fails no call.
+    """
+
+
 class _Relay:
     """One upstream stream, relaying the service's reply into a client call."""
 
@@ -127,11 +142,15 @@ class _Relay:
     def __init__(self, call: ServerCall, loop: asyncio.AbstractEventLoop, max_message: int) -> None:
         self.call = call
         self.max_message = max_message
+        self.reset(loop)
+
+    def reset(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start afresh, for a call sent again after :class:`_Refused`."""
         self.conn: UpstreamConnection | None = None
         self.sid = 0
         #: Resolves with None on OK, or fails with the GrpcError to raise.
         self.done: asyncio.Future[None] = loop.create_future()
-        self.decoder = MessageDecoder(max_message)
+        self.decoder = MessageDecoder(self.max_message)
         self.headers_seen = False
         self.pending: deque[bytes] = deque()
         self.pending_bytes = 0
@@ -230,8 +249,9 @@ class _Relay:
             self.finish(GrpcError(code, message, trailers))
 
     def on_reset(self, code: int) -> None:
+        error: GrpcError
         if code == h2.errors.ErrorCodes.REFUSED_STREAM:
-            error = GrpcError(Status.UNAVAILABLE, f"{self.peer()} refused the call (REFUSED_STREAM)")
+            error = _Refused(Status.UNAVAILABLE, f"{self.peer()} refused the call (REFUSED_STREAM)")
         elif code == h2.errors.ErrorCodes.CANCEL:
             error = AnswerLost(Status.CANCELLED, f"{self.peer()} cancelled the call")
         else:
@@ -244,7 +264,7 @@ class UpstreamConnection(Protocol):
 
     def __init__(self, pool: H2Upstream) -> None:
         self._pool = pool
-        self._conn = h2.connection.H2Connection(config=_CONFIG)
+        self._conn = GracefulH2Connection(config=_CONFIG)
         fast_hpack(self._conn)
         self._relays: dict[int, _Relay] = {}
         #: Calls whose request bytes wait for the service's window.
@@ -392,9 +412,12 @@ class UpstreamConnection(Protocol):
     def start(self, relay: _Relay, headers: list[tuple[str, str]]) -> bool:
         """Open a stream for ``relay`` with ``headers``.
 
-        Returns False when the connection turned out to be closing (h2
-        refuses new streams); the caller takes another connection.
+        Returns False when the connection turned out to be closing (the
+        service's GOAWAY, or h2 refusing new streams); the caller takes
+        another connection.
         """
+        if self.draining or self.lost:
+            return False
         try:
             sid = self._conn.get_next_available_stream_id()
             self._conn.send_headers(sid, headers)
@@ -416,11 +439,13 @@ class UpstreamConnection(Protocol):
                 relay.pending.append(data)
                 relay.pending_bytes += len(data)
             else:
-                sent = send_within_window(self._conn, relay.sid, data)
+                sent = send_within_window(self._conn, relay.sid, data, end_stream)
                 if sent < len(data):
                     relay.pending.append(data[sent:])
                     relay.pending_bytes += len(data) - sent
                     self._waiters.wait(relay.sid, relay)
+                elif end_stream:
+                    end_stream = False  # ended by the frame that carried the last byte
         if end_stream:
             if relay.pending:
                 relay.end_after_pending = True
@@ -479,7 +504,7 @@ class UpstreamConnection(Protocol):
         self.draining = True
         for sid in [s for s in self._relays if s > last_stream_id]:
             relay = self._relays.pop(sid)
-            relay.finish(GrpcError(Status.UNAVAILABLE, f"{self._pool.peer} is shutting down (GOAWAY)"))
+            relay.finish(_Refused(Status.UNAVAILABLE, f"{self._pool.peer} is shutting down (GOAWAY)"))
             self._forget(relay)
         self._pool.capacity_changed()
         if not self._relays:
@@ -622,29 +647,39 @@ class H2Upstream:
         """
         if relay is None:
             relay = _Relay(call, self.loop, self._max_message)
-        headers = self._headers(call, metadata)
-        conn = await self._stream_slot()
-        while not conn.start(relay, headers):
+        request = call.request_if_complete()
+        retried = False
+        while True:
+            headers = self._headers(call, metadata)
             conn = await self._stream_slot()
-        pump: asyncio.Task[None] | None = None
-        try:
-            request = call.request_if_complete()
-            if request is not None:
-                conn.send(relay, frame(request), end_stream=True)
-            else:
-                pump = self.loop.create_task(self._pump(call, relay, conn))
-            await relay.done
-        except BaseException:
-            # Cancelled, or the reply broke (bad headers, a message over the
-            # limit): the stream may still be open at the service, holding
-            # one of its stream slots and sending on.  (A stream that ended
-            # is no longer registered: nothing to do then.)
-            conn.cancel(relay)
-            raise
-        finally:
-            if pump is not None and not pump.done():
-                pump.cancel()
-            call.on_writable = None
+            while not conn.start(relay, headers):
+                conn = await self._stream_slot()
+            pump: asyncio.Task[None] | None = None
+            try:
+                if request is not None:
+                    conn.send(relay, frame(request), end_stream=True)
+                else:
+                    pump = self.loop.create_task(self._pump(call, relay, conn))
+                await relay.done
+                return
+            except _Refused:
+                # Not processed (the stream is already forgotten): once more,
+                # when the request can be sent again.
+                if request is None or retried or relay.headers_seen:
+                    raise
+                retried = True
+                relay.reset(self.loop)
+            except BaseException:
+                # Cancelled, or the reply broke (bad headers, a message over the
+                # limit): the stream may still be open at the service, holding
+                # one of its stream slots and sending on.  (A stream that ended
+                # is no longer registered: nothing to do then.)
+                conn.cancel(relay)
+                raise
+            finally:
+                if pump is not None and not pump.done():
+                    pump.cancel()
+                call.on_writable = None
 
     async def unary(
         self,
