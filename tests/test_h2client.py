@@ -167,6 +167,32 @@ def _goaway(last_stream_id: int) -> bytes:
 
 
 @aio_test
+async def test_a_service_that_breaks_the_protocol_and_does_not_read_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the service's protocol error the connection was only closed politely: a service that
+    did not read held it, and the calls on it waited for their deadlines.  It gets h2's GOAWAY, and
+    is aborted a grace period later; its calls end as answers lost."""
+    from snet_daemon.upstream import h2client
+
+    monkeypatch.setattr(h2client, "_ABORT_GRACE", 0.05)
+    service = _Service()
+    task, _ = await service.start(_Sink(reading=True))
+    aborted: list[bool] = []
+
+    def abort() -> None:
+        aborted.append(True)
+        service.conn.connectionLost()
+
+    service.transport.abortConnection = abort  # type: ignore[method-assign]
+    service.conn.dataReceived(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00" + b"\x00\x00\x00\x00")  # WINDOW_UPDATE 0
+    assert service.transport.disconnecting
+    assert b"\x07" in service.transport.value()[3:4]  # the GOAWAY went out
+    assert not task.done()
+    with pytest.raises(AnswerLost):
+        await asyncio.wait_for(task, 2)
+    assert aborted
+
+
+@aio_test
 async def test_calls_a_goaway_lets_finish_are_relayed_to_their_end() -> None:
     """A gRPC server shutting down gracefully (or at its max_connection_age) sends GOAWAY naming
     every stream, a PING, a second GOAWAY naming the last stream it serves, then the replies.

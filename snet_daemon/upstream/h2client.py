@@ -75,6 +75,9 @@ _CONNECTION_WINDOW: Final = 16 * 1024 * 1024
 _WRITE_BUFFER: Final = 256 * 1024
 #: Who answers, in messages, unless :class:`H2Upstream` is told otherwise.
 _SERVICE: Final = "the service"
+#: Seconds a connection given up after a protocol error may take to close
+#: before it is aborted.
+_ABORT_GRACE: Final = 5.0
 #: Why calls fail once :meth:`H2Upstream.close` has run.
 _SHUTTING_DOWN: Final = "the daemon is shutting down"
 
@@ -306,7 +309,7 @@ class UpstreamConnection(Protocol):
             # No new streams here from now on (connectionLost comes later).
             self.draining = True
             self._pool.capacity_changed()
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self._give_up()
             return
         self._receiving = True
         try:
@@ -328,6 +331,24 @@ class UpstreamConnection(Protocol):
         finally:
             self._receiving = False
         self._flush()
+
+    def _give_up(self) -> None:
+        """Close the connection after the service broke the protocol.
+
+        h2's GOAWAY goes first.  A service that does not read it would keep
+        the connection, and every call on it waiting for its deadline, so it
+        is aborted after :data:`_ABORT_GRACE` seconds if still open; its
+        calls then end as answers lost.
+        """
+        data = self._conn.data_to_send()
+        if data:
+            self.transport.write(data)  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._pool.loop.call_later(_ABORT_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        if not self.lost:
+            self.transport.abortConnection()  # type: ignore[union-attr]
 
     def _relay_failed(self, sid: int) -> None:
         """End the call on stream ``sid`` after an unexpected error, resetting the stream.
