@@ -80,7 +80,7 @@ class Limits:
             transparently after a GOAWAY anyway) and short enough that a few
             hundred abandoned connections are gone before they matter.
         abort_grace: seconds an HTTP/2 connection the daemon has given up on
-            (a protocol error, a flood, the client's GOAWAY) may take to
+            (a protocol error, a flood, the client's GOAWAY with an error) may take to
             close before it is aborted; its calls are cancelled at once.
     """
 
