@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -13,7 +15,7 @@ from snet_daemon.config.sections import ServiceCredential
 from snet_daemon.frontend.call import start_call
 from snet_daemon.frontend.status import Status
 from snet_daemon.upstream.http import HttpClient, HttpUpstream, base_url, excerpt
-from tests.support.aio import aio_test
+from tests.support.aio import aio_test, wait_for
 from tests.support.ports import free_port
 from tests.support.services import (
     UNPRINTABLE_TIME,
@@ -245,3 +247,56 @@ async def test_a_bidi_request_that_is_no_unicode_ends_the_call(client: HttpClien
     assert "lone UTF-16 surrogate" in sink.message
     assert [seen.body for seen in server.record.seen] == [{"text": "first"}]
     assert [json.loads(message) for message in sink.messages] == [{"text": "FIRST"}]
+
+
+class _EndlessLines:
+    """An HTTP server answering one POST with JSON lines for ever, a line every 10 ms.
+
+    With ``bad_second``, the second line is a JSON string, not a reply object.
+    ``closed`` is set when the daemon drops the connection.
+    """
+
+    def __init__(self, *, bad_second: bool) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.bad_second = bad_second
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        self.listener.close()
+        with conn:
+            conn.settimeout(30)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"
+            try:
+                conn.sendall(head)
+                for index in range(100_000):
+                    line = b'"not an object"\n' if self.bad_second and index == 1 else b'{"text": "x%d"}\n' % index
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(line), line))
+                    time.sleep(0.01)
+            except OSError:
+                self.closed.set()
+
+
+@pytest.mark.parametrize("ending", ["bad line", "deadline while the client is slow"])
+@aio_test
+async def test_a_json_lines_call_ending_between_lines_drops_the_connection(client: HttpClient, ending: str) -> None:
+    """A call that ends while a reply is handed on (a line that is no reply: INTERNAL; the deadline
+    while a slow client holds the reply) drops the service's connection (it was kept open for ever,
+    the answer read until 1 MiB waited, then paused)."""
+    server = _EndlessLines(bad_second=ending == "bad line")
+    adapter = HttpUpstream(client, f"127.0.0.1:{server.port}", protos=demo_protos(), encoding="proto")
+    call, sink = new_call("/demo.Demo/Split", timeout=1.0 if ending.startswith("deadline") else 10.0)
+    sink.writable = ending == "bad line"  # else emit() waits in call.drain()
+    call.deliver(request_bytes(text="a"))
+    call.end_input()
+    start_call(adapter, call)
+    assert call.task is not None
+    await call.task
+    expected = Status.INTERNAL if ending == "bad line" else Status.DEADLINE_EXCEEDED
+    assert sink.status == expected, (sink.status, sink.message)
+    await wait_for(server.closed.is_set, within=3.0)

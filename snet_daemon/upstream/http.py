@@ -208,7 +208,7 @@ class AnswerReader(Protocol):
             while not self._done:
                 await self._wait()
         finally:
-            self._abort_if_unfinished()
+            self.abort_if_unfinished()
         if self._error is not None:
             raise self._error
         return b"".join(self._chunks)
@@ -236,8 +236,22 @@ class AnswerReader(Protocol):
                     return None
                 await self._wait()
         except BaseException:
-            self._abort_if_unfinished()
+            self.abort_if_unfinished()
             raise
+
+    def abort_if_unfinished(self) -> None:
+        """Drop the connection unless the whole body has been read.
+
+        For a call that ended (deadline, cancellation, an error) before the
+        answer did: reading the rest would hold the connection, and unread
+        lines in memory, for nothing; an unfinished answer also keeps the
+        connection out of the pool for ever.  :meth:`read_all` and
+        :meth:`next_line` do it when they fail; a consumer that can fail
+        between two :meth:`next_line` calls must do it too.
+        """
+        if not self._done and self.transport is not None:
+            self._done = True
+            self._producer().stopProducing()
 
     # -- internals ------------------------------------------------------------
 
@@ -276,13 +290,6 @@ class AnswerReader(Protocol):
             await self._waiter
         finally:
             self._waiter = None
-
-    def _abort_if_unfinished(self) -> None:
-        if not self._done and self.transport is not None:
-            # The call ended (deadline, cancellation, an error) before the
-            # answer did: drop the connection rather than read the rest.
-            self._done = True
-            self._producer().stopProducing()
 
 
 @implementer(IStreamClientEndpoint)
@@ -495,10 +502,16 @@ class HttpUpstream:
             raise await read_error(response)
         if many and _content_type(response) in JSON_LINES_TYPES:
             reader = self.client.reader(response, self._max_answer)
-            while (line := await reader.next_line()) is not None:
-                item = _parse(line, "a line of the service answer")
-                for element in item if isinstance(item, list) else (item,):
-                    await emit(element)
+            try:
+                while (line := await reader.next_line()) is not None:
+                    item = _parse(line, "a line of the service answer")
+                    for element in item if isinstance(item, list) else (item,):
+                        await emit(element)
+            finally:
+                # A line that is no reply, or the call ending while emit()
+                # waits for the client, stops the loop outside the reader:
+                # left alone, it would keep the connection for ever.
+                reader.abort_if_unfinished()
             return
         answer = await self.client.reader(response, self._max_answer).read_all()
         item = _parse(answer, "the service answer") if answer.strip() else {}
