@@ -20,7 +20,7 @@ from snet_daemon.payments.gate import PaymentGate
 from snet_daemon.upstream import process as process_module
 from snet_daemon.upstream.process import ProcessLimiter, ProcessUpstream, child_environment, find_executable
 from snet_daemon.upstream.protos import ServiceProtos
-from tests.support.aio import aio_test
+from tests.support.aio import aio_test, wait_for
 from tests.support.payments import RecordingLedger
 from tests.support.services import (
     SHELL_EXECUTABLE,
@@ -65,6 +65,9 @@ def _adapter(
     )
 
 
+_FRAME_HEADER = 5
+
+
 def _frame(message: bytes) -> bytes:
     """``message`` framed as on a streaming proto pipe."""
     return b"\0" + len(message).to_bytes(4, "big") + message
@@ -99,6 +102,20 @@ ESCROW_PAYMENT = (
 def python(tmp_path: Path) -> str:
     """The Python demo executable."""
     return python_executable(tmp_path)
+
+
+@pytest.fixture
+def children(monkeypatch: pytest.MonkeyPatch) -> list[process_module._Child]:
+    """The runs the adapters start from now on, in order."""
+    started: list[process_module._Child] = []
+
+    class Recorded(process_module._Child):
+        def connectionMade(self) -> None:
+            started.append(self)
+            super().connectionMade()
+
+    monkeypatch.setattr(process_module, "_Child", Recorded)
+    return started
 
 
 @contextmanager
@@ -475,6 +492,40 @@ async def test_stream_paused_by_a_slow_client_ends_after_the_executable_exited(t
     assert sink.status == Status.OK, sink.message
     assert len(sink.messages) == 4
     assert adapter.limiter.running == 0
+
+
+@aio_test
+async def test_replies_left_in_the_pipe_are_read_when_the_grace_ends_as_the_client_reads_again(
+    tmp_path: Path, children: list[process_module._Child]
+) -> None:
+    """The executable wrote its replies and exited while the client was not reading; the client
+    reads again just as the exit grace ends: the replies left in the pipe are all relayed (the
+    pipe was closed, its unread replies dropped, and the call ended OK, charged, without them)."""
+    out_type = demo_protos().require("/demo.Demo/Split").output_type
+    # Frames of 8 KiB, as much as one read of the pipe: each read is one whole reply.
+    size = 8192 - _FRAME_HEADER - len(out_type(text="", index=1).SerializeToString()) - 3  # text's tag and length
+    replies = [out_type(text="x" * size, index=index).SerializeToString() for index in range(1, 7)]
+    assert {len(_frame(reply)) for reply in replies} == {8192}
+    adapter = _adapter(_replying(tmp_path, b"".join(_frame(reply) for reply in replies)), limit=2)
+    call, sink = new_call("/demo.Demo/Split", timeout=8.0)
+    sink.writable = False  # the client's transport buffer is full
+    call.deliver(request_bytes(text="go"))
+    call.end_input()
+    start_call(adapter, call)
+    await wait_for(lambda: bool(children) and children[0].exited)
+    child = children[0]
+    assert len(sink.messages) == 1
+    # The client's window update, then the grace timer, in the same loop iteration.
+    sink.writable = True
+    call.writable()
+    grace = child._grace
+    assert grace is not None
+    grace.cancel()
+    child._stop_waiting()
+    assert call.task is not None
+    await asyncio.wait_for(asyncio.shield(call.task), 5.0)
+    assert sink.status == Status.OK, sink.message
+    assert sink.messages == replies
 
 
 @aio_test

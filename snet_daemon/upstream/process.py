@@ -18,8 +18,8 @@ service authors):
   cancellation kill the whole process group with ``SIGKILL``; the client
   gets ``DEADLINE_EXCEEDED`` / nothing, from the front end.  Processes left
   in the group when the executable exits are killed too; one that left the
-  group and keeps stdout open is not waited for more than
-  :data:`EXIT_GRACE` (the call ends with what was read).
+  group and keeps stdout open is waited for until stdout has been silent
+  for :data:`EXIT_GRACE` (the call ends with what was read).
 
 What the bytes are: the messages in the service's ``encoding``: protobuf
 for ``proto``, JSON text for ``json``.  When a client sends JSON to a
@@ -77,8 +77,9 @@ STDERR_LOG_LIMIT: Final = 64 * 1024
 _STDERR_LINE: Final = 2000
 #: The gRPC-style frame header used on framed (streaming) proto pipes.
 _FRAME_HEADER: Final = 5
-#: Seconds the pipes may stay open once the executable exited, before the
-#: call ends without waiting for them (see :meth:`_Child.processExited`).
+#: Seconds the pipes may stay open once the executable exited without
+#: delivering anything, before the call ends without waiting for them (see
+#: :meth:`_Child.processExited`).
 EXIT_GRACE: Final = 1.0
 
 
@@ -238,6 +239,10 @@ class _Child(ProcessProtocol):
         self._paused = False
         self._reading_paused = False
         self._grace: asyncio.TimerHandle | None = None
+        #: Counts stdout reads and resumptions of reading: the grace timer
+        #: gives up on the pipes only when it did not move for a whole grace.
+        self._progress = 0
+        self._progress_seen = 0
         self.exited = False
         self.error: GrpcError | None = None
         #: Resolves with the exit reason once the process ended and its pipes closed.
@@ -290,6 +295,7 @@ class _Child(ProcessProtocol):
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
 
     def outReceived(self, data: bytes) -> None:
+        self._progress += 1
         if self.error is not None:
             return
         try:
@@ -337,7 +343,7 @@ class _Child(ProcessProtocol):
         # them: the call would wait for it until its deadline, holding a
         # slot.  The pipes get a short while to deliver what the executable
         # wrote, then are closed.
-        self._grace = self._loop.call_later(EXIT_GRACE, self._stop_waiting)
+        self._arm_grace()
 
     def processEnded(self, reason: Failure) -> None:
         self.exited = True
@@ -381,6 +387,10 @@ class _Child(ProcessProtocol):
 
     def resume_reading(self) -> None:
         """Read stdout again."""
+        if self._reading_paused:
+            # What is left in the pipe is read from now on: a grace timer
+            # due in this same loop iteration must not close it first.
+            self._progress += 1
         self._reading_paused = False
         # Not ``exited``: an executable that exited may still have replies
         # in the pipe, which must be read for the call to end.
@@ -435,21 +445,28 @@ class _Child(ProcessProtocol):
             del frames[: _FRAME_HEADER + size]
             self._on_reply(message)
 
-    def _stop_waiting(self) -> None:
-        """The executable exited :data:`EXIT_GRACE` ago and its pipes are still open: close them.
+    def _arm_grace(self) -> None:
+        self._progress_seen = self._progress
+        self._grace = self._loop.call_later(EXIT_GRACE, self._stop_waiting)
 
-        The run then ends with the exit status and the output read so far.
-        While the client is not reading, what is left in the pipe is still
-        the executable's reply: the wait starts over.
+    def _stop_waiting(self) -> None:
+        """The executable exited and its pipes stayed open and silent for :data:`EXIT_GRACE`: close them.
+
+        The run then ends with the exit status and the output read so far;
+        closing the pipes discards whatever is still unread in them.  So
+        the wait starts over while the client is not reading (what is left
+        in the pipe is still the executable's reply), and whenever output
+        arrived or reading resumed since the last look: only a pipe that
+        is held open without being written to is given up.
         """
         self._grace = None
         if self.ended.done() or self.transport is None:
             return
-        if self._reading_paused:
-            self._grace = self._loop.call_later(EXIT_GRACE, self._stop_waiting)
+        if self._reading_paused or self._progress != self._progress_seen:
+            self._arm_grace()
             return
         _log.warn(
-            "executable {label} (pid {pid}) exited but its output stayed open for {grace:g}s "
+            "executable {label} (pid {pid}) exited but its output stayed open and silent for {grace:g}s "
             "(held by a process it started outside its process group?); not waiting for it",
             label=self.label,
             pid=self.pid,
