@@ -417,6 +417,28 @@ async def test_server_streaming_reads_frames_from_stdout(python: str) -> None:
     ]
 
 
+@pytest.mark.parametrize("ending", [b"", b"  ", b"\n  \n"])
+@aio_test
+async def test_a_last_json_line_without_its_newline_is_the_last_reply(tmp_path: Path, ending: bytes) -> None:
+    """JSON Lines output whose last line has no newline (``printf`` style) ends with that line as
+    its last reply (it was INTERNAL "incomplete reply frame", after the replies before it); a
+    blank end is no reply."""
+    exe = _replying(tmp_path, b'{"text": "a"}\n{"text": "b"}' + ending)
+    sink = await invoke(_adapter(exe, encoding="json"), "/demo.Demo/Split", [json_bytes({"text": "a b"})])
+    assert sink.status == Status.OK, sink.message
+    assert sink.messages == [b'{"text": "a"}', b'{"text": "b"}']
+
+
+@aio_test
+async def test_output_ending_in_an_incomplete_proto_frame_is_internal(tmp_path: Path) -> None:
+    """A cut gRPC frame is no reply: the call is INTERNAL after the complete ones."""
+    reply = demo_protos().require("/demo.Demo/Split").output_type(text="a").SerializeToString()
+    exe = _replying(tmp_path, _frame(reply) + _frame(reply)[:-1])
+    sink = await invoke(_adapter(exe), "/demo.Demo/Split", [request_bytes()])
+    assert (sink.status, sink.messages) == (Status.INTERNAL, [reply])
+    assert sink.message == "the executable's output ends with an incomplete reply frame"
+
+
 @aio_test
 async def test_client_streaming_writes_frames_to_stdin(python: str) -> None:
     """A client-streaming method's requests reach stdin as frames; stdout is the one reply."""

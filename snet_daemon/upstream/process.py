@@ -296,6 +296,9 @@ class _Child(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self._progress += 1
+        self._take_output(data)
+
+    def _take_output(self, data: bytes) -> None:
         if self.error is not None:
             return
         try:
@@ -368,6 +371,16 @@ class _Child(ProcessProtocol):
     def stdout(self) -> bytes:
         """Everything the child wrote (unframed mode)."""
         return b"".join(self._out)
+
+    def end_output(self) -> None:
+        """The output is over (framed mode): a last JSON line without its newline is the last reply.
+
+        JSON Lines allow it (``printf`` output often ends so), and the http
+        adapter takes such an answer: it is relayed like any other line,
+        failing the run as they do when it is no reply.
+        """
+        if self._json and self._on_reply is not None and self._frames.strip():
+            self._take_output(b"\n")
 
     def leftover(self) -> int:
         """Bytes of an incomplete last frame (framed mode)."""
@@ -646,6 +659,9 @@ class ProcessUpstream:
             _log.warn("executable {label} (pid {pid}): {failure}", label=child.label, pid=child.pid, failure=failure)
             raise GrpcError(Status.INTERNAL, failure)
         if framed_out:
+            child.end_output()
+            if child.error is not None:
+                raise child.error
             if child.leftover():
                 raise GrpcError(Status.INTERNAL, "the executable's output ends with an incomplete reply frame")
             return
