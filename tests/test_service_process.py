@@ -365,6 +365,51 @@ async def test_client_cancellation_kills_the_process(python: str, tmp_path: Path
 
 
 @aio_test
+async def test_the_process_group_is_killed_until_the_executable_is_reaped_and_never_after(
+    python: str, tmp_path: Path, children: list[process_module._Child], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call ending while its executable runs kills its group; one ending after the executable
+    was reaped (a slow client still holding replies in the pipe) sends no signal to the group's
+    id, which may by then be another group's (it killed it: one group per call, pids wrap)."""
+    killed: list[int] = []
+    killpg = os.killpg
+
+    def recording(pgid: int, sig: int) -> None:
+        killed.append(pgid)
+        if any(child.pid == pgid and child.transport and child.transport.pid for child in children):
+            killpg(pgid, sig)  # the executable is not reaped: the group is its own
+
+    monkeypatch.setattr(os, "killpg", recording)  # as the adapter calls it
+    pidfile = tmp_path / "pids"
+    hanging, _ = new_call("/demo.Demo/Hang")
+    hanging.deliver(request_bytes())
+    hanging.end_input()
+    start_call(_adapter(python, environ={**os.environ, "DEMO_PIDFILE": str(pidfile)}), hanging)
+    await wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2)
+    hanging.cancel()
+    await wait_for(lambda: children[0].exited)
+    assert killed[0] == children[0].pid
+    await wait_for(lambda: not pids_alive(pidfile))  # the executable's child too
+
+    killed.clear()
+    out_type = demo_protos().require("/demo.Demo/Split").output_type
+    frames = b"".join(_frame(out_type(text="x" * 10_000, index=index).SerializeToString()) for index in range(4))
+    (tmp_path / "replying").mkdir()
+    streaming, sink = new_call("/demo.Demo/Split")
+    sink.writable = False  # the replies wait in the pipe after the exit
+    streaming.deliver(request_bytes(text="go"))
+    streaming.end_input()
+    start_call(_adapter(_replying(tmp_path / "replying", frames)), streaming)
+    await wait_for(lambda: len(children) == 2 and children[1].exited)
+    assert killed == [children[1].pid]  # as it was reaped, for what it left in its group
+    streaming.cancel()
+    assert streaming.task is not None
+    await asyncio.wait([streaming.task], timeout=2)
+    assert children[1].ended.done()
+    assert killed == [children[1].pid]
+
+
+@aio_test
 async def test_running_processes_are_limited_and_the_rest_wait(python: str) -> None:
     """With a limit of 2, five slow calls run two at a time and all succeed."""
     adapter = _adapter(python, limit=2)

@@ -412,7 +412,11 @@ class _Child(ProcessProtocol):
 
     def kill(self) -> None:
         """Kill the process group now, and stop listening to the pipes."""
-        self._kill_group()
+        if not self.exited:
+            # Once the executable was reaped, processExited killed its group
+            # for the last time: the group's id, its pid, may since belong
+            # to another process group.
+            self._kill_group()
         transport = self.transport
         if transport is not None:
             try:
@@ -422,6 +426,13 @@ class _Child(ProcessProtocol):
             transport.loseConnection()
 
     def _kill_group(self) -> None:
+        """SIGKILL the run's process group (its id is the executable's pid, as a ``setsid`` leader).
+
+        Only while the executable is not reaped, or as it is (in
+        processExited): the id is then still taken, by the executable or
+        by the group's other members.  Later, once they are gone, the
+        system may give it to an unrelated process and group.
+        """
         if self.group and self.pid is not None:
             try:
                 os.killpg(self.pid, signal.SIGKILL)
