@@ -559,6 +559,30 @@ async def test_a_clients_graceful_goaway_lets_its_calls_finish() -> None:
     assert pair.transport.disconnecting
 
 
+@pytest.mark.parametrize("goaway", ["client", "ours"])
+@aio_test
+async def test_a_closing_connection_closes_when_its_last_call_is_reset(goaway: str) -> None:
+    """After a GOAWAY (the client's graceful one, or our own shutdown), the client cancelling its
+    last call left the connection open until the idle timer aborted it: only a call that ended
+    closed it.  Now a reset one does too."""
+    from hyperframe.frame import GoAwayFrame
+
+    async def handler(call: ServerCall) -> None:
+        await asyncio.Event().wait()
+
+    pair = H2Pair(handler)
+    sid = _open(pair, "/p.S/Slow")
+    await _turns(pair)
+    if goaway == "client":
+        pair.server.dataReceived(GoAwayFrame(0, last_stream_id=0, error_code=0).serialize())
+    else:
+        pair.server.shutdown()
+    assert not pair.transport.disconnecting
+    pair.client.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    await _turns(pair)
+    assert pair.transport.disconnecting
+
+
 async def _echo_sizes(call: ServerCall) -> None:
     while (message := await call.read()) is not None:
         call.write(str(len(message)).encode())

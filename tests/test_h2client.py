@@ -38,6 +38,9 @@ class _Pool:
     def capacity_changed(self) -> None:
         self.capacity_changes += 1
 
+    def connection_made(self, conn: Any) -> None:
+        pass
+
     def connection_lost(self, conn: Any) -> None:
         pass
 
@@ -552,6 +555,45 @@ async def test_a_call_the_service_did_not_process_is_sent_again_once(how: str) -
     finally:
         await client.close()
         await port.stopListening().asFuture(asyncio.get_running_loop())
+
+
+@aio_test
+async def test_a_timeout_while_redialling_spares_the_retired_connection() -> None:
+    """A call timing out while the connection replacing a retired one is still being dialled
+    closed the retired connection, failing the calls the service was finishing on it (for etcd,
+    writes of unknown outcome).  A retired connection is left to finish."""
+    service = _Service()
+    running, sid = await service.start(_Sink(reading=True))
+    service.conn.dataReceived(_goaway(2**31 - 1))
+    assert service.conn.draining
+
+    async def hang(result: Any) -> None:  # the dial to the service hangs
+        await asyncio.Event().wait()
+
+    service.pool._dial = hang  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError):
+        await service.pool.unary("/pkg.Svc/Health", b"x", 0.05, drop_on_timeout=True)
+    assert not service.transport.disconnecting
+    service.answer(sid)
+    service.exchange()
+    await asyncio.wait_for(running, 5)
+
+
+@aio_test
+async def test_close_closes_retired_connections_too() -> None:
+    """close() closed only the connection in use: one the service had retired stayed open, with
+    the calls on it, after the client was closed (etcd's endpoint rotation, the daemon's stop)."""
+    service = _Service()
+    running, _ = await service.start(_Sink(reading=True))
+    service.conn.dataReceived(_goaway(2**31 - 1))
+    successor = UpstreamConnection(service.pool)
+    successor.makeConnection(StringTransport())  # type: ignore[no-untyped-call]
+    service.pool._conn = successor
+    await service.pool.close()
+    assert service.transport.disconnecting
+    service.conn.connectionLost()
+    with pytest.raises(AnswerLost):
+        await asyncio.wait_for(running, 5)
 
 
 class _BrokenSink(_Sink):

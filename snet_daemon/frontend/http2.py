@@ -659,6 +659,7 @@ class H2ServerProtocol(Protocol):
             self._release_window(stream)
             if stream.call is not None:
                 stream.call.cancel()
+            self._close_if_done()
         # Rapid-reset defence (CVE-2023-44487): a client that opens and
         # cancels streams faster than the budget refills is dropped.
         if not self._resets.spend(self.gateway.loop.time()):
@@ -717,9 +718,7 @@ class H2ServerProtocol(Protocol):
         else:
             self._closing = True
             self._last_accepted = self._conn.highest_inbound_stream_id
-            if not self._streams:
-                self._flush()
-                self.transport.loseConnection()  # type: ignore[union-attr]
+            self._close_if_done()
 
     def _give_up(self, error_code: int | None) -> None:
         """Stop serving the connection: its calls are cancelled, and it is closed.
@@ -920,6 +919,10 @@ class H2ServerProtocol(Protocol):
             self._note_idle()
         self._waiters.discard(stream.id)
         self._release_window(stream)
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        """After a GOAWAY (ours, or the client's graceful one), close once no call is left."""
         if self._closing and not self._streams and not self._lost:
             self._flush()
             self.transport.loseConnection()  # type: ignore[union-attr]

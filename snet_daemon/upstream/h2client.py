@@ -295,6 +295,7 @@ class UpstreamConnection(Protocol):
         )
         conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
         self._flush()
+        self._pool.connection_made(self)
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -609,6 +610,9 @@ class H2Upstream:
         self._authority = host if port == (443 if tls else 80) else f"{host}:{port}"
         self._scheme = "https" if tls else "http"
         self._conn: UpstreamConnection | None = None
+        #: Every open connection: the one in use, and those the service
+        #: retired (GOAWAY) that still finish their calls.
+        self._open: set[UpstreamConnection] = set()
         self._connecting: asyncio.Future[UpstreamConnection] | None = None
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._failed_until = 0.0
@@ -630,11 +634,11 @@ class H2Upstream:
             pass  # logged by _connection; calls will retry
 
     async def close(self, grace: float | None = None) -> None:
-        """Close the connection (running calls fail with UNAVAILABLE)."""
+        """Close the connections, retired ones too (running calls fail with UNAVAILABLE)."""
         self._closed = True
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._conn = None
+        for conn in list(self._open):
+            conn.close()
 
     def drop_connection(self) -> None:
         """Close the current connection; the next call makes a new one."""
@@ -714,9 +718,10 @@ class H2Upstream:
 
         ``drop_on_timeout``: when the call times out, close the connection
         it was sent on (a silently dead peer would hold every later call
-        too), but only while that is still the connection in use: one the
-        service has already retired (GOAWAY) may still carry this late
-        call, and its successor carries calls that are doing fine.
+        too), but only while that is still the connection in use and not
+        retired: one the service has retired (GOAWAY) may still carry this
+        late call and others it is finishing, and its successor carries
+        calls that are doing fine.
 
         Raises:
             GrpcError: as :meth:`forward`.
@@ -734,7 +739,13 @@ class H2Upstream:
             async with asyncio.timeout(timeout):
                 await self.forward(call, (), relay)
         except TimeoutError:
-            if drop_on_timeout and (relay.conn is None or relay.conn is self._conn):
+            current = self._conn
+            if (
+                drop_on_timeout
+                and current is not None
+                and not current.draining
+                and (relay.conn is None or relay.conn is current)
+            ):
                 self.drop_connection()
             raise
         if len(sink.messages) != 1:
@@ -837,7 +848,11 @@ class H2Upstream:
             self._connecting = None
             self.capacity_changed()
 
+    def connection_made(self, conn: UpstreamConnection) -> None:
+        self._open.add(conn)
+
     def connection_lost(self, conn: UpstreamConnection) -> None:
+        self._open.discard(conn)
         if self._conn is conn:
             self._conn = None
         self.capacity_changed()
