@@ -25,7 +25,7 @@ from snet_daemon.blockchain.errors import ChainUnavailable
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures as sig
 from snet_daemon.payments.claims import ProviderControl
-from snet_daemon.payments.escrow import EscrowLedger, metadata_values, parse_escrow
+from snet_daemon.payments.escrow import EscrowLedger, PaymentTerms, metadata_values, parse_escrow
 from snet_daemon.payments.prepaid import (
     NO_PLANNED_AMOUNT,
     PrepaidLedger,
@@ -71,15 +71,20 @@ class Clock:
 class Daemon:
     """One daemon's payment objects on a (possibly shared) storage and chain."""
 
-    def __init__(self, storage: Any, chain: FakeChain, clock: Clock) -> None:
+    def __init__(self, storage: Any, chain: FakeChain, clock: Clock, mpe: bytes = MPE) -> None:
         self.storage = CountingStorage(storage)
         self.chain = chain
-        self.keys = Keys()
-        self.ledger = EscrowLedger(self.storage, self.keys, chain, terms, StorageLease(self.storage), "d")
+        self.mpe = mpe
+        self.keys = Keys(mpe)
+        self.terms = replace(terms(), mpe_address=mpe)
+        self.ledger = EscrowLedger(self.storage, self.keys, chain, self._terms, StorageLease(self.storage), "d")
         self.prepaid = PrepaidLedger(self.storage, self.keys.layout)
-        self.tokens = PrepaidTokens(TokenSettings(SECRET, 60), "test-org", lambda: GROUP_B64, clock)
-        self.service = TokenService(self.ledger, self.prepaid, self.keys.layout, self.tokens, chain, terms)
-        self.control = ProviderControl(self.ledger, self.storage, self.keys, chain, terms)
+        self.tokens = PrepaidTokens(TokenSettings(SECRET, 60), "test-org", lambda: GROUP_B64, sig.checksum(mpe), clock)
+        self.service = TokenService(self.ledger, self.prepaid, self.keys.layout, self.tokens, chain, self._terms)
+        self.control = ProviderControl(self.ledger, self.storage, self.keys, chain, self._terms)
+
+    def _terms(self) -> PaymentTerms:
+        return self.terms
 
     def request(
         self,
@@ -91,7 +96,7 @@ class Daemon:
         block: int | None = None,
     ) -> pb.TokenRequest:
         block = self.chain.block if block is None else block
-        claim = sig.sign(sig.mpe_claim(MPE, channel_id, nonce, amount), key)
+        claim = sig.sign(sig.mpe_claim(self.mpe, channel_id, nonce, amount), key)
         outer = sig.sign(sig.token_request(claim, block), outer_key or key)
         return pb.TokenRequest(
             channel_id=channel_id,
@@ -111,9 +116,9 @@ class Daemon:
     async def start_claim(self, channel_id: int, nonce: int) -> cpb.PaymentReply:
         """``StartClaim`` as the treasurer sends it."""
         request = cpb.StartClaimRequest(
-            mpe_address=sig.checksum(MPE),
+            mpe_address=sig.checksum(self.mpe),
             channel_id=channel_id.to_bytes(32, "big"),
-            signature=sig.sign(sig.start_claim(MPE, channel_id, nonce), PROVIDER_KEY),
+            signature=sig.sign(sig.start_claim(self.mpe, channel_id, nonce), PROVIDER_KEY),
         )
         return await self.control.start_claim(request, CALL)
 
@@ -528,17 +533,18 @@ async def test_cancelled_charge_is_refunded() -> None:
 
 @aio_test
 async def test_stored_amount_encoding() -> None:
-    """Planned and used are stored as 0x01 ‖ 32-byte big-endian amounts under Go's keys."""
+    """Planned and used are stored as 0x01 ‖ 32-byte big-endian amounts under Go's keys, moved under the contract."""
     world = World()
     await world.a.get_token(1, 4 * PRICE)
-    entry = await world.memory.get("test/test-org/" + GROUP_B64 + "//PrePaid/storage/{ID:1/P}")
+    books = "test/test-org/" + GROUP_B64 + "/" + sig.checksum(MPE) + "//PrePaid/storage"
+    entry = await world.memory.get(books + "/{ID:1/P}")
     assert entry is not None
     assert entry.value == b"\x01" + (4 * PRICE).to_bytes(32, "big")
     assert decode_amount(entry) == 4 * PRICE
     # Used: 0x02 ‖ amount ‖ (tag ‖ parent revision) of each write, newest first, at most 8.
     for _ in range(3):
         await world.a.prepaid.charge(1, PRICE)
-    used = await world.memory.get("test/test-org/" + GROUP_B64 + "//PrePaid/storage/{ID:1/U}")
+    used = await world.memory.get(books + "/{ID:1/U}")
     assert used is not None
     assert used.value[:33] == b"\x02" + (3 * PRICE).to_bytes(32, "big")
     assert len(used.value) == 33 + 3 * 16
@@ -571,15 +577,58 @@ async def test_prepaid_amounts_are_claimed_and_prepayment_continues_on_the_next_
     await world.a.prepaid.charge(1, PRICE)
 
 
+# -- another MPE contract ----------------------------------------------------------------------
+
+MPE2 = sig.address_bytes("0x" + "77" * 20)
+NEWCOMER_KEY = sig.keccak256(b"newcomer on the new contract")
+
+
+def _contract_switch() -> tuple[Daemon, Daemon]:
+    """A daemon on the old contract, where the client prepaid 10 calls on channel 1 and made one,
+    and a daemon after the metadata named a new contract (same storage, secret and group),
+    whose channel 1 belongs to a newcomer who never paid anything."""
+    world = World()
+    new_chain = FakeChain()
+    new_chain.open(1, signer=sig.checksum(sig.address_of(NEWCOMER_KEY)))
+    return world.a, Daemon(world.memory, new_chain, world.clock, mpe=MPE2)
+
+
+@aio_test
+async def test_a_new_contracts_channel_does_not_inherit_the_old_ones_books() -> None:
+    """Channel 1 of the new contract has never been prepaid: the newcomer signing amount 0 gets
+    "Unable to retrieve planned Amount ", not the old channel 1's planned 100 / used 10."""
+    old, new = _contract_switch()
+    await old.get_token(1, 10 * PRICE)
+    await old.prepaid.charge(1, PRICE)
+    error = await refused(new.get_token(1, 0, key=NEWCOMER_KEY))
+    assert (error.status, error.message) == (Status.UNKNOWN, NO_PLANNED_AMOUNT)
+    assert await new.usage(1) == (None, 0)
+    assert await old.usage(1) == (10 * PRICE, PRICE)  # the old books are still the old channel's
+
+
+@aio_test
+async def test_a_new_contracts_channel_is_not_served_on_the_old_prepayment() -> None:
+    """A prepaid call on the new channel 1 is refused, and the old channel 1's token does not pass."""
+    old, new = _contract_switch()
+    reply = await old.get_token(1, 10 * PRICE)
+    error = await refused(new.prepaid.charge(1, PRICE))
+    assert error.message == "Usage Exceeded on channel Id 1"
+    with pytest.raises(TokenError) as info:
+        new.tokens.verify(reply.token, 1)
+    assert str(info.value) == f"mpeAddress {sig.checksum(MPE)} is not associated with this Daemon"
+
+
 # -- the JWTs ---------------------------------------------------------------------------------
 
 
-def _tokens(clock: Clock, secret: bytes = SECRET, org: str = "test-org", group: str = GROUP_B64) -> PrepaidTokens:
-    return PrepaidTokens(TokenSettings(secret, 60), org, lambda: group, clock)
+def _tokens(
+    clock: Clock, secret: bytes = SECRET, org: str = "test-org", group: str = GROUP_B64, mpe: bytes = MPE
+) -> PrepaidTokens:
+    return PrepaidTokens(TokenSettings(secret, 60), org, lambda: group, sig.checksum(mpe), clock)
 
 
 def test_token_is_the_go_daemons_jwt() -> None:
-    """HS256 JWT with Go's header and sorted claims: exp, groupId, orgId, payload, userAddress."""
+    """HS256 JWT with Go's header and sorted claims: exp, groupId, mpeAddress (ours), orgId, payload, userAddress."""
     clock = Clock()
     token = _tokens(clock).create(5, CLIENT)
     header, body, signature = token.split(".")
@@ -588,6 +637,7 @@ def test_token_is_the_go_daemons_jwt() -> None:
     expected = {
         "exp": int(clock.now) + 3600,
         "groupId": GROUP_B64,
+        "mpeAddress": sig.checksum(MPE),
         "orgId": "test-org",
         "payload": "5",
         "userAddress": CLIENT,
@@ -634,6 +684,24 @@ def test_token_of_another_secret_organisation_or_group_is_refused() -> None:
     assert _refusal(mine, _tokens(clock, group="b3RoZXI=").create(5, CLIENT)) == (
         "groupId b3RoZXI= is not associated with this Daemon"
     )
+
+
+def test_token_of_another_contract_or_naming_none_is_refused() -> None:
+    """mpeAddress (ours, not Go's) is checked: a token of another contract, or a Go daemon's
+    token (signed with the same secret but naming no contract), is refused like any invalid token."""
+    clock = Clock()
+    mine = _tokens(clock)
+    other = sig.checksum(sig.address_bytes("0x" + "77" * 20))
+    assert _refusal(mine, _tokens(clock, mpe=sig.address_bytes(other)).create(5, CLIENT)) == (
+        f"mpeAddress {other} is not associated with this Daemon"
+    )
+    claims = {"exp": int(clock.now) + 60, "groupId": GROUP_B64, "orgId": "test-org", "payload": "5"}
+    claims["userAddress"] = CLIENT
+    body = base64.urlsafe_b64encode(json.dumps(claims, separators=(",", ":")).encode()).rstrip(b"=")
+    signing_input = b"eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9." + body
+    mac = base64.urlsafe_b64encode(hmac.new(SECRET, signing_input, hashlib.sha256).digest()).rstrip(b"=")
+    go_token = (signing_input + b"." + mac).decode()
+    assert _refusal(mine, go_token) == "mpeAddress <nil> is not associated with this Daemon"
 
 
 def test_malformed_and_unsigned_tokens_are_refused() -> None:

@@ -55,10 +55,11 @@ def test_free_call_keys(layout: KeyLayout) -> None:
 
 
 def test_prepaid_keys(layout: KeyLayout) -> None:
-    """Prepaid used/planned/refund amounts are '{ID:<id>/U|P|R}' under P."""
-    assert layout.prepaid(9, "U") == f"{P}//PrePaid/storage/{{ID:9/U}}"
-    assert layout.prepaid(9, "P") == f"{P}//PrePaid/storage/{{ID:9/P}}"
-    assert layout.prepaid(9, "R") == f"{P}//PrePaid/storage/{{ID:9/R}}"
+    """Prepaid used/planned/refund amounts are '{ID:<id>/U|P|R}' under M (Go: P), like the
+    channel state: channel ids are per contract, and prepaid books are a channel's."""
+    assert layout.prepaid(9, "U") == f"{M}//PrePaid/storage/{{ID:9/U}}"
+    assert layout.prepaid(9, "P") == f"{M}//PrePaid/storage/{{ID:9/P}}"
+    assert layout.prepaid(9, "R") == f"{M}//PrePaid/storage/{{ID:9/R}}"
 
 
 def test_training_keys(layout: KeyLayout) -> None:

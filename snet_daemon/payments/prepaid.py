@@ -10,7 +10,10 @@ charged against *planned − used*, with no channel lock, concurrently
 (``snet-daemon.md`` §6.6).
 
 The books, per channel, in the shared storage under the Go daemon's keys
-(``P//PrePaid/storage/{ID:<channel>/P}`` planned, ``.../U}`` used):
+but under the MPE contract, like the channel state
+(``M//PrePaid/storage/{ID:<channel>/P}`` planned, ``.../U}`` used; Go's
+``P//...`` would let channel N of a new contract spend what was prepaid on
+channel N of the old one, see :mod:`snet_daemon.storage.keys`):
 
 * ``GetToken`` raises planned in the same conditional transaction that
   records the signed amount (:meth:`EscrowLedger.prepay`), so the planned

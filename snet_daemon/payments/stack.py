@@ -343,7 +343,7 @@ class PaymentStack:
         )
         free_calls = FreeCalls(storage, layout, self._chain, self._free_call_settings, self._current_free_call_terms)
         prepaid = PrepaidLedger(storage, layout)
-        tokens = PrepaidTokens(self._token_settings, self._organization_id, self._current_group_id, self._clock)
+        tokens = PrepaidTokens(self._token_settings, self._organization_id, self._current_group_id, mpe, self._clock)
         self._parts = _Parts(
             key=key,
             ledger=ledger,

@@ -7,15 +7,23 @@ says *who may spend this channel's prepaid amount*: what is left to spend
 is in the shared storage, so a token is not money and several concurrent
 calls may carry the same one.
 
-Tokens are exactly the Go daemon's (``token/jwt.go``, golang-jwt v5):
-header ``{"alg":"HS256","typ":"JWT"}``, claims ``{"exp", "groupId",
-"orgId", "payload", "userAddress"}`` (``payload`` is the channel id in
-decimal, ``groupId`` the group id in base64), keys sorted as Go's
+Tokens are the Go daemon's (``token/jwt.go``, golang-jwt v5) with one
+claim more: header ``{"alg":"HS256","typ":"JWT"}``, claims ``{"exp",
+"groupId", "mpeAddress", "orgId", "payload", "userAddress"}`` (``payload``
+is the channel id in decimal, ``groupId`` the group id in base64,
+``mpeAddress`` the MPE contract's checksummed address), keys sorted as Go's
 ``encoding/json`` writes a map, base64url without padding.  Verification
 accepts the HMAC family (HS256/384/512, as golang-jwt's ``SigningMethodHMAC``
 check does), requires an unexpired ``exp`` when present, and compares
-``payload``, ``orgId`` and ``groupId``; the error texts are golang-jwt's and
-the Go daemon's.
+``payload``, ``orgId``, ``groupId`` and ``mpeAddress``; the error texts are
+golang-jwt's and the Go daemon's.
+
+``mpeAddress`` is ours: a channel id means a channel only within one
+contract, and the metadata may switch to another contract (the secret stays
+the same).  Without it, a token for channel N of the old contract would
+spend on channel N of the new one; a token without it (issued by Go, or
+before) is refused like a token of another group, and clients ask for a new
+one.
 
 Pure code: the caller passes the clock.
 """
@@ -69,6 +77,8 @@ class PrepaidTokens:
         organization_id: the ``orgId`` claim.
         group_id: returns the ``groupId`` claim (base64 group id; the
             metadata may be reloaded).
+        mpe_address: the ``mpeAddress`` claim: the MPE contract whose
+            channels the tokens spend on (any case; checksummed).
         clock: seconds since the epoch (``IReactorTime.seconds``).
     """
 
@@ -77,12 +87,14 @@ class PrepaidTokens:
         settings: TokenSettings,
         organization_id: str,
         group_id: Callable[[], str],
+        mpe_address: str,
         clock: Callable[[], float],
     ) -> None:
         self._secret = settings.secret
         self._lifetime = settings.expiry_minutes * 60
         self._organization_id = organization_id
         self._group_id = group_id
+        self._mpe_address = to_checksum_address(mpe_address)
         self._clock = clock
         #: Tokens whose signature checked out (signature checks are skipped
         #: for them; claims are checked every time).
@@ -93,6 +105,7 @@ class PrepaidTokens:
         claims = {
             "exp": int(self._clock()) + self._lifetime,
             "groupId": self._group_id(),
+            "mpeAddress": self._mpe_address,
             "orgId": self._organization_id,
             "payload": str(channel_id),
             "userAddress": user_address,
@@ -114,7 +127,8 @@ class PrepaidTokens:
 
         Raises:
             TokenError: malformed, wrong algorithm or signature, expired,
-                or issued for another channel, organisation or group.
+                or issued for another channel, organisation, group or MPE
+                contract (or naming none: Go's tokens).
         """
         raw = token.encode("latin-1") if isinstance(token, str) else bytes(token)
         claims = self._verified.get(raw)
@@ -158,6 +172,7 @@ class PrepaidTokens:
             payload=_go_text(claims.get("payload")),
             organization=_go_text(claims.get("orgId")),
             group=_go_text(claims.get("groupId")),
+            contract=_go_text(claims.get("mpeAddress")),
             holder=holder,
         )
 
@@ -170,6 +185,8 @@ class PrepaidTokens:
             raise TokenError(f"organization {claims.organization} is not associated with this Daemon")
         if claims.group != self._group_id():
             raise TokenError(f"groupId {claims.group} is not associated with this Daemon")
+        if claims.contract != self._mpe_address:
+            raise TokenError(f"mpeAddress {claims.contract} is not associated with this Daemon")
         return claims.holder
 
 
@@ -181,6 +198,7 @@ class _Claims:
     payload: str
     organization: str
     group: str
+    contract: str
     holder: str
 
 

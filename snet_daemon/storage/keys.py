@@ -24,7 +24,7 @@ channel lock               ``M//payment-channel/lock/{ID: <id>}``
 payments being claimed     ``M//payment/storage/<id>/<nonce>``
 free-call user             ``P//free-call-user/storage/{ID:<addr>/<user>/<org>/<svc>/<group>}``
 free-call lock             ``P//freecall/lock/{ID:<addr>/<user>/<org>/<svc>/<group>}``
-prepaid used/planned/ref.  ``P//PrePaid/storage/{ID:<id>/U}`` (``/P``, ``/R``)
+prepaid used/planned/ref.  ``M//PrePaid/storage/{ID:<id>/U}`` (``/P``, ``/R``)
 training model             ``P//model-user/modelStorage/{ID:<org>|<svc>|<group>|<model>}``
 user's models              ``P//model-user/userModelStorage/{ID:<org>|<svc>|<group>|<addr>}``
 pending models             ``P//model-user/pendingModelStorage/{ID:<org>|<svc>|<group>}``
@@ -33,6 +33,14 @@ public models              ``P//model-user/publicModelStorage/{ID:<org>|<svc>|<g
 
 (Note the space in the channel keys' ``{ID: <id>}`` and its absence
 elsewhere: that is Go's ``fmt`` formatting of each key type, kept as is.)
+
+Prepaid amounts are the one departure: Go keeps them under ``P``, but they
+belong to a channel, and channel ids are per contract.  Under ``P``, a
+metadata change to another MPE contract would hand the new contract's
+channel N the planned and used amounts of the old contract's channel N
+(calls served that nobody paid for), so they sit under ``M`` like the
+channel state.  (Their values are our own encoding anyway, so a Go daemon
+could not read them under either key.)
 
 The channel lock key is named here for completeness but not used: this
 daemon holds a channel with a key of its own, attached to its lease
@@ -131,7 +139,15 @@ class KeyLayout:
         """Prefix of every payment being claimed."""
         return _join(self.mpe, _PAYMENT_STORAGE, "")
 
-    # -- free calls, prepaid, training (under P) -------------------------------------
+    def prepaid(self, channel_id: int, usage: PrepaidUsage) -> str:
+        """A prepaid channel's used (``U``), planned (``P``) or refund (``R``) amount.
+
+        Under ``M`` (Go: ``P``): amounts prepaid on one contract's channel
+        must not be spent on the same id of another contract.
+        """
+        return _join(self.mpe, _PREPAID, f"{{ID:{channel_id}/{usage}}}")
+
+    # -- free calls, training (under P) ------------------------------------------------
 
     @staticmethod
     def _free_call_id(address: str, user_id: str, organization_id: str, service_id: str, group_id: str) -> str:
@@ -146,10 +162,6 @@ class KeyLayout:
         """The lock of a user's free-call counter."""
         user = self._free_call_id(address, user_id, organization_id, service_id, group_id)
         return _join(self.base, _FREE_CALL_LOCK, user)
-
-    def prepaid(self, channel_id: int, usage: PrepaidUsage) -> str:
-        """A prepaid channel's used (``U``), planned (``P``) or refund (``R``) amount."""
-        return _join(self.base, _PREPAID, f"{{ID:{channel_id}/{usage}}}")
 
     def model(self, organization_id: str, service_id: str, group_id: str, model_id: str) -> str:
         """A training model's record."""

@@ -95,10 +95,10 @@ class FakeChain:
         return channel
 
 
-def Keys() -> PaymentKeys:
-    """The real key layout of the tests' payment group."""
+def Keys(mpe: bytes = MPE) -> PaymentKeys:
+    """The real key layout of the tests' payment group (on the MPE contract ``mpe``)."""
     return PaymentKeys(
-        KeyLayout(network="test", organization_id="test-org", group_id=GROUP, mpe_address=sig.checksum(MPE))
+        KeyLayout(network="test", organization_id="test-org", group_id=GROUP, mpe_address=sig.checksum(mpe))
     )
 
 
