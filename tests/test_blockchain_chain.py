@@ -19,7 +19,7 @@ from snet_daemon.blockchain.blocks import BlockNumber, BlockNumberService
 from snet_daemon.blockchain.build import build_chain
 from snet_daemon.blockchain.chain import ChainReader, ChannelInfo, EthereumChainReader
 from snet_daemon.blockchain.contracts import ZERO_ADDRESS, function, network_info
-from snet_daemon.blockchain.errors import ChainError, ChainUnavailable, StaleBlockNumber
+from snet_daemon.blockchain.errors import ChainError, ChainUnavailable, ContractCallFailed, StaleBlockNumber
 from snet_daemon.blockchain.fake import FakeChainReader
 from snet_daemon.blockchain.rpc import JsonRpcClient
 from snet_daemon.config.model import DaemonConfig
@@ -254,6 +254,23 @@ async def test_reads_beyond_the_waiting_limit_fail_at_once(slow_node: tuple[str,
         assert node.calls == 20
         assert await reader.channel(2000) is None
         assert node.calls == 21
+    finally:
+        await reader.rpc.close()
+
+
+@aio_test
+async def test_channel_id_beyond_uint256_is_a_chain_error(slow_node: tuple[str, SlowNode]) -> None:
+    """A channel id that does not fit the ABI's uint256 (from a client's bytes) is refused with
+    ContractCallFailed, a ChainError the payment code answers, without asking the node; eth-abi's
+    own error would reach the client as INTERNAL "internal error" with a traceback in the log."""
+    url, node = slow_node
+    reader = make_reader(url, mpe="0x" + "11" * 20)
+    try:
+        with pytest.raises(ContractCallFailed, match=r"channels\(\) cannot take these arguments"):
+            await reader.channel(2**256)
+        assert node.calls == 0
+        node.gate.set()
+        assert await reader.channel(2**256 - 1) is None  # the largest id is read as any other
     finally:
         await reader.rpc.close()
 

@@ -8,13 +8,18 @@ next nonce, the state service shows the old payment until the claim lands.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 import pytest
 
 from snet_daemon._proto.escrow import control_service_pb2 as cpb
 from snet_daemon._proto.escrow import state_service_pb2 as spb
+from snet_daemon.blockchain.blocks import BlockNumber
+from snet_daemon.blockchain.chain import EthereumChainReader
+from snet_daemon.blockchain.contracts import network_info
 from snet_daemon.blockchain.errors import ChainUnavailable
+from snet_daemon.blockchain.rpc import JsonRpcClient
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures as sig
 from snet_daemon.payments.claims import ProviderControl
@@ -28,6 +33,7 @@ from tests.support.payments import (
     MPE,
     PRICE,
     PROVIDER_KEY,
+    CountingStorage,
     FakeChain,
     Keys,
     StorageLease,
@@ -235,6 +241,39 @@ async def test_start_claim_refusals() -> None:
         await world.start_claim(1, 1)
     assert info.value.status == Status.FAILED_PRECONDITION
     assert "already in progress" in info.value.message
+
+
+@aio_test
+async def test_start_claim_with_an_id_beyond_uint256_is_an_incorrect_signature() -> None:
+    """StartClaim reads the channel before checking the signature (it is over the channel's nonce):
+    an id of 33 bytes, from anyone, is refused as GetChannelState refuses it, before any storage
+    or chain read.  It reached the real chain reader, whose ABI encoder raised: INTERNAL "internal
+    error" and a traceback in the log for each such request."""
+    storage = CountingStorage(MemoryStorage(lambda: 0.0))
+    rpc = JsonRpcClient("http://127.0.0.1:9", now=time.monotonic, attempts=1, backoff=0.01, timeout=1.0)
+    blocks = BlockNumber(60, now=time.monotonic)
+    blocks.update(1000)
+    chain = EthereumChainReader(
+        rpc, blocks, now=time.monotonic, network=network_info("local"), mpe_address=sig.checksum(MPE)
+    )
+    keys = Keys()
+    ledger = EscrowLedger(storage, keys, chain, terms, StorageLease(storage), "d")
+    control = ProviderControl(ledger, storage, keys, chain, terms)
+    request = cpb.StartClaimRequest(mpe_address=sig.checksum(MPE), channel_id=b"\x01" + bytes(32), signature=bytes(65))
+    try:
+        with pytest.raises(GrpcError) as info:
+            await control.start_claim(request, CALL)
+    finally:
+        await rpc.close()
+    assert (info.value.status, info.value.message) == (Status.UNKNOWN, "incorrect signature")
+    assert storage.calls == []
+    assert chain.cache_misses == 0
+    # GetChannelState answers the same (its signature is checked first).
+    world = World()
+    state_request = spb.ChannelStateRequest(channel_id=b"\x01" + bytes(32), signature=bytes(65), current_block=1)
+    with pytest.raises(GrpcError) as info:
+        await world.state.get_channel_state(state_request, CALL)
+    assert (info.value.status, info.value.message) == (Status.UNKNOWN, "incorrect signature")
 
 
 @aio_test

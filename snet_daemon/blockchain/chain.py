@@ -163,7 +163,8 @@ class ChainReader(Protocol):
 
         Raises:
             ChainUnavailable: the node could not be reached (after retries).
-            ChainError: no MPE address is known yet, or the answer was garbage.
+            ChainError: no MPE address is known yet, the answer was garbage,
+                or ``channel_id`` is no uint256 (``ContractCallFailed``).
         """
 
     def invalidate(self, channel_id: int | None = None) -> None:
@@ -283,10 +284,15 @@ class EthereumChainReader:
             ChainUnavailable: the node could not be reached.
             ContractCallFailed: the call reverted, the node does not have
                 ``block``, or the answer is not what the ABI says (no
-                contract at ``to``).
+                contract at ``to``); or the arguments do not fit the ABI
+                (nothing is sent).
         """
         at = "latest" if block is None else hex(block)
-        data = await self.rpc.call("eth_call", [{"to": to, "data": fn.encode_call(*args)}, at])
+        try:
+            call = fn.encode_call(*args)
+        except ValueError as exc:
+            raise ContractCallFailed(f"{to}: {exc}") from None
+        data = await self.rpc.call("eth_call", [{"to": to, "data": call}, at])
         try:
             return fn.decode_result(data)
         except ValueError as exc:

@@ -25,6 +25,7 @@ from importlib import resources
 from typing import Any
 
 from eth_abi.abi import decode, encode
+from eth_abi.exceptions import EncodingError
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
@@ -82,8 +83,18 @@ class AbiFunction:
     selector: bytes
 
     def encode_call(self, *args: Any) -> str:
-        """``eth_call`` data (hex) for these arguments."""
-        return "0x" + (self.selector + encode(list(self.inputs), list(args))).hex()
+        """``eth_call`` data (hex) for these arguments.
+
+        Raises:
+            ValueError: an argument does not fit its ABI type (a channel id
+                of 2**256 or more, from a client's bytes).  eth-abi raises
+                its own ``EncodingError``, which is no ``ValueError``, and
+                would reach the caller as a bug of the daemon.
+        """
+        try:
+            return "0x" + (self.selector + encode(list(self.inputs), list(args))).hex()
+        except EncodingError as exc:
+            raise ValueError(f"{self.name}() cannot take these arguments: {exc}") from None
 
     def decode_result(self, data: object) -> tuple[Any, ...]:
         """Decode an ``eth_call`` answer (hex).

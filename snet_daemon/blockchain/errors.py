@@ -49,7 +49,9 @@ class RateLimited(ChainUnavailable):
 class ContractCallFailed(ChainError):
     """The node answered, with a JSON-RPC error (a revert, a bad request, an unknown method).
 
-    Not retried: asking again gets the same answer.
+    Also raised, without asking the node, for arguments the call's ABI cannot
+    encode (a channel id of 2**256 or more).  Not retried: asking again gets
+    the same answer.
 
     Attributes:
         code: The JSON-RPC error code.

@@ -39,7 +39,7 @@ from snet_daemon.payments.escrow import (
     channel_label,
 )
 from snet_daemon.payments.keys import PaymentKeys, channel_id_of_state_key, payment_of_key
-from snet_daemon.payments.state_service import check_block, uint256_bytes
+from snet_daemon.payments.state_service import channel_id_of, check_block, uint256_bytes
 from snet_daemon.storage.base import AtomicStorage, Condition, ConditionFailed, Entry, Put, StorageError
 
 
@@ -110,7 +110,9 @@ class ProviderControl:
     async def start_claim(self, request: pb.StartClaimRequest, call: ServerCall) -> pb.PaymentReply:
         """Start claiming one channel: return its last payment, move it to the next nonce."""
         terms = self._check_mpe(request.mpe_address)
-        channel_id = int.from_bytes(request.channel_id, "big")
+        # The signature is over the channel's nonce, so the channel is read
+        # first: an id that fits no channel must not reach the reads.
+        channel_id = channel_id_of(request.channel_id)
         state, _, _ = await self._stored_channel(channel_id)
         try:
             signer = signatures.recover(

@@ -36,6 +36,23 @@ def uint256_bytes(value: int) -> bytes:
     return value.to_bytes(32, "big")
 
 
+def channel_id_of(raw: bytes) -> int:
+    """A channel id a client sent as big-endian bytes, refused unless it is a uint256.
+
+    A larger id names no channel and cannot be signed over (the signed
+    messages hold it as 32 bytes), so the request's signature cannot be
+    right: refused as Go refuses it, before any storage or chain lookup
+    (where the id would not fit either).
+
+    Raises:
+        GrpcError: ``UNKNOWN`` "incorrect signature".
+    """
+    channel_id = int.from_bytes(raw, "big")
+    if channel_id >> 256:
+        raise GrpcError(Status.UNKNOWN, "incorrect signature")
+    return channel_id
+
+
 def check_block(client_block: int, chain: ChannelSource) -> None:
     """Refuse signatures over a block number too far from the current one.
 
@@ -79,7 +96,7 @@ class ChannelStateService:
     async def get_channel_state(self, request: pb.ChannelStateRequest, call: ServerCall) -> pb.ChannelStateReply:
         """The state of ``request.channel_id`` for its signer, sender or recipient."""
         terms = self._terms()
-        channel_id = int.from_bytes(request.channel_id, "big")
+        channel_id = channel_id_of(request.channel_id)
         try:
             signer = signatures.recover(
                 signatures.channel_state_request(terms.mpe_address, channel_id, request.current_block),
