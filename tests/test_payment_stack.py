@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -13,10 +14,12 @@ from twisted.internet.defer import Deferred, succeed
 from snet_daemon.ops.heartbeat import Heartbeat, HeartbeatIdentity
 from snet_daemon.payments import signatures as sig
 from snet_daemon.payments.freecall import FreeCall, FreeCallSettings, decode_count, encode_count
+from snet_daemon.payments.prepaid import decode_amount, encode_amount
 from snet_daemon.payments.stack import PaymentStack
 from snet_daemon.payments.tokens import TokenSettings
 from snet_daemon.storage.base import Condition, Op, StorageSetupError
 from snet_daemon.storage.embedded import EmbeddedEtcdError, EmbeddedEtcdStartError
+from snet_daemon.storage.keys import KeyLayout
 from snet_daemon.storage.memory import MemoryStorage
 from tests.support.aio import aio_test, wait_for
 from tests.support.payments import GROUP, MPE, PROVIDER
@@ -219,3 +222,65 @@ async def test_stop_waits_for_free_call_give_backs_before_the_storage_closes() -
     await stack.stop()
     assert counted_at_close == [0]
     assert background.done()
+
+
+class _GatedWrites(MemoryStorage):
+    """Storage whose transactions, once ``tickets`` is set, each wait for a ticket."""
+
+    tickets: asyncio.Semaphore | None = None
+    entered = 0
+
+    async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+        if self.tickets is not None:
+            self.entered += 1
+            await self.tickets.acquire()
+        return await super().transaction(conditions, ops)
+
+
+@aio_test
+async def test_stop_waits_for_prepaid_refunds_before_the_storage_closes() -> None:
+    """A prepaid call cancelled while its charge was being written is refunded once the charge
+    lands, in the background; that refund still under way when the daemon stops lands before the
+    storage closes (the stop did not wait for it: the client stayed charged for a call never served)."""
+    storage = _GatedWrites(lambda: 0.0)
+    used_at_close: list[int] = []
+    used_key = KeyLayout("test", "org", GROUP, sig.checksum(MPE)).prepaid(1, "U")
+
+    class Service(_Service):
+        def stopService(self) -> Deferred[None]:
+            used_at_close.append(decode_amount(storage._data.get(used_key)))  # no await: the storage closes
+            return super().stopService()
+
+    async def ready() -> None:
+        pass
+
+    setup = SimpleNamespace(service=Service(), ready=ready, mode="memory", storage=storage, lease_keeper=None)
+    current = SimpleNamespace(
+        storage_client=_CLIENT,
+        group_id=GROUP,
+        group_id_base64="AAEC",
+        group_name="default_group",
+        free_calls=0,
+        free_call_signer_address=None,
+        payment_address=sig.checksum(PROVIDER),
+        payment_expiration_threshold=100,
+        price=lambda method: 10,
+    )
+    stack = _stack(lambda _: setup, SimpleNamespace(mpe_address=sig.checksum(MPE), token_balance=None), current)
+    stack.start()
+    await wait_for(lambda: stack._parts is not None)
+    assert stack._parts is not None
+    await storage.put(KeyLayout("test", "org", GROUP, sig.checksum(MPE)).prepaid(1, "P"), encode_amount(100))
+    storage.tickets = tickets = asyncio.Semaphore(0)
+    charge = asyncio.ensure_future(stack._parts.prepaid.charge(1, 10))
+    await wait_for(lambda: storage.entered == 1)
+    charge.cancel()  # the client goes away while its charge is being written
+    with contextlib.suppress(asyncio.CancelledError):
+        await charge
+    tickets.release()  # the charge lands: its refund follows
+    await wait_for(lambda: storage.entered == 2)
+    stopping = asyncio.ensure_future(stack.stop())
+    await asyncio.sleep(0.05)
+    tickets.release()  # the refund lands
+    await stopping
+    assert used_at_close == [0]

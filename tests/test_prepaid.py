@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from snet_daemon._proto.escrow import control_service_pb2 as cpb
 from snet_daemon._proto.escrow import token_service_pb2 as pb
@@ -892,6 +893,53 @@ async def test_refund_during_a_storage_outage_lands_later() -> None:
         await asyncio.sleep(0)
     assert naps
     assert await world.a.usage(1) == (4 * PRICE, 0)
+
+
+@aio_test
+async def test_settle_waits_for_the_refund_of_a_call_cancelled_while_charged() -> None:
+    """The daemon stops while a cancelled call's charge is being written: settle waits for the
+    charge to land and for its refund, which the storage closing next would cut off."""
+    world = World()
+    await world.a.get_token(1, 4 * PRICE)
+    storage = world.a.storage
+    storage.reply_after = reply = asyncio.Event()
+    charge = asyncio.ensure_future(world.a.prepaid.charge(1, PRICE))
+    await storage.applied.wait()
+    charge.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await charge
+    settling = asyncio.ensure_future(world.a.prepaid.settle(5.0))
+    await asyncio.sleep(0)
+    assert not settling.done()
+    reply.set()
+    await settling
+    assert await world.a.usage(1) == (4 * PRICE, 0)
+
+
+@aio_test
+async def test_a_refund_the_stop_cuts_off_is_logged() -> None:
+    """A refund retried while storage is down when the daemon stops: settle waits only its
+    deadline, and close gives the refund up with an error in the log (it vanished unsaid)."""
+    world = World()
+    await world.a.get_token(1, 4 * PRICE)
+    storage = CountingStorage(world.memory)
+    never = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        await never.wait()  # storage stays down longer than the stop waits
+
+    ledger = PrepaidLedger(storage, world.a.keys.layout, sleep=sleep)
+    await ledger.charge(1, PRICE)
+    storage.fail = StorageUnavailable("down")
+    await ledger.refund(1, PRICE)
+    with capturedLogs() as events:
+        await asyncio.wait_for(ledger.settle(0.05), 1.0)
+        ledger.close()
+        for _ in range(10):
+            await asyncio.sleep(0)
+    (event,) = [event for event in events if event["log_level"] == LogLevel.error]
+    assert "refund of 10 to prepaid channel 1 may be lost: the daemon stopped first" in formatEvent(event)
+    assert await world.a.usage(1) == (4 * PRICE, PRICE)
 
 
 def test_a_known_token_is_not_verified_twice_but_its_claims_are() -> None:

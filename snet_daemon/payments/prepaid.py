@@ -223,6 +223,31 @@ class PrepaidLedger:
         self._enqueue(channel_id, _Request(-price, future))
         await future
 
+    async def settle(self, within: float) -> None:
+        """Wait up to ``within`` seconds for the writes under way (the daemon
+        stops: storage closes next).
+
+        Refunds run in the background: of a call cancelled while its charge
+        was being written (refunded once it lands), and of failed calls
+        while storage is down (retried).  Cut off by the storage closing,
+        the client would stay charged for a call it was never served.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            # A charge that just landed refunds its cancelled call from a
+            # done-callback, which runs on the next turn of the loop.
+            await asyncio.sleep(0)
+            left = deadline - loop.time()
+            if not self._workers or left <= 0:
+                return
+            await asyncio.wait(set(self._workers), timeout=left)
+
+    def close(self) -> None:
+        """Stop writing; refunds still waiting are logged as lost."""
+        for worker in list(self._workers):
+            worker.cancel()
+
     async def usage(self, channel_id: int) -> tuple[int | None, int]:
         """``(planned, used)`` read now (planned None if never set).
 
@@ -258,6 +283,7 @@ class PrepaidLedger:
 
     async def _run(self, channel_id: int, books: _Books) -> None:
         """Apply queued requests, one transaction at a time, until none are left."""
+        batch: list[_Request] = []
         try:
             while books.pending:
                 batch, books.pending = books.pending, []
@@ -274,12 +300,22 @@ class PrepaidLedger:
                     for request in batch:
                         _settle(request, bug)
                     continue
+                batch = []
                 if leftover:
                     # Refunds that could not be written yet: the callers
                     # need not wait; keep trying in the background.
                     for request in leftover:
                         _settle(request, None)
                     await self._refund_later(channel_id, books, [_Request(r.amount, None) for r in leftover])
+        except asyncio.CancelledError:
+            # close(): the daemon stops.  Nobody may wait for ever, and a
+            # refund not written is logged (the batch's may have landed).
+            stopping = GrpcError(Status.UNAVAILABLE, "the daemon is stopping")
+            for request in batch + books.pending:
+                _settle(request, stopping if request.amount > 0 else None)
+            _log_lost(channel_id, batch + books.pending)
+            books.pending = []
+            raise
         finally:
             books.running = False
 
@@ -298,13 +334,17 @@ class PrepaidLedger:
                 for request in refunds:
                     _settle(request, None)
                 return
-            await self._sleep(delay)  # type: ignore[misc]
-            waited += delay
-            delay = min(delay * 2, 2.0)
             try:
-                refunds = await self._apply(channel_id, books, refunds)
-            except GrpcError:
-                continue
+                await self._sleep(delay)  # type: ignore[misc]
+                waited += delay
+                delay = min(delay * 2, 2.0)
+                try:
+                    refunds = await self._apply(channel_id, books, refunds)
+                except GrpcError:
+                    continue
+            except asyncio.CancelledError:
+                _log_lost(channel_id, refunds)
+                raise
 
     async def _apply(self, channel_id: int, books: _Books, batch: list[_Request]) -> list[_Request]:
         """One transaction for ``batch``; returns the refunds left unwritten."""
@@ -407,6 +447,19 @@ def _amount(entry: Entry | None) -> int:
         return decode_amount(entry)
     except CorruptValue as exc:
         raise GrpcError(Status.INTERNAL, f"internal error: {exc}") from None
+
+
+def _log_lost(channel_id: int, requests: Sequence[_Request]) -> None:
+    """Log the refunds among ``requests`` that the daemon's stop cut off (one
+    cut off while being written may have landed)."""
+    total = -sum(r.amount for r in requests if r.amount < 0)
+    if total:
+        _log.error(
+            "refund of {amount} to prepaid channel {channel} may be lost: the daemon stopped first; "
+            "the client paid for failed calls",
+            amount=total,
+            channel=channel_id,
+        )
 
 
 def _value_amount(key: str, value: bytes | None) -> int:

@@ -99,6 +99,7 @@ class _Parts:
     state: ChannelStateService
     control: ProviderControl
     free_calls: FreeCalls
+    prepaid: PrepaidLedger
     tokens: TokenService
 
 
@@ -174,11 +175,16 @@ class PaymentStack:
             self._unsubscribe()
         if self._parts is not None:
             # Refunds of calls cancelled while their payment was written
-            # (EscrowLedger._abandon) and give-backs of failed free calls
-            # run in the background: let them land.
-            await asyncio.gather(self._parts.ledger.settle(_SETTLE), self._parts.free_calls.settle(_SETTLE))
-            self._parts.ledger.close()  # lingering holds go with our lease's revoke
-            self._parts.free_calls.close()  # give-backs still waiting are logged as lost
+            # (EscrowLedger._abandon, PrepaidLedger), refunds of failed
+            # prepaid calls while storage is down and give-backs of failed
+            # free calls run in the background: let them land.
+            parts = self._parts
+            await asyncio.gather(
+                parts.ledger.settle(_SETTLE), parts.free_calls.settle(_SETTLE), parts.prepaid.settle(_SETTLE)
+            )
+            parts.ledger.close()  # lingering holds go with our lease's revoke
+            parts.free_calls.close()  # give-backs still waiting are logged as lost
+            parts.prepaid.close()  # so are refunds
         if self._storage_task is not None and not self._storage_task.done():
             self._storage_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -351,6 +357,7 @@ class PaymentStack:
             state=ChannelStateService(ledger, storage, keys, self._chain, self._current_terms),
             control=ProviderControl(ledger, storage, keys, self._chain, self._current_terms),
             free_calls=free_calls,
+            prepaid=prepaid,
             tokens=TokenService(ledger, prepaid, layout, tokens, self._chain, self._current_terms),
         )
         self._log_free_call_key(free_calls)
