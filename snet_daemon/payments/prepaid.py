@@ -135,7 +135,12 @@ def _history(entry: Entry | None) -> list[tuple[bytes, int]]:
 
 
 def usage_exceeded(channel_id: int) -> GrpcError:
-    """A prepaid call beyond what was planned (Go's text; JS clients look for it)."""
+    """A prepaid call beyond what was planned (Go's text; JS clients look for it).
+
+    Go answers it ``INTERNAL``; this is ``RESOURCE_EXHAUSTED``, as the
+    client has used up what it paid for: ``INTERNAL`` says the server is
+    at fault, which clients and monitoring take for a daemon bug.
+    """
     return GrpcError(Status.RESOURCE_EXHAUSTED, f"Usage Exceeded on channel Id {channel_id}")
 
 
