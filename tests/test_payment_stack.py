@@ -180,6 +180,26 @@ class _SlowWrites(MemoryStorage):
         return await super().transaction(conditions, ops)
 
 
+async def _running_stack(storage: MemoryStorage, service: _Service, free_calls: int) -> PaymentStack:
+    """A started stack on ``storage`` (closed by stopping ``service``), its ledgers built."""
+    setup = SimpleNamespace(service=service, ready=_no_wait, mode="memory", storage=storage, lease_keeper=None)
+    current = SimpleNamespace(
+        storage_client=_CLIENT,
+        group_id=GROUP,
+        group_id_base64="AAEC",
+        group_name="default_group",
+        free_calls=free_calls,
+        free_call_signer_address=None,
+        payment_address=sig.checksum(PROVIDER),
+        payment_expiration_threshold=100,
+        price=lambda method: 10,
+    )
+    stack = _stack(lambda _: setup, SimpleNamespace(mpe_address=sig.checksum(MPE), token_balance=None), current)
+    stack.start()
+    await wait_for(lambda: stack._parts is not None)
+    return stack
+
+
 @aio_test
 async def test_stop_waits_for_free_call_give_backs_before_the_storage_closes() -> None:
     """A failed free call's give-back still under way when the daemon stops lands before the
@@ -193,26 +213,7 @@ async def test_stop_waits_for_free_call_give_backs_before_the_storage_closes() -
             return super().stopService()
 
     key = "test/free-call-user/a"
-
-    async def ready() -> None:
-        pass
-
-    service = Service()
-    setup = SimpleNamespace(service=service, ready=ready, mode="memory", storage=storage, lease_keeper=None)
-    current = SimpleNamespace(
-        storage_client=_CLIENT,
-        group_id=GROUP,
-        group_id_base64="AAEC",
-        group_name="default_group",
-        free_calls=2,
-        free_call_signer_address=None,
-        payment_address=sig.checksum(PROVIDER),
-        payment_expiration_threshold=100,
-        price=lambda method: 10,
-    )
-    stack = _stack(lambda _: setup, SimpleNamespace(mpe_address=sig.checksum(MPE), token_balance=None), current)
-    stack.start()
-    await wait_for(lambda: stack._parts is not None)
+    stack = await _running_stack(storage, Service(), free_calls=2)
     assert stack._parts is not None
     await storage.put(key, encode_count(1))
     storage.delay = 0.05
@@ -251,24 +252,7 @@ async def test_stop_waits_for_prepaid_refunds_before_the_storage_closes() -> Non
             used_at_close.append(decode_amount(storage._data.get(used_key)))  # no await: the storage closes
             return super().stopService()
 
-    async def ready() -> None:
-        pass
-
-    setup = SimpleNamespace(service=Service(), ready=ready, mode="memory", storage=storage, lease_keeper=None)
-    current = SimpleNamespace(
-        storage_client=_CLIENT,
-        group_id=GROUP,
-        group_id_base64="AAEC",
-        group_name="default_group",
-        free_calls=0,
-        free_call_signer_address=None,
-        payment_address=sig.checksum(PROVIDER),
-        payment_expiration_threshold=100,
-        price=lambda method: 10,
-    )
-    stack = _stack(lambda _: setup, SimpleNamespace(mpe_address=sig.checksum(MPE), token_balance=None), current)
-    stack.start()
-    await wait_for(lambda: stack._parts is not None)
+    stack = await _running_stack(storage, Service(), free_calls=0)
     assert stack._parts is not None
     await storage.put(KeyLayout("test", "org", GROUP, sig.checksum(MPE)).prepaid(1, "P"), encode_amount(100))
     storage.tickets = tickets = asyncio.Semaphore(0)

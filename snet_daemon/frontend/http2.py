@@ -551,8 +551,8 @@ class H2ServerProtocol(Protocol):
             return
         stream.decoder = MessageDecoder(self._max_message, encoding)
         if self._closing and sid > self._last_accepted:
-            # Opened after our GOAWAY: refused streams are safe for the
-            # client to retry on another connection.
+            # Opened after a GOAWAY (ours, or the client's): refused
+            # streams are safe for the client to retry on another connection.
             self._streams.pop(sid, None)
             self._conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
@@ -724,8 +724,8 @@ class H2ServerProtocol(Protocol):
         """Stop serving the connection: its calls are cancelled, and it is closed.
 
         For a protocol error or a flood (GOAWAY with ``error_code``), or the
-        client's GOAWAY (``None``).  No reply can follow either, so every
-        call is cancelled now, which also cancels its upstream call.  Our
+        client's GOAWAY with an error (``None``).  No reply is wanted or can
+        follow, so every call is cancelled now, which also cancels its upstream call.  Our
         side of the connection is closed once the GOAWAY is out, and what the
         client still sends is dropped unread, so that it sees the GOAWAY
         rather than a reset; a client that does not let the connection close
