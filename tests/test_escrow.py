@@ -16,7 +16,7 @@ from snet_daemon.blockchain.errors import ChainUnavailable
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments.channel import ChannelState, merge, spendable
 from snet_daemon.payments.escrow import EscrowLedger, Hold, metadata_values, parse_escrow
-from snet_daemon.storage.base import Condition, Entry, Op, StorageTimeout, StorageUnavailable
+from snet_daemon.storage.base import Condition, ConditionFailed, Entry, Op, Put, StorageTimeout, StorageUnavailable
 from snet_daemon.storage.memory import MemoryStorage
 from tests.support.aio import aio_test
 from tests.support.payments import (
@@ -83,6 +83,13 @@ async def hold_gone(
             return True
         await asyncio.sleep(0.01)
     return False
+
+
+async def signed_amount(ledger: EscrowLedger, channel_id: int) -> int:
+    """The amount recorded on the channel (0 when nothing is)."""
+    state = await ledger.channel_state(channel_id)
+    assert state is not None
+    return state[0].authorized_amount
 
 
 async def pay(ledger: EscrowLedger, channel_id: int, nonce: int, amount: int, key: bytes = CLIENT_KEY) -> Hold:
@@ -601,21 +608,29 @@ class _ReadsFail(CountingStorage):
         return await self.inner.get_many(keys)
 
 
-@aio_test
-async def test_hold_left_by_a_timed_out_write_that_cannot_be_read_back_goes() -> None:
-    """A write that timed out and cannot be read back refuses the call; the hold it may have left goes later."""
+async def _refused_write_of_unknown_outcome(reads_failing: int) -> tuple[EscrowLedger, _ReadsFail]:
+    """A ledger whose payment write on channel 1 applied but lost its reply, and whose outcome
+    could not be told (the next ``reads_failing`` reads fail): the call was refused."""
     chain = FakeChain()
     chain.open(1)
     storage = _ReadsFail(MemoryStorage(Clock()))
-    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", linger=0.01, late_write_grace=0.05)
+    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", linger=0.01)
     storage.timeout_after_apply = 1
-    storage.fail_reads = 1
-    error = await rejected(ledger, 1, 0, PRICE)
-    assert error.status == Status.UNAVAILABLE
+    storage.fail_reads = reads_failing
+    assert (await rejected(ledger, 1, 0, PRICE)).status == Status.UNAVAILABLE
+    return ledger, storage
+
+
+@aio_test
+async def test_timed_out_write_whose_outcome_cannot_be_told_is_settled_later_and_refunded() -> None:
+    """A write that timed out and whose outcome cannot be told yet refuses the call; once storage
+    answers, the write is found applied and undone: the client, told the call failed, is not
+    charged, and the hold goes."""
+    ledger, storage = await _refused_write_of_unknown_outcome(reads_failing=1)
     assert await hold_of(storage, 1) is not None  # it did apply
-    assert await hold_gone(storage, 1)
-    # The payment stayed recorded (the client was told the call failed).
-    ledger.commit(await pay(ledger, 1, 0, 2 * PRICE))
+    assert await hold_gone(storage, 1, ledger)
+    assert await signed_amount(ledger, 1) == 0  # given back
+    ledger.commit(await pay(ledger, 1, 0, PRICE))  # the same payment again
 
 
 @aio_test
@@ -648,23 +663,25 @@ async def test_call_cancelled_while_its_payment_is_written_is_refunded() -> None
 
 @aio_test
 async def test_call_cancelled_while_its_write_fails_frees_the_channel() -> None:
-    """A cancelled call whose payment write then fails leaves nothing behind."""
-    ledger, chain, counting = make(linger=0.01, late_write_grace=0.05)
+    """A cancelled call whose payment write then times out, with storage down, leaves nothing
+    behind once storage is back: the write, which applied, is undone and its hold goes."""
+    ledger, chain, counting = make(linger=0.01)
     chain.open(1)
     counting.reply_after = reply = asyncio.Event()
     call = asyncio.ensure_future(pay(ledger, 1, 0, PRICE))
     await counting.applied.wait()
     counting.timeout_after_apply = 1  # the reply that comes is a timeout ...
-    counting.fail = StorageUnavailable("down")  # ... and the read-back fails: outcome unknown
+    counting.fail = StorageUnavailable("down")  # ... and the fence fails: outcome unknown
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
     reply.set()
     await _settle()
+    assert await counting.inner.get(Keys().channel_hold(1)) is not None  # the write applied
     counting.fail = None
     assert await hold_gone(counting, 1, ledger)
-    # The payment stayed recorded (outcome unknown when the call ended): the next one goes on from it.
-    ledger.commit(await pay(ledger, 1, 0, 2 * PRICE))
+    assert await signed_amount(ledger, 1) == 0  # given back
+    ledger.commit(await pay(ledger, 1, 0, PRICE))
 
 
 class _LateWrites(CountingStorage):
@@ -687,24 +704,102 @@ class _LateWrites(CountingStorage):
         raise StorageTimeout("no reply")
 
 
+@pytest.mark.parametrize("previous", [False, True], ids=["fresh-channel", "paid-before"])
 @aio_test
-async def test_hold_left_by_a_write_that_lands_after_its_read_back_goes() -> None:
-    """A write that timed out, was not found by the read-back and landed later: the call was
-    refused, and the hold the write left is deleted after a grace (it does not block the channel)."""
+async def test_write_that_would_land_after_its_timeout_is_fenced_off(previous: bool) -> None:
+    """A write that timed out and has not applied yet can never apply later (etcd may still apply
+    a proposal long after its reply was due): the call is refused, the state stays as it was, no
+    hold is left, and the same payment goes through on any daemon."""
     chain = FakeChain()
     chain.open(1)
     storage = _LateWrites(MemoryStorage(Clock()))
-    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", linger=0.01, late_write_grace=0.2)
+    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", linger=0.01)
     other, _, _ = make(storage.inner, chain, foreign_wait=0.01)
+    amount = PRICE
+    if previous:
+        ledger.commit(await pay(ledger, 1, 0, PRICE))
+        await ledger.quiesce(1)
+        amount = 2 * PRICE
+    before = await ledger.channel_state(1)
     storage.late = 1
-    assert (await rejected(ledger, 1, 0, PRICE)).status == Status.UNAVAILABLE
-    await storage.landing
-    held = await hold_of(storage, 1)
-    assert held is not None
-    assert held.value == b"d"  # the late write's hold
-    assert await hold_gone(storage, 1)
-    # The late write recorded the payment (as a timed-out write may): the next one goes on from it.
-    other.commit(await pay(other, 1, 0, 2 * PRICE))
+    assert (await rejected(ledger, 1, 0, amount)).status == Status.UNAVAILABLE
+    with pytest.raises(ConditionFailed):
+        await storage.landing  # too late: fenced off
+    assert await hold_of(storage, 1) is None
+    after = await ledger.channel_state(1)
+    assert after is not None
+    assert after[0].authorized_amount == (0 if before is None else before[0].authorized_amount)
+    other.commit(await pay(other, 1, 0, amount))
+
+
+class _LateWritesSlowReads(_LateWrites):
+    """Late writes, and state reads that wait for ``gate`` once it is set."""
+
+    gate: asyncio.Event | None = None
+    entered: asyncio.Event
+
+    async def get(self, key: str) -> Entry | None:
+        if self.gate is not None:
+            self.entered.set()
+            await self.gate.wait()
+        return await self.inner.get(key)
+
+
+@aio_test
+async def test_write_of_unknown_outcome_is_settled_after_a_call_that_fails_before_writing() -> None:
+    """A write whose outcome cannot be told (storage down) is settled later; a call of ours that is
+    on the channel meanwhile and fails before writing anything (wrong nonce) does not stop that:
+    the write, which landed late, is undone, and no hold of ours stays (other daemons would be
+    refused on the channel for as long as this daemon lives)."""
+    chain = FakeChain()
+    chain.open(1)
+    storage = _LateWritesSlowReads(MemoryStorage(Clock()))
+    storage.entered = asyncio.Event()
+    lease = StorageLease(storage)
+    await lease.current()  # granted while storage answers
+    ledger = EscrowLedger(storage, Keys(), chain, terms, lease, "d", linger=0.01)
+    other, _, _ = make(storage.inner, chain, foreign_wait=0.05)
+    storage.late = 1
+    storage.fail = StorageUnavailable("down")  # the fence gets no answer either
+    call = asyncio.ensure_future(rejected(ledger, 1, 0, PRICE))
+    await asyncio.sleep(0.02)
+    storage.fail = None
+    assert (await call).status == Status.UNAVAILABLE
+    await storage.landing  # the write lands after all
+    assert await hold_of(storage, 1) is not None
+    storage.gate = asyncio.Event()
+    failing = asyncio.ensure_future(rejected(ledger, 1, 5, PRICE))
+    await storage.entered.wait()
+    await asyncio.sleep(0.7)  # the first look at the write (0.5 s) comes while that call is on the channel
+    storage.gate.set()
+    storage.gate = None
+    assert (await failing).status == Status.INCORRECT_NONCE
+    assert await hold_gone(storage, 1, ledger, wait=3.0)
+    assert await signed_amount(ledger, 1) == 0  # given back
+    other.commit(await pay(other, 1, 0, PRICE))
+
+
+@aio_test
+async def test_leftover_hold_met_while_a_call_is_on_the_channel_goes_after_it() -> None:
+    """A hold of ours whose deletion comes due while a call of ours is on the channel (a hold of
+    unknown origin: after a cancelled write) is looked at again after that call, even when the
+    call fails before it meets the hold."""
+    chain = FakeChain()
+    chain.open(1)
+    storage = _LateWritesSlowReads(MemoryStorage(Clock()))
+    storage.entered = asyncio.Event()
+    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", linger=0.01)
+    lease = await StorageLease(storage.inner).current()
+    await storage.inner.transaction([], [Put(Keys().channel_hold(1), b"d", lease=lease)])
+    storage.gate = asyncio.Event()
+    failing = asyncio.ensure_future(rejected(ledger, 1, 5, PRICE))
+    await storage.entered.wait()
+    ledger._linger(1, None, delay=0.01)
+    await asyncio.sleep(0.1)  # due while the call is on the channel
+    storage.gate.set()
+    storage.gate = None
+    assert (await failing).status == Status.INCORRECT_NONCE
+    assert await hold_gone(storage, 1, ledger)
 
 
 @aio_test
@@ -961,3 +1056,52 @@ def test_repeated_header_is_invalid_argument() -> None:
         parse_escrow(metadata_values(metadata))
     assert info.value.status == Status.INVALID_ARGUMENT
     assert "too many values" in info.value.message
+
+
+@aio_test
+async def test_settle_waits_for_the_refund_of_a_call_cancelled_during_its_write() -> None:
+    """The stop (drain, then settle, then storage closes) ends a call while its payment is being
+    written: settle waits for that write, then for the refund it leads to."""
+    storage = MemoryStorage(Clock())
+    chain = FakeChain()
+    chain.open(1)
+    ledger, _, counting = make(storage, chain, linger=0.01)
+    counting.reply_after = reply = asyncio.Event()
+    call = asyncio.ensure_future(pay(ledger, 1, 0, PRICE))
+    await counting.applied.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    asyncio.get_running_loop().call_later(0.1, reply.set)  # the write's reply comes later
+    await ledger.settle(3.0)
+    assert await signed_amount(ledger, 1) == 0
+
+
+@aio_test
+async def test_settle_waits_for_a_refund_nobody_awaits() -> None:
+    """A refund whose call ended meanwhile (its handler cancelled again while refunding) still
+    lands before the stop goes on."""
+    chain = FakeChain()
+    chain.open(1)
+    ledger, _, counting = make(chain=chain, linger=0.01)
+    hold = await pay(ledger, 1, 0, PRICE)
+    counting.reply_after = reply = asyncio.Event()
+    ledger.release(hold)  # not awaited
+    await counting.applied.wait()
+    asyncio.get_running_loop().call_later(0.1, reply.set)
+    await ledger.settle(3.0)
+    assert 1 not in ledger._busy
+    assert not ledger._background - {t for t in ledger._background if t.done()}
+
+
+@aio_test
+async def test_close_stops_settling_writes_of_unknown_outcome() -> None:
+    """A write whose outcome storage never tells is looked at until the daemon stops, no longer."""
+    ledger, _ = await _refused_write_of_unknown_outcome(reads_failing=1_000_000)
+    assert len(ledger._unsettled) == 1
+    (task,) = ledger._unsettled
+    await ledger.settle(0.05)  # storage stays down: settle gives up after its time
+    ledger.close()
+    await asyncio.sleep(0)
+    assert task.cancelled()
+    assert not ledger._unsettled

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred, succeed
 
 from snet_daemon.ops.heartbeat import Heartbeat, HeartbeatIdentity
@@ -200,10 +201,13 @@ async def _running_stack(storage: MemoryStorage, service: _Service, free_calls: 
     return stack
 
 
+@pytest.mark.parametrize("reloaded", [False, True], ids=["current", "replaced-by-a-reload"])
 @aio_test
-async def test_stop_waits_for_free_call_give_backs_before_the_storage_closes() -> None:
+async def test_stop_waits_for_free_call_give_backs_before_the_storage_closes(reloaded: bool) -> None:
     """A failed free call's give-back still under way when the daemon stops lands before the
-    storage closes (the stop waited only for escrow refunds: the user lost a free call)."""
+    storage closes (the stop waited only for escrow refunds: the user lost a free call); also
+    when it runs in ledgers a reload replaced (it moved the daemon to another payment group),
+    for calls that started before the reload."""
     storage = _SlowWrites(lambda: 0.0)
     counted_at_close: list[int] = []
 
@@ -214,11 +218,15 @@ async def test_stop_waits_for_free_call_give_backs_before_the_storage_closes() -
 
     key = "test/free-call-user/a"
     stack = await _running_stack(storage, Service(), free_calls=2)
-    assert stack._parts is not None
+    parts = stack._parts
+    assert parts is not None
     await storage.put(key, encode_count(1))
+    if reloaded:
+        stack._apply(SimpleNamespace(**{**vars(stack._metadata.current), "group_id": b"\x09" * 32}))
+        assert stack._parts is not parts
     storage.delay = 0.05
     # The gate's give-back of a call whose client went away, left to run in the background.
-    background = asyncio.ensure_future(stack._parts.free_calls.release(FreeCall(key, sig.checksum(PROVIDER))))
+    background = asyncio.ensure_future(parts.free_calls.release(FreeCall(key, sig.checksum(PROVIDER))))
     await asyncio.sleep(0)
     await stack.stop()
     assert counted_at_close == [0]

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from twisted.logger import capturedLogs, formatEvent
 
+from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.storage.base import (
     Condition,
     Entry,
@@ -407,3 +408,29 @@ async def test_mutual_tls(tmp_path: Path) -> None:
                 await anonymous.get("tls/a")
         finally:
             await anonymous.close()
+
+
+class _Endpoint:
+    endpoint = parse_endpoint("http://127.0.0.1:2379")
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "unknown"),
+    [
+        (Status.UNAVAILABLE, "etcdserver: request timed out", True),
+        (Status.UNAVAILABLE, "etcdserver: leader changed", True),
+        # Said of a proposal already handed to raft when the member stops: it may commit elsewhere.
+        (Status.UNAVAILABLE, "etcdserver: server stopped", True),
+        (Status.CANCELLED, "etcdserver: request cancelled", True),
+        # Refused before anything was proposed.
+        (Status.UNAVAILABLE, "etcdserver: no leader", False),
+        (Status.UNAVAILABLE, "connection refused", False),
+    ],
+)
+def test_errors_said_after_a_proposal_leave_the_outcome_unknown(code: Status, details: str, unknown: bool) -> None:
+    """Only an error etcd gives after proposing the request is a timeout (outcome unknown, the
+    payment write is settled by a fence); the others mean nothing was written."""
+    storage = EtcdStorage(["http://127.0.0.1:2379"])
+    error = storage._translate(GrpcError(code, details), _Endpoint(), 0)  # type: ignore[arg-type]
+    assert isinstance(error, StorageTimeout if unknown else StorageUnavailable)
+    assert details in str(error)

@@ -17,6 +17,14 @@ without the Go daemon's faults:
   written is refunded the same way once the write's reply comes.  A call
   cut short by the daemon's own death is the one case left charged: the
   payment was accepted and the service may have done the work.
+* **A write of unknown outcome is settled, not guessed.**  When the reply
+  to a payment write is lost (a timeout, a dropped connection), etcd may
+  have applied it, or may still apply it later.  A second write under the
+  same condition (:meth:`EscrowLedger._fence`) tells which and rules out
+  the later one: the call goes on if the payment was recorded, and is
+  refused (UNAVAILABLE) if not.  When storage does not answer that either,
+  the call is refused and the write is settled in the background once
+  storage answers; a payment it recorded is then refunded.
 * **No lock outlives its daemon.**  The hold is a storage key attached to
   this daemon instance's lease: if the daemon dies mid-call, the channel is
   free again within the lease TTL, with no manual unlock.  A hold is also
@@ -56,13 +64,14 @@ without the Go daemon's faults:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import heapq
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from twisted.logger import Logger
 
@@ -116,6 +125,10 @@ _RELEASE_RETRY: Final = 0.5
 #: have left is given before it is deleted: such a write can still land
 #: after the read that found no trace of it.
 _LATE_WRITE_GRACE: Final = 2.0
+#: Longest pause between looks at a payment write of unknown outcome.
+_SETTLE_RETRY_MAX: Final = 8.0
+
+_T = TypeVar("_T")
 
 
 class ChainChannel(Protocol):
@@ -223,6 +236,40 @@ class Hold:
     hold_revision: int
     value: bytes
     sender: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """A payment write: what it is conditioned on and what it puts, kept
+    to settle it if its reply is lost (see :meth:`EscrowLedger._fence`).
+
+    Attributes:
+        previous: the state entry the write is conditioned on (None: absent).
+        value: the new state, encoded.
+        fence: ``previous``'s value, or the state of a fresh channel when
+            there was none: what the fence puts back.
+    """
+
+    payment: EscrowPayment
+    state_key: str
+    hold_key: str
+    previous: Entry | None
+    value: bytes
+    fence: bytes
+    sender: str
+
+    def hold(self, revision: int, hold_revision: int) -> Hold:
+        return Hold(
+            self.payment.channel_id,
+            self.payment,
+            self.state_key,
+            self.hold_key,
+            self.previous,
+            revision,
+            hold_revision,
+            self.value,
+            self.sender,
+        )
 
 
 # -- metadata parsing ---------------------------------------------------------
@@ -389,7 +436,10 @@ class EscrowLedger:
         self._abandoned: set[int] = set()
         #: Background refunds and hold deletions under way (asyncio keeps
         #: only weak references to tasks).
-        self._background: set[asyncio.Future[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
+        #: Payment writes of unknown outcome being settled (:meth:`_settle`),
+        #: by channel.
+        self._unsettled: dict[asyncio.Future[None], int] = {}
         #: The background task deleting lingering holds (None: idle).
         self._sweeper: asyncio.Future[None] | None = None
 
@@ -414,16 +464,7 @@ class EscrowLedger:
                 self._busy.discard(channel_id)
             raise
 
-    def _abandon(
-        self,
-        payment: EscrowPayment,
-        state_key: str,
-        hold_key: str,
-        previous: Entry | None,
-        value: bytes,
-        sender: str,
-        record: asyncio.Future[tuple[int, int]],
-    ) -> None:
+    def _abandon(self, write: _Write, record: asyncio.Future[tuple[int, int]]) -> None:
         """The call was cancelled while its payment was being recorded; the write is now over.
 
         A payment recorded for a call that will not be served is refunded,
@@ -433,25 +474,24 @@ class EscrowLedger:
         leave its hold on our live lease, blocking the channel (for other
         daemons and for claims) until this daemon stopped.
         """
-        channel_id = payment.channel_id
+        channel_id = write.payment.channel_id
         self._abandoned.discard(channel_id)
         error = None if record.cancelled() else record.exception()
         if record.cancelled() or error is not None:
             self._busy.discard(channel_id)
             if isinstance(error, ConditionFailed):
                 self._cache.pop(channel_id, None)
-                held = error.current.get(hold_key)
+                held = error.current.get(write.hold_key)
                 if held is not None and held.value == self._instance:
                     self._linger(channel_id, held.mod_revision)
-            elif not isinstance(error, LeaseNotFound):
-                self._linger(channel_id, None, delay=self._late_write_grace)  # outcome unknown
+            elif not isinstance(error, StorageError):
+                # Outcome unknown (not a storage answer: _record settles
+                # those, see _fence): a hold of ours may be left.
+                self._linger(channel_id, None, delay=self._late_write_grace)
             return
         revision, hold_revision = record.result()
-        self._remember(channel_id, Entry(state_key, value, revision, revision, 1))
-        hold = Hold(channel_id, payment, state_key, hold_key, previous, revision, hold_revision, value, sender)
-        refund = asyncio.ensure_future(self.release(hold))
-        self._background.add(refund)
-        refund.add_done_callback(self._background.discard)
+        self._remember(channel_id, Entry(write.state_key, write.value, revision, revision, 1))
+        self.release(write.hold(revision, hold_revision))
 
     async def _authorize(self, method: str, payment: EscrowPayment) -> Hold:
         channel_id = payment.channel_id
@@ -499,18 +539,19 @@ class EscrowLedger:
             if error is not None:
                 raise error.grpc
             value = ChannelState(state.nonce, payment.amount, payment.signature, state.claimed_amount).encode()
+            fence = state.encode() if entry is None else entry.value
+            write = _Write(payment, state_key, hold_key, entry, value, fence, info.sender)
             # The write is carried to its end even if the call is cancelled
             # meanwhile (the client went away, its deadline passed): its
             # outcome decides what there is to undo (see :meth:`_abandon`).
-            record = asyncio.ensure_future(self._record(channel_id, state_key, hold_key, entry, value))
+            record = asyncio.ensure_future(self._record(write))
             try:
                 revision, hold_revision = await asyncio.shield(record)
             except asyncio.CancelledError:
                 if not record.cancelled():
                     self._abandoned.add(channel_id)  # busy until _abandon is done
-                    record.add_done_callback(
-                        functools.partial(self._abandon, payment, state_key, hold_key, entry, value, info.sender)
-                    )
+                    self._track(record)  # the stop waits for it, then for the refund
+                    record.add_done_callback(functools.partial(self._abandon, write))
                 raise
             except ConditionFailed as failed:
                 entry = failed.current.get(state_key)
@@ -533,7 +574,7 @@ class EscrowLedger:
             except StorageError as exc:
                 raise _storage_down(exc) from None
             self._remember(channel_id, Entry(state_key, value, revision, revision, 1))
-            return Hold(channel_id, payment, state_key, hold_key, entry, revision, hold_revision, value, info.sender)
+            return write.hold(revision, hold_revision)
         raise GrpcError(Status.UNAVAILABLE, f"too much contention on channel {channel_label(channel_id)}; retry")
 
     def commit(self, hold: Hold) -> None:
@@ -550,15 +591,28 @@ class EscrowLedger:
         else:
             self._linger(channel_id, hold.hold_revision)
 
-    async def release(self, hold: Hold) -> None:
+    def release(self, hold: Hold) -> asyncio.Future[None]:
         """The call failed: put the channel state back as it was, drop the hold.
 
-        Storage that is briefly unavailable is retried for a few seconds.
-        Never raises (the call has failed already): if the state cannot be
-        put back, because storage stays down or because the state moved on
-        after our lease, and with it our hold, was lost, the payment stays
-        recorded and a warning says so.
+        Returns the refund, under way; :meth:`settle` waits for it too, so
+        a refund whose call ended meanwhile (cancelled twice) still lands
+        before the daemon stops.  Storage that is briefly unavailable is
+        retried for a few seconds.  The refund never fails (the call has
+        failed already): if the state cannot be put back, because storage
+        stays down or because the state moved on after our lease, and with
+        it our hold, was lost, the payment stays recorded and a warning
+        says so.
         """
+        return self._track(asyncio.ensure_future(self._refund(hold)))
+
+    def _track(self, task: asyncio.Future[_T]) -> asyncio.Future[_T]:
+        """Keep ``task`` until it is done, for :meth:`settle` (and because
+        asyncio keeps only weak references to tasks)."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _refund(self, hold: Hold) -> None:
         channel_id = hold.channel_id
         previous = hold.previous
         restore: Put | Delete = Delete(hold.state_key) if previous is None else Put(hold.state_key, previous.value)
@@ -651,16 +705,32 @@ class EscrowLedger:
             await asyncio.shield(self._release_now(channel_id, lingering[0]))
 
     async def settle(self, within: float) -> None:
-        """Wait up to ``within`` seconds for refunds and hold deletions under
-        way in the background (the daemon stops: storage closes next)."""
-        if self._background:
-            await asyncio.wait(set(self._background), timeout=within)
+        """Wait up to ``within`` seconds for what runs in the background:
+        refunds, hold deletions, payment writes of cancelled calls (and the
+        refunds they lead to), writes of unknown outcome being settled (the
+        daemon stops: storage closes next)."""
+
+        async def drain() -> None:
+            while pending := {task for task in self._background if not task.done()}:
+                await asyncio.wait(pending)
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(drain(), within)
 
     def close(self) -> None:
-        """Stop deleting lingering holds (the daemon stops; its lease goes with them)."""
+        """Stop deleting lingering holds (the daemon stops; its lease goes
+        with them) and settling writes of unknown outcome."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        for task, channel_id in self._unsettled.items():
+            task.cancel()
+            _log.warn(
+                "the payment write of a refused call on channel {channel} is of unknown outcome as the daemon "
+                "stops: if it applied, the payment stays recorded",
+                channel=channel_id,
+            )
+        self._unsettled.clear()
 
     async def channel_state(
         self, channel_id: int, *, fresh_chain: bool = False
@@ -915,22 +985,25 @@ class EscrowLedger:
             self._cache.clear()
         self._cache[channel_id] = entry
 
-    async def _record(
-        self, channel_id: int, state_key: str, hold_key: str, entry: Entry | None, value: bytes
-    ) -> tuple[int, int]:
+    async def _record(self, write: _Write) -> tuple[int, int]:
         """Write the new state and hold the channel in one transaction.
 
-        Conditions: the state is still ``entry``, and the channel is free,
-        or held by our lingering hold, which is then taken over as it is
-        (it already names us and our lease; if the lease was lost, the hold
-        went with it and the condition fails).
+        Conditions: the state is still ``write.previous``, and the channel
+        is free, or held by our lingering hold, which is then taken over as
+        it is (it already names us and our lease; if the lease was lost, the
+        hold went with it and the condition fails).
 
         Returns:
             The transaction's revision and the hold's.
 
         Raises:
             ConditionFailed, LeaseNotFound, StorageError: from the storage.
+                A StorageTimeout is raised only when the write did not
+                apply, or when that could not be told yet (it is then
+                settled in the background: see :meth:`_fence`).
         """
+        channel_id = write.payment.channel_id
+        state_key, hold_key = write.state_key, write.hold_key
         releasing = self._releasing.get(channel_id)
         if releasing is not None:
             # Our hold is being deleted: let that land first.  The client
@@ -942,49 +1015,137 @@ class EscrowLedger:
         try:
             if lingering is not None:
                 revision = await self._storage.transaction(
-                    [Condition.unchanged(state_key, entry), Condition(hold_key, mod_revision=lingering)],
-                    [Put(state_key, value)],
+                    [Condition.unchanged(state_key, write.previous), Condition(hold_key, mod_revision=lingering)],
+                    [Put(state_key, write.value)],
                 )
                 return revision, lingering
             lease = await self._lease.current()
             revision = await self._storage.transaction(
-                [Condition.unchanged(state_key, entry), Condition.absent(hold_key)],
-                [Put(state_key, value), Put(hold_key, self._instance, lease=lease)],
+                [Condition.unchanged(state_key, write.previous), Condition.absent(hold_key)],
+                [Put(state_key, write.value), Put(hold_key, self._instance, lease=lease)],
             )
             return revision, revision
         except StorageTimeout:
-            # The write may have applied: if so, the payment is ours and the
-            # call goes on.  If not, or if that cannot be told, the call is
-            # refused (and the client may find this payment recorded), and
-            # a hold of ours that may be there is left to linger and go.
+            # The write may have applied, or may still apply: settle it.
+            # If it applied, the payment is ours and the call goes on; if
+            # not, or if that cannot be told yet, the call is refused.
             try:
-                found = await self._storage.get_many([state_key, hold_key])
+                outcome = await self._fence(write, lingering)
             except StorageError:
-                found = {}
-            state, held = found.get(state_key), found.get(hold_key)
-            if (
-                state is not None
-                and held is not None
-                and state.value == value
-                and held.value == self._instance
-                and (lingering is not None or state.mod_revision == held.mod_revision)
-            ):
-                return state.mod_revision, held.mod_revision
-            if lingering is not None:
-                self._linger(channel_id, lingering)  # the takeover writes no hold: it is as it was
-            elif held is not None and held.value == self._instance:
-                self._linger(channel_id, held.mod_revision)
-            else:
-                # No trace of the write (or it could not be read): it may
-                # still land, leaving a hold of ours.
-                self._linger(channel_id, None, delay=self._late_write_grace)
-            raise
+                # A hold this write took over stays as it is until then: if
+                # it went first, a payment the write recorded could no
+                # longer be told from another daemon's.
+                self._settle_later(write, lingering)
+                outcome = None
+            if outcome is None:
+                raise
+            return outcome
         except (ConditionFailed, LeaseNotFound):
             raise  # the caller learns from it whether a hold is still there
         except BaseException:
             if taken is not None:
                 self._linger(channel_id, taken[0])
             raise
+
+    async def _fence(self, write: _Write, lingering: int | None, *, settling: bool = False) -> tuple[int, int] | None:
+        """Tell whether ``write``, whose reply was lost, applied, and make
+        sure it never applies later.
+
+        A write of unknown outcome may still be applied by etcd long after
+        its reply was due (a proposal has no expiry), leaving a payment the
+        client was told failed and a hold that nothing of ours knows about.
+        The write was conditioned on the state being ``write.previous``: a
+        second write under the same condition that puts the same state
+        back (the fence) either applies, after which the state's revision
+        has moved and the lost write can never apply, or fails because the
+        state moved on already, by the lost write or by another.
+
+        Args:
+            lingering: the revision of our lingering hold the write took
+                over (None: the write put a hold of its own).
+            settling: the write's call is over (see :meth:`_settle`); a
+                call of ours now on the channel is another one.
+
+        Returns:
+            The write's revision and its hold's if it applied; None if it
+            did not and never will.
+
+        Raises:
+            StorageError: no answer either: the outcome is still unknown.
+        """
+        channel_id = write.payment.channel_id
+        try:
+            revision = await self._storage.transaction(
+                [Condition.unchanged(write.state_key, write.previous)], [Put(write.state_key, write.fence)]
+            )
+        except ConditionFailed:
+            found = await self._storage.get_many([write.state_key, write.hold_key])
+            state, held = found.get(write.state_key), found.get(write.hold_key)
+            if held is None or held.value != self._instance:
+                self._remember(channel_id, state)
+                return None
+            if (
+                state is not None
+                and state.value == write.value
+                and held.mod_revision == (state.mod_revision if lingering is None else lingering)
+            ):
+                return state.mod_revision, held.mod_revision
+            # Not ours: a hold of ours there (the lingering one this write
+            # would have taken over, or another leftover) is left to go.
+            self._remember(channel_id, state)
+            if settling and channel_id in self._busy:
+                # It may be the hold of the call now on the channel: look
+                # again once that call is over (see _release).
+                self._linger(channel_id, None, delay=self._linger_time)
+            else:
+                self._linger(channel_id, held.mod_revision)
+            return None
+        self._remember(channel_id, Entry(write.state_key, write.fence, revision, revision, 1))
+        if lingering is not None:
+            self._linger(channel_id, lingering)  # the takeover wrote no hold: ours is as it was
+        return None
+
+    def _settle_later(self, write: _Write, lingering: int | None) -> None:
+        task = self._track(asyncio.ensure_future(self._settle(write, lingering)))
+        self._unsettled[task] = write.payment.channel_id
+        task.add_done_callback(lambda done: self._unsettled.pop(done, None))
+
+    async def _settle(self, write: _Write, lingering: int | None) -> None:
+        """Settle ``write`` (see :meth:`_fence`) once storage answers; refund it if it applied.
+
+        Its call was refused (UNAVAILABLE), so a payment the write recorded
+        is given back, as a failed call's, unless a call of ours on the
+        channel built on it meanwhile (it then took over the write's hold).
+        Looks are paused while a call of ours is on the channel.
+        """
+        channel_id = write.payment.channel_id
+        delay = _RELEASE_RETRY
+        while True:
+            await self._sleep(delay)
+            delay = min(delay * 2, _SETTLE_RETRY_MAX)
+            if channel_id in self._busy:
+                continue
+            try:
+                outcome = await self._fence(write, lingering, settling=True)
+            except StorageError as exc:
+                _log.debug("payment write on channel {channel} not settled yet: {error}", channel=channel_id, error=exc)
+                continue
+            if outcome is None:
+                return
+            if channel_id in self._busy:
+                # A call started meanwhile: it builds on this payment.
+                _log.warn(
+                    "a payment write on channel {channel} applied after its call was refused; it stays recorded",
+                    channel=channel_id,
+                )
+                return
+            _log.info(
+                "a payment write on channel {channel} applied after its call was refused: refunding it",
+                channel=channel_id,
+            )
+            self._busy.add(channel_id)  # as for a failed call: until the refund is over
+            await self._refund(write.hold(*outcome))
+            return
 
     def _linger(self, channel_id: int, revision: int | None, delay: float | None = None) -> None:
         """Let our hold at ``revision`` linger, then delete it in the background.
@@ -1045,7 +1206,11 @@ class EscrowLedger:
         hold_key = self._keys.channel_hold(channel_id)
         if revision is None:
             if channel_id in self._busy:
-                return  # a call of ours holds the channel now: the hold is its own
+                # A call of ours is on the channel: a hold there may be its
+                # own.  Look again after it (it may fail before meeting the
+                # hold, which would then stay on our live lease).
+                self._linger(channel_id, None, delay=self._linger_time)
+                return
             ours = Condition.has_value(hold_key, self._instance)
         else:
             ours = Condition(hold_key, mod_revision=revision)

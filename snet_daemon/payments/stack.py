@@ -158,6 +158,9 @@ class PaymentStack:
         self._storage_error: str | None = None
         self._storage_task: asyncio.Task[None] | None = None
         self._parts: _Parts | None = None
+        #: Parts a reload replaced (another group or MPE contract): calls
+        #: that started with them may still be refunding through them.
+        self._retired: list[_Parts] = []
         self._terms: PaymentTerms | None = None
         self._unsubscribe: Callable[[], None] | None = None
 
@@ -173,15 +176,23 @@ class PaymentStack:
         """Stop the storage (after calls have drained: refunds go through it)."""
         if self._unsubscribe is not None:
             self._unsubscribe()
-        if self._parts is not None:
-            # Refunds of calls cancelled while their payment was written
-            # (EscrowLedger._abandon, PrepaidLedger), refunds of failed
-            # prepaid calls while storage is down and give-backs of failed
-            # free calls run in the background: let them land.
-            parts = self._parts
-            await asyncio.gather(
-                parts.ledger.settle(_SETTLE), parts.free_calls.settle(_SETTLE), parts.prepaid.settle(_SETTLE)
+        every = [*self._retired, *([] if self._parts is None else [self._parts])]
+        # Refunds of failed calls and of calls cancelled while their payment
+        # was written (EscrowLedger, PrepaidLedger), payment writes of
+        # unknown outcome, and give-backs of failed free calls run in the
+        # background: let them land.
+        await asyncio.gather(
+            *(
+                settle
+                for parts in every
+                for settle in (
+                    parts.ledger.settle(_SETTLE),
+                    parts.free_calls.settle(_SETTLE),
+                    parts.prepaid.settle(_SETTLE),
+                )
             )
+        )
+        for parts in every:
             parts.ledger.close()  # lingering holds go with our lease's revoke
             parts.free_calls.close()  # give-backs still waiting are logged as lost
             parts.prepaid.close()  # so are refunds
@@ -341,6 +352,8 @@ class PaymentStack:
         if self._parts is not None and self._parts.key == key:
             self._log_free_call_key(self._parts.free_calls)
             return
+        if self._parts is not None:
+            self._retired.append(self._parts)
         storage = self._storage.storage
         layout = KeyLayout(self._network, self._organization_id, metadata.group_id, mpe)
         keys = PaymentKeys(layout)

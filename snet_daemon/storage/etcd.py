@@ -41,7 +41,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from aetcd import rpc  # type: ignore[import-untyped]
 from cryptography import x509
@@ -100,6 +100,9 @@ _STATUS = ("/etcdserverpb.Maintenance/Status", rpc.StatusResponse)
 _MAX_REPLY = 512 * 1024 * 1024
 
 _LEASE_NOT_FOUND = "lease not found"
+#: What etcd says of a request that failed after it was proposed to raft
+#: (``etcdserver.processInternalRaftRequestOnce``): it may still be applied.
+_PROPOSED: Final = ("timed out", "leader changed", "server stopped", "request cancelled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -633,10 +636,11 @@ class EtcdStorage:
             if code == Status.UNAVAILABLE:
                 self._rotate(conn, "lost the connection")
             return StorageTimeout(f"etcd at {url} gave no answer: {details}")
-        if code == Status.UNAVAILABLE and ("timed out" in details or "leader changed" in details):
-            # etcd's own "request timed out" and "leader changed": the
-            # proposal may still be committed.  A member that times out
-            # its proposals may be cut off from its cluster: try another.
+        if code in (Status.UNAVAILABLE, Status.CANCELLED) and any(words in details for words in _PROPOSED):
+            # etcd's own "request timed out", "leader changed", "server
+            # stopped", "request cancelled": said after the request was
+            # proposed, which may still be committed.  A member that says
+            # so may be cut off from its cluster: try another.
             self._rotate(conn, details)
             return StorageTimeout(f"etcd at {url}: {details}")
         if code == Status.NOT_FOUND and _LEASE_NOT_FOUND in details:
