@@ -595,29 +595,32 @@ async def test_lingering_hold_lost_with_the_lease_is_not_taken_over() -> None:
     ledger.commit(again)
 
 
-class _ReadsFail(CountingStorage):
-    """Reads fail while ``fail_reads`` > 0."""
+class _Unanswered(CountingStorage):
+    """Once a transaction has lost its reply (``timeout_after_apply``), the next ``unanswered``
+    transactions get no answer."""
 
-    fail_reads = 0
+    unanswered = 0
 
-    async def get_many(self, keys: Sequence[str]) -> dict[str, Entry | None]:
-        self.calls.append("get_many")
-        if self.fail_reads:
-            self.fail_reads -= 1
+    async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+        if self.unanswered and not self.timeout_after_apply:
+            self.unanswered -= 1
+            self.calls.append("transaction")
             raise StorageUnavailable("down")
-        return await self.inner.get_many(keys)
+        return await super().transaction(conditions, ops)
 
 
-async def _refused_write_of_unknown_outcome(reads_failing: int) -> tuple[EscrowLedger, _ReadsFail]:
-    """A ledger whose payment write on channel 1 applied but lost its reply, and whose outcome
-    could not be told (the next ``reads_failing`` reads fail): the call was refused."""
+async def _refused_write_of_unknown_outcome(unanswered: int, linger: float = 0.01) -> tuple[EscrowLedger, _Unanswered]:
+    """A ledger whose payment write (channel 1, nonce 0, PRICE) applied but lost its reply, and
+    whose outcome could not be told (the next ``unanswered`` transactions get no answer): the
+    call was refused."""
     chain = FakeChain()
     chain.open(1)
-    storage = _ReadsFail(MemoryStorage(Clock()))
-    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", linger=0.01)
+    storage = _Unanswered(MemoryStorage(Clock()))
+    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", linger=linger)
     storage.timeout_after_apply = 1
-    storage.fail_reads = reads_failing
+    storage.unanswered = unanswered
     assert (await rejected(ledger, 1, 0, PRICE)).status == Status.UNAVAILABLE
+    assert 1 in ledger._unsettled
     return ledger, storage
 
 
@@ -626,7 +629,7 @@ async def test_timed_out_write_whose_outcome_cannot_be_told_is_settled_later_and
     """A write that timed out and whose outcome cannot be told yet refuses the call; once storage
     answers, the write is found applied and undone: the client, told the call failed, is not
     charged, and the hold goes."""
-    ledger, storage = await _refused_write_of_unknown_outcome(reads_failing=1)
+    ledger, storage = await _refused_write_of_unknown_outcome(unanswered=1)
     assert await hold_of(storage, 1) is not None  # it did apply
     assert await hold_gone(storage, 1, ledger)
     assert await signed_amount(ledger, 1) == 0  # given back
@@ -1097,11 +1100,104 @@ async def test_settle_waits_for_a_refund_nobody_awaits() -> None:
 @aio_test
 async def test_close_stops_settling_writes_of_unknown_outcome() -> None:
     """A write whose outcome storage never tells is looked at until the daemon stops, no longer."""
-    ledger, _ = await _refused_write_of_unknown_outcome(reads_failing=1_000_000)
-    assert len(ledger._unsettled) == 1
-    (task,) = ledger._unsettled
+    ledger, _ = await _refused_write_of_unknown_outcome(unanswered=1_000_000)
+    task = ledger._settlers[1]
     await ledger.settle(0.05)  # storage stays down: settle gives up after its time
     ledger.close()
     await asyncio.sleep(0)
     assert task.cancelled()
     assert not ledger._unsettled
+
+
+@aio_test
+async def test_retry_of_a_refused_payment_that_applied_is_served_once() -> None:
+    """The client retries the refused call with the same payment while its write is unsettled
+    (it applied): the retry settles it first (refunds it) and is then accepted, so the client
+    pays once for the one call served (the retry used to meet the write's hold, take it for a
+    finished call's, be refused as paying nothing new, and the write stayed charged)."""
+    ledger, storage = await _refused_write_of_unknown_outcome(unanswered=1)
+    assert await hold_of(storage, 1) is not None
+    retry = await pay(ledger, 1, 0, PRICE)
+    assert not ledger._unsettled
+    ledger.commit(retry)
+    assert await signed_amount(ledger, 1) == PRICE
+    assert await hold_gone(storage, 1, ledger)
+    await asyncio.sleep(0.6)  # past the settler's first look: nothing more happens
+    assert await signed_amount(ledger, 1) == PRICE
+
+
+@aio_test
+async def test_retry_of_a_refused_payment_not_yet_applied_is_served_and_kept() -> None:
+    """The same, when the unsettled write has not applied yet (it would land late): the retry's
+    settling fences it off, the retry is served and its payment is never taken for the refused
+    write's (same payment, same bytes) and refunded."""
+    chain = FakeChain()
+    chain.open(1)
+    storage = _LateWrites(MemoryStorage(Clock()))
+    storage.delay = 0.3
+    lease = StorageLease(storage)
+    await lease.current()
+    ledger = EscrowLedger(storage, Keys(), chain, terms, lease, "d", linger=1.0)
+    storage.late = 1
+    storage.fail = StorageUnavailable("down")  # the fence gets no answer
+    call = asyncio.ensure_future(rejected(ledger, 1, 0, PRICE))
+    await asyncio.sleep(0.02)
+    storage.fail = None
+    assert (await call).status == Status.UNAVAILABLE
+    retry = await pay(ledger, 1, 0, PRICE)
+    ledger.commit(retry)
+    with pytest.raises(ConditionFailed):
+        await storage.landing
+    await asyncio.sleep(0.6)
+    assert not ledger._unsettled
+    assert await signed_amount(ledger, 1) == PRICE
+
+
+class _LoseNth(CountingStorage):
+    """The ``lose``-th transaction from now is not applied, and loses its reply."""
+
+    lose = 0
+
+    async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+        self.lose -= 1
+        if self.lose == 0:
+            self.calls.append("transaction")
+            raise StorageTimeout("no reply")
+        return await super().transaction(conditions, ops)
+
+
+@aio_test
+async def test_unsettled_write_waits_for_another_daemons_call_on_the_channel() -> None:
+    """Our write, sent while another daemon's call held the channel, loses its reply: it did
+    not apply, but could once that hold goes.  Nothing is written meanwhile (the fence would
+    move the state's revision under that call, whose refund then failed: its client charged
+    for a failed call, its hold left on its live lease); our next call on the channel is
+    refused as in progress; once the other call is over, our write is settled."""
+    chain = FakeChain()
+    chain.open(1)
+    inner = MemoryStorage(Clock())
+    other, _, _ = make(inner, chain)
+    storage = _LoseNth(inner)
+    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "a", linger=0.01, foreign_wait=0.05)
+    theirs = await pay(other, 1, 0, PRICE)
+    storage.lose = 2  # ours: the first write fails on their hold, the second (after a wait) loses its reply
+    assert (await rejected(ledger, 1, 0, 2 * PRICE)).status == Status.UNAVAILABLE
+    assert 1 in ledger._unsettled
+    assert (await rejected(ledger, 1, 0, 2 * PRICE)).status == Status.FAILED_PRECONDITION
+    await other.release(theirs)  # their call failed: its client is not charged
+    assert await signed_amount(other, 1) == 0
+    assert await hold_gone(inner, 1, other)
+    ledger.commit(await pay(ledger, 1, 0, PRICE))
+    assert not ledger._unsettled
+
+
+@aio_test
+async def test_settle_at_stop_settles_unsettled_writes_at_once() -> None:
+    """Storage answers again as the daemon stops: the stop settles an unsettled write (here it
+    applied: refunded) without waiting for the settler's next look."""
+    ledger, storage = await _refused_write_of_unknown_outcome(unanswered=1)
+    await ledger.settle(0.2)  # the settler's first look would come at 0.5 s
+    assert not ledger._unsettled
+    assert await signed_amount(ledger, 1) == 0
+    assert await hold_of(storage, 1) is None
+    ledger.close()

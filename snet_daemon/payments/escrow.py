@@ -131,6 +131,13 @@ _SETTLE_RETRY_MAX: Final = 8.0
 _T = TypeVar("_T")
 
 
+class _Pending:
+    """A write of unknown outcome that has not applied, and still may (see :meth:`EscrowLedger._fence`)."""
+
+
+_PENDING: Final = _Pending()
+
+
 class ChainChannel(Protocol):
     """The chain side of a channel (``snet_daemon.blockchain.chain.ChannelInfo``)."""
 
@@ -437,9 +444,11 @@ class EscrowLedger:
         #: Background refunds and hold deletions under way (asyncio keeps
         #: only weak references to tasks).
         self._background: set[asyncio.Future[Any]] = set()
-        #: Payment writes of unknown outcome being settled (:meth:`_settle`),
-        #: by channel.
-        self._unsettled: dict[asyncio.Future[None], int] = {}
+        #: Our payment writes of unknown outcome, by channel, with the
+        #: revision of the hold they took over (see :meth:`_settle`).
+        self._unsettled: dict[int, tuple[_Write, int | None]] = {}
+        #: The background tasks settling them, by channel.
+        self._settlers: dict[int, asyncio.Future[None]] = {}
         #: The background task deleting lingering holds (None: idle).
         self._sweeper: asyncio.Future[None] | None = None
 
@@ -458,11 +467,29 @@ class EscrowLedger:
         # this daemon starts meanwhile (nor takes our hold for a leftover).
         self._busy.add(channel_id)
         try:
+            if channel_id in self._unsettled:
+                await self._settle_first(channel_id)
             return await self._authorize(method, payment)
         except BaseException:
             if channel_id not in self._abandoned:
                 self._busy.discard(channel_id)
             raise
+
+    async def _settle_first(self, channel_id: int) -> None:
+        """Settle our earlier write of unknown outcome on the channel before
+        this call goes on (see :meth:`_settle`).
+
+        Raises:
+            GrpcError: ``UNAVAILABLE`` when storage does not answer,
+                ``FAILED_PRECONDITION`` when another daemon's call holds the
+                channel (the earlier write can only be settled after it).
+        """
+        try:
+            await self._settle(channel_id)
+        except StorageError as exc:
+            raise _storage_down(exc) from None
+        if channel_id in self._unsettled:
+            raise _in_progress(channel_id)
 
     def _abandon(self, write: _Write, record: asyncio.Future[tuple[int, int]]) -> None:
         """The call was cancelled while its payment was being recorded; the write is now over.
@@ -613,6 +640,13 @@ class EscrowLedger:
         return task
 
     async def _refund(self, hold: Hold) -> None:
+        try:
+            await self._put_back(hold)
+        finally:
+            self._busy.discard(hold.channel_id)
+
+    async def _put_back(self, hold: Hold) -> None:
+        """Put the state back as it was before ``hold``'s payment and delete the hold (see :meth:`release`)."""
         channel_id = hold.channel_id
         previous = hold.previous
         restore: Put | Delete = Delete(hold.state_key) if previous is None else Put(hold.state_key, previous.value)
@@ -621,50 +655,47 @@ class EscrowLedger:
         waited = 0.0
         delay = 0.05
         started = self._clock()
-        try:
-            while True:
-                try:
-                    revision = await self._storage.transaction(conditions, ops)
-                except ConditionFailed as failed:
-                    current = failed.current.get(hold.state_key)
-                    if _value(current) == _value(previous):
-                        # An earlier attempt that timed out did apply.
-                        self._remember(channel_id, current)
-                        return
+        while True:
+            try:
+                revision = await self._storage.transaction(conditions, ops)
+            except ConditionFailed as failed:
+                current = failed.current.get(hold.state_key)
+                if _value(current) == _value(previous):
+                    # An earlier attempt that timed out did apply.
+                    self._remember(channel_id, current)
+                    return
+                self._cache.pop(channel_id, None)
+                _log.warn(
+                    "the payment for a failed call on channel {channel} stays recorded: "
+                    "the channel changed while our hold was lost",
+                    channel=channel_id,
+                )
+                return
+            except StorageError as exc:
+                # A timeout's outcome is unknown: trying again tells (see
+                # ConditionFailed).  Patience counts the time the tries
+                # took too: each timeout takes the whole request timeout,
+                # and the failed call's status waits for this refund.
+                if max(waited, self._clock() - started) >= _REFUND_PATIENCE:
                     self._cache.pop(channel_id, None)
+                    # Our hold is still there: delete it when storage is back.
+                    self._linger(channel_id, hold.hold_revision)
                     _log.warn(
                         "the payment for a failed call on channel {channel} stays recorded: "
-                        "the channel changed while our hold was lost",
+                        "storage unavailable ({error})",
                         channel=channel_id,
+                        error=exc,
                     )
                     return
-                except StorageError as exc:
-                    # A timeout's outcome is unknown: trying again tells (see
-                    # ConditionFailed).  Patience counts the time the tries
-                    # took too: each timeout takes the whole request timeout,
-                    # and the failed call's status waits for this refund.
-                    if max(waited, self._clock() - started) >= _REFUND_PATIENCE:
-                        self._cache.pop(channel_id, None)
-                        # Our hold is still there: delete it when storage is back.
-                        self._linger(channel_id, hold.hold_revision)
-                        _log.warn(
-                            "the payment for a failed call on channel {channel} stays recorded: "
-                            "storage unavailable ({error})",
-                            channel=channel_id,
-                            error=exc,
-                        )
-                        return
-                else:
-                    self._remember(
-                        channel_id,
-                        None if previous is None else Entry(hold.state_key, previous.value, revision, revision, 1),
-                    )
-                    return
-                await self._sleep(delay)
-                waited += delay
-                delay = min(delay * 2, 1.0)
-        finally:
-            self._busy.discard(channel_id)
+            else:
+                self._remember(
+                    channel_id,
+                    None if previous is None else Entry(hold.state_key, previous.value, revision, revision, 1),
+                )
+                return
+            await self._sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 1.0)
 
     async def wait_for_hold(self, channel_id: int, waited: float) -> float:
         """Pause before looking again at a channel another daemon holds.
@@ -695,6 +726,8 @@ class EscrowLedger:
         prepayments): afterwards a hold found there belongs to a call in
         flight.  Storage failures are left to the caller's own write.
         """
+        if channel_id in self._unsettled:
+            await self._settle_idle(channel_id)  # a hold it left is then ours to delete, or refunded
         releasing = self._releasing.get(channel_id)
         if releasing is not None:
             await asyncio.shield(releasing)
@@ -711,6 +744,8 @@ class EscrowLedger:
         daemon stops: storage closes next)."""
 
         async def drain() -> None:
+            for channel_id in list(self._unsettled):
+                await self._settle_idle(channel_id)  # now, not after the settler's pause
             while pending := {task for task in self._background if not task.done()}:
                 await asyncio.wait(pending)
 
@@ -723,8 +758,9 @@ class EscrowLedger:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for task, channel_id in self._unsettled.items():
-            task.cancel()
+        for settler in list(self._settlers.values()):
+            settler.cancel()
+        for channel_id in self._unsettled:
             _log.warn(
                 "the payment write of a refused call on channel {channel} is of unknown outcome as the daemon "
                 "stops: if it applied, the payment stays recorded",
@@ -1032,11 +1068,13 @@ class EscrowLedger:
             try:
                 outcome = await self._fence(write, lingering)
             except StorageError:
+                outcome = _PENDING
+            if isinstance(outcome, _Pending):
                 # A hold this write took over stays as it is until then: if
                 # it went first, a payment the write recorded could no
                 # longer be told from another daemon's.
-                self._settle_later(write, lingering)
-                outcome = None
+                self._unsettle(write, lingering)
+                raise
             if outcome is None:
                 raise
             return outcome
@@ -1047,105 +1085,135 @@ class EscrowLedger:
                 self._linger(channel_id, taken[0])
             raise
 
-    async def _fence(self, write: _Write, lingering: int | None, *, settling: bool = False) -> tuple[int, int] | None:
+    async def _fence(self, write: _Write, lingering: int | None) -> tuple[int, int] | _Pending | None:
         """Tell whether ``write``, whose reply was lost, applied, and make
         sure it never applies later.
 
         A write of unknown outcome may still be applied by etcd long after
         its reply was due (a proposal has no expiry), leaving a payment the
         client was told failed and a hold that nothing of ours knows about.
-        The write was conditioned on the state being ``write.previous``: a
-        second write under the same condition that puts the same state
-        back (the fence) either applies, after which the state's revision
-        has moved and the lost write can never apply, or fails because the
-        state moved on already, by the lost write or by another.
+        The fence is a second write under the write's own conditions that
+        puts the state back as it was.  If it applies, the state's revision
+        has moved and the lost write can never apply.  If it does not, the
+        state and hold it was compared against tell why:
+
+        * the state moved on: the lost write can no longer apply either; it
+          applied if the state is its value and the hold is the one it put
+          (or took over), at the same revision;
+        * the state is as it was, so the lost write has not applied: it can
+          never apply if the hold it took over is gone; if it was to put a
+          hold of its own, a hold there (another daemon's call) keeps it
+          from applying only while it stays.  Nothing is written then (the
+          fence would move the revision under that call's feet, failing
+          its refund); the write is still unsettled.
+
+        No call of ours writes the channel while one of our writes is
+        unsettled (:meth:`_settle`), so a state and hold of ours that match
+        can only be this write's.
 
         Args:
             lingering: the revision of our lingering hold the write took
                 over (None: the write put a hold of its own).
-            settling: the write's call is over (see :meth:`_settle`); a
-                call of ours now on the channel is another one.
 
         Returns:
             The write's revision and its hold's if it applied; None if it
-            did not and never will.
+            did not and never will; :data:`_PENDING` if it has not yet.
 
         Raises:
-            StorageError: no answer either: the outcome is still unknown.
+            StorageError: no answer either.
         """
         channel_id = write.payment.channel_id
+        if lingering is None:
+            as_written = Condition.absent(write.hold_key)
+        else:
+            as_written = Condition(write.hold_key, mod_revision=lingering)
         try:
             revision = await self._storage.transaction(
-                [Condition.unchanged(write.state_key, write.previous)], [Put(write.state_key, write.fence)]
+                [Condition.unchanged(write.state_key, write.previous), as_written], [Put(write.state_key, write.fence)]
             )
-        except ConditionFailed:
-            found = await self._storage.get_many([write.state_key, write.hold_key])
-            state, held = found.get(write.state_key), found.get(write.hold_key)
-            if held is None or held.value != self._instance:
-                self._remember(channel_id, state)
-                return None
+        except ConditionFailed as failed:
+            state, held = failed.current.get(write.state_key), failed.current.get(write.hold_key)
+            if _revision(state) == _revision(write.previous):
+                return _PENDING if lingering is None else None
+            ours = held is not None and held.value == self._instance
             if (
-                state is not None
+                ours
+                and held is not None
+                and state is not None
                 and state.value == write.value
                 and held.mod_revision == (state.mod_revision if lingering is None else lingering)
             ):
                 return state.mod_revision, held.mod_revision
-            # Not ours: a hold of ours there (the lingering one this write
-            # would have taken over, or another leftover) is left to go.
             self._remember(channel_id, state)
-            if settling and channel_id in self._busy:
-                # It may be the hold of the call now on the channel: look
-                # again once that call is over (see _release).
-                self._linger(channel_id, None, delay=self._linger_time)
-            else:
-                self._linger(channel_id, held.mod_revision)
+            if ours and held is not None:
+                self._linger(channel_id, held.mod_revision)  # a leftover of ours: let it go
             return None
         self._remember(channel_id, Entry(write.state_key, write.fence, revision, revision, 1))
         if lingering is not None:
             self._linger(channel_id, lingering)  # the takeover wrote no hold: ours is as it was
         return None
 
-    def _settle_later(self, write: _Write, lingering: int | None) -> None:
-        task = self._track(asyncio.ensure_future(self._settle(write, lingering)))
-        self._unsettled[task] = write.payment.channel_id
-        task.add_done_callback(lambda done: self._unsettled.pop(done, None))
-
-    async def _settle(self, write: _Write, lingering: int | None) -> None:
-        """Settle ``write`` (see :meth:`_fence`) once storage answers; refund it if it applied.
-
-        Its call was refused (UNAVAILABLE), so a payment the write recorded
-        is given back, as a failed call's, unless a call of ours on the
-        channel built on it meanwhile (it then took over the write's hold).
-        Looks are paused while a call of ours is on the channel.
-        """
+    def _unsettle(self, write: _Write, lingering: int | None) -> None:
+        """Leave ``write`` to :meth:`_settle` (its outcome could not be told)."""
         channel_id = write.payment.channel_id
-        delay = _RELEASE_RETRY
-        while True:
-            await self._sleep(delay)
-            delay = min(delay * 2, _SETTLE_RETRY_MAX)
-            if channel_id in self._busy:
-                continue
-            try:
-                outcome = await self._fence(write, lingering, settling=True)
-            except StorageError as exc:
-                _log.debug("payment write on channel {channel} not settled yet: {error}", channel=channel_id, error=exc)
-                continue
-            if outcome is None:
-                return
-            if channel_id in self._busy:
-                # A call started meanwhile: it builds on this payment.
-                _log.warn(
-                    "a payment write on channel {channel} applied after its call was refused; it stays recorded",
-                    channel=channel_id,
-                )
-                return
-            _log.info(
-                "a payment write on channel {channel} applied after its call was refused: refunding it",
-                channel=channel_id,
-            )
-            self._busy.add(channel_id)  # as for a failed call: until the refund is over
-            await self._refund(write.hold(*outcome))
+        self._unsettled[channel_id] = (write, lingering)
+        if channel_id not in self._settlers:
+            settler = asyncio.ensure_future(self._keep_settling(channel_id))
+            self._settlers[channel_id] = settler
+            settler.add_done_callback(lambda _: self._settlers.pop(channel_id, None))
+
+    async def _settle(self, channel_id: int) -> None:
+        """Try once to settle our unsettled write on the channel (the caller
+        holds the channel busy); refund it if it applied.
+
+        Its call was refused (UNAVAILABLE), so a payment it recorded is
+        given back, as a failed call's.  Every call of ours on the channel
+        settles first (:meth:`authorize`): none can build on the write's
+        payment, or take its hold over, before it is refunded.
+
+        Raises:
+            StorageError: storage did not answer.
+        """
+        unsettled = self._unsettled.get(channel_id)
+        if unsettled is None:
             return
+        write, lingering = unsettled
+        outcome = await self._fence(write, lingering)
+        if isinstance(outcome, _Pending):
+            return
+        del self._unsettled[channel_id]
+        if outcome is None:
+            return
+        _log.info(
+            "a payment write on channel {channel} applied after its call was refused: refunding it",
+            channel=channel_id,
+        )
+        # Carried to its end even if the caller is cancelled meanwhile.
+        await asyncio.shield(self._track(asyncio.ensure_future(self._put_back(write.hold(*outcome)))))
+
+    async def _settle_idle(self, channel_id: int) -> None:
+        """:meth:`_settle`, unless a call of ours is on the channel (it settles first)."""
+        if channel_id in self._busy:
+            return
+        self._busy.add(channel_id)
+        try:
+            await self._settle(channel_id)
+        except StorageError as exc:
+            _log.debug("payment write on channel {channel} not settled yet: {error}", channel=channel_id, error=exc)
+        finally:
+            self._busy.discard(channel_id)
+
+    async def _keep_settling(self, channel_id: int) -> None:
+        """Settle our unsettled write on the channel in the background, pausing longer each time."""
+        delay = _RELEASE_RETRY
+        try:
+            while channel_id in self._unsettled:
+                await self._sleep(delay)
+                delay = min(delay * 2, _SETTLE_RETRY_MAX)
+                await self._settle_idle(channel_id)
+        except Exception:
+            self._unsettled.pop(channel_id, None)
+            _log.failure("settling a payment write on channel {channel} failed", channel=channel_id)
 
     def _linger(self, channel_id: int, revision: int | None, delay: float | None = None) -> None:
         """Let our hold at ``revision`` linger, then delete it in the background.
@@ -1224,6 +1292,10 @@ class EscrowLedger:
 
 
 _MISSING: Final = object()
+
+
+def _revision(entry: Entry | None) -> int:
+    return 0 if entry is None else entry.mod_revision
 
 
 def _value(entry: Entry | None) -> bytes | None:
