@@ -10,6 +10,7 @@ configuration.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import gc
 import os
@@ -409,7 +410,7 @@ def makeService(options: Options) -> IService:
     except ConfigError as error:
         print(f"snetd: configuration error: {error}", file=options.stderr)
         raise SystemExit(1) from None
-    except usage.UsageError as error:  # twistd options that cannot work with snetd's log observer
+    except usage.UsageError as error:  # twistd log options snetd's observer cannot follow (oplog.destination)
         print(f"snetd: {error}", file=options.stderr)
         raise SystemExit(1) from None
     # Bound now, while a failure can still be one line on the terminal (see _PublicPort).
@@ -828,23 +829,33 @@ class _PublicPort(Service):
         """
         if self._socket is not None or self._listening is not None:
             return
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sockaddr: Any = (self._host, self._port)
-            if family == socket.AF_INET6:
-                # Scope ids (fe80::1%eth0) need the resolved form, as in Twisted.
-                sockaddr = socket.getaddrinfo(self._host, self._port, family, 0, 0, socket.AI_NUMERICHOST)[0][4]
-            # As Twisted's listenTCP: a restart must not wait for TIME_WAIT.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(self.BACKLOG)
-            sock.setblocking(False)
+            sock = self._listen()
         except OSError as error:
-            sock.close()
             raise CannotListenError(self._host, self._port, error) from None
         self._socket = sock
         self._announce(_address(self._host, sock.getsockname()[1]))
+
+    def _listen(self) -> socket.socket:
+        """A listening socket on the configured address.
+
+        An empty host means every interface, IPv6 as well as IPv4, as Go's
+        ``:8080`` does: one socket on ``::`` with ``IPV6_V6ONLY`` off, which
+        IPv4 clients reach too (as ``::ffff:a.b.c.d``).  A machine without
+        IPv6 gets ``0.0.0.0``.
+        """
+        if not self._host:
+            try:
+                return _listening_socket(socket.AF_INET6, ("::", self._port), self.BACKLOG, dual_stack=True)
+            except OSError as error:
+                if error.errno not in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL):
+                    raise
+            return _listening_socket(socket.AF_INET, ("0.0.0.0", self._port), self.BACKLOG)
+        if ":" in self._host:
+            # Scope ids (fe80::1%eth0) need the resolved form, as in Twisted.
+            sockaddr = socket.getaddrinfo(self._host, self._port, socket.AF_INET6, 0, 0, socket.AI_NUMERICHOST)[0][4]
+            return _listening_socket(socket.AF_INET6, sockaddr, self.BACKLOG)
+        return _listening_socket(socket.AF_INET, (self._host, self._port), self.BACKLOG)
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -871,6 +882,27 @@ class _PublicPort(Service):
             return None
         stopped: Deferred[None] | None = listening.stopListening()
         return stopped
+
+
+def _listening_socket(family: int, sockaddr: Any, backlog: int, *, dual_stack: bool = False) -> socket.socket:
+    """A non-blocking socket of ``family`` bound to ``sockaddr`` and listening (closed if that fails).
+
+    ``dual_stack``: an IPv6 socket that takes IPv4 clients too (``IPV6_V6ONLY``
+    off; Linux's default, but a sysctl or another system may differ).
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if dual_stack:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        # As Twisted's listenTCP: a restart must not wait for TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _free_call_settings(config: DaemonConfig) -> FreeCallSettings:

@@ -258,6 +258,41 @@ def test_non_utf8_file_is_an_error(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "fragment"),
+    [
+        ("big.json", '{"ipfs_timeout": 1' + "0" * 5000 + "}", "4300 digits"),
+        ("big.yaml", "ipfs_timeout: 1" + "0" * 5000 + "\n", "4300 digits"),
+        ("deep.json", '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper than 200 levels"),
+        ("deep.yaml", "x: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested deeper than 200 levels"),
+        ("self.yaml", "log: &a {formatter: *a}\n", "a value contains itself"),
+        ("selflist.yaml", "service_credentials: &a [*a]\n", "a value contains itself"),
+    ],
+)
+def test_unreadable_values_are_an_error_naming_the_file(tmp_path: Path, name: str, text: str, fragment: str) -> None:
+    """Parsable text that cannot become configuration is a ConfigError naming the file, not a crash."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), environ={})
+    message = str(info.value)
+    assert message.startswith(f"cannot read configuration file '{path}': "), message
+    assert fragment in message, message
+    assert "sys.set_int_max_str_digits" not in message
+
+
+def test_values_shared_through_yaml_aliases_load(tmp_path: Path) -> None:
+    """An anchor used many times is no self-reference, and is measured once, not once per use."""
+    path = tmp_path / "shared.yaml"
+    aliases = "".join(f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 60))
+    path.write_text("levels: &a0 [error]\n" + aliases, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), environ={})
+    message = str(info.value)
+    assert "cannot read" not in message
+    assert "unknown configuration key 'a59'" in message
+
+
 # ---------------------------------------------------------------------------
 # Unknown, stale and deprecated keys.
 
@@ -543,7 +578,8 @@ def test_pydantic_wording_never_leaks(tmp_path: Path) -> None:
     assert "Input should" not in message
     assert "'max_message_size_in_mb': 'lots' is not a whole number" in message
     assert "'passthrough_enabled': 'maybe' is not a boolean" in message
-    assert "'log': 'loud' is not a mapping" in message
+    # Not quoted: what stands where the log section goes may hold a hook's password.
+    assert "'log': '***' is not a mapping" in message
     assert "'allowed_user_addresses': 5 is not a list" in message
     assert "'free_calls_per_address': [] is not a mapping" in message
     assert "'service_credentials[0].key' is required" in message

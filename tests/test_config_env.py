@@ -259,11 +259,62 @@ def test_bad_environment_value_names_variable_and_key(name: str, text: str, key:
     assert error.path == key
 
 
+@pytest.mark.parametrize(
+    ("environ", "overrides", "fragment"),
+    [
+        # Bad JSON: the message would quote the raw text, secret and all.
+        (
+            {"SNET_SERVICE_CREDENTIALS": '[{"key":"api","value":"SUPERSECRET","location":"header"'},
+            {},
+            "is not a valid JSON array",
+        ),
+        # A JSON object where the list goes, from either source: one error, not one per comma-split piece.
+        (
+            {"SNET_SERVICE_CREDENTIALS": '{"key":"api","value":"SUPERSECRET","location":"header"}'},
+            {},
+            "is a JSON object, not a JSON array",
+        ),
+        (
+            {},
+            {"service_credentials": '{"key":"api","value":"SUPERSECRET","location":"header"}'},
+            "is a JSON object, not a JSON array",
+        ),
+        # A section whose hook sections hold passwords.
+        ({}, {"log": '{"hooks": ["m"], "m": {"type": "email", "password": "SUPERSECRET"'}, "is not a valid JSON"),
+    ],
+)
+def test_bad_text_for_a_key_holding_secrets_is_masked(
+    environ: dict[str, str], overrides: dict[str, str], fragment: str
+) -> None:
+    """Text that cannot become a value of a key holding secrets is shown as ``***``, never quoted."""
+    error = _env_error(environ, overrides=overrides)
+    message = str(error)
+    assert len(error.problems) == 1, message
+    assert "SUPERSECRET" not in message
+    assert f"'***' {fragment}" in message, message
+    assert error.value == "***"
+
+
 def test_bad_secret_from_the_environment_is_masked() -> None:
     """An invalid private key from the environment is reported without its value."""
     error = _env_error({"SNET_PRIVATE_KEY_FOR_FREE_CALLS": "0xnot-a-key"})
     assert "SNET_PRIVATE_KEY_FOR_FREE_CALLS" in str(error)
     assert "not-a-key" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[" * 100_000, "JSON nested deeper than 200 levels"),
+        (f'{{"{ADDRESS}": 1{"0" * 5000}}}', "4300 digits"),
+    ],
+)
+def test_unusable_json_from_the_environment_is_a_config_error(text: str, fragment: str) -> None:
+    """JSON too deep or with a number too long to read is a problem with the variable, not a crash."""
+    error = _env_error({"SNET_FREE_CALLS_PER_ADDRESS": text})
+    assert "SNET_FREE_CALLS_PER_ADDRESS" in str(error)
+    assert fragment in str(error)
+    assert "sys.set_int_max_str_digits" not in str(error)
 
 
 def test_bad_environment_values_are_reported_together() -> None:
@@ -356,6 +407,30 @@ def test_nested_override_keeps_sibling_keys_from_lower_sources(tmp_path: Path) -
     config = load_config(path, environ={"SNET_LOG__LEVEL": "error"}).config
     assert config.log.level == "error"
     assert config.log.formatter.type == "json"
+
+
+def test_a_map_value_is_replaced_whole_by_a_higher_source(tmp_path: Path) -> None:
+    """A map-valued key is one value, as a list is: ``{}`` empties the file's map, a new map replaces it."""
+    other = "0x" + "ab" * 20
+    path = _file(tmp_path, {"free_calls_per_address": {ADDRESS: 5}, "log": {"level": "warn"}})
+    assert load_config(path, environ={"SNET_FREE_CALLS_PER_ADDRESS": "{}"}).config.free_calls_per_address == {}
+    config = load_config(path, environ={"SNET_FREE_CALLS_PER_ADDRESS": json.dumps({other: 3})}).config
+    assert config.free_calls_per_address == {other: 3}
+    config = load_config(path, environ={}, overrides={"free_calls_per_address": ""}).config
+    assert config.free_calls_per_address == {}
+    # Sections still merge key by key.
+    assert load_config(path, environ={"SNET_LOG": '{"timezone": "CET"}'}).config.log.level == "warn"
+
+
+def test_hook_section_merges_key_by_key(tmp_path: Path) -> None:
+    """A ``log.<hook>`` section is a section: a flag for one of its keys keeps the file's others."""
+    hook = {"type": "email", "levels": ["error"], "host": "smtp.example.org"}
+    path = _file(tmp_path, {"log": {"hooks": ["mail"], "mail": hook}})
+    config = load_config(path, environ={}, overrides={"log.mail.password": "pw"}).config
+    assert (config.log.hook_sections["mail"].host, config.log.hook_sections["mail"].password) == (
+        "smtp.example.org",
+        "pw",
+    )
 
 
 def test_alias_in_a_higher_source_beats_new_name_in_a_lower_one(tmp_path: Path) -> None:

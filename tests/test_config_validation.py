@@ -206,6 +206,13 @@ INVALID: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
         ("70000", "port"),
     ),
     ({"ipfs_timeout": "soon"}, "ipfs_timeout", ("'soon'", "whole number")),
+    # A token that lives 0 minutes or less is expired when it is issued.
+    ({"token_expiry_in_minutes": 0}, "token_expiry_in_minutes", ("0", "at least 1")),
+    ({"token_expiry_in_minutes": -5}, "token_expiry_in_minutes", ("-5", "at least 1")),
+    # NaN is not negative, so only refusing it outright keeps it out.
+    ({"rate_limit_per_minute": float("nan")}, "rate_limit_per_minute", ("NaN", "not a finite number")),
+    ({"rate_limit_per_minute": "inf"}, "rate_limit_per_minute", ("'inf'", "not a finite number")),
+    ({"cors_allowed_origins": "https://a.example, example.com"}, "cors_allowed_origins[1]", ("'example.com'",)),
 ]
 
 
@@ -293,6 +300,7 @@ VALID: list[dict[str, Any]] = [
         ]
     },
     {"cors_allowed_origins": []},
+    {"token_expiry_in_minutes": 1},
     {"experimental": {"traffic_split": {"grpc": 7001, "http": "7002"}}},
     {"blockchain_network_selected": "goerli"},
 ]
@@ -333,6 +341,33 @@ def test_string_lists_accept_comma_separated_strings(tmp_path: Path) -> None:
     other = "0x" + "ab" * 20
     config = _load(tmp_path, {"trusted_free_call_signers": f"{ADDRESS}, {other}"})
     assert config.trusted_free_call_signers == (ADDRESS, other)
+
+
+def test_every_list_key_accepts_a_comma_separated_string(tmp_path: Path) -> None:
+    """As the documentation promises for every list key: CORS origins too, not only addresses."""
+    config = _load(tmp_path, {"cors_allowed_origins": "https://a.example, https://b.example"})
+    assert config.cors_allowed_origins == ("https://a.example", "https://b.example")
+    assert config.frontend.cors_allowed_origins == ("https://a.example", "https://b.example")
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        {"key": "api", "value": "SUPERSECRET", "location": "header"},  # an object where the list goes
+        "api: SUPERSECRET",  # a string where the list goes
+        ["SUPERSECRET"],  # a string where an item goes
+        [{"key": "api", "value": {"nested": float("nan")}, "location": "body"}],  # bad inside a JSON value
+    ],
+)
+def test_credential_values_never_appear_in_errors(tmp_path: Path, credentials: object) -> None:
+    """A misshapen ``service_credentials`` is reported without quoting what may be its secret."""
+    error = _error(tmp_path, {"service_credentials": credentials})
+    message = str(error)
+    assert "SUPERSECRET" not in message
+    assert "NaN" not in message
+    assert "'***'" in message
+    assert str(error.path).startswith("service_credentials")
+    assert {problem.value for problem in error.problems} == {"***"}
 
 
 def test_secret_values_never_appear_in_errors(tmp_path: Path) -> None:

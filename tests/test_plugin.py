@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
 import io
 import json
@@ -15,13 +16,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 from twisted.internet.task import Clock
 from twisted.python import usage
 
+from snet_daemon import tap
 from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon._proto import example_service_pb2_grpc as pb_grpc
 from snet_daemon.blockchain.build import build_chain
@@ -367,6 +369,29 @@ def test_bad_config_stops_startup_before_binding(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", port))  # still free
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "fragment"),
+    [
+        ("big.json", '{"blockchain_enabled": false, "ipfs_timeout": 1' + "0" * 5000 + "}", "4300 digits"),
+        ("big.yaml", "blockchain_enabled: false\nipfs_timeout: 1" + "0" * 5000 + "\n", "4300 digits"),
+        ("deep.json", '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper than 200 levels"),
+        ("self.yaml", "blockchain_enabled: false\nlog: &a {formatter: *a}\n", "a value contains itself"),
+    ],
+)
+def test_unreadable_config_file_is_one_error_without_traceback(
+    tmp_path: Path, name: str, text: str, fragment: str
+) -> None:
+    """A file that parses but cannot become configuration: exit 1 and a message naming the file."""
+    config = tmp_path / name
+    config.write_text(text)
+    result = run_twistd(["snetd", f"--config={config}", "--check-config"], tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"snetd: configuration error: cannot read configuration file '{config}': "), line
+    assert fragment in line
+
+
 def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
     """Precedence: --set over SNET_* over the file."""
     config = _write(
@@ -518,11 +543,14 @@ def test_port_in_use_fails_startup(tmp_path: Path) -> None:
             },
         )
         result = run_twistd(["-n", "--pidfile=", "snetd", f"--config={config}"], tmp_path)
+    _assert_startup_failed(result, f"snetd: cannot listen on 127.0.0.1:{port}: Address already in use")
+
+
+def _assert_startup_failed(result: subprocess.CompletedProcess[str], line: str) -> None:
+    """Startup stopped as it should: exit 1, ``line`` last on stderr, no traceback, never "listening"."""
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
-    assert result.stderr.strip().splitlines()[-1:] == [
-        f"snetd: cannot listen on 127.0.0.1:{port}: Address already in use"
-    ]
+    assert result.stderr.strip().splitlines()[-1:] == [line]
     assert "Traceback" not in output
     assert "listening on" not in output
 
@@ -539,6 +567,61 @@ def test_port_in_use_fails_startup_when_daemonizing(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"snetd: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
     assert not pidfile.exists()
+
+
+def test_log_file_that_cannot_be_opened_fails_startup(tmp_path: Path) -> None:
+    """A --logfile in a missing directory: one clear line, exit 1, no traceback, never "listening"."""
+    config = _write(tmp_path / "c.json", {"daemon_endpoint": f"127.0.0.1:{free_port()}", "blockchain_enabled": False})
+    logfile = tmp_path / "missing" / "snetd.log"
+    result = run_twistd(["-n", "--pidfile=", f"--logfile={logfile}", "snetd", f"--config={config}"], tmp_path)
+    _assert_startup_failed(result, f"snetd: cannot open the log file {logfile}: No such file or directory")
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_empty_host_serves_ipv4_and_ipv6_clients(upstream: Upstream, tmp_path: Path) -> None:
+    """daemon_endpoint ":PORT" means every interface of both families, as Go's ":8080" does."""
+    daemon = Daemon(tmp_path, {"service_endpoint": upstream.endpoint})
+    daemon.config["daemon_endpoint"] = f":{daemon.port}"
+    daemon.config_path.write_text(json.dumps(daemon.config))
+    with daemon:  # ready once /heartbeat answers on 127.0.0.1
+        for address in (f"127.0.0.1:{daemon.port}", f"[::1]:{daemon.port}"):
+            if address.startswith("[") and not _has_ipv6_loopback():
+                pytest.skip("this machine has no IPv6 loopback")
+            channel = make_channel(address)
+            try:
+                assert pb_grpc.CalculatorStub(channel).add(pb.Numbers(a=2, b=3), timeout=10).value == 5, address
+            finally:
+                channel.close()
+
+
+def test_empty_host_falls_back_to_ipv4_without_ipv6(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where IPv6 sockets cannot be made, ":PORT" listens on 0.0.0.0 rather than failing."""
+    real = tap._listening_socket
+
+    def without_ipv6(family: int, *args: Any, **kwargs: Any) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(tap, "_listening_socket", without_ipv6)
+    announced: list[str] = []
+    port = tap._PublicPort(cast(Any, None), "", 0, cast(Any, None), announced.append)
+    port.bind()
+    try:
+        [address] = announced
+        assert address.startswith(":")
+        with socket.create_connection(("127.0.0.1", int(address[1:])), timeout=5):
+            pass
+    finally:
+        port.stopService()
 
 
 def test_port_zero_logs_the_port_it_got(upstream: Upstream, tmp_path: Path) -> None:

@@ -25,9 +25,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 
+from snet_daemon import jsontext
 from snet_daemon.config.keys import Shape, shape_at
 
-__all__ = ["ENV_PREFIX", "NESTING_SEPARATOR", "CoercionError", "coerce", "environment_keys"]
+__all__ = ["ENV_PREFIX", "NESTING_SEPARATOR", "CoercionError", "coerce", "environment_keys", "unreadable_reason"]
 
 #: Prefix of the daemon's environment variables (Go: ``SetEnvPrefix("SNET")``).
 ENV_PREFIX = "SNET_"
@@ -79,24 +80,29 @@ def coerce(text: str, shape: Shape) -> object:
     Returns:
         ``text`` itself for scalars (pydantic converts it to the field type);
         a list for lists -- from a JSON array (``'["a", "b"]'``) or, failing
-        a leading ``[``, from comma-separated items (``"a, b"``); a dict for
-        maps and sections, from a JSON object.  An empty ``text`` (which only
+        a leading ``[`` or ``{``, from comma-separated items (``"a, b"``); a
+        dict for maps and sections, from a JSON object.  Text starting with
+        ``{`` is read as JSON even for a list: it can only be an object meant
+        for a list of objects such as ``service_credentials`` (no item of a
+        list of strings starts with a brace), and split at its commas it would
+        become pieces of an object, each reported as a bad item.  An empty ``text`` (which only
         a command-line override can give: empty variables are skipped) is
         the empty list or map.
 
     Raises:
-        CoercionError: A list or map value is not valid JSON of the right kind;
-            the message reads after the quoted value ("is not a JSON ...").
+        CoercionError: A list or map value is not valid JSON of the right kind,
+            or nests deeper than :data:`snet_daemon.jsontext.MAX_DEPTH`; the
+            message reads after the quoted value ("is not a JSON ...").
     """
     if shape is Shape.SCALAR:
         return text
     stripped = text.strip()
     if shape is Shape.LIST:
-        if not stripped.startswith("["):
+        if not stripped.startswith(("[", "{")):
             return [item.strip() for item in text.split(",") if item.strip()]
         value = _json(stripped, "array")
-        if not isinstance(value, list):  # pragma: no cover - "[" always starts an array
-            raise CoercionError("is not a JSON array")
+        if not isinstance(value, list):
+            raise CoercionError("is a JSON object, not a JSON array (write a list of objects: [{...}])")
         return value
     if not stripped:
         return {}
@@ -108,6 +114,17 @@ def coerce(text: str, shape: Shape) -> object:
 
 def _json(text: str, kind: str) -> object:
     try:
-        return json.loads(text)
+        return jsontext.loads(text)
     except json.JSONDecodeError as exc:
         raise CoercionError(f"is not a valid JSON {kind} ({exc.msg} at column {exc.colno})") from None
+    except ValueError as exc:  # too deep, or a number too long to read
+        raise CoercionError(f"is not a usable JSON {kind} ({unreadable_reason(exc)})") from None
+
+
+def unreadable_reason(exc: ValueError) -> str:
+    """Why a JSON or YAML value could not be read, without Python's advice.
+
+    A number of more than 4300 digits is refused by ``int()`` with a hint to
+    call ``sys.set_int_max_str_digits()``, which an operator cannot do.
+    """
+    return str(exc).partition("; use sys.set_int_max_str_digits()")[0]

@@ -43,7 +43,9 @@ __all__ = [
     "field_at",
     "fields_by_key",
     "has_flag",
+    "holds_secrets",
     "is_secret",
+    "is_section",
     "leaf_paths",
     "model_at",
     "same_value",
@@ -195,6 +197,49 @@ def field_at(loc: Loc) -> FieldInfo | None:
 def is_secret(loc: Loc) -> bool:
     """Tell whether the value at a location must never be shown."""
     return has_flag(field_at(loc), KeyFlag.SECRET)
+
+
+def holds_secrets(loc: Loc) -> bool:
+    """Tell whether the value at a location is, or may contain, a secret.
+
+    True for a secret field, and for a section or list whose items have one
+    at any depth: ``service_credentials``, ``service_credentials[0]``,
+    ``log`` (its hook sections have passwords).  An error about such a value
+    must not quote it, since what was written there -- JSON text that failed
+    to parse, an object where a list belongs -- may well hold the secret.
+    """
+    # A location inside a secret: a credential's JSON value, "service_credentials[0].value.list[2]".
+    if any(is_secret(loc[:end]) for end in range(1, len(loc) + 1)):
+        return True
+    resolved = _resolve(loc, file_path=True)
+    return resolved is not None and _contains_secret(resolved[0])
+
+
+def _contains_secret(annotation: Any) -> bool:
+    """Whether a type is a section, list or map with a secret field somewhere inside."""
+    element = _element(annotation)
+    if element is not None:
+        return _contains_secret(element)
+    model = _model(annotation)
+    return model is not None and _model_has_secret(model)
+
+
+@cache
+def _model_has_secret(model: type[BaseModel]) -> bool:
+    return any(
+        has_flag(field, KeyFlag.SECRET) or _contains_secret(field.annotation)
+        for _, field in fields_by_key(model).values()
+    )
+
+
+def is_section(path: Sequence[str]) -> bool:
+    """Tell whether a file path names a section (``log``, ``log.<hook>``), not a value.
+
+    Sources merge sections key by key; any other value, a map-valued key
+    such as ``free_calls_per_address`` included, is replaced as a whole.
+    """
+    resolved = _resolve(path, file_path=True)
+    return resolved is not None and _model(resolved[0]) is not None
 
 
 def model_at(loc: Loc) -> type[BaseModel] | None:

@@ -30,13 +30,15 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from snet_daemon import jsontext
 from snet_daemon.config import support
-from snet_daemon.config.env import CoercionError, coerce, environment_keys
+from snet_daemon.config.env import CoercionError, coerce, environment_keys, unreadable_reason
 from snet_daemon.config.errors import ConfigError, ConfigProblem
 from snet_daemon.config.keys import (
     default_config,
     display_path,
-    is_secret,
+    holds_secrets,
+    is_section,
     leaf_paths,
     model_at,
     same_value,
@@ -174,13 +176,22 @@ def _read_file(path: str) -> object:
         raise ConfigError(f"cannot read configuration file '{path}': {exc.strerror or exc}") from None
     if suffix == ".json":
         try:
-            return json.loads(text)
+            return jsontext.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(
                 f"syntax error in configuration file '{path}' at line {exc.lineno}, column {exc.colno}: {exc.msg}"
             ) from None
+        except ValueError as exc:  # nested too deep, or a number too long to read
+            raise ConfigError(f"cannot read configuration file '{path}': {unreadable_reason(exc)}") from None
     try:
         return yaml.load(text, Loader=_YamlLoader)  # _YamlLoader is a SafeLoader
+    except RecursionError:
+        # PyYAML's composer recurses once per level; jsontext's cheap pre-check has no YAML equivalent.
+        raise ConfigError(
+            f"cannot read configuration file '{path}': values nested deeper than {jsontext.MAX_DEPTH} levels"
+        ) from None
+    except ValueError as exc:  # a number too long to read, an "!!int" that is none
+        raise ConfigError(f"cannot read configuration file '{path}': {unreadable_reason(exc)}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -206,6 +217,43 @@ def _normalise(tree: Mapping[Any, Any]) -> dict[str, Any]:
     return result
 
 
+def _check_nesting(value: object, path: str) -> None:
+    """Refuse a file whose values nest deeper than :data:`jsontext.MAX_DEPTH` or contain themselves.
+
+    A YAML alias inside its own anchor (``log: &a {formatter: *a}``) loads
+    as a structure that contains itself; everything that walks it after
+    loading -- normalising keys, validation, error messages -- would recurse
+    until Python gives up.  Heights are remembered per object, so a value
+    shared through aliases is measured once however often it is used.
+
+    Raises:
+        ConfigError: naming the file and the problem.
+    """
+    heights: dict[int, int] = {}
+    walking: set[int] = set()
+
+    def height(node: object) -> int:
+        if not isinstance(node, dict | list):
+            return 0
+        key = id(node)
+        if key in heights:
+            return heights[key]
+        if key in walking:
+            raise ConfigError(
+                f"cannot read configuration file '{path}': a value contains itself (a YAML alias inside its own anchor)"
+            )
+        if len(walking) >= jsontext.MAX_DEPTH:
+            raise ConfigError(
+                f"cannot read configuration file '{path}': values nested deeper than {jsontext.MAX_DEPTH} levels"
+            )
+        walking.add(key)
+        heights[key] = 1 + max(map(height, node.values() if isinstance(node, dict) else node), default=0)
+        walking.discard(key)
+        return heights[key]
+
+    height(value)
+
+
 def _file_layer(path: str) -> _Layer:
     data = _read_file(path)
     if data is None:  # an empty YAML file: all defaults
@@ -214,6 +262,7 @@ def _file_layer(path: str) -> _Layer:
         raise ConfigError(
             f"configuration file '{path}' must hold a mapping of keys at the top level, not {type(data).__name__}"
         )
+    _check_nesting(data, path)
     tree = _normalise(data)
     # Go quirk: an embedded-etcd section without "enabled" means enabled.
     server = tree.get("payment_channel_storage_server")
@@ -277,7 +326,7 @@ def _override_layer(overrides: Mapping[str, str], problems: list[ConfigProblem])
 
 def _string_problem(path: Sequence[str], text: str, label: str, reason: str) -> ConfigProblem:
     dotted = ".".join(path)
-    shown = MASK if text and is_secret(path) else text
+    shown = MASK if text and holds_secrets(path) else text
     return ConfigProblem(f"{_key_ref(dotted, label)}: {_show(shown)} {reason}", dotted, shown)
 
 
@@ -318,12 +367,17 @@ def _drop_stale_keys(layer: _Layer, warnings: list[str]) -> None:
         )
 
 
-def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> None:
-    """Merge ``top`` into ``base``: mappings merge key by key, anything else replaces."""
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any], path: tuple[str, ...] = ()) -> None:
+    """Merge ``top`` into ``base``: sections merge key by key, anything else replaces.
+
+    A map-valued key (``free_calls_per_address``) is one value, like a list:
+    a higher source replaces it whole, so ``SNET_FREE_CALLS_PER_ADDRESS={}``
+    can empty the file's map rather than leave every entry in place.
+    """
     for key, value in top.items():
         current = base.get(key)
-        if isinstance(current, dict) and isinstance(value, Mapping):
-            _deep_merge(current, value)
+        if isinstance(current, dict) and isinstance(value, Mapping) and is_section((*path, key)):
+            _deep_merge(current, value, (*path, key))
         else:
             base[key] = _normalise(value) if isinstance(value, Mapping) else value
 
@@ -338,6 +392,7 @@ _REASONS: Mapping[str, str] = {
     "int_from_float": "is not a whole number",
     "float_parsing": "is not a number",
     "float_type": "is not a number",
+    "finite_number": "is not a finite number",
     "bool_parsing": "is not a boolean (true/false, 1/0, yes/no)",
     "bool_type": "is not a boolean (true/false, 1/0, yes/no)",
     "string_type": "is not a string",
@@ -408,7 +463,7 @@ def _explain(error: ErrorDetails, labels: Mapping[tuple[str, ...], str]) -> Conf
     path = display_path(loc)
     if error["type"] == "missing":
         return ConfigProblem(f"{_key_ref(path, label)} is required but not set", path, None)
-    if is_secret(loc) and value not in ("", None):
+    if holds_secrets(loc) and value not in ("", None):
         value = MASK
     if error["type"] == "snet_config":
         reason = str((error.get("ctx") or {}).get("reason", error["msg"]))

@@ -166,6 +166,13 @@ def _non_negative(value: float | None) -> float | None:
     return value
 
 
+def _at_least_one(value: int) -> int:
+    """A lifetime of 0 or less would make every token expired as it is issued."""
+    if value < 1:
+        raise _fail("must be at least 1")
+    return value
+
+
 def _non_empty(value: str) -> str:
     """Reject blank strings where Go would fail later (a credential without a name)."""
     if not value.strip():
@@ -347,6 +354,8 @@ class Section(BaseModel):
       meant (``"min_balance_for_free_call": 10``).
     * ``validate_default``: cross-field checks must also see defaults (an
       ``ssl_cert`` with the default empty ``ssl_key`` is an error).
+    * ``allow_inf_nan=False``: ``NaN`` passes every ``<`` check (a rate of
+      ``NaN`` is not negative) and ``inf`` is no rate either.
     """
 
     model_config = ConfigDict(
@@ -354,6 +363,7 @@ class Section(BaseModel):
         extra="forbid",
         coerce_numbers_to_str=True,
         validate_default=True,
+        allow_inf_nan=False,
     )
 
 
@@ -677,7 +687,7 @@ class DaemonConfig(Section):
     max_message_size_in_mb: Annotated[int, AfterValidator(_check_message_size)] = Field(
         4, description="Largest message in MiB (1..2048), both directions."
     )
-    cors_allowed_origins: tuple[Origin, ...] = Field(
+    cors_allowed_origins: Annotated[tuple[Origin, ...], BeforeValidator(_split_list)] = Field(
         ("*",), description="(not in Go) Origins allowed by CORS: `*` or `scheme://host[:port]` items."
     )
     service_metadata_uri: str = Field(
@@ -772,7 +782,9 @@ class DaemonConfig(Section):
     )
 
     # -- prepaid tokens -------------------------------------------------------------------
-    token_expiry_in_minutes: int = Field(1440, description="Lifetime of prepaid-call JWTs.")
+    token_expiry_in_minutes: Annotated[int, AfterValidator(_at_least_one)] = Field(
+        1440, description="Lifetime of prepaid-call JWTs, in minutes (>= 1)."
+    )
     # Declared after blockchain_enabled for its check.
     token_secret_key: Secret = Field(
         GO_DEFAULT_TOKEN_SECRET,

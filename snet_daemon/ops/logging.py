@@ -91,7 +91,9 @@ def destination(twistd_options: Mapping[str, Any] | None) -> IO[str] | LogFile |
         UsageError: ``--logfile=-`` without ``-n``.  twistd refuses that
             ("Daemons cannot log to stdout"), but only in the code this
             observer replaces: without this check the daemon would detach
-            from the terminal and log to /dev/null.
+            from the terminal and log to /dev/null.  Also a log file that
+            cannot be opened (no such directory, no permission): said in
+            one line, as a port that cannot be bound is, not a traceback.
     """
     if twistd_options is None:
         return sys.stdout
@@ -105,7 +107,11 @@ def destination(twistd_options: Mapping[str, Any] | None) -> IO[str] | LogFile |
         )
     if name == "-" or (not name and twistd_options.get("nodaemon")):
         return sys.stdout
-    logfile: LogFile = LogFile.fromFullPath(name or "twistd.log")
+    path = name or "twistd.log"
+    try:
+        logfile: LogFile = LogFile.fromFullPath(path)
+    except OSError as error:
+        raise UsageError(f"cannot open the log file {path}: {error.strerror or error}") from None
     return logfile
 
 
