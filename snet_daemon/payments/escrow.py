@@ -23,8 +23,11 @@ without the Go daemon's faults:
   same condition (:meth:`EscrowLedger._fence`) tells which and rules out
   the later one: the call goes on if the payment was recorded, and is
   refused (UNAVAILABLE) if not.  When storage does not answer that either,
-  the call is refused and the write is settled in the background once
-  storage answers; a payment it recorded is then refunded.
+  or another daemon's call holds the channel (the write could apply once
+  that hold goes), the call is refused and the write stays unsettled: it
+  is settled in the background, and by the channel's next call through
+  this daemon before anything else, and a payment it recorded is then
+  refunded.
 * **No lock outlives its daemon.**  The hold is a storage key attached to
   this daemon instance's lease: if the daemon dies mid-call, the channel is
   free again within the lease TTL, with no manual unlock.  A hold is also
