@@ -1201,3 +1201,88 @@ async def test_settle_at_stop_settles_unsettled_writes_at_once() -> None:
     assert await signed_amount(ledger, 1) == 0
     assert await hold_of(storage, 1) is None
     ledger.close()
+
+
+class _Scripted(CountingStorage):
+    """Transactions follow ``script`` (then apply normally): ``ok``, ``apply_timeout`` (applies,
+    loses its reply), ``down`` (no answer); ``gate_`` before a step waits for ``gate`` first."""
+
+    def __init__(self, inner: MemoryStorage) -> None:
+        super().__init__(inner)
+        self.script: list[str] = []
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+        step = self.script.pop(0) if self.script else "ok"
+        self.calls.append(f"transaction:{step}")
+        if step.startswith("gate_"):
+            self.entered.set()
+            await self.gate.wait()
+            step = step.removeprefix("gate_")
+        if step == "down":
+            raise StorageUnavailable("down")
+        revision = await self.inner.transaction(conditions, ops)
+        if step == "apply_timeout":
+            raise StorageTimeout("reply lost")
+        return revision
+
+
+@aio_test
+async def test_call_cancelled_while_it_refunds_an_unsettled_write_keeps_the_channel_busy() -> None:
+    """A call that finds our earlier write applied refunds it before going on; cancelled during
+    that refund, the channel stays busy until the refund is over, so no call of ours builds on
+    the payment being refunded (which would fail the refund: the refused call stays charged)."""
+    chain = FakeChain()
+    chain.open(1)
+    storage = _Scripted(MemoryStorage(Clock()))
+    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", linger=0.01)
+    storage.script = ["apply_timeout", "down"]  # the write applies, its fence gets no answer
+    assert (await rejected(ledger, 1, 0, PRICE)).status == Status.UNAVAILABLE
+    storage.script = ["ok", "gate_ok"]  # the next call's fence finds it applied; the refund waits
+    first = asyncio.ensure_future(pay(ledger, 1, 0, PRICE))
+    await storage.entered.wait()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert (await rejected(ledger, 1, 0, 2 * PRICE)).status == Status.FAILED_PRECONDITION
+    storage.gate.set()
+    assert await hold_gone(storage, 1, ledger)
+    assert await signed_amount(ledger, 1) == 0
+    ledger.commit(await pay(ledger, 1, 0, PRICE))
+
+
+@aio_test
+async def test_write_unsettled_as_the_settler_leaves_gets_a_settler() -> None:
+    """The background settler leaves (its write was settled by a call) in the same loop pass as
+    that call's own write becomes unsettled: the new write still gets a settler."""
+    chain = FakeChain()
+    chain.open(1)
+    storage = _Scripted(MemoryStorage(Clock()))
+    first_look = asyncio.get_running_loop().create_future()
+    looked: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        if not looked:
+            looked.append(delay)
+            await first_look
+        else:
+            await asyncio.sleep(min(delay, 0.05))
+
+    ledger = EscrowLedger(storage, Keys(), chain, terms, StorageLease(storage), "d", sleep=sleep, linger=0.01)
+    storage.script = ["apply_timeout", "down"]
+    assert (await rejected(ledger, 1, 0, PRICE)).status == Status.UNAVAILABLE
+    settler = ledger._settlers[1]
+    # The next call settles the write (applied: refunded), then its own write applies, loses its
+    # reply, and its fence gets no answer, as the settler's look comes due.
+    storage.script = ["ok", "ok", "apply_timeout", "gate_down"]
+    call = asyncio.ensure_future(rejected(ledger, 1, 0, PRICE))
+    await storage.entered.wait()
+    first_look.set_result(None)
+    storage.gate.set()
+    assert (await call).status == Status.UNAVAILABLE
+    await asyncio.sleep(0)
+    assert settler.done()
+    assert await hold_gone(storage, 1, ledger)  # the new write was settled: refunded
+    assert not ledger._unsettled
+    assert await signed_amount(ledger, 1) == 0

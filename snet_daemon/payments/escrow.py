@@ -442,7 +442,9 @@ class EscrowLedger:
         #: Channels whose holds are deleted as soon as their calls end.
         self._hasty: set[int] = set()
         #: Channels whose call was cancelled while its payment was being
-        #: recorded: busy until that write is over (see :meth:`_abandon`).
+        #: recorded (see :meth:`_abandon`), or while it refunded an earlier
+        #: write of unknown outcome (see :meth:`_settle`): busy until that
+        #: write or refund is over.
         self._abandoned: set[int] = set()
         #: Background refunds and hold deletions under way (asyncio keeps
         #: only weak references to tasks).
@@ -474,9 +476,13 @@ class EscrowLedger:
                 await self._settle_first(channel_id)
             return await self._authorize(method, payment)
         except BaseException:
-            if channel_id not in self._abandoned:
-                self._busy.discard(channel_id)
+            self._free(channel_id)
             raise
+
+    def _free(self, channel_id: int) -> None:
+        """The call on the channel is over: free it, unless a write or refund it started goes on."""
+        if channel_id not in self._abandoned:
+            self._busy.discard(channel_id)
 
     async def _settle_first(self, channel_id: int) -> None:
         """Settle our earlier write of unknown outcome on the channel before
@@ -747,9 +753,16 @@ class EscrowLedger:
         daemon stops: storage closes next)."""
 
         async def drain() -> None:
-            for channel_id in list(self._unsettled):
-                await self._settle_idle(channel_id)  # now, not after the settler's pause
-            while pending := {task for task in self._background if not task.done()}:
+            tried: set[int] = set()
+            while True:
+                # Unsettled writes now, not after the settler's pause (also
+                # those of calls whose writes ended meanwhile).
+                for channel_id in [channel for channel in self._unsettled if channel not in tried]:
+                    tried.add(channel_id)
+                    await self._settle_idle(channel_id)
+                pending = {task for task in self._background if not task.done()}
+                if not pending:
+                    return
                 await asyncio.wait(pending)
 
         with contextlib.suppress(TimeoutError):
@@ -1072,6 +1085,9 @@ class EscrowLedger:
                 outcome = await self._fence(write, lingering)
             except StorageError:
                 outcome = _PENDING
+            if taken is not None and lingering is None:
+                # A hold of ours that may be there (see _linger): still to go.
+                self._linger(channel_id, None, delay=self._linger_time)
             if isinstance(outcome, _Pending):
                 # A hold this write took over stays as it is until then: if
                 # it went first, a payment the write recorded could no
@@ -1160,10 +1176,15 @@ class EscrowLedger:
         """Leave ``write`` to :meth:`_settle` (its outcome could not be told)."""
         channel_id = write.payment.channel_id
         self._unsettled[channel_id] = (write, lingering)
-        if channel_id not in self._settlers:
+        settler = self._settlers.get(channel_id)
+        if settler is None or settler.done():  # done: it left as this write came
             settler = asyncio.ensure_future(self._keep_settling(channel_id))
             self._settlers[channel_id] = settler
-            settler.add_done_callback(lambda _: self._settlers.pop(channel_id, None))
+            settler.add_done_callback(functools.partial(self._settler_done, channel_id))
+
+    def _settler_done(self, channel_id: int, settler: asyncio.Future[None]) -> None:
+        if self._settlers.get(channel_id) is settler:
+            del self._settlers[channel_id]
 
     async def _settle(self, channel_id: int) -> None:
         """Try once to settle our unsettled write on the channel (the caller
@@ -1191,8 +1212,19 @@ class EscrowLedger:
             "a payment write on channel {channel} applied after its call was refused: refunding it",
             channel=channel_id,
         )
-        # Carried to its end even if the caller is cancelled meanwhile.
-        await asyncio.shield(self._track(asyncio.ensure_future(self._put_back(write.hold(*outcome)))))
+        refund = self._track(asyncio.ensure_future(self._put_back(write.hold(*outcome))))
+        try:
+            await asyncio.shield(refund)
+        except asyncio.CancelledError:
+            # Carried to its end, the channel busy until then: no call of
+            # ours may build on the payment, or take its hold, meanwhile.
+            self._abandoned.add(channel_id)
+            refund.add_done_callback(functools.partial(self._refunded, channel_id))
+            raise
+
+    def _refunded(self, channel_id: int, _: asyncio.Future[None]) -> None:
+        self._abandoned.discard(channel_id)
+        self._busy.discard(channel_id)
 
     async def _settle_idle(self, channel_id: int) -> None:
         """:meth:`_settle`, unless a call of ours is on the channel (it settles first)."""
@@ -1204,7 +1236,7 @@ class EscrowLedger:
         except StorageError as exc:
             _log.debug("payment write on channel {channel} not settled yet: {error}", channel=channel_id, error=exc)
         finally:
-            self._busy.discard(channel_id)
+            self._free(channel_id)
 
     async def _keep_settling(self, channel_id: int) -> None:
         """Settle our unsettled write on the channel in the background, pausing longer each time."""
