@@ -124,9 +124,9 @@ _FOREIGN_WAIT: Final = 0.1
 _FOREIGN_POLL: Final = 0.002
 #: When deleting a hold failed (storage unavailable), the next try.
 _RELEASE_RETRY: Final = 0.5
-#: How long a hold of ours that a write of unknown outcome (timed out) may
-#: have left is given before it is deleted: such a write can still land
-#: after the read that found no trace of it.
+#: How long a hold of ours that a payment write ended by something other
+#: than a storage answer (an unexpected error: storage timeouts are settled
+#: by the fence) may have left is given before it is deleted.
 _LATE_WRITE_GRACE: Final = 2.0
 #: Longest pause between looks at a payment write of unknown outcome.
 _SETTLE_RETRY_MAX: Final = 8.0
@@ -396,8 +396,8 @@ class EscrowLedger:
         linger: how long a finished call's hold stays (:data:`_LINGER`).
         foreign_wait: how long a call waits for another daemon's hold to go
             (:data:`_FOREIGN_WAIT`).
-        late_write_grace: how long a write of unknown outcome is given to
-            land before a hold of ours it may leave is deleted
+        late_write_grace: how long a write ended by an unexpected error is
+            given before a hold of ours it may have left is deleted
             (:data:`_LATE_WRITE_GRACE`).
     """
 
