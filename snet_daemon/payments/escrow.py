@@ -1154,18 +1154,17 @@ class EscrowLedger:
             state, held = failed.current.get(write.state_key), failed.current.get(write.hold_key)
             if _revision(state) == _revision(write.previous):
                 return _PENDING if lingering is None else None
-            ours = held is not None and held.value == self._instance
+            ours = held if held is not None and held.value == self._instance else None
             if (
-                ours
-                and held is not None
+                ours is not None
                 and state is not None
                 and state.value == write.value
-                and held.mod_revision == (state.mod_revision if lingering is None else lingering)
+                and ours.mod_revision == (state.mod_revision if lingering is None else lingering)
             ):
-                return state.mod_revision, held.mod_revision
+                return state.mod_revision, ours.mod_revision
             self._remember(channel_id, state)
-            if ours and held is not None:
-                self._linger(channel_id, held.mod_revision)  # a leftover of ours: let it go
+            if ours is not None:
+                self._linger(channel_id, ours.mod_revision)  # a leftover of ours: let it go
             return None
         self._remember(channel_id, Entry(write.state_key, write.fence, revision, revision, 1))
         if lingering is not None:
@@ -1292,10 +1291,8 @@ class EscrowLedger:
 
     def _release_now(self, channel_id: int, revision: int | None) -> asyncio.Future[None]:
         """Start deleting our hold at ``revision`` (see :meth:`_release`)."""
-        release = asyncio.ensure_future(self._release(channel_id, revision))
+        release = self._track(asyncio.ensure_future(self._release(channel_id, revision)))
         self._releasing[channel_id] = release
-        self._background.add(release)
-        release.add_done_callback(self._background.discard)
         release.add_done_callback(functools.partial(self._released, channel_id))
         return release
 
