@@ -405,6 +405,9 @@ def makeService(options: Options) -> IService:
     twistd_options = getattr(options, "parent", None)
     if options.config_note is not None:
         _log.info("{note}", note=options.config_note)
+    from snet_daemon.frontend.admission import raise_open_file_limit
+
+    raise_open_file_limit()
     try:
         daemon = build_daemon(options.loaded, reactor, twistd_options)
     except ConfigError as error:
@@ -522,6 +525,7 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
     from snet_daemon._proto.escrow import token_service_pb2 as tpb
     from snet_daemon.blockchain.build import build_chain
     from snet_daemon.config.durations import parse_duration
+    from snet_daemon.frontend.admission import connection_limit, open_file_limit
     from snet_daemon.frontend.cors import CorsPolicy
     from snet_daemon.frontend.gateway import Gateway, Limits, Router
     from snet_daemon.frontend.listener import OnePortFactory
@@ -763,8 +767,12 @@ def build_daemon(loaded: LoadedConfig, reactor: Any, twistd_options: Any = None)
             payments=", with payments" if payments is not None else ", without payments (blockchain disabled)",
         )
 
+    max_connections, limit_warning = connection_limit(config.frontend.max_connections, open_file_limit())
+    if limit_warning is not None:
+        _log.warn("{warning}", warning=limit_warning)
     listen = config.listen
-    public_port = _PublicPort(reactor, listen.host, listen.port, OnePortFactory(gateway), announce)
+    factory = OnePortFactory(gateway, max_connections=max_connections)
+    public_port = _PublicPort(reactor, listen.host, listen.port, factory, announce)
     public_port.setServiceParent(root)  # type: ignore[no-untyped-call]
     return root
 

@@ -687,6 +687,11 @@ class DaemonConfig(Section):
     max_message_size_in_mb: Annotated[int, AfterValidator(_check_message_size)] = Field(
         4, description="Largest message in MiB (1..2048), both directions."
     )
+    max_connections: Annotated[int, AfterValidator(_non_negative)] = Field(
+        0,
+        description="(not in Go) Most client connections open at once; at the limit the oldest idle one is "
+        "closed to make room, or the new one is refused. 0: 10000, fewer if the open-file limit is low.",
+    )
     cors_allowed_origins: Annotated[tuple[Origin, ...], BeforeValidator(_split_list)] = Field(
         ("*",), description="(not in Go) Origins allowed by CORS: `*` or `scheme://host[:port]` items."
     )
@@ -950,6 +955,7 @@ class DaemonConfig(Section):
         return FrontendSettings(
             max_message_size=self.max_message_size_in_mb * MIB,
             cors_allowed_origins=self.cors_allowed_origins,
+            max_connections=self.max_connections,
         )
 
     @cached_property

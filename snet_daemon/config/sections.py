@@ -195,10 +195,13 @@ class FrontendSettings:
     Attributes:
         max_message_size: Largest request message accepted, in bytes.
         cors_allowed_origins: Origins allowed by CORS; ``("*",)`` allows any.
+        max_connections: Most client connections open at once (0: automatic,
+            see :func:`snet_daemon.frontend.admission.connection_limit`).
     """
 
     max_message_size: int
     cors_allowed_origins: tuple[str, ...]
+    max_connections: int = 0
 
 
 @dataclass(frozen=True, slots=True)

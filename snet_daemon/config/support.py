@@ -58,6 +58,7 @@ IMPLEMENTED_KEYS: frozenset[str] = frozenset(
         "passthrough_enabled",
         "service_timeout",
         "max_message_size_in_mb",
+        "max_connections",
         # snet_daemon.upstream (jsonrpc, http, process service types)
         "executable_path",
         "service_credentials",

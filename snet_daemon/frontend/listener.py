@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from zope.interface import implementer
 
+from snet_daemon.frontend.admission import AUTOMATIC_LIMIT, ConnectionTable
 from snet_daemon.frontend.gateway import Gateway
 from snet_daemon.frontend.http1 import build_site
 from snet_daemon.frontend.http2 import H2ServerProtocol
@@ -56,9 +57,9 @@ class SniffingProtocol(Protocol):
             self._timer = self._factory.gateway.loop.call_later(self._factory.sniff_timeout, self._expire)
 
     def _expire(self) -> None:
+        """The sniff timeout, or the end of an evicted connection's grace."""
         self._timer = None
-        if self._inner is None:
-            self.transport.abortConnection()  # type: ignore[union-attr]
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         inner = self._inner
@@ -83,11 +84,42 @@ class SniffingProtocol(Protocol):
         self._inner.dataReceived(buffered)  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._factory.connections.release(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._inner is not None:
             self._inner.connectionLost(reason)
+
+    # -- the connection table (snet_daemon.frontend.admission) -------------
+
+    def idle(self) -> bool:
+        """No call in progress: nothing is cut short if it is closed."""
+        inner = self._inner
+        if inner is None:
+            return True  # has not even shown its protocol yet
+        if isinstance(inner, H2ServerProtocol):
+            return inner.active_calls() == 0
+        # twisted.web's HTTPChannel: a request is listed from its first line
+        # until its response is finished.
+        return not getattr(inner, "requests", None)
+
+    def evict(self) -> None:
+        """Close to make room for a new connection.
+
+        HTTP/2 gets GOAWAY (a gRPC client reconnects by itself); a client
+        that does not let it close (it stopped reading) is cut off after
+        :attr:`OnePortFactory.evict_grace` seconds.
+        """
+        inner = self._inner
+        if isinstance(inner, H2ServerProtocol):
+            inner.shutdown()
+            if self._timer is None:
+                self._timer = self._factory.gateway.loop.call_later(self._factory.evict_grace, self._expire)
+        elif inner is None:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+        else:
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _switch(self, inner: Protocol) -> None:
         if self._timer is not None:
@@ -103,19 +135,26 @@ class OnePortFactory(Factory):
 
     Args:
         gateway: the state every connection shares.
+        max_connections: most connections kept open at once (see
+            :mod:`snet_daemon.frontend.admission`).
     """
 
     noisy = False
     #: Seconds a connection may take to show which protocol it speaks.
     sniff_timeout = 30.0
+    #: Seconds an HTTP/2 connection closed to make room may take to go.
+    evict_grace = 5.0
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, max_connections: int = AUTOMATIC_LIMIT) -> None:
         self.gateway = gateway
         self._site = build_site(gateway)
+        self.connections = ConnectionTable(max_connections, gateway.loop.time)
 
-    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         assert addr is not None
-        return SniffingProtocol(self, addr)
+        protocol = SniffingProtocol(self, addr)
+        # None: Twisted closes the new socket before reading from it.
+        return protocol if self.connections.admit(protocol) else None
 
     def acceptableProtocols(self) -> list[bytes]:
         """ALPN offer under TLS: HTTP/2 first, then HTTP/1.1 for browsers."""
