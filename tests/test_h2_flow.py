@@ -96,6 +96,7 @@ async def test_a_connection_that_never_shows_its_protocol_is_closed(first: bytes
     stalled, speaking = StringTransport(), StringTransport()
     for transport, data in ((stalled, first), (speaking, PREFACE)):
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5))
+        assert protocol is not None
         protocol.makeConnection(transport)
         if data:
             protocol.dataReceived(data)

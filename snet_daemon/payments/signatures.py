@@ -16,6 +16,7 @@ keccak directly (about 110 µs; eth_account's path takes about 300 µs).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Final
 
@@ -25,6 +26,7 @@ from eth_utils.address import to_checksum_address
 
 _PREFIX: Final = b"\x19Ethereum Signed Message:\n32"
 _UINT256_LIMIT: Final = 1 << 256
+_HEX40: Final = re.compile("[0-9a-fA-F]{40}")
 
 MPE_CLAIM: Final = b"__MPE_claim_message"
 GET_CHANNEL_STATE: Final = b"__get_channel_state"
@@ -67,12 +69,11 @@ def address_bytes(address: str | bytes) -> bytes:
             raise ValueError(f"an address is 20 bytes, got {len(address)}")
         return address
     text = address[2:] if address[:2] in ("0x", "0X") else address
-    if len(text) != 40:
+    # fullmatch, not bytes.fromhex alone: it skips spaces, so 40 characters
+    # with spaces in them would give fewer than 20 bytes.
+    if _HEX40.fullmatch(text) is None:
         raise ValueError(f"malformed address {address!r}")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise ValueError(f"malformed address {address!r}") from None
+    return bytes.fromhex(text)
 
 
 def checksum(address: bytes) -> str:

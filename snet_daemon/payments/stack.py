@@ -147,6 +147,7 @@ class PaymentStack:
         self._network = network
         self._organization_id = organization_id
         self._instance = instance
+        self._ledgers_built = 0
         self._not_ready = not_ready
         self._service_id = service_id
         self._free_call_settings = free_calls
@@ -357,8 +358,18 @@ class PaymentStack:
         storage = self._storage.storage
         layout = KeyLayout(self._network, self._organization_id, metadata.group_id, mpe)
         keys = PaymentKeys(layout)
+        # A name of its own for each ledger: a hold with the ledger's own
+        # name is taken for a leftover of its own and taken over, so a
+        # ledger rebuilt for the same group (A, then B, then A again) must
+        # not take over a call still running in the retired one.
+        self._ledgers_built += 1
         ledger = EscrowLedger(
-            storage, keys, self._chain, self._current_terms, self._storage.lease_keeper, self._instance
+            storage,
+            keys,
+            self._chain,
+            self._current_terms,
+            self._storage.lease_keeper,
+            f"{self._instance}#{self._ledgers_built}",
         )
         free_calls = FreeCalls(storage, layout, self._chain, self._free_call_settings, self._current_free_call_terms)
         prepaid = PrepaidLedger(storage, layout)

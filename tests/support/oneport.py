@@ -56,6 +56,7 @@ class OnePort:
         """A new connection, sent ``data`` if given."""
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5))
         protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5))
+        assert protocol is not None, "the connection limit refused the connection"
         protocol.makeConnection(transport)
         if data:
             protocol.dataReceived(data)
