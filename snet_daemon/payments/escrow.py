@@ -1468,4 +1468,13 @@ def _in_progress(channel_id: int) -> GrpcError:
 
 
 def _storage_down(exc: Exception) -> GrpcError:
-    return GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}")
+    """A client's error for a storage failure: its kind, not its details.
+
+    The details (endpoints, etcd's own words) are for the operator: logged
+    here at debug level, as etcd's client already logs outages; a warning
+    per refused call would flood the log for the length of one.
+    """
+    _log.debug("payment storage failed: {error}", error=exc)
+    if isinstance(exc, StorageTimeout):
+        return GrpcError(Status.UNAVAILABLE, "payment storage did not answer in time")
+    return GrpcError(Status.UNAVAILABLE, "payment storage is unavailable")
