@@ -22,7 +22,11 @@ another writer may have written the same value.
 Settling is about one write, whatever it stands for: a free-call counter
 write may count several calls and give others back at once
 (:mod:`snet_daemon.payments.counters`), and they all share its outcome.  It
-needs a fresh tag for every write, retries included.
+needs a fresh tag for every write, retries included.  A write it cannot
+settle yet (storage keeps failing) raises :class:`LostWrite`, which names
+the write, so that its writer can :func:`settle` it later; until then it
+must not write the key again (its own writes would push ours out of the
+history).
 """
 
 from __future__ import annotations
@@ -70,6 +74,20 @@ class Tags:
     def next(self) -> bytes:
         self._last = (self._last + 1) & 0xFFFF_FFFF_FFFF_FFFF
         return self._last.to_bytes(8, "big")
+
+
+class LostWrite(StorageTimeout):
+    """A tagged write whose reply was lost and whose outcome could not be told yet.
+
+    Attributes:
+        tag: the write's tag, and
+        parent: the revision it was conditioned on: :func:`settle`'s arguments.
+    """
+
+    def __init__(self, message: str, tag: bytes, parent: int) -> None:
+        super().__init__(message)
+        self.tag = tag
+        self.parent = parent
 
 
 #: Returned as the entry last read when no read succeeded.
@@ -155,8 +173,9 @@ async def write(
         known), and whether the reply was lost and the outcome settled.
 
     Raises:
-        StorageTimeout: the reply was lost and whether the write happened
-            cannot be told.
+        LostWrite: the reply was lost and whether the write happened
+            cannot be told (yet, or ever: more writes since than a value
+            remembers).
         StorageError: storage failed (nothing was written).
     """
     tag = tags.next()
@@ -170,10 +189,10 @@ async def write(
         revision = await storage.transaction([Condition.unchanged(key, entry)], [Put(key, value)])
     except ConditionFailed as failed:
         return False, failed.current.get(key), False
-    except StorageTimeout:
+    except StorageTimeout as lost:
         written, after = await settle(storage, key, tag, parent, history=history, fence=fence, sleep=sleep)
         if written is None:
-            raise
+            raise LostWrite(str(lost), tag, parent) from lost
         return written, after, True
     if entry is None:
         return True, Entry(key, value, revision, revision, 1), False
@@ -185,6 +204,7 @@ __all__: Sequence[str] = (
     "RECORD",
     "UNREAD",
     "History",
+    "LostWrite",
     "Tags",
     "decode_history",
     "encode_history",
