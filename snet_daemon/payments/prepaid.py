@@ -33,7 +33,10 @@ Charges of one channel are combined: while this daemon's transaction on a
 channel is in flight, new charges and refunds queue, and the next
 transaction applies all of them at once.  Many concurrent calls on one
 channel thus cost a handful of transactions rather than a storm of failed
-compare-and-swaps; contention remains only between daemons.
+compare-and-swaps; contention remains only between daemons.  A refund
+storage refuses is put back on the queue later by a background task, so
+that neither its caller nor the channel's other requests wait for the
+outage to end; one refused for long is given up, and logged.
 
 Values are our own encoding (like the channel state: a payment group runs
 one kind of daemon).  Planned amounts are ``0x01`` followed by the amount as
@@ -45,6 +48,12 @@ the last writes that made it (see :mod:`snet_daemon.payments.tagged`)::
 That history settles a write whose reply was lost (timed out).  A value's
 amount alone cannot tell (another daemon may have written the same amount,
 or more after ours).  Version 1 used amounts (no history) are read as well.
+When storage keeps failing while the write is settled, its charges' calls
+are refused (``UNAVAILABLE``) and the write stays unsettled: it is settled
+before anything else is written on the channel (until it can be, charges
+there are refused too) and in the background.  If it landed, the refused
+calls' charges are refunded; if it never will, the refunds it carried are
+made again.
 """
 
 from __future__ import annotations
@@ -69,7 +78,17 @@ from snet_daemon.payments.escrow import (
     PaymentTerms,
 )
 from snet_daemon.payments.state_service import check_block
-from snet_daemon.payments.tagged import HISTORY, RECORD, UNREAD, Tags, decode_history, encode_history, write
+from snet_daemon.payments.tagged import (
+    HISTORY,
+    RECORD,
+    UNREAD,
+    LostWrite,
+    Tags,
+    decode_history,
+    encode_history,
+    settle,
+    write,
+)
 from snet_daemon.payments.tokens import PrepaidTokens
 from snet_daemon.storage.base import (
     AtomicStorage,
@@ -89,7 +108,13 @@ NO_PLANNED_AMOUNT: Final = "Unable to retrieve planned Amount "
 _VERSION_1: Final = 1
 _VERSION_2: Final = 2
 _MAX_ATTEMPTS: Final = 16
+#: How long refunds storage keeps refusing are tried again before they are
+#: given up (logged).
 _REFUND_PATIENCE: Final = 10.0
+#: The first pause before trying again what storage refused (doubling up to
+#: ``_RETRY_MAX``): longer than :func:`tagged.settle`'s own pauses.
+_RETRY_FIRST: Final = 0.25
+_RETRY_MAX: Final = 2.0
 _IDLE_LIMIT: Final = 100_000
 
 
@@ -149,8 +174,26 @@ def usage_exceeded(channel_id: int) -> GrpcError:
 
 @dataclass(eq=False)
 class _Request:
-    amount: int  # > 0 a charge, < 0 a refund
+    amount: int  # > 0 a charge, < 0 a refund, 0 only a nudge (see _keep_trying)
     future: asyncio.Future[None] | None
+    #: Put on the queue by the retrier (see _keep_trying): a refund not
+    #: written then fails its future instead of settling it.
+    retry: bool = False
+    #: The charge's caller went away: it is dropped unless its write is
+    #: already under way (see charge()).
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class _Unsettled:
+    """Our write of a channel's used amount whose reply was lost, and what it carried."""
+
+    tag: bytes
+    parent: int
+    #: Its charges (their calls were refused): given back if it landed.
+    charged: int
+    #: Its refunds (their callers were told they were done): made again if it never lands.
+    refunded: int
 
 
 _UNREAD: Final = UNREAD
@@ -161,9 +204,22 @@ class _Books:
     """This daemon's view of one channel's prepaid amounts, and its queue."""
 
     pending: list[_Request] = field(default_factory=list)
+    #: The requests the worker is applying.
+    batch: list[_Request] = field(default_factory=list)
     running: bool = False
     used: object = _UNREAD  # Entry | None once read
     planned: object = _UNREAD
+    #: Refunds storage refused, waiting to be tried again (their total).
+    retrying: int = 0
+    #: Our last write, when its outcome could not be told yet.
+    unsettled: _Unsettled | None = None
+    #: The background task trying those again (see _keep_trying).
+    retrier: asyncio.Future[None] | None = None
+
+    def idle(self) -> bool:
+        """Whether nothing is under way or owed on the channel (its books may be dropped)."""
+        retrying = self.retrier is not None and not self.retrier.done()
+        return not (self.running or self.pending or self.retrying or self.unsettled is not None or retrying)
 
 
 class PrepaidLedger:
@@ -186,18 +242,22 @@ class PrepaidLedger:
         self._sleep = sleep
         self._books: dict[int, _Books] = {}
         self._workers: set[asyncio.Future[None]] = set()
+        self._retriers: set[asyncio.Future[None]] = set()
         self._tags = Tags()
+        self._closed = False
 
     async def charge(self, channel_id: int, price: int) -> None:
         """Charge one call of ``price``; returns once it is recorded.
 
-        If the caller is cancelled after the charge was sent, it is refunded
-        as soon as it lands.
+        If the caller is cancelled, the charge is dropped, or, if it was
+        already being written, refunded as soon as it lands.
 
         Raises:
             GrpcError: ``RESOURCE_EXHAUSTED`` "Usage Exceeded on channel Id
                 N" when the planned amount does not cover it,
-                ``UNAVAILABLE`` when storage is down or too busy,
+                ``UNAVAILABLE`` when storage is down or too busy (or when
+                an earlier write on the channel is of unknown outcome: see
+                the module docstring), or the daemon is stopping,
                 ``INTERNAL`` for unreadable stored amounts.
         """
         if price == 0:
@@ -211,6 +271,9 @@ class PrepaidLedger:
             if request in books.pending:
                 books.pending.remove(request)
             else:
+                # In the worker's batch: dropped before its next write
+                # (see _live); one under way is refunded once it lands.
+                request.cancelled = True
                 future.add_done_callback(lambda done: self._refund_if_charged(channel_id, price, done))
             raise
 
@@ -218,9 +281,10 @@ class PrepaidLedger:
         """Give back the charge of a call that failed.
 
         Returns once recorded, or once the first attempt failed: storage
-        that is down is then retried in the background for a while, and a
-        refund that still cannot be written is logged (the client then paid
-        for a failed call, never the other way round).
+        that is down is then retried in the background (without holding up
+        the channel's other charges and refunds) for a while, and a refund
+        that still cannot be written is logged (the client then paid for a
+        failed call, never the other way round).
         """
         if price == 0:
             return
@@ -233,25 +297,55 @@ class PrepaidLedger:
         stops: storage closes next).
 
         Refunds run in the background: of a call cancelled while its charge
-        was being written (refunded once it lands), and of failed calls
-        while storage is down (retried).  Cut off by the storage closing,
-        the client would stay charged for a call it was never served.
+        was being written (refunded once it lands), of failed calls while
+        storage is down (retried), and of calls refused while their charges
+        were written with an outcome not known yet (refunded once known to
+        have landed).  Those waiting for a retry are tried once more now.
+        Cut off by the storage closing, the client would stay charged for a
+        call it was never served.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
+        tried: set[int] = set()
         while True:
             # A charge that just landed refunds its cancelled call from a
             # done-callback, which runs on the next turn of the loop.
             await asyncio.sleep(0)
+            for channel_id, books in list(self._books.items()):
+                if channel_id not in tried and (books.retrying or books.unsettled):
+                    tried.add(channel_id)
+                    self._enqueue(channel_id, _retry(books, None))
             left = deadline - loop.time()
             if not self._workers or left <= 0:
                 return
             await asyncio.wait(set(self._workers), timeout=left)
 
     def close(self) -> None:
-        """Stop writing; refunds still waiting are logged as lost."""
-        for worker in list(self._workers):
-            worker.cancel()
+        """Stop writing: whoever waits is answered, what is left undone is logged.
+
+        Done here rather than by the cancelled tasks: a task cancelled
+        before it started never runs its handlers.  Requests made from now
+        on are refused (charges) or logged as lost (refunds).
+        """
+        self._closed = True
+        for task in [*self._workers, *self._retriers]:
+            task.cancel()
+        for channel_id, books in self._books.items():
+            requests = books.batch + books.pending
+            for request in requests:
+                _settle(request, _STOPPING if request.amount > 0 else None)
+            _log_lost(channel_id, books.retrying - sum(r.amount for r in requests if r.amount < 0))
+            if books.unsettled is not None:
+                _log.error(
+                    "a write to prepaid channel {channel} is of unknown outcome as the daemon stops: if it "
+                    "applied, the client paid {charged} for refused calls; if not, a refund of {refunded} is lost",
+                    channel=channel_id,
+                    charged=books.unsettled.charged,
+                    refunded=books.unsettled.refunded,
+                )
+            books.pending, books.batch, books.retrying, books.unsettled = [], [], 0, None
+            books.running, books.retrier = False, None
+        self._books.clear()
 
     async def usage(self, channel_id: int) -> tuple[int | None, int]:
         """``(planned, used)`` read now (planned None if never set).
@@ -270,10 +364,14 @@ class PrepaidLedger:
     # -- internals ---------------------------------------------------------------
 
     def _enqueue(self, channel_id: int, request: _Request) -> _Books:
+        if self._closed:
+            _settle(request, _STOPPING if request.amount > 0 else None)
+            _log_lost(channel_id, -min(request.amount, 0))
+            return _Books()
         books = self._books.get(channel_id)
         if books is None:
             if len(self._books) >= _IDLE_LIMIT:
-                self._books = {k: v for k, v in self._books.items() if v.running or v.pending}
+                self._books = {k: v for k, v in self._books.items() if not v.idle()}
             books = self._books[channel_id] = _Books()
         books.pending.append(request)
         if not books.running:
@@ -287,81 +385,105 @@ class PrepaidLedger:
             self._enqueue(channel_id, _Request(-price, None))
 
     async def _run(self, channel_id: int, books: _Books) -> None:
-        """Apply queued requests, one transaction at a time, until none are left."""
-        batch: list[_Request] = []
+        """Apply queued requests, one transaction at a time, until none are left.
+
+        Cancelled by :meth:`close`, which answers the requests itself.
+        """
         try:
             while books.pending:
-                batch, books.pending = books.pending, []
+                batch = books.batch = books.pending
+                books.pending = []
                 try:
                     leftover = await self._apply(channel_id, books, batch)
                 except GrpcError as failed:
                     leftover = [r for r in batch if r.amount < 0]
                     for request in batch:
-                        if request.amount > 0:
+                        if request.amount >= 0:
                             _settle(request, failed)
                 except Exception as exc:  # a bug: fail the batch, keep the loop alive
                     _log.failure("prepaid accounting failed on channel {channel}", channel=channel_id)
                     bug = GrpcError(Status.INTERNAL, f"internal error: {exc}")
                     for request in batch:
                         _settle(request, bug)
-                    continue
-                batch = []
+                    leftover = []
+                books.batch = []
                 if leftover:
-                    # Refunds that could not be written yet: the callers
-                    # need not wait; keep trying in the background.
-                    for request in leftover:
-                        _settle(request, None)
-                    await self._refund_later(channel_id, books, [_Request(r.amount, None) for r in leftover])
-        except asyncio.CancelledError:
-            # close(): the daemon stops.  Nobody may wait for ever, and a
-            # refund not written is logged (the batch's may have landed).
-            stopping = GrpcError(Status.UNAVAILABLE, "the daemon is stopping")
-            for request in batch + books.pending:
-                _settle(request, stopping if request.amount > 0 else None)
-            _log_lost(channel_id, batch + books.pending)
-            books.pending = []
-            raise
+                    self._retry_later(channel_id, books, leftover)
         finally:
             books.running = False
 
-    async def _refund_later(self, channel_id: int, books: _Books, refunds: list[_Request]) -> None:
-        delay = 0.1
-        waited = 0.0
-        while refunds:
-            if waited >= _REFUND_PATIENCE:
-                total = -sum(r.amount for r in refunds)
-                _log.error(
-                    "could not refund {amount} to prepaid channel {channel}: storage unavailable; "
-                    "the client paid for failed calls",
-                    amount=total,
-                    channel=channel_id,
-                )
-                for request in refunds:
-                    _settle(request, None)
-                return
-            try:
+    def _retry_later(self, channel_id: int, books: _Books, refunds: list[_Request]) -> None:
+        """Refunds that could not be written yet: their callers need not wait,
+        nor the channel's other requests; the retrier tries them again."""
+        for request in refunds:
+            books.retrying -= request.amount
+            _settle(request, _NOT_WRITTEN if request.retry else None)
+        self._start_retrier(channel_id, books)
+
+    def _start_retrier(self, channel_id: int, books: _Books) -> None:
+        if books.retrier is None or books.retrier.done():  # done: it left as this came
+            books.retrier = retrier = asyncio.ensure_future(self._keep_trying(channel_id, books))
+            self._retriers.add(retrier)
+            retrier.add_done_callback(self._retriers.discard)
+
+    async def _keep_trying(self, channel_id: int, books: _Books) -> None:
+        """Put back on the channel's queue, pausing longer each time, what
+        storage refused there: refunds not written, and our write of unknown
+        outcome to settle (the worker settles it before anything else).
+
+        Once storage has refused the retries for :data:`_REFUND_PATIENCE`,
+        the refunds waiting are given up (logged); a write of unknown outcome
+        is tried until the daemon stops.
+        """
+        loop = asyncio.get_running_loop()
+        delay = _RETRY_FIRST
+        failing = 0.0
+        try:
+            while books.retrying or books.unsettled:
                 await self._sleep(delay)  # type: ignore[misc]
-                waited += delay
-                delay = min(delay * 2, 2.0)
+                failing += delay
+                delay = min(delay * 2, _RETRY_MAX)
+                if not (books.retrying or books.unsettled):
+                    return  # done meanwhile, by the channel's own requests
+                future: asyncio.Future[None] = loop.create_future()
+                self._enqueue(channel_id, _retry(books, future))
                 try:
-                    refunds = await self._apply(channel_id, books, refunds)
+                    await future
                 except GrpcError:
-                    continue
-            except asyncio.CancelledError:
-                _log_lost(channel_id, refunds)
-                raise
+                    if failing >= _REFUND_PATIENCE and books.retrying:
+                        _log.error(
+                            "could not refund {amount} to prepaid channel {channel}: storage unavailable; "
+                            "the client paid for failed calls",
+                            amount=books.retrying,
+                            channel=channel_id,
+                        )
+                        books.retrying = 0
+                else:
+                    delay, failing = _RETRY_FIRST, 0.0  # storage answers again
+        except Exception:  # a bug: log it, leave nothing waiting on a dead task
+            _log.failure("retrying prepaid accounting failed on channel {channel}", channel=channel_id)
 
     async def _apply(self, channel_id: int, books: _Books, batch: list[_Request]) -> list[_Request]:
-        """One transaction for ``batch``; returns the refunds left unwritten."""
+        """One transaction for ``batch``; returns the refunds left unwritten.
+
+        Our earlier write of unknown outcome on the channel is settled
+        first, and what it leaves owed joins ``batch``.
+
+        Raises:
+            GrpcError: nothing could be written.
+        """
         used_key = self._keys.prepaid(channel_id, "U")
         planned_key = self._keys.prepaid(channel_id, "P")
+        if books.unsettled is not None:
+            await self._settle_lost(channel_id, books, books.unsettled, batch)
+        refunds = [r for r in batch if r.amount < 0]
+        charges = _live([r for r in batch if r.amount > 0])
         planned_fresh = False
-        if books.used is _UNREAD or books.planned is _UNREAD:
+        if (charges or refunds) and (books.used is _UNREAD or books.planned is _UNREAD):
             await self._read(books, used_key, planned_key)
             planned_fresh = True
-        refunds = [r for r in batch if r.amount < 0]
-        charges = [r for r in batch if r.amount > 0]
         for _ in range(_MAX_ATTEMPTS):
+            charges = _live(charges)
             used_entry: Entry | None = books.used  # type: ignore[assignment]
             used = _amount(used_entry)
             planned = _amount(books.planned)  # type: ignore[arg-type]
@@ -391,10 +513,9 @@ class PrepaidLedger:
                         history=_history,
                         sleep=self._sleep,
                     )
-                except StorageTimeout as exc:
-                    # The reply was lost, and whether the write happened cannot be told.
+                except LostWrite as lost:
                     books.used = books.planned = _UNREAD
-                    self._unknown(channel_id, admitted, refunds, exc)
+                    self._unsettle(channel_id, books, lost, admitted, refunds)
                     for request in refused:
                         _settle(request, usage_exceeded(channel_id))
                     return []
@@ -408,35 +529,82 @@ class PrepaidLedger:
                         await self._read(books, used_key, planned_key)
                         planned_fresh = True
                     continue
-            for request in admitted:
-                _settle(request, None)
-            for request in refunds:
-                _settle(request, None)
             for request in refused:
                 _settle(request, usage_exceeded(channel_id))
+            for request in batch:  # admitted, refunds, nudges
+                _settle(request, None)
             return []
         busy = GrpcError(Status.UNAVAILABLE, f"too much contention on prepaid channel {channel_id}; retry")
-        for request in charges:
-            _settle(request, busy)
+        for request in batch:
+            if request.amount >= 0:
+                _settle(request, busy)
         return refunds
 
-    def _unknown(self, channel_id: int, admitted: list[_Request], refunds: list[_Request], error: Exception) -> None:
-        """A write whose outcome could not be told: nobody is served, nothing is retried.
+    def _unsettle(
+        self, channel_id: int, books: _Books, lost: LostWrite, admitted: list[_Request], refunds: list[_Request]
+    ) -> None:
+        """A write whose outcome could not be told yet: it is settled before
+        the channel's next write, or in the background (:meth:`_settle_lost`).
 
         The charges' calls are refused (their clients may have been charged:
-        the same as a timed-out escrow write).  The refunds are not tried
-        again, which could give them twice; the client paid for failed calls.
+        the same as a timed-out escrow write) and the refunds' callers are
+        done; what the write turns out to have done decides what is owed.
         """
+        books.unsettled = _Unsettled(
+            lost.tag, lost.parent, sum(r.amount for r in admitted), -sum(r.amount for r in refunds)
+        )
         for request in admitted:
-            _settle(request, _storage_down(error))
-        if refunds:
-            _log.error(
-                "refund of {amount} to prepaid channel {channel} may be lost: storage timed out",
-                amount=-sum(r.amount for r in refunds),
-                channel=channel_id,
-            )
+            _settle(request, _storage_down(lost))
         for request in refunds:
             _settle(request, None)
+        self._start_retrier(channel_id, books)
+
+    async def _settle_lost(self, channel_id: int, books: _Books, lost: _Unsettled, batch: list[_Request]) -> None:
+        """Settle our earlier write of unknown outcome on the channel, before
+        anything else is written there.
+
+        Before, because each write of ours would push it further back in the
+        history a used amount keeps, and because what it did decides what is
+        owed: if it landed, the charges it carried were for refused calls and
+        are refunded; if it never will, the refunds it carried are made
+        again.  That refund joins ``batch``.
+
+        Raises:
+            GrpcError: ``UNAVAILABLE`` while it cannot be told (storage keeps
+                failing): nothing may be written on the channel until it can.
+        """
+        used_key = self._keys.prepaid(channel_id, "U")
+
+        def fence(found: Entry | None) -> bytes:
+            return encode_used(_amount(found), [(self._tags.next(), lost.parent), *_history(found)])
+
+        landed, found = await settle(
+            self._storage, used_key, lost.tag, lost.parent, history=_history, fence=fence, sleep=self._sleep
+        )
+        books.used = books.planned = _UNREAD
+        if landed is None and not _written_over(found, lost.parent):
+            _log.debug("prepaid write on channel {channel} not settled yet", channel=channel_id)
+            raise GrpcError(Status.UNAVAILABLE, _UNAVAILABLE)
+        books.unsettled = None
+        if landed is None:
+            _log.error(
+                "the outcome of a write to prepaid channel {channel} can no longer be told (written over too often "
+                "since): if it applied, the client paid {charged} for refused calls; if not, a refund of "
+                "{refunded} is lost",
+                channel=channel_id,
+                charged=lost.charged,
+                refunded=lost.refunded,
+            )
+            return
+        owed = lost.charged if landed else lost.refunded
+        if owed:
+            _log.info(
+                "a write to prepaid channel {channel} of unknown outcome {outcome}: refunding {amount}",
+                channel=channel_id,
+                outcome="applied after its calls were refused" if landed else "never applied",
+                amount=owed,
+            )
+            batch.append(_Request(-owed, None))
 
     async def _read(self, books: _Books, used_key: str, planned_key: str) -> None:
         try:
@@ -447,6 +615,38 @@ class PrepaidLedger:
         books.used, books.planned = entries[used_key], entries[planned_key]
 
 
+_STOPPING: Final = GrpcError(Status.UNAVAILABLE, "the daemon is stopping")
+#: Fails a retried refund's future (only the retrier sees it).
+_NOT_WRITTEN: Final = GrpcError(Status.UNAVAILABLE, "refund not written")
+_UNAVAILABLE: Final = "payment storage is unavailable"
+_TIMED_OUT: Final = "payment storage did not answer in time"
+
+
+def _retry(books: _Books, future: asyncio.Future[None] | None) -> _Request:
+    """The channel's refunds waiting for a retry, as one request (a nudge if none)."""
+    amount, books.retrying = books.retrying, 0
+    return _Request(-amount, future, retry=True)
+
+
+def _live(charges: list[_Request]) -> list[_Request]:
+    """``charges`` but those whose callers went away (nothing written for
+    them: their futures are cancelled, so nothing is refunded either)."""
+    live = []
+    for request in charges:
+        if request.cancelled and request.future is not None:
+            request.future.cancel()
+        else:
+            live.append(request)
+    return live
+
+
+def _written_over(found: object, parent: int) -> bool:
+    """Whether ``found`` (the entry :func:`settle` read last) was written since revision ``parent``."""
+    if found is UNREAD:
+        return False
+    return (found.mod_revision if isinstance(found, Entry) else 0) != parent
+
+
 def _amount(entry: Entry | None) -> int:
     try:
         return decode_amount(entry)
@@ -454,15 +654,14 @@ def _amount(entry: Entry | None) -> int:
         raise GrpcError(Status.INTERNAL, f"internal error: {exc}") from None
 
 
-def _log_lost(channel_id: int, requests: Sequence[_Request]) -> None:
-    """Log the refunds among ``requests`` that the daemon's stop cut off (one
-    cut off while being written may have landed)."""
-    total = -sum(r.amount for r in requests if r.amount < 0)
-    if total:
+def _log_lost(channel_id: int, amount: int) -> None:
+    """Log refunds of ``amount`` that the daemon's stop cut off (one cut off
+    while being written may have landed)."""
+    if amount:
         _log.error(
             "refund of {amount} to prepaid channel {channel} may be lost: the daemon stopped first; "
             "the client paid for failed calls",
-            amount=total,
+            amount=amount,
             channel=channel_id,
         )
 
@@ -482,7 +681,14 @@ def _settle(request: _Request, error: GrpcError | None) -> None:
 
 
 def _storage_down(exc: Exception) -> GrpcError:
-    return GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}")
+    """A client's error for a storage failure: its kind, not its details.
+
+    The details (endpoints, etcd's own words) are for the operator: logged
+    here at debug level, as etcd's client already logs outages; a warning
+    per refused call would flood the log for the length of one.
+    """
+    _log.debug("payment storage failed: {error}", error=exc)
+    return GrpcError(Status.UNAVAILABLE, _TIMED_OUT if isinstance(exc, StorageTimeout) else _UNAVAILABLE)
 
 
 # -- TokenService --------------------------------------------------------------------
