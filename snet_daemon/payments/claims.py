@@ -42,6 +42,7 @@ from snet_daemon.payments.escrow import (
     PaymentTerms,
     chain_down,
     channel_label,
+    storage_down,
 )
 from snet_daemon.payments.keys import PaymentKeys, channel_id_of_state_key, payment_of_key
 from snet_daemon.payments.state_service import channel_id_of, check_block, uint256_bytes
@@ -244,7 +245,7 @@ class ProviderControl:
                     attempts -= 1
                 continue  # a payment landed meanwhile: claim it too
             except StorageError as exc:
-                raise GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}") from None
+                raise storage_down(exc) from None
             finally:
                 self._ledger.forget(channel_id)
             return claimed
@@ -352,10 +353,10 @@ class ProviderControl:
         try:
             return await self._storage.get(key)
         except StorageError as exc:
-            raise GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}") from None
+            raise storage_down(exc) from None
 
     async def _prefix(self, prefix: str) -> list[Entry]:
         try:
             return await self._storage.get_prefix(prefix)
         except StorageError as exc:
-            raise GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}") from None
+            raise storage_down(exc) from None

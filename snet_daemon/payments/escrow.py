@@ -496,7 +496,7 @@ class EscrowLedger:
         try:
             await self._settle(channel_id)
         except StorageError as exc:
-            raise _storage_down(exc) from None
+            raise storage_down(exc) from None
         if channel_id in self._unsettled:
             raise _in_progress(channel_id)
 
@@ -608,7 +608,7 @@ class EscrowLedger:
                 self._lease.lost(gone.lease_id)
                 continue
             except StorageError as exc:
-                raise _storage_down(exc) from None
+                raise storage_down(exc) from None
             self._remember(channel_id, Entry(state_key, value, revision, revision, 1))
             return write.hold(revision, hold_revision)
         raise GrpcError(Status.UNAVAILABLE, f"too much contention on channel {channel_label(channel_id)}; retry")
@@ -833,7 +833,7 @@ class EscrowLedger:
         try:
             entry = await self._storage.get(self._keys.channel_state(channel_id))
         except StorageError as exc:
-            raise _storage_down(exc) from None
+            raise storage_down(exc) from None
         self._remember(channel_id, entry)
         state = merge(_decode(entry, channel_id), info.nonce)
         if state.nonce > info.nonce and not fresh_chain:
@@ -919,7 +919,7 @@ class EscrowLedger:
             try:
                 entries = await self._storage.get_many(read_keys)
             except StorageError as exc:
-                raise _storage_down(exc) from None
+                raise storage_down(exc) from None
             entry = entries[state_key]
             self._remember(channel_id, entry)
             state = merge(_decode(entry, channel_id), info.nonce)
@@ -969,7 +969,7 @@ class EscrowLedger:
                 continue  # a payment or another prepayment landed meanwhile: look again
             except StorageError as exc:
                 self._cache.pop(channel_id, None)
-                raise _storage_down(exc) from None
+                raise storage_down(exc) from None
             self._remember(channel_id, Entry(state_key, new_state, revision, revision, 1))
             values[planned_key] = planned
             return values
@@ -1028,7 +1028,7 @@ class EscrowLedger:
         try:
             entry = await self._storage.get(state_key)
         except StorageError as exc:
-            raise _storage_down(exc) from None
+            raise storage_down(exc) from None
         self._remember(channel_id, entry)
         return entry
 
@@ -1451,7 +1451,7 @@ def _not_ours(info: ChainChannel, terms: PaymentTerms) -> str | None:
 def chain_down(channel_id: int, exc: ChainError) -> GrpcError:
     """The error of the daemon's own services when the Ethereum node cannot be read.
 
-    ``UNAVAILABLE``, as for storage outages (:func:`_storage_down`): the
+    ``UNAVAILABLE``, as for storage outages (:func:`storage_down`): the
     request may succeed when retried, and it is not the client's fault.
     Paid calls keep the Go daemon's ``INTERNAL`` "payment channel error"
     instead (see :meth:`EscrowLedger._channel_info`).
@@ -1467,8 +1467,10 @@ def _in_progress(channel_id: int) -> GrpcError:
     )
 
 
-def _storage_down(exc: Exception) -> GrpcError:
+def storage_down(exc: Exception) -> GrpcError:
     """A client's error for a storage failure: its kind, not its details.
+
+    Used by every payment service, so a client never sees etcd's endpoints.
 
     The details (endpoints, etcd's own words) are for the operator: logged
     here at debug level, as etcd's client already logs outages; a warning

@@ -76,6 +76,7 @@ from snet_daemon.payments.escrow import (
     EscrowLedger,
     EscrowPayment,
     PaymentTerms,
+    storage_down,
 )
 from snet_daemon.payments.state_service import check_block
 from snet_daemon.payments.tagged import (
@@ -94,7 +95,7 @@ from snet_daemon.storage.base import (
     AtomicStorage,
     Entry,
     StorageError,
-    StorageTimeout,
+    StorageUnavailable,
 )
 from snet_daemon.storage.keys import PrepaidUsage
 
@@ -357,7 +358,7 @@ class PrepaidLedger:
         try:
             entries = await self._storage.get_many([planned_key, used_key])
         except StorageError as exc:
-            raise _storage_down(exc) from None
+            raise storage_down(exc) from None
         planned = entries[planned_key]
         return (None if planned is None else _amount(planned)), _amount(entries[used_key])
 
@@ -520,7 +521,7 @@ class PrepaidLedger:
                         _settle(request, usage_exceeded(channel_id))
                     return []
                 except StorageError as exc:
-                    raise _storage_down(exc) from None
+                    raise storage_down(exc) from None
                 if settled:
                     books.planned = _UNREAD  # storage was flaky: read planned again too
                 if not written:
@@ -554,7 +555,7 @@ class PrepaidLedger:
             lost.tag, lost.parent, sum(r.amount for r in admitted), -sum(r.amount for r in refunds)
         )
         for request in admitted:
-            _settle(request, _storage_down(lost))
+            _settle(request, storage_down(lost))
         for request in refunds:
             _settle(request, None)
         self._start_retrier(channel_id, books)
@@ -584,7 +585,7 @@ class PrepaidLedger:
         books.used = books.planned = _UNREAD
         if landed is None and not _written_over(found, lost.parent):
             _log.debug("prepaid write on channel {channel} not settled yet", channel=channel_id)
-            raise GrpcError(Status.UNAVAILABLE, _UNAVAILABLE)
+            raise storage_down(StorageUnavailable("a write's outcome is not known yet"))
         books.unsettled = None
         if landed is None:
             _log.error(
@@ -611,15 +612,13 @@ class PrepaidLedger:
             entries = await self._storage.get_many([used_key, planned_key])
         except StorageError as exc:
             books.used = books.planned = _UNREAD
-            raise _storage_down(exc) from None
+            raise storage_down(exc) from None
         books.used, books.planned = entries[used_key], entries[planned_key]
 
 
 _STOPPING: Final = GrpcError(Status.UNAVAILABLE, "the daemon is stopping")
 #: Fails a retried refund's future (only the retrier sees it).
 _NOT_WRITTEN: Final = GrpcError(Status.UNAVAILABLE, "refund not written")
-_UNAVAILABLE: Final = "payment storage is unavailable"
-_TIMED_OUT: Final = "payment storage did not answer in time"
 
 
 def _retry(books: _Books, future: asyncio.Future[None] | None) -> _Request:
@@ -678,17 +677,6 @@ def _settle(request: _Request, error: GrpcError | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
-
-
-def _storage_down(exc: Exception) -> GrpcError:
-    """A client's error for a storage failure: its kind, not its details.
-
-    The details (endpoints, etcd's own words) are for the operator: logged
-    here at debug level, as etcd's client already logs outages; a warning
-    per refused call would flood the log for the length of one.
-    """
-    _log.debug("payment storage failed: {error}", error=exc)
-    return GrpcError(Status.UNAVAILABLE, _TIMED_OUT if isinstance(exc, StorageTimeout) else _UNAVAILABLE)
 
 
 # -- TokenService --------------------------------------------------------------------

@@ -20,7 +20,7 @@ from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures
 from snet_daemon.payments.channel import ChannelState, ClaimedPayment, CorruptValue
-from snet_daemon.payments.escrow import ChainChannel, ChannelSource, EscrowLedger, PaymentTerms
+from snet_daemon.payments.escrow import ChainChannel, ChannelSource, EscrowLedger, PaymentTerms, storage_down
 from snet_daemon.storage.base import AtomicStorage, StorageError
 
 #: How far the client's block number may be from ours (as in Go).
@@ -176,7 +176,7 @@ class ChannelStateService:
         try:
             entry = await self._storage.get(self._keys.payment(channel_id, state.nonce - 1))
         except StorageError as exc:
-            raise GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}") from None
+            raise storage_down(exc) from None
         if entry is None:
             return None
         try:
