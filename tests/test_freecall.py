@@ -383,6 +383,7 @@ async def test_a_count_whose_outcome_cannot_be_told_is_refused() -> None:
     # The count went out and settling was tried: reads after the write.
     assert storage.calls[:2] == ["get", "transaction"]
     assert storage.failed_gets > 0
+    world.free.close()  # the write stays unsettled: its background settler stops
 
 
 def test_version_1_counters_are_read_and_rewritten_with_history() -> None:
@@ -596,14 +597,32 @@ async def test_garbage_signature_is_refused() -> None:
     assert error.message.startswith("sign is not valid: incorrect signature length")
 
 
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (StorageUnavailable("etcd at http://10.9.8.7:2379 is unavailable: Connection was refused"), "is unavailable"),
+        (StorageTimeout("etcd at http://10.9.8.7:2379 did not answer within 5 s"), "did not answer in time"),
+    ],
+)
 @aio_test
-async def test_storage_down_is_unavailable() -> None:
-    """Counting needs the storage: UNAVAILABLE when it is down."""
+async def test_storage_down_is_unavailable_and_keeps_storage_internals_from_the_client(
+    failure: Exception, message: str
+) -> None:
+    """Counting needs the storage: UNAVAILABLE when it is down.  The client is told that
+    payment storage failed, not where it lives nor what etcd said (they go to the debug log;
+    the storage client logs outages itself)."""
     world = World()
     token = await world.token()
-    world.storage.fail = StorageUnavailable("etcd is down")
-    error = await refused(world.free.authorize(world.headers(token)))
-    assert error.status == Status.UNAVAILABLE
+    world.storage.fail = failure
+    with capturedLogs() as events:
+        errors = [
+            await refused(world.free.authorize(world.headers(token))),
+            await refused(world.available(token)),
+        ]
+    for error in errors:
+        assert (error.status, error.message) == (Status.UNAVAILABLE, f"payment storage {message}")
+    assert not [event for event in events if event["log_level"] >= LogLevel.warn]
+    assert any("10.9.8.7" in formatEvent(event) for event in events if event["log_level"] == LogLevel.debug)
 
 
 # -- rejections: GetFreeCallToken and GetFreeCallsAvailable -----------------------------
@@ -942,21 +961,23 @@ async def test_a_give_back_lost_past_its_deadline_is_logged() -> None:
     assert await world.available(token) == 1
 
 
+@pytest.mark.parametrize("plan", [["apply"], ["drop"]])
 @aio_test
-async def test_a_give_back_whose_outcome_cannot_be_told_is_not_repeated() -> None:
+async def test_a_give_back_whose_outcome_cannot_be_told_is_settled_later(plan: list[str]) -> None:
     """A give-back whose reply was lost while storage stayed down may have landed: it is not
-    written again (the user could exceed the limit), and the loss is logged."""
+    written again blindly (the user could exceed the limit), nor written off; once storage
+    answers it is settled, and made again only if it never landed."""
     storage = _LosesReplies()
     world = World(storage=storage, sleep=_FakeTime().sleep)
     token = await world.token()
     counted = await world.free.authorize(world.headers(token))
-    storage.plan = ["apply"]
+    storage.plan = list(plan)
     storage.fail_gets_on_write = True
-    with capturedLogs() as events:
-        await world.free.release(counted)
-    assert any("outcome unknown" in formatEvent(event) for event in events)
+    await world.free.release(counted)
     storage.fail_gets = storage.fail_gets_on_write = False
-    assert await world.available(token) == 2  # it had landed: given back once
+    await world.free.settle(1.0)
+    assert await world.available(token) == 2  # given back exactly once
+    world.free.close()
 
 
 # -- token balances ----------------------------------------------------------------------

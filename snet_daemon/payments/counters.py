@@ -27,19 +27,32 @@ What does not change:
   is settled by :func:`snet_daemon.payments.tagged.settle`; it tells whether
   *one write* (one tag, conditioned on one revision) landed, which is exactly
   what a write covering several calls is, so they are served, refused or
-  tried again together.  When settling cannot tell, the waiting calls are
-  refused as storage being down, as a single call was.
+  tried again together.  When settling cannot tell (storage keeps failing),
+  the waiting calls are refused as storage being down, as a single call was.
+* **A write of unknown outcome is settled later, not written off**: it is
+  kept, with what it carried, until settling tells.  It is settled before
+  the counter's next write (our own writes must not push it out of the
+  counter's history, nor build on a count not known), in the background
+  with growing pauses (:data:`SETTLE_RETRY`), and at stop
+  (:meth:`Counters.settle`).  If it landed, the calls it counted -- all
+  refused -- are given back; if it never will, the give-backs it carried
+  are made again.  Until then the counter's calls are refused
+  (``UNAVAILABLE``) after one try at settling it.  One that can never be
+  told (the counter was written more often since than it remembers), or is
+  still unsettled when the daemon stops, is logged as a warning.
 * **A failed call is given back**: give-backs are tried again, with backoff,
   until :data:`GIVE_BACK_WITHIN` has passed.  One finally lost (storage down
-  all that time, a write whose outcome cannot be told -- writing again might
-  give it back twice, and exceeding the limit is worse than charging one free
-  call -- or the daemon stopping first) is logged as a warning naming the
-  counter, because nothing else would show it.
+  all that time, or the daemon stopping first) is logged as a warning
+  naming the counter, because nothing else would show it.
+* **The client learns that storage failed, not how**: the storage's
+  messages (addresses, etcd's words) go to the debug log; the storage
+  client logs outages itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -57,6 +70,7 @@ from snet_daemon.payments.tagged import (
     Tags,
     decode_history,
     encode_history,
+    settle,
     write,
 )
 from snet_daemon.storage.base import AtomicStorage, Entry, StorageError, StorageTimeout
@@ -75,6 +89,9 @@ RACE_BACKOFF: Final = (0.001, 0.05)
 #: The same after the n-th storage failure in a row (give-backs only: the
 #: calls waiting are refused at once, as storage being down).
 FAILURE_BACKOFF: Final = (0.05, 1.0)
+#: Pauses of the background settling of a write of unknown outcome: the
+#: first, doubling up to the second.
+SETTLE_RETRY: Final = (0.5, 8.0)
 
 _VERSION_1: Final = 1
 _VERSION_2: Final = 2
@@ -139,8 +156,21 @@ def limit_reached(made: int, allowed: int) -> GrpcError:
 
 
 def storage_down(exc: Exception) -> GrpcError:
-    """The refusal of a call that could not be counted because storage failed."""
-    return GrpcError(Status.UNAVAILABLE, f"payment storage is unavailable: {exc}")
+    """The refusal of a call that could not be counted because storage failed.
+
+    The client is told only whether storage did not answer in time or
+    failed otherwise: ``exc`` names storage internals (etcd's address, its
+    own words), which go to the debug log -- the storage client logs
+    outages itself, and a warning per refused call would flood the log.
+    """
+    _log.debug("free calls: payment storage failed: {error}", error=exc)
+    if isinstance(exc, StorageTimeout):
+        return GrpcError(Status.UNAVAILABLE, "payment storage did not answer in time")
+    return GrpcError(Status.UNAVAILABLE, "payment storage is unavailable")
+
+
+def _stopping() -> GrpcError:
+    return GrpcError(Status.UNAVAILABLE, "the daemon is stopping")
 
 
 @dataclass(eq=False, slots=True)
@@ -174,6 +204,19 @@ class _Queue:
         return bool(self.give_backs) or any(not increment.done.done() for increment in self.increments)
 
 
+@dataclass(frozen=True, slots=True)
+class _Unsettled:
+    """Our write of a counter whose reply was lost and whose outcome settling could not tell."""
+
+    #: The write's tag and the revision it was conditioned on (see ``tagged``).
+    tag: bytes
+    parent: int
+    #: Calls it counted: all refused, so given back if it landed.
+    counted: int
+    #: Give-backs it carried: made again if it never lands.
+    given_back: int
+
+
 class Counters:
     """Counts free calls and gives them back, one write per counter at a time.
 
@@ -203,6 +246,12 @@ class Counters:
         self._tags = Tags()
         #: Counters with calls or give-backs waiting (a worker each).
         self._queues: dict[str, _Queue] = {}
+        #: Our writes of unknown outcome, by counter (see :meth:`_settle`).
+        self._unsettled: dict[str, _Unsettled] = {}
+        #: The background tasks settling them, by counter.
+        self._settlers: dict[str, asyncio.Future[None]] = {}
+        #: Set by :meth:`close`: nothing is written any more.
+        self._closed = False
 
     async def count(self, key: str, allowed: int) -> None:
         """Count one call on ``key`` if fewer than ``allowed`` are counted (:data:`UNLIMITED`: always).
@@ -212,11 +261,14 @@ class Counters:
 
         Raises:
             GrpcError: ``RESOURCE_EXHAUSTED`` when the limit is reached,
-                ``UNAVAILABLE`` when storage is down (or the outcome of the
-                write cannot be told) or when other daemons won every race
-                for :data:`MAX_ATTEMPTS` writes, ``INTERNAL`` for an
+                ``UNAVAILABLE`` when storage is down (or the outcome of this
+                write, or of an earlier one on ``key``, cannot be told yet),
+                when other daemons won every race for :data:`MAX_ATTEMPTS`
+                writes, or when the daemon is stopping; ``INTERNAL`` for an
                 unreadable counter.
         """
+        if self._closed:
+            raise _stopping()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue(key).increments.append(_Increment(allowed, done))
         try:
@@ -238,17 +290,53 @@ class Counters:
         await self._give_back(key)
 
     async def settle(self, within: float) -> None:
-        """Wait up to ``within`` seconds for the writes under way (the daemon
-        stops: storage closes next)."""
-        workers = [queue.worker for queue in self._queues.values() if queue.worker is not None]
-        if workers:
-            await asyncio.wait(workers, timeout=within)
+        """Wait up to ``within`` seconds for the writes under way, and try
+        once more to settle writes of unknown outcome (the daemon stops:
+        storage closes next).
+
+        The workers are collected again until none is left: a give-back
+        queued meanwhile (a call cut short by the stop) is waited for too.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        tried: set[str] = set()
+        while not self._closed:
+            # A call cancelled just as it was counted queues its give-back
+            # on a later turn of the loop.
+            await asyncio.sleep(0)
+            for key in [key for key in self._unsettled if key not in tried]:
+                tried.add(key)
+                self._queue(key)  # its worker settles it first
+            workers = {queue.worker for queue in self._queues.values() if queue.worker is not None}
+            left = deadline - loop.time()
+            if not workers or left <= 0:
+                return
+            await asyncio.wait(workers, timeout=left)
 
     def close(self) -> None:
-        """Stop writing; give-backs still waiting are logged as lost."""
-        for queue in list(self._queues.values()):
+        """Stop writing: calls still waiting are refused, give-backs still
+        waiting and writes still unsettled are logged, and later requests
+        are refused as the daemon stopping."""
+        self._closed = True
+        for settler in list(self._settlers.values()):
+            settler.cancel()
+        self._settlers.clear()
+        # Done here, not left to the workers: one cancelled before it ever
+        # ran never runs its own cleanup.
+        queues, self._queues = self._queues, {}
+        for key, queue in queues.items():
             if queue.worker is not None:
                 queue.worker.cancel()
+            self._drop(key, queue, "the daemon stopped first")
+        for key, unsettled in self._unsettled.items():
+            _log.warn(
+                "a write of free-call counter {key} is of unknown outcome as the daemon stops: if it landed, "
+                "{counted} refused call(s) stay counted; if not, {given_back} failed call(s) were not given back",
+                key=key,
+                counted=unsettled.counted,
+                given_back=unsettled.given_back,
+            )
+        self._unsettled.clear()
 
     # -- internals ------------------------------------------------------------------
 
@@ -261,11 +349,16 @@ class Counters:
 
     def _give_back(self, key: str) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue(key).give_backs.append(_GiveBack(self._clock() + self._give_back_within, done))
+        give_back = _GiveBack(self._clock() + self._give_back_within, done)
+        if self._closed:
+            self._lost(key, [give_back], "the daemon stopped first")
+        else:
+            self._queue(key).give_backs.append(give_back)
         return done
 
     async def _work(self, key: str, queue: _Queue) -> None:
-        """Write ``key`` until nothing waits for it.
+        """Write ``key`` until nothing waits for it (settling our write of
+        unknown outcome on it first, if there is one).
 
         The entry last known (read, or written by us) is kept between
         writes: a busy counter costs one round trip per write.
@@ -273,9 +366,18 @@ class Counters:
         entry: object = UNREAD
         races = failures = 0
         reason = "the daemon stopped first"
+        # Started to settle (by the settler, or at stop), even with nothing waiting.
+        settling = key in self._unsettled
         try:
-            while queue.waiting():
-                entry, failure = await self._round(key, queue, entry)
+            while queue.waiting() or settling:
+                settling = False
+                failure = None
+                if key in self._unsettled:
+                    entry, failure = await self._settle(key, queue)
+                if failure is None:
+                    if not queue.waiting():
+                        continue
+                    entry, failure = await self._round(key, queue, entry)
                 if failure is None:
                     races = failures = 0
                     continue
@@ -293,10 +395,7 @@ class Counters:
         finally:
             # Normally empty; otherwise the daemon stops (or a bug): nothing
             # may wait for ever.
-            self._lost(key, queue.give_backs, reason)
-            for increment in queue.increments:
-                _reject(increment.done, GrpcError(Status.UNAVAILABLE, "the daemon is stopping"))
-            queue.increments, queue.give_backs = [], []
+            self._drop(key, queue, reason)
             if self._queues.get(key) is queue:
                 del self._queues[key]
 
@@ -308,17 +407,24 @@ class Counters:
             failed: None when the write landed (or none was needed);
             :data:`_RACE` when another daemon wrote first (everything still
             waits); else what storage failed with (the calls were refused,
-            the give-backs still wait unless the write's outcome is unknown).
+            the give-backs still wait, or go with a write left unsettled).
         """
         queue.increments = [increment for increment in queue.increments if not increment.done.done()]
         increments = list(queue.increments)
         give_backs = list(queue.give_backs)
-        wrote = False
+        admitted: set[_Increment] = set()
+        # The records of the writes sent, ours first (then any fence's): a
+        # write of unknown outcome is named by its own.
+        sent: History = []
+
+        def encode(count: int, history: Sequence[tuple[bytes, int]]) -> bytes:
+            sent.append(history[0])
+            return encode_count(count, history)
+
         try:
             current = await self._storage.get(key) if entry is UNREAD else _entry(entry)
             made = decode_count(current)
             count = max(0, made - len(give_backs))
-            admitted: set[_Increment] = set()
             for increment in increments:
                 if increment.allowed == UNLIMITED or count < increment.allowed:
                     admitted.add(increment)
@@ -327,14 +433,13 @@ class Counters:
             # back: each takes the slot of a failed call, already counted.
             after: object = current
             if count != made:
-                wrote = True
                 written, after, _ = await write(
                     self._storage,
                     key,
                     current,
                     count,
                     tags=self._tags,
-                    encode=encode_count,
+                    encode=encode,
                     decode=decode_count,
                     history=history_of,
                     sleep=self._sleep,
@@ -349,22 +454,7 @@ class Counters:
                             )
                     return after, _RACE
         except (StorageError, GrpcError) as exc:
-            _taken(queue, increments, give_backs)
-            error = exc if isinstance(exc, GrpcError) else storage_down(exc)
-            for increment in increments:
-                # One exception each: a shared one would collect every caller's traceback.
-                _reject(increment.done, GrpcError(error.status, error.message))
-            if isinstance(exc, GrpcError) or (wrote and isinstance(exc, StorageTimeout)):
-                # An unreadable counter, or a write that may have landed:
-                # writing again might give the calls back twice.
-                self._lost(key, give_backs, f"outcome unknown: {exc}" if wrote else error.message)
-            else:
-                # Tried again in the background; the failed call's client
-                # need not wait for storage to come back.
-                queue.give_backs[:0] = give_backs
-                for give_back in give_backs:
-                    _resolve(give_back.done)
-            return UNREAD, error.message
+            return UNREAD, self._failed(key, queue, (increments, give_backs), exc, admitted, sent)
         _taken(queue, increments, give_backs)
         for give_back in give_backs:
             _resolve(give_back.done)
@@ -377,6 +467,126 @@ class Counters:
                 _resolve(increment.done)
         return after, None
 
+    def _failed(
+        self,
+        key: str,
+        queue: _Queue,
+        taken: tuple[list[_Increment], list[_GiveBack]],
+        exc: StorageError | GrpcError,
+        admitted: set[_Increment],
+        sent: History,
+    ) -> str:
+        """A round that storage (or an unreadable counter) failed: refuse its
+        calls, and keep its give-backs for later or with its write if that
+        may have landed.  Returns the reason, for the log."""
+        increments, give_backs = taken
+        _taken(queue, increments, give_backs)
+        error = exc if isinstance(exc, GrpcError) else storage_down(exc)
+        for increment in increments:
+            # One exception each: a shared one would collect every caller's traceback.
+            _reject(increment.done, GrpcError(error.status, error.message))
+        if sent and isinstance(exc, StorageTimeout):
+            # The write may have landed (or land later): settled before the
+            # counter's next write, its calls and give-backs with it.
+            tag, parent = sent[0]
+            self._unsettle(key, _Unsettled(tag, parent, len(admitted), len(give_backs)))
+        elif isinstance(exc, GrpcError):
+            self._lost(key, give_backs, error.message)
+            return error.message
+        else:
+            # Tried again in the background.
+            queue.give_backs[:0] = give_backs
+        # The failed calls' clients need not wait for storage to come back.
+        for give_back in give_backs:
+            _resolve(give_back.done)
+        return str(exc)
+
+    def _unsettle(self, key: str, unsettled: _Unsettled) -> None:
+        """Keep ``unsettled`` until :meth:`_settle` tells its outcome, trying in the background."""
+        self._unsettled[key] = unsettled
+        settler = self._settlers.get(key)
+        if settler is None or settler.done():  # done: it left as this write came
+            settler = self._settlers[key] = asyncio.ensure_future(self._keep_settling(key))
+            settler.add_done_callback(functools.partial(self._settler_done, key))
+
+    def _settler_done(self, key: str, settler: asyncio.Future[None]) -> None:
+        if self._settlers.get(key) is settler:
+            del self._settlers[key]
+
+    async def _keep_settling(self, key: str) -> None:
+        """Have our write of unknown outcome on ``key`` settled in the
+        background, pausing longer each time: a worker settles it (only
+        workers write a counter, one at a time)."""
+        delay, longest = SETTLE_RETRY
+        while key in self._unsettled and not self._closed:
+            await self._sleep(delay)
+            delay = min(delay * 2, longest)
+            if key in self._unsettled and not self._closed:
+                self._queue(key)  # a worker already there settles it before its next write
+
+    async def _settle(self, key: str, queue: _Queue) -> tuple[object, str | None]:
+        """Try once to settle our write of unknown outcome on ``key``; then
+        give back the calls it counted if it landed, or make again the
+        give-backs it carried if it never will.
+
+        Done before any other write of ours to ``key``: a write on top would
+        build on a count not known, and push ours out of the counter's
+        history, so that it could never be told.
+
+        Returns:
+            The entry last known and None once settled (what it owed is then
+            queued); else :data:`UNREAD` and why not (the calls waiting are
+            refused, as storage being down).
+        """
+        unsettled = self._unsettled[key]
+        waiting = [increment for increment in queue.increments if not increment.done.done()]
+
+        def fence(found: Entry | None) -> bytes:
+            return encode_count(decode_count(found), [(self._tags.next(), unsettled.parent), *history_of(found)])
+
+        try:
+            landed, entry = await settle(
+                self._storage,
+                key,
+                unsettled.tag,
+                unsettled.parent,
+                history=history_of,
+                fence=fence,
+                sleep=self._sleep,
+            )
+        except GrpcError as error:  # an unreadable counter (the fence reads it)
+            for increment in waiting:
+                _reject(increment.done, GrpcError(error.status, error.message))
+            return UNREAD, error.message
+        if landed is None and (entry is UNREAD or _revision(_entry(entry)) == unsettled.parent):
+            for increment in waiting:
+                _reject(increment.done, GrpcError(Status.UNAVAILABLE, "payment storage is unavailable"))
+            return UNREAD, "an earlier write's outcome is not known yet (storage failing)"
+        del self._unsettled[key]
+        if landed is None:
+            # Written since more often than the counter remembers: never told.
+            _log.warn(
+                "the outcome of a write of free-call counter {key} can no longer be told (written more often "
+                "since than it remembers): if it landed, {counted} refused call(s) stay counted; if not, "
+                "{given_back} failed call(s) were not given back",
+                key=key,
+                counted=unsettled.counted,
+                given_back=unsettled.given_back,
+            )
+            return entry, None
+        owed = unsettled.counted if landed else unsettled.given_back
+        if owed:
+            _log.info(
+                "a write of free-call counter {key} of unknown outcome {outcome}: giving back {owed} call(s)",
+                key=key,
+                outcome="landed after its calls were refused" if landed else "never landed",
+                owed=owed,
+            )
+            loop = asyncio.get_running_loop()
+            due = self._clock() + self._give_back_within
+            queue.give_backs[:0] = [_GiveBack(due, loop.create_future()) for _ in range(owed)]
+        return entry, None
+
     def _overdue(self, key: str, queue: _Queue, reason: str) -> None:
         """Give up the give-backs past their deadline."""
         now = self._clock()
@@ -384,6 +594,14 @@ class Counters:
         if late:
             queue.give_backs = [give_back for give_back in queue.give_backs if give_back.due > now]
             self._lost(key, late, reason)
+
+    def _drop(self, key: str, queue: _Queue, reason: str) -> None:
+        """Empty ``queue``: its give-backs logged as lost, its calls refused as the daemon stopping."""
+        give_backs, increments = queue.give_backs, queue.increments
+        queue.increments, queue.give_backs = [], []
+        self._lost(key, give_backs, reason)
+        for increment in increments:
+            _reject(increment.done, _stopping())
 
     @staticmethod
     def _lost(key: str, give_backs: list[_GiveBack], reason: str) -> None:
@@ -410,6 +628,11 @@ def _entry(value: object) -> Entry | None:
     return value
 
 
+def _revision(entry: Entry | None) -> int:
+    """The revision of an entry as a write's parent names it (0: absent)."""
+    return 0 if entry is None else entry.mod_revision
+
+
 def _taken(queue: _Queue, increments: list[_Increment], give_backs: list[_GiveBack]) -> None:
     """Remove a round's calls and give-backs from the queue (new ones came after them)."""
     del queue.increments[: len(increments)]
@@ -431,6 +654,7 @@ __all__: Sequence[str] = (
     "GIVE_BACK_WITHIN",
     "MAX_ATTEMPTS",
     "RACE_BACKOFF",
+    "SETTLE_RETRY",
     "UNLIMITED",
     "Counters",
     "backoff",

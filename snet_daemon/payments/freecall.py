@@ -34,9 +34,13 @@ What differs from Go, on purpose:
   between daemons are tried again after a random pause
   (:mod:`snet_daemon.payments.counters`).  A write whose reply was lost is
   settled by the writes the counter records: its calls are served if it
-  landed, written again if it did not.  Give-backs are tried again until a
-  deadline; one finally lost is logged.  Go locks the user for the whole
-  call (a second call at once fails) and counts afterwards.
+  landed, written again if it did not; when storage cannot tell yet, they
+  are refused and the write is settled later (before the counter's next
+  write), its calls then given back if it landed.  Give-backs are tried
+  again until a deadline; one finally lost is logged.  Go locks the user
+  for the whole call (a second call at once fails) and counts afterwards.
+* **Storage failures do not leak**: a call refused because storage failed
+  is told so (``UNAVAILABLE``), without the storage's address or words.
 * **Without a key to issue tokens** (none configured, or not the
   metadata's signer), ``GetFreeCallToken`` answers an *empty* token and
   ``GetFreeCallsAvailable`` answers 0 for an empty token, where Go answers
@@ -430,11 +434,13 @@ class FreeCalls:
 
     async def settle(self, within: float) -> None:
         """Wait up to ``within`` seconds for give-backs (and counts) under
-        way in the background (the daemon stops: storage closes next)."""
+        way in the background, and try once more to settle counter writes
+        of unknown outcome (the daemon stops: storage closes next)."""
         await self._counters.settle(within)
 
     def close(self) -> None:
-        """Stop writing counters; give-backs still waiting are logged as lost."""
+        """Stop writing counters; give-backs still waiting and writes still
+        unsettled are logged, later calls refused (``UNAVAILABLE``)."""
         self._counters.close()
 
     # -- internals ------------------------------------------------------------------

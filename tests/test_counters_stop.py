@@ -1,0 +1,110 @@
+"""Free-call counters at the daemon's stop: ``settle`` waits for every write under way, ``close``
+leaves nothing waiting and refuses what comes after."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.payments.counters import Counters, decode_count
+from snet_daemon.storage.base import Condition, Op
+from snet_daemon.storage.memory import MemoryStorage
+from tests.support.aio import aio_test
+
+
+async def turns(n: int = 50) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def warnings(events: list[Any]) -> list[str]:
+    return [formatEvent(event) for event in events if event["log_level"] >= LogLevel.warn]
+
+
+@aio_test
+async def test_close_before_the_worker_ran_lets_the_give_back_go_and_logs_it() -> None:
+    """A give-back queued just before the stop, its worker not started yet: close() lets its
+    caller go, logs it as lost, and leaves the counter usable by nothing hanging."""
+    memory = MemoryStorage(lambda: 0.0)
+    counters = Counters(memory)
+    await counters.count("k", 5)
+    with capturedLogs() as events:
+        give_back = asyncio.ensure_future(counters.give_back("k"))
+        await asyncio.sleep(0)  # queued, its worker created but not started
+        assert counters._queues
+        counters.close()
+        await asyncio.wait_for(give_back, 1.0)
+    (text,) = warnings(events)
+    assert "not given back on k" in text
+    assert "the daemon stopped first" in text
+    assert not counters._queues
+
+
+@aio_test
+async def test_close_refuses_the_calls_waiting_and_those_after_it() -> None:
+    memory = MemoryStorage(lambda: 0.0)
+    counters = Counters(memory)
+    waiting = asyncio.ensure_future(counters.count("k", 5))
+    await asyncio.sleep(0)
+    counters.close()
+    later = asyncio.ensure_future(counters.count("k", 5))
+    for call in (waiting, later):
+        error = await asyncio.wait_for(asyncio.gather(call, return_exceptions=True), 1.0)
+        assert isinstance(error[0], GrpcError)
+        assert (error[0].status, error[0].message) == (Status.UNAVAILABLE, "the daemon is stopping")
+    with capturedLogs() as events:
+        await asyncio.wait_for(counters.give_back("k"), 1.0)  # a failed call's, after the stop
+    assert any("not given back on k" in text for text in warnings(events))
+    assert not counters._queues
+    assert await memory.get("k") is None
+
+
+class Gated:
+    """Transactions on a key wait for that key's gate while it is set."""
+
+    def __init__(self, inner: MemoryStorage) -> None:
+        self.inner = inner
+        self.gates: dict[str, asyncio.Event] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> int:
+        gate = self.gates.get(ops[0].key)
+        if gate is not None:
+            await gate.wait()
+        return await self.inner.transaction(conditions, ops)
+
+
+@aio_test
+async def test_settle_waits_for_a_give_back_queued_while_it_waits() -> None:
+    """settle() collects the workers again: a give-back queued on another counter while it waits
+    (a call cut short by the stop) lands in time instead of being logged as lost by close()."""
+    memory = MemoryStorage(lambda: 0.0)
+    storage = Gated(memory)
+    counters = Counters(storage)
+    await counters.count("A", 5)
+    await counters.count("B", 5)
+    storage.gates["A"] = gate_a = asyncio.Event()
+    storage.gates["B"] = gate_b = asyncio.Event()
+    give_back_a = asyncio.ensure_future(counters.give_back("A"))
+    await asyncio.sleep(0)
+    settling = asyncio.ensure_future(counters.settle(3.0))
+    await asyncio.sleep(0)
+    give_back_b = asyncio.ensure_future(counters.give_back("B"))  # queued while settle waits
+    await asyncio.sleep(0)
+    gate_a.set()
+    asyncio.get_running_loop().call_later(0.05, gate_b.set)  # B lands 50 ms later
+    await asyncio.wait_for(settling, 1.0)
+    assert give_back_a.done()
+    assert give_back_b.done()
+    with capturedLogs() as events:
+        counters.close()
+        await turns()
+    assert not warnings(events)
+    assert decode_count(await memory.get("A")) == 0
+    assert decode_count(await memory.get("B")) == 0
