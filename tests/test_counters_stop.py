@@ -21,7 +21,7 @@ async def turns(n: int = 50) -> None:
         await asyncio.sleep(0)
 
 
-def warnings(events: list[Any]) -> list[str]:
+def warnings(events: Sequence[dict[str, Any]]) -> list[str]:
     return [formatEvent(event) for event in events if event["log_level"] >= LogLevel.warn]
 
 

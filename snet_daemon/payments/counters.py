@@ -44,7 +44,8 @@ What does not change:
   until :data:`GIVE_BACK_WITHIN` has passed.  One finally lost (storage down
   all that time, or the daemon stopping first) is logged as a warning
   naming the counter, because nothing else would show it.
-* **The client learns that storage failed, not how**: the storage's
+* **The client learns that storage failed, not how**
+  (:func:`snet_daemon.payments.escrow.storage_down`): the storage's
   messages (addresses, etcd's words) go to the debug log; the storage
   client logs outages itself.
 """
@@ -62,18 +63,20 @@ from typing import Final
 from twisted.logger import Logger
 
 from snet_daemon.frontend.status import GrpcError, Status
+from snet_daemon.payments.escrow import storage_down
 from snet_daemon.payments.tagged import (
     HISTORY,
     RECORD,
     UNREAD,
     History,
+    LostWrite,
     Tags,
     decode_history,
     encode_history,
     settle,
     write,
 )
-from snet_daemon.storage.base import AtomicStorage, Entry, StorageError, StorageTimeout
+from snet_daemon.storage.base import AtomicStorage, Entry, StorageError
 
 _log = Logger(namespace="snetd.payments.freecall")
 
@@ -153,20 +156,6 @@ def limit_reached(made: int, allowed: int) -> GrpcError:
         Status.RESOURCE_EXHAUSTED,
         f"free call limit has been exceeded, calls made = {made}, total free calls eligible = {allowed}",
     )
-
-
-def storage_down(exc: Exception) -> GrpcError:
-    """The refusal of a call that could not be counted because storage failed.
-
-    The client is told only whether storage did not answer in time or
-    failed otherwise: ``exc`` names storage internals (etcd's address, its
-    own words), which go to the debug log -- the storage client logs
-    outages itself, and a warning per refused call would flood the log.
-    """
-    _log.debug("free calls: payment storage failed: {error}", error=exc)
-    if isinstance(exc, StorageTimeout):
-        return GrpcError(Status.UNAVAILABLE, "payment storage did not answer in time")
-    return GrpcError(Status.UNAVAILABLE, "payment storage is unavailable")
 
 
 def _stopping() -> GrpcError:
@@ -413,14 +402,6 @@ class Counters:
         increments = list(queue.increments)
         give_backs = list(queue.give_backs)
         admitted: set[_Increment] = set()
-        # The records of the writes sent, ours first (then any fence's): a
-        # write of unknown outcome is named by its own.
-        sent: History = []
-
-        def encode(count: int, history: Sequence[tuple[bytes, int]]) -> bytes:
-            sent.append(history[0])
-            return encode_count(count, history)
-
         try:
             current = await self._storage.get(key) if entry is UNREAD else _entry(entry)
             made = decode_count(current)
@@ -439,7 +420,7 @@ class Counters:
                     current,
                     count,
                     tags=self._tags,
-                    encode=encode,
+                    encode=encode_count,
                     decode=decode_count,
                     history=history_of,
                     sleep=self._sleep,
@@ -454,7 +435,7 @@ class Counters:
                             )
                     return after, _RACE
         except (StorageError, GrpcError) as exc:
-            return UNREAD, self._failed(key, queue, (increments, give_backs), exc, admitted, sent)
+            return UNREAD, self._failed(key, queue, (increments, give_backs), exc, len(admitted))
         _taken(queue, increments, give_backs)
         for give_back in give_backs:
             _resolve(give_back.done)
@@ -473,8 +454,7 @@ class Counters:
         queue: _Queue,
         taken: tuple[list[_Increment], list[_GiveBack]],
         exc: StorageError | GrpcError,
-        admitted: set[_Increment],
-        sent: History,
+        admitted: int,
     ) -> str:
         """A round that storage (or an unreadable counter) failed: refuse its
         calls, and keep its give-backs for later or with its write if that
@@ -485,11 +465,10 @@ class Counters:
         for increment in increments:
             # One exception each: a shared one would collect every caller's traceback.
             _reject(increment.done, GrpcError(error.status, error.message))
-        if sent and isinstance(exc, StorageTimeout):
+        if isinstance(exc, LostWrite):
             # The write may have landed (or land later): settled before the
             # counter's next write, its calls and give-backs with it.
-            tag, parent = sent[0]
-            self._unsettle(key, _Unsettled(tag, parent, len(admitted), len(give_backs)))
+            self._unsettle(key, _Unsettled(exc.tag, exc.parent, admitted, len(give_backs)))
         elif isinstance(exc, GrpcError):
             self._lost(key, give_backs, error.message)
             return error.message
@@ -662,5 +641,4 @@ __all__: Sequence[str] = (
     "encode_count",
     "history_of",
     "limit_reached",
-    "storage_down",
 )

@@ -96,8 +96,8 @@ from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments import signatures
 from snet_daemon.payments.balances import BalanceCache
-from snet_daemon.payments.counters import UNLIMITED, Counters, decode_count, encode_count, storage_down
-from snet_daemon.payments.escrow import SIGNATURE, parse_integer, single
+from snet_daemon.payments.counters import UNLIMITED, Counters, decode_count, encode_count
+from snet_daemon.payments.escrow import SIGNATURE, parse_integer, single, storage_down
 from snet_daemon.payments.state_service import BLOCK_TOLERANCE
 from snet_daemon.storage.base import AtomicStorage, Entry, StorageError
 
