@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -114,7 +114,6 @@ class _SlowChain(FakeChain):
     delay: float = 0.01
     reading: int = 0
     most: int = 0
-    order: list[int] = field(default_factory=list)
 
     async def channel(self, channel_id: int, *, fresh: bool = False, recheck: bool = False) -> Channel | None:
         if fresh or channel_id not in self.cached:
@@ -127,15 +126,21 @@ class _SlowChain(FakeChain):
         return await super().channel(channel_id, fresh=fresh, recheck=recheck)
 
 
-@aio_test
-async def test_list_unclaimed_reads_expirations_several_at_a_time() -> None:
-    """Channels not paid lately are out of the reader's cache: one read each, but no longer one
-    after another (a thousand channels were a thousand node round trips in a row)."""
+def _slow_world() -> tuple[World, _SlowChain]:
+    """A daemon of the group whose node answers slowly."""
     world = World()
     chain = _SlowChain()
     world.chain = chain
     world.ledger._chain = chain
     world.control._chain = chain
+    return world, chain
+
+
+@aio_test
+async def test_list_unclaimed_reads_expirations_several_at_a_time() -> None:
+    """Channels not paid lately are out of the reader's cache: one read each, but no longer one
+    after another (a thousand channels were a thousand node round trips in a row)."""
+    world, chain = _slow_world()
     count = 24
     for cid in range(count):
         chain.open(cid, expiration=5000 + cid)
@@ -189,3 +194,23 @@ def test_an_address_with_spaces_is_malformed() -> None:
     with pytest.raises(ValueError, match="malformed address"):
         sig.address_bytes("0x" + "ab " * 13 + " ")
     assert sig.address_bytes("0x" + "Ab" * 20) == b"\xab" * 20
+
+
+@aio_test
+async def test_list_in_progress_reads_claims_several_at_a_time_and_forgets_landed_ones() -> None:
+    """Every claim in progress is read from the node (has it landed?): no longer one after another."""
+    world, chain = _slow_world()
+    count = 24
+    for cid in range(count):
+        chain.open(cid)
+        await world.pay(cid, 0, PRICE)
+        await world.ledger.quiesce(cid)
+        await world.start_claim(cid, 0)
+    for cid in range(0, count, 2):  # half of them landed
+        chain.channels[cid].nonce += 1
+    chain.most = 0
+    reply = await world.in_progress()
+    assert sorted(int.from_bytes(p.channel_id, "big") for p in reply.payments) == list(range(1, count, 2))
+    assert 1 < chain.most <= 8
+    # The landed ones were forgotten: the next list reads only what is left.
+    assert len((await world.in_progress()).payments) == count // 2

@@ -51,8 +51,8 @@ from snet_daemon.storage.base import AtomicStorage, Condition, ConditionFailed, 
 #: Most channel ids in one ``StartClaimForMultipleChannels``: far more than
 #: one ``multiChannelClaim`` transaction can carry within a block's gas.
 MAX_CLAIMS_PER_REQUEST: Final = 1000
-#: Channel expirations read from the node at once for ``GetListUnclaimed``.
-_EXPIRY_READS: Final = 8
+#: Channels read from the node at once for one request (the lists).
+_CHAIN_READS: Final = 8
 
 
 class ProviderControl:
@@ -296,27 +296,38 @@ class ProviderControl:
         return sorted(out)
 
     async def _pending_claims(self) -> list[ClaimedPayment]:
-        """Payment records still in progress; records whose claim landed are deleted."""
-        pending = []
+        """Payment records still in progress; records whose claim landed are deleted.
+
+        Each record not seen landed is read from the node (the cache may
+        predate the landing): :data:`_CHAIN_READS` at a time, as for
+        :meth:`_expiries`.
+        """
+        records = []
         for entry in await self._prefix(self._keys.payment_prefix()):
             ids = payment_of_key(entry.key)
             if ids is None:
                 continue
             try:
-                payment = ClaimedPayment.decode(ids[0], entry.value)
+                records.append((entry.key, ClaimedPayment.decode(ids[0], entry.value)))
             except CorruptValue:
                 continue
-            info = await self._chain_channel(payment.channel_id)
-            if info is not None and info.nonce <= payment.nonce:
-                info = await self._chain_channel(payment.channel_id, fresh=True)
-            if info is not None and info.nonce > payment.nonce:
-                try:
-                    await self._storage.delete(entry.key)
-                except StorageError:
-                    pass
-                continue
-            pending.append(payment)
-        return pending
+        places = asyncio.Semaphore(_CHAIN_READS)
+
+        async def still_pending(key: str, payment: ClaimedPayment) -> bool:
+            async with places:
+                info = await self._chain_channel(payment.channel_id)
+                if info is not None and info.nonce <= payment.nonce:
+                    info = await self._chain_channel(payment.channel_id, fresh=True)
+            if info is None or info.nonce <= payment.nonce:
+                return True
+            try:
+                await self._storage.delete(key)
+            except StorageError:
+                pass
+            return False
+
+        found = await asyncio.gather(*(still_pending(key, payment) for key, payment in records))
+        return [payment for (_, payment), pending in zip(records, found, strict=True) if pending]
 
     async def _payment_reply(self, payment: ClaimedPayment) -> pb.PaymentReply:
         return pb.PaymentReply(
@@ -332,7 +343,7 @@ class ProviderControl:
         return 0 if info is None else info.expiration
 
     async def _expiries(self, channel_ids: list[int]) -> dict[int, int]:
-        """Each channel's expiration, read :data:`_EXPIRY_READS` at a time.
+        """Each channel's expiration, read :data:`_CHAIN_READS` at a time.
 
         The Go daemon answers from the expiration it stored with the
         channel's last payment; ours comes from the chain reader, whose cache
@@ -340,7 +351,7 @@ class ProviderControl:
         of a thousand such channels took a thousand node round trips.  Fewer
         at once than the reader reads (16), leaving room for paid calls.
         """
-        places = asyncio.Semaphore(_EXPIRY_READS)
+        places = asyncio.Semaphore(_CHAIN_READS)
 
         async def one(channel_id: int) -> int:
             async with places:
