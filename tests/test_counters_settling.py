@@ -173,6 +173,28 @@ async def test_calls_are_refused_while_an_earlier_write_cannot_be_settled() -> N
     free.close()
 
 
+@aio_test
+async def test_a_give_back_returns_while_an_earlier_write_cannot_be_settled() -> None:
+    """The gate awaits a failed free call's give-back before answering its client: it must
+    return after one try, not when the earlier write is finally settled or the give-back given
+    up (a minute later), as it does when storage is simply down."""
+    storage, pauses = Flaky(), Pauses()
+    free = counters(storage, pauses)
+    await free.count(KEY, 5)
+    storage.lose = "drop"
+    await refused(free.count(KEY, 5))
+    give_back = asyncio.ensure_future(free.give_back(KEY))
+    await turns()
+    assert give_back.done()
+    assert KEY in free._unsettled  # still not settled: the background settler waits
+    storage.down = False
+    pauses.go.set()
+    await turns(200)
+    assert KEY not in free._unsettled
+    assert await storage.count() == 0  # the first call given back; the lost one never landed
+    free.close()
+
+
 @pytest.mark.parametrize(("lose", "reapplied"), [("apply", False), ("drop", True)])
 @aio_test
 async def test_a_give_back_of_unknown_outcome_is_made_again_only_if_it_never_landed(lose: str, reapplied: bool) -> None:

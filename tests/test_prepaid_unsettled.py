@@ -227,3 +227,40 @@ async def test_close_logs_a_write_still_unsettled_and_stops_retrying() -> None:
     (event,) = [e for e in events if e["log_level"] == LogLevel.error]
     assert "a write to prepaid channel 1 is of unknown outcome as the daemon stops" in formatEvent(event)
     assert "the client paid 10 for refused calls" in formatEvent(event)
+
+
+@aio_test
+async def test_a_lost_charge_that_never_landed_is_settled_without_a_false_bug_report() -> None:
+    """Settling left nothing owed and the books unread; the nudge that did it (background, or at
+    stop) was then applied against unread books: an AttributeError logged as a prepaid bug."""
+    for settle_at_stop in (False, True):
+        world, storage, naps, ledger = await setup()
+        storage.lose_next_write(apply=False, bad_gets=4)
+        await refused(ledger.charge(1, 10))
+        with capturedLogs() as events:
+            if settle_at_stop:
+                await asyncio.wait_for(ledger.settle(1.0), 5.0)
+            else:
+                await naps.release()
+        errors = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.error]
+        assert not errors, errors
+        assert 1 not in ledger._books or ledger._books[1].unsettled is None
+        assert await world.a.usage(1) == (40, 10)
+        ledger.close()
+
+
+@aio_test
+async def test_close_logs_a_charge_whose_write_was_under_way() -> None:
+    """A charge applied whose reply had not come back when the daemon closed the ledger: its call
+    is refused as the daemon stops, and the possible charge is logged (it was silent)."""
+    _, storage, _, ledger = await setup()
+    storage.reply_after = asyncio.Event()
+    task = asyncio.ensure_future(ledger.charge(1, PRICE))
+    await storage.applied.wait()
+    with capturedLogs() as events:
+        ledger.close()
+        await turns()
+    error = await refused(task)
+    assert error.message == "the daemon is stopping"
+    texts = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.error]
+    assert any(f"charges of {PRICE} on prepaid channel 1 were being written" in text for text in texts), texts

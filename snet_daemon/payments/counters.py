@@ -540,6 +540,10 @@ class Counters:
         if landed is None and (entry is UNREAD or _revision(_entry(entry)) == unsettled.parent):
             for increment in waiting:
                 _reject(increment.done, GrpcError(Status.UNAVAILABLE, "payment storage is unavailable"))
+            # The give-backs stay queued, but their failed calls' clients
+            # need not wait for storage to come back (as in _failed).
+            for give_back in queue.give_backs:
+                _resolve(give_back.done)
             return UNREAD, "an earlier write's outcome is not known yet (storage failing)"
         del self._unsettled[key]
         if landed is None:

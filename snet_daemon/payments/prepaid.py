@@ -333,6 +333,16 @@ class PrepaidLedger:
             task.cancel()
         for channel_id, books in self._books.items():
             requests = books.batch + books.pending
+            writing = sum(
+                r.amount for r in books.batch if r.amount > 0 and r.future is not None and not r.future.done()
+            )
+            if writing:
+                _log.error(
+                    "charges of {amount} on prepaid channel {channel} were being written as the daemon stopped: "
+                    "their calls were refused, and the client may have been charged for them",
+                    amount=writing,
+                    channel=channel_id,
+                )
             for request in requests:
                 _settle(request, _STOPPING if request.amount > 0 else None)
             _log_lost(channel_id, books.retrying - sum(r.amount for r in requests if r.amount < 0))
@@ -479,8 +489,14 @@ class PrepaidLedger:
             await self._settle_lost(channel_id, books, books.unsettled, batch)
         refunds = [r for r in batch if r.amount < 0]
         charges = _live([r for r in batch if r.amount > 0])
+        if not charges and not refunds:
+            # Only nudges (and cancelled charges): nothing to write, nor to
+            # read (settling may have left the books unread).
+            for request in batch:
+                _settle(request, None)
+            return []
         planned_fresh = False
-        if (charges or refunds) and (books.used is _UNREAD or books.planned is _UNREAD):
+        if books.used is _UNREAD or books.planned is _UNREAD:
             await self._read(books, used_key, planned_key)
             planned_fresh = True
         for _ in range(_MAX_ATTEMPTS):
