@@ -8,6 +8,7 @@ with real HTTP/2 and grpcio clients, and the open-file limit it raises.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -24,9 +25,12 @@ from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon._proto import example_service_pb2_grpc as pb_grpc
 from snet_daemon.config.model import DaemonConfig
 from snet_daemon.frontend.admission import AUTOMATIC_LIMIT, ConnectionTable, connection_limit
+from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.wire import frame
 from tests.conftest import make_channel
+from tests.support.aio import aio_test
 from tests.support.daemon import Daemon
+from tests.support.oneport import OnePort
 from tests.support.rawhttp import H2Client, grpc_headers
 from tests.support.upstream import Upstream
 
@@ -263,3 +267,23 @@ def test_raise_open_file_limit_raises_the_soft_limit_to_the_hard_one() -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["256", "True"]
+
+
+@aio_test
+async def test_an_idle_http1_connection_makes_room_and_is_cut_off_if_it_does_not_close() -> None:
+    """Between requests an HTTP/1.1 connection is idle: it is closed for the newcomer, and
+    aborted after the grace period if its client, no longer reading, keeps it from closing."""
+
+    async def handler(call: ServerCall) -> None:
+        pass
+
+    front = OnePort(handler)
+    front.factory.connections = ConnectionTable(1, lambda: 0.0)
+    front.factory.evict_grace = 0.05
+    browser, transport = front.connect(b"GET")  # an HTTP/1.1 request line, not finished
+    assert front.factory.connections.admit(_Fake("newcomer"))
+    assert transport.disconnecting
+    await asyncio.sleep(0.2)
+    assert transport.disconnected  # StringTransport: abortConnection, not just loseConnection
+    browser.connectionLost(None)  # type: ignore[arg-type]
+    assert len(front.factory.connections) == 1

@@ -108,18 +108,20 @@ class SniffingProtocol(Protocol):
         """Close to make room for a new connection.
 
         HTTP/2 gets GOAWAY (a gRPC client reconnects by itself); a client
-        that does not let it close (it stopped reading) is cut off after
-        :attr:`OnePortFactory.evict_grace` seconds.
+        that does not let it close (it stopped reading, so what is left to
+        send never goes) is cut off after :attr:`OnePortFactory.evict_grace`
+        seconds.
         """
         inner = self._inner
+        if inner is None:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         if isinstance(inner, H2ServerProtocol):
             inner.shutdown()
-            if self._timer is None:
-                self._timer = self._factory.gateway.loop.call_later(self._factory.evict_grace, self._expire)
-        elif inner is None:
-            self.transport.abortConnection()  # type: ignore[union-attr]
         else:
             self.transport.loseConnection()  # type: ignore[union-attr]
+        if self._timer is None:
+            self._timer = self._factory.gateway.loop.call_later(self._factory.evict_grace, self._expire)
 
     def _switch(self, inner: Protocol) -> None:
         if self._timer is not None:
