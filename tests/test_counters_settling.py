@@ -20,7 +20,7 @@ from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments.counters import SETTLE_RETRY, Counters, decode_count, encode_count, history_of
 from snet_daemon.storage.base import Condition, Entry, Op, Put, StorageTimeout, StorageUnavailable
 from snet_daemon.storage.memory import MemoryStorage
-from tests.support.aio import aio_test
+from tests.support.aio import aio_test, turns
 
 KEY = "free/user"
 
@@ -81,11 +81,6 @@ async def refused(awaitable: Any) -> GrpcError:
     with pytest.raises(GrpcError) as info:
         await awaitable
     return info.value
-
-
-async def turns(n: int = 50) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
 
 
 def warnings(events: Sequence[dict[str, Any]]) -> list[str]:

@@ -7,22 +7,14 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.logger import capturedLogs
 
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments.counters import Counters, decode_count
 from snet_daemon.storage.base import Condition, Op
 from snet_daemon.storage.memory import MemoryStorage
-from tests.support.aio import aio_test
-
-
-async def turns(n: int = 50) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
-def warnings(events: Sequence[dict[str, Any]]) -> list[str]:
-    return [formatEvent(event) for event in events if event["log_level"] >= LogLevel.warn]
+from tests.support.aio import aio_test, turns
+from tests.test_counters_settling import warnings
 
 
 @aio_test

@@ -14,18 +14,13 @@ from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments.prepaid import PrepaidLedger
 from snet_daemon.storage.base import Condition, Op, StorageTimeout, StorageUnavailable
 from snet_daemon.storage.etcd import EtcdStorage
-from tests.support.aio import aio_test
+from tests.support.aio import aio_test, turns
 from tests.support.payments import PRICE, CountingStorage, Keys
 from tests.support.ports import free_port
 from tests.test_prepaid import World
 
 #: The ledger's sleep in some tests sleeps this many times less than it is asked.
 SCALE = 100.0
-
-
-async def turns(n: int = 50) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
 
 
 async def refused(awaitable: Any) -> GrpcError:

@@ -20,7 +20,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from snet_daemon.frontend.status import GrpcError, Status
 from snet_daemon.payments.prepaid import PrepaidLedger
 from snet_daemon.storage.base import Condition, ConditionFailed, Entry, Op, StorageTimeout, StorageUnavailable
-from tests.support.aio import aio_test
+from tests.support.aio import aio_test, turns
 from tests.support.payments import PRICE, CountingStorage
 from tests.test_prepaid import World
 
@@ -79,11 +79,6 @@ class Naps:
             if not future.done():
                 future.set_result(None)
         await turns()
-
-
-async def turns(n: int = 50) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
 
 
 async def setup(planned_calls: int = 4) -> tuple[World, Flaky, Naps, PrepaidLedger]:

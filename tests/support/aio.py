@@ -73,3 +73,9 @@ async def wait_for(predicate: Callable[[], bool], within: float = 10.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+async def turns(n: int = 50) -> None:
+    """Let the event loop run ``n`` turns: callbacks and tasks woken meanwhile run."""
+    for _ in range(n):
+        await asyncio.sleep(0)
