@@ -100,3 +100,30 @@ async def test_settle_waits_for_a_give_back_queued_while_it_waits() -> None:
     assert not warnings(events)
     assert decode_count(await memory.get("A")) == 0
     assert decode_count(await memory.get("B")) == 0
+
+
+@aio_test
+async def test_close_names_the_write_under_way_once() -> None:
+    """close() while a count write is under way: its calls are refused, and one warning says what
+    that write carried (two calls that may stay counted, one give-back that may not have landed),
+    instead of calling the give-back lost outright."""
+    memory = MemoryStorage(lambda: 0.0)
+    storage = Gated(memory)
+    counters = Counters(storage)
+    await counters.count("k", 5)
+    storage.gates["k"] = asyncio.Event()  # the next write waits
+    give_back = asyncio.ensure_future(counters.give_back("k"))
+    calls = [asyncio.ensure_future(counters.count("k", 5)) for _ in range(2)]
+    await turns()
+    assert counters._queues["k"].writing is not None
+    with capturedLogs() as events:
+        counters.close()
+        await asyncio.wait_for(give_back, 1.0)
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 1.0)
+    for result in results:
+        assert isinstance(result, GrpcError)
+        assert (result.status, result.message) == (Status.UNAVAILABLE, "the daemon is stopping")
+    (text,) = warnings(events)
+    assert "write of free-call counter k was under way as the daemon stopped" in text
+    assert "2 refused call(s) stay counted" in text
+    assert "1 failed call(s) were not given back" in text

@@ -187,6 +187,9 @@ class _Queue:
     increments: list[_Increment] = field(default_factory=list)
     give_backs: list[_GiveBack] = field(default_factory=list)
     worker: asyncio.Future[None] | None = None
+    #: Calls counted and give-backs carried by the write under way (None
+    #: when none is): close() names them, as of unknown outcome.
+    writing: tuple[int, list[_GiveBack]] | None = None
 
     def waiting(self) -> bool:
         """Whether anything still waits (calls cancelled meanwhile do not)."""
@@ -316,6 +319,19 @@ class Counters:
         for key, queue in queues.items():
             if queue.worker is not None:
                 queue.worker.cancel()
+            if queue.writing is not None:
+                counted, carried = queue.writing
+                _log.warn(
+                    "a write of free-call counter {key} was under way as the daemon stopped: if it landed, "
+                    "{counted} refused call(s) stay counted; if not, {given_back} failed call(s) were not "
+                    "given back",
+                    key=key,
+                    counted=counted,
+                    given_back=len(carried),
+                )
+                queue.give_backs = [give_back for give_back in queue.give_backs if give_back not in carried]
+                for give_back in carried:
+                    _resolve(give_back.done)
             self._drop(key, queue, "the daemon stopped first")
         for key, unsettled in self._unsettled.items():
             _log.warn(
@@ -414,17 +430,21 @@ class Counters:
             # back: each takes the slot of a failed call, already counted.
             after: object = current
             if count != made:
-                written, after, _ = await write(
-                    self._storage,
-                    key,
-                    current,
-                    count,
-                    tags=self._tags,
-                    encode=encode_count,
-                    decode=decode_count,
-                    history=history_of,
-                    sleep=self._sleep,
-                )
+                queue.writing = (len(admitted), give_backs)
+                try:
+                    written, after, _ = await write(
+                        self._storage,
+                        key,
+                        current,
+                        count,
+                        tags=self._tags,
+                        encode=encode_count,
+                        decode=decode_count,
+                        history=history_of,
+                        sleep=self._sleep,
+                    )
+                finally:
+                    queue.writing = None
                 if not written:
                     for increment in increments:
                         increment.tries += 1
