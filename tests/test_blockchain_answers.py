@@ -12,7 +12,7 @@ from eth_abi.abi import encode
 from twisted.application.service import MultiService
 from twisted.logger import LogEvent, LogLevel, capturedLogs, formatEvent
 
-from snet_daemon.blockchain.blocks import BlockNumber, BlockNumberService
+from snet_daemon.blockchain.blocks import STALL_WARNING, BlockNumber, BlockNumberService
 from snet_daemon.blockchain.build import _ChainIdCheck, build_chain
 from snet_daemon.blockchain.chain import EthereumChainReader
 from snet_daemon.blockchain.contracts import ZERO_ADDRESS, function, network_info
@@ -261,3 +261,41 @@ async def test_chain_id_is_checked_until_the_node_answers_then_no_more(node: tup
     finally:
         await check.stopService().asFuture(asyncio.get_running_loop())
         await components.reader.rpc.close()
+
+
+class OutageRpc:
+    """A node that answers :data:`KNOWN_BLOCK` until ``down``, then cannot be reached."""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    async def call(self, method: str, params: Sequence[Any] = ()) -> Any:
+        if self.down:
+            raise ChainUnavailable("http://node: connection refused")
+        return hex(KNOWN_BLOCK)
+
+
+@aio_test
+async def test_an_outage_is_not_taken_for_a_stalled_node() -> None:
+    """While polls fail the number stands still because nobody answers: the outage's own warnings
+    say so, and no stall warning is added; a node that comes back still on the old number, though,
+    has stalled."""
+    clock = [0.0]
+    blocks = BlockNumber(STALL_WARNING * 4, now=lambda: clock[0])
+    rpc = OutageRpc()
+    service = BlockNumberService(blocks, cast(JsonRpcClient, rpc), interval=60)
+    await service._poll()
+    rpc.down = True
+    with capturedLogs() as events:
+        for _ in range(20):
+            clock[0] += 60
+            await service._poll()
+    logged = [formatEvent(event) for event in block_poll_logs(events)]
+    assert len(logged) == 3  # the first failure, the tenth and the twentieth
+    assert all("block number poll failed" in text for text in logged)
+    rpc.down = False
+    with capturedLogs() as events:
+        await service._poll()
+    logged = [formatEvent(event) for event in block_poll_logs(events)]
+    assert logged[0] == "block number poll works again after 20 failures"
+    assert f"answered block number {KNOWN_BLOCK} for 20 minutes" in logged[1]

@@ -14,8 +14,9 @@ from aiohttp import web
 from eth_abi.abi import encode
 from twisted.application.service import MultiService
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from snet_daemon.blockchain.blocks import BlockNumber, BlockNumberService
+from snet_daemon.blockchain.blocks import STALL_WARNING, BlockNumber, BlockNumberService
 from snet_daemon.blockchain.build import build_chain
 from snet_daemon.blockchain.chain import ChainReader, ChannelInfo, EthereumChainReader
 from snet_daemon.blockchain.contracts import ZERO_ADDRESS, function, network_info
@@ -108,6 +109,39 @@ async def test_newheads_over_websocket(chain: Chain) -> None:  # noqa: F811
         assert reader.block_status().source == "newHeads"
     finally:
         await service.stopService().asFuture(asyncio.get_running_loop())
+        await reader.rpc.close()
+
+
+@aio_test
+async def test_a_block_number_that_stands_still_is_warned_of_once(chain: Chain) -> None:  # noqa: F811
+    """anvil mines only when told to, so it answers as a node that stopped following the chain
+    does: after STALL_WARNING seconds of one number the poll warns, once; when the number moves
+    it says so, and a second stall is warned of again."""
+    clock = Clock()
+    reader = make_reader(chain.url, clock=clock, max_age=STALL_WARNING * 4)
+    service = BlockNumberService(reader.blocks, reader.rpc, interval=60)
+
+    async def polls(seconds: float) -> list[str]:
+        """Poll every 60 s of the fake clock for ``seconds``; what was logged at info or above."""
+        with capturedLogs() as events:
+            for _ in range(int(seconds // 60)):
+                clock.advance(60)
+                await service._poll()
+        return [formatEvent(event) for event in events if event["log_level"] >= LogLevel.info]
+
+    try:
+        assert await polls(STALL_WARNING - 60) == []
+        (warning,) = await polls(STALL_WARNING)
+        stood = chain.block_number()
+        assert f"answered block number {stood} for 11 minutes" in warning
+        assert "stopped following the chain" in warning
+        assert reader.health().ok  # a warning, not a refusal: a quiet dev chain looks the same
+        moved = chain.mine(1)
+        assert await polls(60) == [f"the block number moves again: {moved} (it stood at {stood})"]
+        assert await polls(STALL_WARNING - 60) == []
+        (again,) = await polls(120)
+        assert f"answered block number {moved} for 11 minutes" in again
+    finally:
         await reader.rpc.close()
 
 

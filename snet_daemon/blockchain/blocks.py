@@ -8,6 +8,14 @@ cached value without I/O.  The value carries its age; reading it when it is
 older than ``block_max_age`` raises :class:`StaleBlockNumber`, so an RPC
 outage turns into clear refusals instead of decisions made on an old block.
 
+A node that answers but has stopped following the chain (stuck syncing, cut
+off from its peers) gives the same number poll after poll: the value looks
+fresh, and channel expiry is checked against a block that is long past.
+The daemon cannot tell that from a quiet development chain, which mines
+only when sent a transaction, so it does not refuse payments for it; it
+warns once the number has stood still for :data:`STALL_WARNING` seconds,
+and says when it moves again.
+
 Ages and poll waits are measured on the monotonic clock, never on the wall
 clock: stepped back an hour (an NTP step, a VM resumed), a wall clock would
 make an hour-old block look new and hold the next poll back by that hour.
@@ -31,9 +39,13 @@ from snet_daemon.blockchain.errors import ChainError, StaleBlockNumber
 from snet_daemon.blockchain.periodic import Periodic, Sleep
 from snet_daemon.blockchain.rpc import JsonRpcClient, quantity, redact_url
 
-__all__ = ["BlockNumber", "BlockNumberService", "BlockStatus"]
+__all__ = ["STALL_WARNING", "BlockNumber", "BlockNumberService", "BlockStatus"]
 
 _log = Logger(namespace="snetd.chain.blocks")
+
+#: Seconds the block number may stand still before a warning: 50 blocks of
+#: Ethereum's 12 s, far beyond a missed slot or two.
+STALL_WARNING = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +88,8 @@ class BlockNumber:
         self._updated: float | None = None
         self._source: str | None = None
         self._error: str | None = None
+        #: When the number last changed (or was first learnt).
+        self._changed: float | None = None
 
     def update(self, number: int, source: str = "poll") -> None:
         """Record ``number`` as the latest block, learnt now.
@@ -83,8 +97,11 @@ class BlockNumber:
         A smaller number than before is accepted (a reorganisation, or a
         test chain reverted to a snapshot): the node is the authority.
         """
+        now = self._now()
+        if number != self._number:
+            self._changed = now
         self._number = number
-        self._updated = self._now()
+        self._updated = now
         self._source = source
         self._error = None
 
@@ -97,6 +114,13 @@ class BlockNumber:
         if self._updated is None:
             return None
         return max(0.0, self._now() - self._updated)
+
+    def unchanged_for(self) -> float | None:
+        """Seconds the number has stood still (the node said the same each
+        time), or None before the first fetch."""
+        if self._changed is None:
+            return None
+        return max(0.0, self._now() - self._changed)
 
     def current(self) -> int:
         """The latest block number, without I/O.
@@ -167,6 +191,8 @@ class BlockNumberService(Service):
         self._sleep = sleep
         self._poller = Periodic("block number poll", self._poll, interval, sleep=sleep)
         self._failures = 0
+        #: The number we warned has stood still (None: no warning out).
+        self._stalled_at: int | None = None
         self._ws_url = ws_url
         self._ws_headers = {"Authorization": ws_authorization} if ws_authorization else {}
         self._ws_task: asyncio.Task[None] | None = None
@@ -204,6 +230,12 @@ class BlockNumberService(Service):
         return number
 
     async def _poll(self) -> None:
+        try:
+            await self._fetch()
+        finally:
+            self._watch_stall()
+
+    async def _fetch(self) -> None:
         age = self.blocks.age()
         if self.ws_connected and age is not None and age < self._poller.interval:
             return
@@ -215,6 +247,26 @@ class BlockNumberService(Service):
             if self._failures:
                 _log.info("block number poll works again after {failures} failures", failures=self._failures)
             self._failures = 0
+
+    def _watch_stall(self) -> None:
+        """Warn once when the node's number stands still, and say when it moves again."""
+        number, still = self.blocks.status().number, self.blocks.unchanged_for()
+        if self._stalled_at is not None and number != self._stalled_at:
+            _log.info(
+                "the block number moves again: {number} (it stood at {stalled})",
+                number=number,
+                stalled=self._stalled_at,
+            )
+            self._stalled_at = None
+        elif self._stalled_at is None and still is not None and still > STALL_WARNING and self._failures == 0:
+            self._stalled_at = number
+            _log.warn(
+                "the Ethereum node has answered block number {number} for {minutes:.0f} minutes: on a public "
+                "network it has stopped following the chain (channel expiry is checked against that old block); "
+                "a development chain that mines only on transactions looks the same",
+                number=number,
+                minutes=still / 60,
+            )
 
     def _poll_failed(self, exc: Exception) -> None:
         error = str(exc) if isinstance(exc, ChainError) else f"unexpected {type(exc).__name__}: {exc}"

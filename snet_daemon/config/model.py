@@ -625,7 +625,10 @@ class DaemonConfig(Section):
     )
     block_max_age: GoDuration = Field(
         "60s",
-        description="(not in Go) Oldest cached block number payments may use; older means the chain is unavailable.",
+        description=(
+            "(not in Go) Oldest cached block number payments may use; older means the chain is unavailable.  "
+            "A node that keeps answering one number for 10 minutes is warned of in the log."
+        ),
     )
     metadata_refresh_interval: GoDuration = Field(
         "30s",
