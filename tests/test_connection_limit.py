@@ -18,19 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from snet_daemon._proto import example_service_pb2 as pb
 from snet_daemon._proto import example_service_pb2_grpc as pb_grpc
 from snet_daemon.config.model import DaemonConfig
-from snet_daemon.frontend.admission import AUTOMATIC_LIMIT, ConnectionTable, connection_limit
+from snet_daemon.frontend.admission import AUTOMATIC_LIMIT, FIRST_CALL_GRACE, ConnectionTable, connection_limit
 from snet_daemon.frontend.call import ServerCall
 from snet_daemon.frontend.wire import frame
 from tests.conftest import make_channel
 from tests.support.aio import aio_test
 from tests.support.daemon import Daemon
-from tests.support.oneport import OnePort
+from tests.support.oneport import OnePort, http1_head, settle
 from tests.support.rawhttp import H2Client, grpc_headers
 from tests.support.upstream import Upstream
 
@@ -40,20 +43,21 @@ from tests.support.upstream import Upstream
 @dataclass(eq=False)
 class _Fake:
     name: str
-    busy: bool = False
     evicted: bool = False
-
-    def idle(self) -> bool:
-        return not self.busy
 
     def evict(self) -> None:
         self.evicted = True
 
 
+def _full(table: ConnectionTable, *names: str) -> list[_Fake]:
+    fakes = [_Fake(name) for name in names]
+    assert all(table.admit(fake) for fake in fakes)
+    return fakes
+
+
 def test_below_the_limit_every_connection_is_admitted() -> None:
     table = ConnectionTable(3, lambda: 0.0)
-    fakes = [_Fake(str(i)) for i in range(3)]
-    assert all(table.admit(fake) for fake in fakes)
+    fakes = _full(table, "1", "2", "3")
     assert len(table) == 3
     assert not any(fake.evicted for fake in fakes)
     table.release(fakes[1])
@@ -62,30 +66,48 @@ def test_below_the_limit_every_connection_is_admitted() -> None:
     assert not any(fake.evicted for fake in fakes)
 
 
-def test_at_the_limit_the_oldest_idle_connection_makes_room() -> None:
-    table = ConnectionTable(3, lambda: 0.0)
-    first, second, third = _Fake("1", busy=True), _Fake("2"), _Fake("3")
-    for fake in (first, second, third):
-        assert table.admit(fake)
-    newcomer = _Fake("4")
+def test_connections_silent_since_they_came_make_room_first_then_the_longest_idle() -> None:
+    """A flood of silent connections takes its own places, not those of clients that called
+    and keep their connection for the next call."""
+    now = [0.0]
+    table = ConnectionTable(3, lambda: now[0])
+    caller, silent, busy = _full(table, "caller", "silent", "busy")
+    table.busy(caller)
+    table.idle(caller)  # called, idle now; older than "silent"
+    table.busy(busy)
+    now[0] += FIRST_CALL_GRACE
+    newcomer = _Fake("newcomer")
     assert table.admit(newcomer)
-    # The busy first one is kept; the oldest idle one goes.
-    assert (first.evicted, second.evicted, third.evicted) == (False, True, False)
+    assert (caller.evicted, silent.evicted, busy.evicted) == (False, True, False)
+    table.release(silent)  # its connectionLost comes later and changes nothing
     assert len(table) == 3
-    assert table.evicted == 1
-    # Its connectionLost comes later and changes nothing.
-    table.release(second)
+    # The newcomer is within its grace: the idle caller goes, the busy one stays.
+    assert table.admit(_Fake("second"))
+    assert (caller.evicted, newcomer.evicted, busy.evicted) == (True, False, False)
+    # With no idle one left, a newcomer within its grace goes all the same, oldest first.
+    assert table.admit(_Fake("third"))
+    assert (newcomer.evicted, busy.evicted) == (True, False)
+    assert table.evicted == 3
     assert len(table) == 3
-    assert table.admit(_Fake("5"))
-    assert third.evicted
+
+
+def test_the_idle_one_to_go_is_the_one_idle_the_longest() -> None:
+    table = ConnectionTable(2, lambda: 0.0)
+    first, second = _full(table, "first", "second")
+    for fake in (first, second):
+        table.busy(fake)
+    table.idle(second)
+    table.idle(first)  # idle since later than "second", though older
+    assert table.admit(_Fake("new"))
+    assert (second.evicted, first.evicted) == (True, False)
 
 
 def test_with_every_connection_busy_new_ones_are_refused_and_the_operator_warned_once_a_minute() -> None:
     now = [100.0]
     table = ConnectionTable(2, lambda: now[0])
-    busy = [_Fake("a", busy=True), _Fake("b", busy=True)]
+    busy = _full(table, "a", "b")
     for fake in busy:
-        assert table.admit(fake)
+        table.busy(fake)
     with capturedLogs() as events:
         assert not table.admit(_Fake("c"))
         now[0] += 30
@@ -101,9 +123,36 @@ def test_with_every_connection_busy_new_ones_are_refused_and_the_operator_warned
     assert len(table) == 2
     assert not any(fake.evicted for fake in busy)
     # A call ends: its connection may now make room.
-    busy[1].busy = False
+    table.idle(busy[1])
     assert table.admit(_Fake("f"))
     assert busy[1].evicted
+
+
+def test_making_room_is_logged_once_a_minute() -> None:
+    now = [0.0]
+    table = ConnectionTable(1, lambda: now[0])
+    _full(table, "first")
+    with capturedLogs() as events:
+        for _ in range(5):
+            assert table.admit(_Fake("next"))
+            now[0] += 20
+    warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert warnings == [
+        "1 client connections are open (max_connections): idle ones are closed to make room for new ones (1 so far)",
+        "1 client connections are open (max_connections): idle ones are closed to make room for new ones (4 so far)",
+    ]
+
+
+def test_a_closed_connection_stays_out_whatever_its_protocol_reports_after() -> None:
+    """connectionLost releases first; a call ending in the protocol's own cleanup afterwards
+    must not bring the connection back into the count."""
+    table = ConnectionTable(2, lambda: 0.0)
+    (conn,) = _full(table, "gone")
+    table.busy(conn)
+    table.release(conn)
+    table.idle(conn)
+    table.busy(conn)
+    assert len(table) == 0
 
 
 def test_the_limit_must_be_positive() -> None:
@@ -200,6 +249,27 @@ def test_idle_connections_make_room_for_new_ones(limited: Daemon) -> None:
     assert _call(limited) == 5
 
 
+def test_streams_that_send_no_message_do_not_pin_the_connections(limited: Daemon) -> None:
+    """Every slot holds a stream that sent HEADERS with a far deadline and nothing more (on the
+    daemon's own GetChannelState, which waits for its request): a grpcio call still gets in,
+    and the oldest of those connections gets GOAWAY."""
+    pins = [H2Client(limited.address) for _ in range(_LIMIT)]
+    try:
+        for client in pins:
+            headers = grpc_headers(extra=[("grpc-timeout", "99999999S")])
+            client.request("/escrow.PaymentChannelStateService/GetChannelState", headers, end_stream=False)
+            client.pump(0.5)
+        time.sleep(0.3)
+        assert _call(limited) == 5
+        goaway = pins[0].wait_for_goaway(5)
+        assert goaway is not None
+        assert goaway.error_code == 0
+    finally:
+        for client in pins:
+            client.close()
+    assert _call(limited) == 5
+
+
 def test_when_every_connection_has_a_call_new_ones_are_refused(limited: Daemon) -> None:
     """Nothing running is cut short: the new connection is closed unread, grpcio says
     UNAVAILABLE, and calls go through again once a connection is idle."""
@@ -270,20 +340,71 @@ def test_raise_open_file_limit_raises_the_soft_limit_to_the_hard_one() -> None:
 
 
 @aio_test
-async def test_an_idle_http1_connection_makes_room_and_is_cut_off_if_it_does_not_close() -> None:
-    """Between requests an HTTP/1.1 connection is idle: it is closed for the newcomer, and
-    aborted after the grace period if its client, no longer reading, keeps it from closing."""
+async def test_an_http1_connection_is_busy_from_a_requests_first_byte_to_its_response() -> None:
+    """An HTTP/1.1 request cut off half-received is lost (no GOAWAY to let it finish), so the
+    connection counts as busy from its first byte; between requests it is idle: closed for the
+    newcomer, and aborted after the grace period if its client, no longer reading, keeps it
+    from closing."""
 
     async def handler(call: ServerCall) -> None:
         pass
 
     front = OnePort(handler)
-    front.factory.connections = ConnectionTable(1, lambda: 0.0)
+    front.factory.connections = table = ConnectionTable(1, lambda: 0.0)
     front.factory.evict_grace = 0.05
-    browser, transport = front.connect(b"GET")  # an HTTP/1.1 request line, not finished
-    assert front.factory.connections.admit(_Fake("newcomer"))
+    browser, transport = front.connect(b"GET /heart")  # a request line, not finished
+    assert not table.admit(_Fake("newcomer"))
+    browser.dataReceived(b"beat HTTP/1.1\r\nHost: daemon\r\n\r\n")
+    await settle()
+    assert http1_head(transport.value())[0] == 200
+    newcomer = _Fake("newcomer")
+    assert table.admit(newcomer)  # between requests: idle
     assert transport.disconnecting
     await asyncio.sleep(0.2)
     assert transport.disconnected  # StringTransport: abortConnection, not just loseConnection
     browser.connectionLost(None)  # type: ignore[arg-type]
-    assert len(front.factory.connections) == 1
+    assert len(table) == 1
+
+
+@aio_test
+async def test_http2_streams_without_a_request_message_do_not_hold_the_connection() -> None:
+    """HEADERS alone (no message, a far deadline) leave the connection idle to the table: a
+    client cannot pin every slot with streams that cost it nothing.  A whole request message
+    makes it busy until the reply is sent; then it is idle again, and closed for a newcomer
+    with GOAWAY."""
+    release = asyncio.Event()
+
+    async def handler(call: ServerCall) -> None:
+        await call.read()
+        await release.wait()
+        call.write(b"reply")
+        call.finish(0)
+
+    front = OnePort(handler)
+    front.factory.connections = table = ConnectionTable(1, lambda: 0.0)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    protocol, transport = front.connect(client.data_to_send())
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "d"), (":path", "/x.Y/Z")]
+    headers += [*grpc_headers(), ("grpc-timeout", "99999999S")]
+    pins = [1, 3]
+    for sid in pins:
+        client.send_headers(sid, headers)
+    protocol.dataReceived(client.data_to_send())
+    await settle()
+    assert not table._busy
+    client.send_data(1, frame(b"request"), end_stream=True)
+    protocol.dataReceived(client.data_to_send())
+    await settle()
+    assert not table.admit(_Fake("newcomer"))  # a whole message: a call in progress
+    release.set()
+    await settle()
+    events = client.receive_data(transport.value())
+    assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 1 for e in events)
+    # Stream 3 still waits for its message: idle all the same.
+    transport.clear()
+    assert table.admit(_Fake("newcomer"))
+    events = client.receive_data(transport.value())
+    (goaway,) = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaway.error_code == 0
+    assert goaway.last_stream_id == 3  # the waiting stream may still send its message

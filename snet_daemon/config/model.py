@@ -692,8 +692,9 @@ class DaemonConfig(Section):
     )
     max_connections: Annotated[int, AfterValidator(_non_negative)] = Field(
         0,
-        description="(not in Go) Most client connections open at once; at the limit the oldest idle one is "
-        "closed to make room, or the new one is refused. 0: 10000, fewer if the open-file limit is low.",
+        description="(not in Go) Most client connections open at once; at the limit one without a call in "
+        "progress is closed to make room (first those that made no call since they came, then the longest idle), "
+        "or the new one is refused. 0: 10000, fewer if the open-file limit is low.",
     )
     cors_allowed_origins: Annotated[tuple[Origin, ...], BeforeValidator(_split_list)] = Field(
         ("*",), description="(not in Go) Origins allowed by CORS: `*` or `scheme://host[:port]` items."

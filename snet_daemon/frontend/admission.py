@@ -7,21 +7,43 @@ timeout, five minutes) could use up the process's file descriptors: then
 the daemon can no longer reach etcd, the service or the chain, and every
 call fails, paid ones included.  So the port keeps at most ``limit``
 connections (``max_connections``).  At the limit a new connection takes the
-place of the oldest idle one (no call in progress: an HTTP/2 connection
-without open streams, an HTTP/1.1 one between requests, one that has not
-yet shown its protocol), which is closed: gRPC clients reconnect by
-themselves after a GOAWAY, so a legitimate client loses nothing.  Only when
-every connection has a call in progress is the new one refused (closed at
-once, before it reads anything; a gRPC client sees UNAVAILABLE and retries).
-That is the choice of nginx (``worker_connections``, which reuses idle
-keep-alive connections first) rather than Go's net/http (no bound), where
-an operator learns of the problem when the process runs out of descriptors.
+place of an idle one, which is closed (HTTP/2: GOAWAY, after which gRPC
+clients reconnect by themselves); only when every connection has a call in
+progress is the new one refused (closed at once, before it reads anything;
+a gRPC client sees UNAVAILABLE and retries).  That is the choice of nginx
+(``worker_connections``, which reuses idle keep-alive connections first)
+rather than Go's net/http (no bound), where an operator learns of the
+problem when the process runs out of descriptors.  Both are logged, at most
+once a minute each.
+
+Which connection is idle, and which goes first:
+
+* A call is in progress from the moment the client has sent a whole
+  request message (or ended its side, or we began a reply) until its stream
+  ends; on HTTP/1.1 from the first byte of a request until its response is
+  finished (an HTTP/1.1 request cut off half-received is lost, while an
+  HTTP/2 stream waiting for its message is covered by the GOAWAY and gets
+  the grace period to send it).  A client that opens streams and sends no
+  message on them holds nothing against newcomers.
+* Connections that never had a call in :data:`FIRST_CALL_GRACE` seconds
+  go first, oldest first: a flood of silent connections takes its own
+  places, not those of clients that called and keep their connection for
+  the next call.  Then those idle the longest; then newcomers still within
+  the grace (a legitimate client connects and calls at once, and is not
+  closed to make room for the connection after it while older idle ones
+  are there).
+* The protocols report each change (:meth:`ConnectionTable.busy`,
+  :meth:`ConnectionTable.idle`), so choosing a victim or refusing costs the
+  same with ten or ten thousand connections open: a scan of the table for
+  each newcomer cost about 1 ms of the event loop at 10,000.
 
 The descriptors themselves: a process started from a shell or by systemd
 without ``LimitNOFILE`` gets a soft limit of 1,024.  As the Go runtime does
 (since Go 1.19), the daemon raises its soft limit to the hard one at start,
 and sizes the automatic connection limit from what it then has, keeping
-room for its own descriptors.
+room for its own descriptors.  Unlike Go, which puts the original limit
+back for the processes it starts, the executables of ``process`` services
+and the embedded etcd inherit the raised limit.
 """
 
 from __future__ import annotations
@@ -31,7 +53,14 @@ from typing import Final, Protocol
 
 from twisted.logger import Logger
 
-__all__ = ["ConnectionTable", "Tracked", "connection_limit", "open_file_limit", "raise_open_file_limit"]
+__all__ = [
+    "FIRST_CALL_GRACE",
+    "ConnectionTable",
+    "Tracked",
+    "connection_limit",
+    "open_file_limit",
+    "raise_open_file_limit",
+]
 
 _log = Logger(namespace="snetd.frontend")
 
@@ -41,7 +70,11 @@ AUTOMATIC_LIMIT: Final = 10_000
 #: Descriptors kept for the daemon's own use (etcd, the service, the chain,
 #: executables' pipes, logs), at least; an eighth of the limit if more.
 _RESERVE: Final = 256
-#: Seconds between two warnings that connections are being refused.
+#: Seconds a new connection has to begin its first call before it counts
+#: as silent (see the module docstring): a few round trips, a TLS handshake.
+FIRST_CALL_GRACE: Final = 2.0
+#: Seconds between two warnings that connections are being refused (or
+#: closed to make room).
 _WARN_EVERY: Final = 60.0
 
 
@@ -98,15 +131,12 @@ def connection_limit(configured: int, open_files: int) -> tuple[int, str | None]
 class Tracked(Protocol):
     """A connection, as the table sees it."""
 
-    def idle(self) -> bool:
-        """Whether closing it now would cut no call short."""
-
     def evict(self) -> None:
         """Close it to make room (gracefully: HTTP/2 GOAWAY)."""
 
 
 class ConnectionTable:
-    """The open connections of one port, oldest first, bounded by ``limit``.
+    """The open connections of one port, bounded by ``limit``.
 
     Args:
         limit: most connections kept at once (at least 1).
@@ -118,15 +148,19 @@ class ConnectionTable:
             raise ValueError("the connection limit must be at least 1")
         self.limit = limit
         self._clock = clock
-        #: Insertion-ordered: the first idle one found is the oldest idle.
-        self._open: dict[Tracked, None] = {}
-        self._warned_at: float | None = None
+        #: Never had a call, oldest first -> when admitted.
+        self._fresh: dict[Tracked, float] = {}
+        #: Had calls, none now; idle the longest first.
+        self._idle: dict[Tracked, None] = {}
+        #: A call in progress.
+        self._busy: set[Tracked] = set()
+        self._warned_at: dict[str, float] = {}
         #: Connections closed to make room, and refused (for tests and logs).
         self.evicted = 0
         self.refused = 0
 
     def __len__(self) -> int:
-        return len(self._open)
+        return len(self._fresh) + len(self._idle) + len(self._busy)
 
     def admit(self, conn: Tracked) -> bool:
         """Take ``conn`` in, closing an idle one if the table is full.
@@ -134,31 +168,59 @@ class ConnectionTable:
         Returns False when every connection has a call in progress: the
         caller then refuses ``conn``.
         """
-        if len(self._open) >= self.limit:
-            victim = next((c for c in self._open if c.idle()), None)
-            if victim is None:
+        now = self._clock()
+        if len(self) >= self.limit:
+            pool: dict[Tracked, float] | dict[Tracked, None] = self._fresh
+            oldest = next(iter(self._fresh.values()), now)
+            if (not self._fresh or now - oldest < FIRST_CALL_GRACE) and self._idle:
+                pool = self._idle
+            if not pool:
                 self.refused += 1
-                self._warn()
+                self._warn(
+                    "refusing client connections: {limit} are open, each with a call in progress "
+                    "(max_connections; {count} refused so far)",
+                    self.refused,
+                )
                 return False
             # Out of the count at once: its descriptor is freed once it closes.
-            del self._open[victim]
+            victim = next(iter(pool))
+            del pool[victim]
             self.evicted += 1
+            self._warn(
+                "{limit} client connections are open (max_connections): idle ones are closed to make room "
+                "for new ones ({count} so far)",
+                self.evicted,
+            )
             victim.evict()
-        self._open[conn] = None
+        self._fresh[conn] = now
         return True
+
+    def busy(self, conn: Tracked) -> None:
+        """A call began on ``conn``, which had none."""
+        if conn in self._fresh:
+            del self._fresh[conn]
+        elif conn in self._idle:
+            del self._idle[conn]
+        else:
+            return  # closed already, or busy already
+        self._busy.add(conn)
+
+    def idle(self, conn: Tracked) -> None:
+        """The last call on ``conn`` ended."""
+        if conn in self._busy:
+            self._busy.discard(conn)
+            self._idle[conn] = None
 
     def release(self, conn: Tracked) -> None:
         """``conn`` closed (or was closed to make room)."""
-        self._open.pop(conn, None)
+        self._fresh.pop(conn, None)
+        self._idle.pop(conn, None)
+        self._busy.discard(conn)
 
-    def _warn(self) -> None:
+    def _warn(self, text: str, count: int) -> None:
         now = self._clock()
-        if self._warned_at is not None and now - self._warned_at < _WARN_EVERY:
+        last = self._warned_at.get(text)
+        if last is not None and now - last < _WARN_EVERY:
             return
-        self._warned_at = now
-        _log.warn(
-            "refusing client connections: {limit} are open, each with a call in progress "
-            "(max_connections; {refused} refused so far)",
-            limit=self.limit,
-            refused=self.refused,
-        )
+        self._warned_at[text] = now
+        _log.warn(text, limit=self.limit, count=count)

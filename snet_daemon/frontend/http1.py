@@ -13,6 +13,7 @@ chunked encoding.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
@@ -97,11 +98,11 @@ class _BoundedRequest(server.Request):
     def _refuse(self) -> None:
         self.too_large = True
         channel = self.channel
-        if isinstance(channel, _Channel):
+        if isinstance(channel, Channel):
             channel.refuse_oversized(self)
 
 
-class _Channel(http.HTTPChannel):
+class Channel(http.HTTPChannel):
     """An ``HTTPChannel`` that gives every request a deadline to arrive in.
 
     The head must be complete :data:`HEAD_DEADLINE` seconds after its first
@@ -116,13 +117,34 @@ class _Channel(http.HTTPChannel):
     _deadline: IDelayedCall | None = None
     #: True once a request was refused before its body: nothing more is read.
     _refused = False
+    #: Told when a request begins (True: from its first byte) and when its
+    #: response is finished with no other begun (False): the connection
+    #: table's view (:mod:`snet_daemon.frontend.admission`).  Closing the
+    #: connection in between would lose the request, as HTTP/1.1 has no
+    #: GOAWAY to let it finish.
+    on_busy: Callable[[bool], None] | None = None
+    _busy = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
         if self._deadline is None and not self._handlingRequest:
             self._deadline = self.callLater(HEAD_DEADLINE, self._expired)  # type: ignore[no-untyped-call]
+            self._report(True)
         super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def requestDone(self, request: http.Request) -> None:
+        # Persistent: what the client sent meanwhile is read in here, which
+        # may begin the next request (dataReceived, above).
+        super().requestDone(request)  # type: ignore[no-untyped-call]
+        if self._deadline is None and not self._handlingRequest:
+            self._report(False)
+
+    def _report(self, busy: bool) -> None:
+        if busy != self._busy:
+            self._busy = busy
+            if self.on_busy is not None:
+                self.on_busy(busy)
 
     def allHeadersReceived(self) -> None:
         super().allHeadersReceived()  # type: ignore[no-untyped-call]
@@ -218,7 +240,7 @@ class _Site(server.Site):
 
     noisy = False
     #: Not twisted.web's ALPN wrapper: the listener has chosen HTTP/1.1.
-    protocol = _Channel  # type: ignore[assignment]
+    protocol = Channel  # type: ignore[assignment]
 
     def __init__(self, resource: Resource, gateway: Gateway) -> None:
         super().__init__(resource, requestFactory=self._make_request)  # type: ignore[no-untyped-call]

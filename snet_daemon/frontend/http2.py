@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import h2.config
@@ -149,6 +149,7 @@ class _Stream:
         "call",
         "decoded_unread",
         "decoder",
+        "engaged",
         "final",
         "id",
         "kind",
@@ -183,6 +184,8 @@ class _Stream:
         self.final: list[tuple[str, str]] | None = None
         self.remote_closed = False
         self.local_closed = False
+        #: A call is in progress on it (see H2ServerProtocol._engage).
+        self.engaged = False
         #: Request bytes received but not yet acknowledged (flow control).
         self.unacked = 0
         #: Bytes of the request message being assembled, as counted in the
@@ -298,6 +301,11 @@ class H2ServerProtocol(Protocol):
         #: When the last stream closed (loop time); read only by the idle timer.
         self._idle_since = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        #: Told when the first call begins (True) and the last one ends
+        #: (False): the connection table's view (see _engage).
+        self.on_busy: Callable[[bool], None] | None = None
+        #: Streams engaged and still open.
+        self._engaged = 0
 
     # -- Twisted Protocol -------------------------------------------------
 
@@ -407,6 +415,7 @@ class H2ServerProtocol(Protocol):
             if stream.call is not None:
                 stream.call.cancel()
         self._streams.clear()
+        self._engaged = 0  # the connection is going: its table entry goes with it
         self._waiters.clear()
 
     # -- IPushProducer: the transport's own write buffer ------------------
@@ -491,6 +500,30 @@ class H2ServerProtocol(Protocol):
     def _note_idle(self) -> None:
         """Called when the last open stream is gone: the idle period starts."""
         self._idle_since = self.gateway.loop.time()
+
+    def _engage(self, stream: _Stream) -> None:
+        """A call is in progress on ``stream``: closing the connection now would cut it short.
+
+        That is from the moment the client has sent a whole request
+        message, or ended its side, or we began the reply -- not from its
+        HEADERS: a client that opens streams and sends nothing on them
+        must not make its connection look busy to the connection limit
+        (:mod:`snet_daemon.frontend.admission`).  Such a stream on a
+        connection closed to make room is still covered by the GOAWAY, and
+        has the grace period to send its message.
+        """
+        stream.engaged = True
+        self._engaged += 1
+        if self._engaged == 1 and self.on_busy is not None:
+            self.on_busy(True)
+
+    def _disengage(self, stream: _Stream) -> None:
+        """``stream`` is gone: the last call ended if it was the last engaged one."""
+        if stream.engaged:
+            stream.engaged = False
+            self._engaged -= 1
+            if not self._engaged and self.on_busy is not None:
+                self.on_busy(False)
 
     # -- events -----------------------------------------------------------
 
@@ -630,6 +663,8 @@ class H2ServerProtocol(Protocol):
         if size - held:
             self._conn.acknowledge_received_data(size - held, sid)
         stream.unacked += held
+        if not stream.engaged:
+            self._engage(stream)
         for message in messages:
             call.deliver(message)
 
@@ -638,6 +673,8 @@ class H2ServerProtocol(Protocol):
         if stream is None:
             return
         stream.remote_closed = True
+        if not stream.engaged:
+            self._engage(stream)
         call = stream.call
         if call is not None:
             if stream.text_decoder is not None:
@@ -653,6 +690,7 @@ class H2ServerProtocol(Protocol):
     def _on_reset(self, sid: int) -> None:
         stream = self._streams.pop(sid, None)
         if stream is not None:
+            self._disengage(stream)
             if not self._streams:
                 self._note_idle()
             self._waiters.discard(sid)
@@ -744,6 +782,7 @@ class H2ServerProtocol(Protocol):
                 pass
         streams = list(self._streams.values())
         self._streams.clear()
+        self._engaged = 0  # the connection is going: its table entry goes with it
         self._waiters.clear()
         self._starting.clear()
         for stream in streams:
@@ -835,6 +874,8 @@ class H2ServerProtocol(Protocol):
     def send_headers(self, stream: _Stream, headers: list[tuple[str, str]], end_stream: bool) -> None:
         if stream.local_closed or self._lost:
             return
+        if not stream.engaged:
+            self._engage(stream)
         try:
             self._conn.send_headers(stream.id, headers, end_stream=end_stream)
         except h2.exceptions.StreamClosedError:
@@ -915,8 +956,10 @@ class H2ServerProtocol(Protocol):
 
     def _discard(self, stream: _Stream) -> None:
         streams = self._streams
-        if streams.pop(stream.id, None) is not None and not streams:
-            self._note_idle()
+        if streams.pop(stream.id, None) is not None:
+            self._disengage(stream)
+            if not streams:
+                self._note_idle()
         self._waiters.discard(stream.id)
         self._release_window(stream)
         self._close_if_done()

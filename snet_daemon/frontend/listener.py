@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from snet_daemon.frontend.admission import AUTOMATIC_LIMIT, ConnectionTable
 from snet_daemon.frontend.gateway import Gateway
-from snet_daemon.frontend.http1 import build_site
+from snet_daemon.frontend.http1 import Channel, build_site
 from snet_daemon.frontend.http2 import H2ServerProtocol
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -93,16 +93,13 @@ class SniffingProtocol(Protocol):
 
     # -- the connection table (snet_daemon.frontend.admission) -------------
 
-    def idle(self) -> bool:
-        """No call in progress: nothing is cut short if it is closed."""
-        inner = self._inner
-        if inner is None:
-            return True  # has not even shown its protocol yet
-        if isinstance(inner, H2ServerProtocol):
-            return inner.active_calls() == 0
-        # twisted.web's HTTPChannel: a request is listed from its first line
-        # until its response is finished.
-        return not getattr(inner, "requests", None)
+    def _calls(self, running: bool) -> None:
+        """The protocol's report: the first call began (True), or the last one ended."""
+        table = self._factory.connections
+        if running:
+            table.busy(self)
+        else:
+            table.idle(self)
 
     def evict(self) -> None:
         """Close to make room for a new connection.
@@ -128,6 +125,8 @@ class SniffingProtocol(Protocol):
             self._timer.cancel()
             self._timer = None
         self._inner = inner
+        if isinstance(inner, H2ServerProtocol | Channel):
+            inner.on_busy = self._calls
         inner.makeConnection(self.transport)
 
 
@@ -144,7 +143,8 @@ class OnePortFactory(Factory):
     noisy = False
     #: Seconds a connection may take to show which protocol it speaks.
     sniff_timeout = 30.0
-    #: Seconds an HTTP/2 connection closed to make room may take to go.
+    #: Seconds a connection closed to make room may take to go (HTTP/2:
+    #: for its running streams to end after the GOAWAY).
     evict_grace = 5.0
 
     def __init__(self, gateway: Gateway, max_connections: int = AUTOMATIC_LIMIT) -> None:
