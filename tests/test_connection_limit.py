@@ -1,7 +1,8 @@
 """The daemon port keeps at most ``max_connections`` client connections.
 
-At the limit the oldest idle connection makes room for a new one; when
-every connection has a call in progress the new one is refused.  Unit
+At the limit an idle connection makes room for a new one (first those
+silent since they came, then the longest idle); when every connection has a
+call in progress the new one is refused.  Unit
 tests on the table with fake connections, then a real ``twistd snetd``
 with real HTTP/2 and grpcio clients, and the open-file limit it raises.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import pytest
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -227,7 +229,7 @@ def _refused(daemon: Daemon) -> bool:
 
 def test_idle_connections_make_room_for_new_ones(limited: Daemon) -> None:
     """Connections that only said hello fill the table; calls on new connections still go
-    through, and the oldest idle connections get GOAWAY and are closed."""
+    through, and the oldest of those connections gets GOAWAY and is closed."""
     idle = [H2Client(limited.address) for _ in range(_LIMIT)]
     try:
         for client in idle:
@@ -339,26 +341,44 @@ def test_raise_open_file_limit_raises_the_soft_limit_to_the_hard_one() -> None:
     assert out.stdout.split() == ["256", "True"]
 
 
+def _web_request(body: bytes) -> bytes:
+    """A gRPC-Web call over HTTP/1.1."""
+    head = (
+        "POST /x.Y/Z HTTP/1.1\r\nHost: daemon\r\nContent-Type: application/grpc-web+proto\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 @aio_test
-async def test_an_http1_connection_is_busy_from_a_requests_first_byte_to_its_response() -> None:
-    """An HTTP/1.1 request cut off half-received is lost (no GOAWAY to let it finish), so the
-    connection counts as busy from its first byte; between requests it is idle: closed for the
-    newcomer, and aborted after the grace period if its client, no longer reading, keeps it
-    from closing."""
+async def test_an_http1_connection_is_busy_from_a_whole_request_to_its_response() -> None:
+    """A request still arriving (one byte of it, or a slow body) holds no place, as on HTTP/2;
+    a whole request does until its response is finished; between requests the connection is
+    closed for the newcomer, and aborted after the grace period if its client, no longer
+    reading, keeps it from closing."""
+    release = asyncio.Event()
 
     async def handler(call: ServerCall) -> None:
-        pass
+        await call.read()
+        await release.wait()
+        call.write(b"reply")
+        call.finish(0)
 
     front = OnePort(handler)
     front.factory.connections = table = ConnectionTable(1, lambda: 0.0)
     front.factory.evict_grace = 0.05
-    browser, transport = front.connect(b"GET /heart")  # a request line, not finished
-    assert not table.admit(_Fake("newcomer"))
-    browser.dataReceived(b"beat HTTP/1.1\r\nHost: daemon\r\n\r\n")
+    request = _web_request(frame(b"request"))
+    _, trickle = front.connect(request[:-3])  # all but the last bytes of its body
+    assert table.admit(_Fake("newcomer"))  # it makes room: the request was not whole
+    assert trickle.disconnecting
+    table = front.factory.connections = ConnectionTable(1, lambda: 0.0)
+    browser, transport = front.connect(request)
+    await settle()
+    assert not table.admit(_Fake("newcomer"))  # a whole request being served
+    release.set()
     await settle()
     assert http1_head(transport.value())[0] == 200
-    newcomer = _Fake("newcomer")
-    assert table.admit(newcomer)  # between requests: idle
+    assert table.admit(_Fake("newcomer"))  # between requests: idle
     assert transport.disconnecting
     await asyncio.sleep(0.2)
     assert transport.disconnected  # StringTransport: abortConnection, not just loseConnection
@@ -401,10 +421,38 @@ async def test_http2_streams_without_a_request_message_do_not_hold_the_connectio
     await settle()
     events = client.receive_data(transport.value())
     assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 1 for e in events)
-    # Stream 3 still waits for its message: idle all the same.
+    # Stream 3 still waits for its message: idle all the same.  Closed to make room, the
+    # connection refuses it (gRPC clients retry such a stream elsewhere) and goes at once.
     transport.clear()
     assert table.admit(_Fake("newcomer"))
     events = client.receive_data(transport.value())
+    (reset,) = [e for e in events if isinstance(e, h2.events.StreamReset)]
+    assert (reset.stream_id, reset.error_code) == (3, h2.errors.ErrorCodes.REFUSED_STREAM)
     (goaway,) = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
     assert goaway.error_code == 0
-    assert goaway.last_stream_id == 3  # the waiting stream may still send its message
+    assert transport.disconnecting
+
+
+@aio_test
+async def test_a_connection_given_up_makes_room_before_it_is_gone() -> None:
+    """A protocol error on a connection with a call in progress cancels the call: from then on
+    the connection holds no call, even while its client keeps it from closing."""
+
+    async def handler(call: ServerCall) -> None:
+        await call.read()
+        await asyncio.Event().wait()
+
+    front = OnePort(handler)
+    front.factory.connections = table = ConnectionTable(1, lambda: 0.0)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    protocol, _ = front.connect(client.data_to_send())
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "d"), (":path", "/x.Y/Z"), *grpc_headers()]
+    client.send_headers(1, headers)
+    client.send_data(1, frame(b"request"))
+    protocol.dataReceived(client.data_to_send())
+    await settle()
+    assert not table.admit(_Fake("newcomer"))
+    protocol.dataReceived(b"\x00\x00\x00\x04\x00\x00\x00\x00\x03")  # SETTINGS on a stream: a protocol error
+    await settle()
+    assert table.admit(_Fake("newcomer"))

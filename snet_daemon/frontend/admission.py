@@ -20,11 +20,12 @@ Which connection is idle, and which goes first:
 
 * A call is in progress from the moment the client has sent a whole
   request message (or ended its side, or we began a reply) until its stream
-  ends; on HTTP/1.1 from the first byte of a request until its response is
-  finished (an HTTP/1.1 request cut off half-received is lost, while an
-  HTTP/2 stream waiting for its message is covered by the GOAWAY and gets
-  the grace period to send it).  A client that opens streams and sends no
-  message on them holds nothing against newcomers.
+  ends; on HTTP/1.1 from the moment the whole request has arrived until its
+  response is finished.  A client that opens streams and sends no message
+  on them, or sends a request a byte at a time, holds nothing against
+  newcomers.  What such a connection was still sending is refused (HTTP/2
+  ``REFUSED_STREAM``, which gRPC clients retry on a new connection) or, on
+  HTTP/1.1, which has no way to say so, lost with the connection.
 * Connections that never had a call in :data:`FIRST_CALL_GRACE` seconds
   go first, oldest first: a flood of silent connections takes its own
   places, not those of clients that called and keep their connection for

@@ -117,11 +117,12 @@ class Channel(http.HTTPChannel):
     _deadline: IDelayedCall | None = None
     #: True once a request was refused before its body: nothing more is read.
     _refused = False
-    #: Told when a request begins (True: from its first byte) and when its
-    #: response is finished with no other begun (False): the connection
-    #: table's view (:mod:`snet_daemon.frontend.admission`).  Closing the
-    #: connection in between would lose the request, as HTTP/1.1 has no
-    #: GOAWAY to let it finish.
+    #: Told when a request has arrived whole (True) and when its response
+    #: is finished with no other request being served (False): the
+    #: connection table's view (:mod:`snet_daemon.frontend.admission`).  A
+    #: request still arriving does not count, as on HTTP/2: one byte would
+    #: otherwise hold a place for the head deadline, and a slow body for
+    #: minutes.
     on_busy: Callable[[bool], None] | None = None
     _busy = False
 
@@ -130,14 +131,13 @@ class Channel(http.HTTPChannel):
             return
         if self._deadline is None and not self._handlingRequest:
             self._deadline = self.callLater(HEAD_DEADLINE, self._expired)  # type: ignore[no-untyped-call]
-            self._report(True)
         super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def requestDone(self, request: http.Request) -> None:
         # Persistent: what the client sent meanwhile is read in here, which
-        # may begin the next request (dataReceived, above).
+        # may be the whole next request (allContentReceived, below).
         super().requestDone(request)  # type: ignore[no-untyped-call]
-        if self._deadline is None and not self._handlingRequest:
+        if not self._handlingRequest:
             self._report(False)
 
     def _report(self, busy: bool) -> None:
@@ -160,6 +160,7 @@ class Channel(http.HTTPChannel):
     def allContentReceived(self) -> None:
         self._cancel_deadline()
         if not self._refused:
+            self._report(True)
             super().allContentReceived()  # type: ignore[no-untyped-call]
 
     def _send100Continue(self) -> None:

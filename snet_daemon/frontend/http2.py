@@ -461,6 +461,25 @@ class H2ServerProtocol(Protocol):
         if not self._streams:
             self.transport.loseConnection()  # type: ignore[union-attr]
 
+    def make_room(self) -> None:
+        """Close for the connection limit, which found no call in progress here.
+
+        Streams still waiting for their request message are refused
+        (``REFUSED_STREAM``: not processed, so gRPC clients retry them on a
+        new connection by themselves) rather than left to start a call on
+        a connection that is going; then GOAWAY.
+        """
+        for stream in [stream for stream in self._streams.values() if not stream.engaged]:
+            stream.local_closed = stream.remote_closed = True
+            if stream.call is not None:
+                stream.call.cancel()
+            try:
+                self._conn.reset_stream(stream.id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            except h2.exceptions.ProtocolError:
+                pass
+            self._discard(stream)
+        self.shutdown()
+
     def abort(self) -> None:
         if not self._lost:
             self.transport.abortConnection()  # type: ignore[union-attr]
@@ -508,9 +527,8 @@ class H2ServerProtocol(Protocol):
         message, or ended its side, or we began the reply -- not from its
         HEADERS: a client that opens streams and sends nothing on them
         must not make its connection look busy to the connection limit
-        (:mod:`snet_daemon.frontend.admission`).  Such a stream on a
-        connection closed to make room is still covered by the GOAWAY, and
-        has the grace period to send its message.
+        (:mod:`snet_daemon.frontend.admission`).  Such streams on a
+        connection closed to make room are refused (:meth:`make_room`).
         """
         stream.engaged = True
         self._engaged += 1
@@ -782,7 +800,11 @@ class H2ServerProtocol(Protocol):
                 pass
         streams = list(self._streams.values())
         self._streams.clear()
-        self._engaged = 0  # the connection is going: its table entry goes with it
+        if self._engaged:
+            # No call is left: the connection may make room before it is gone.
+            self._engaged = 0
+            if self.on_busy is not None:
+                self.on_busy(False)
         self._waiters.clear()
         self._starting.clear()
         for stream in streams:

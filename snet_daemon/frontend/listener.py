@@ -104,17 +104,18 @@ class SniffingProtocol(Protocol):
     def evict(self) -> None:
         """Close to make room for a new connection.
 
-        HTTP/2 gets GOAWAY (a gRPC client reconnects by itself); a client
-        that does not let it close (it stopped reading, so what is left to
-        send never goes) is cut off after :attr:`OnePortFactory.evict_grace`
-        seconds.
+        HTTP/2 gets GOAWAY (a gRPC client reconnects by itself), its
+        streams still waiting for a request message REFUSED_STREAM;
+        HTTP/1.1 is closed.  Whatever is left after
+        :attr:`OnePortFactory.evict_grace` seconds (a client that stopped
+        reading, so what is left to send never goes) is cut off.
         """
         inner = self._inner
         if inner is None:
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         if isinstance(inner, H2ServerProtocol):
-            inner.shutdown()
+            inner.make_room()
         else:
             self.transport.loseConnection()  # type: ignore[union-attr]
         if self._timer is None:
