@@ -144,8 +144,9 @@ class OnePortFactory(Factory):
     noisy = False
     #: Seconds a connection may take to show which protocol it speaks.
     sniff_timeout = 30.0
-    #: Seconds a connection closed to make room may take to go (HTTP/2:
-    #: for its running streams to end after the GOAWAY).
+    #: Seconds a connection closed to make room may take to go: it has no
+    #: call left, but a client that stopped reading keeps what is left to
+    #: send (the GOAWAY, a response) from going.
     evict_grace = 5.0
 
     def __init__(self, gateway: Gateway, max_connections: int = AUTOMATIC_LIMIT) -> None:
