@@ -341,6 +341,31 @@ def test_raise_open_file_limit_raises_the_soft_limit_to_the_hard_one() -> None:
     assert out.stdout.split() == ["256", "True"]
 
 
+def _front_of_one(release: asyncio.Event) -> tuple[OnePort, ConnectionTable]:
+    """A front end whose table holds one connection, and whose calls read their request and
+    reply once ``release`` is set."""
+
+    async def handler(call: ServerCall) -> None:
+        await call.read()
+        await release.wait()
+        call.write(b"reply")
+        call.finish(0)
+
+    front = OnePort(handler)
+    front.factory.connections = table = ConnectionTable(1, lambda: 0.0)
+    return front, table
+
+
+def _h2_client() -> h2.connection.H2Connection:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    return client
+
+
+#: Request headers of a gRPC call to the test front end.
+_CALL_HEADERS = [(":method", "POST"), (":scheme", "http"), (":authority", "d"), (":path", "/x.Y/Z"), *grpc_headers()]
+
+
 def _web_request(body: bytes) -> bytes:
     """A gRPC-Web call over HTTP/1.1."""
     head = (
@@ -357,15 +382,7 @@ async def test_an_http1_connection_is_busy_from_a_whole_request_to_its_response(
     closed for the newcomer, and aborted after the grace period if its client, no longer
     reading, keeps it from closing."""
     release = asyncio.Event()
-
-    async def handler(call: ServerCall) -> None:
-        await call.read()
-        await release.wait()
-        call.write(b"reply")
-        call.finish(0)
-
-    front = OnePort(handler)
-    front.factory.connections = table = ConnectionTable(1, lambda: 0.0)
+    front, table = _front_of_one(release)
     front.factory.evict_grace = 0.05
     request = _web_request(frame(b"request"))
     _, trickle = front.connect(request[:-3])  # all but the last bytes of its body
@@ -393,20 +410,10 @@ async def test_http2_streams_without_a_request_message_do_not_hold_the_connectio
     makes it busy until the reply is sent; then it is idle again, and closed for a newcomer
     with GOAWAY."""
     release = asyncio.Event()
-
-    async def handler(call: ServerCall) -> None:
-        await call.read()
-        await release.wait()
-        call.write(b"reply")
-        call.finish(0)
-
-    front = OnePort(handler)
-    front.factory.connections = table = ConnectionTable(1, lambda: 0.0)
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    client.initiate_connection()
+    front, table = _front_of_one(release)
+    client = _h2_client()
     protocol, transport = front.connect(client.data_to_send())
-    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "d"), (":path", "/x.Y/Z")]
-    headers += [*grpc_headers(), ("grpc-timeout", "99999999S")]
+    headers = [*_CALL_HEADERS, ("grpc-timeout", "99999999S")]
     pins = [1, 3]
     for sid in pins:
         client.send_headers(sid, headers)
@@ -437,18 +444,10 @@ async def test_http2_streams_without_a_request_message_do_not_hold_the_connectio
 async def test_a_connection_given_up_makes_room_before_it_is_gone() -> None:
     """A protocol error on a connection with a call in progress cancels the call: from then on
     the connection holds no call, even while its client keeps it from closing."""
-
-    async def handler(call: ServerCall) -> None:
-        await call.read()
-        await asyncio.Event().wait()
-
-    front = OnePort(handler)
-    front.factory.connections = table = ConnectionTable(1, lambda: 0.0)
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    client.initiate_connection()
+    front, table = _front_of_one(asyncio.Event())  # never released
+    client = _h2_client()
     protocol, _ = front.connect(client.data_to_send())
-    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "d"), (":path", "/x.Y/Z"), *grpc_headers()]
-    client.send_headers(1, headers)
+    client.send_headers(1, _CALL_HEADERS)
     client.send_data(1, frame(b"request"))
     protocol.dataReceived(client.data_to_send())
     await settle()
